@@ -1,0 +1,2094 @@
+# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 The sqstore authors. The full licence text is in LICENSE;
+# a vendored copy of this single file carries it by this header.
+"""Safe, fast storage for a quantum-cloud job exchange.
+
+A frontend ("Alice") and a hardware or simulator operator ("Bob") never talk to
+each other: they exchange backend configurations, jobs, job statuses, signed
+results and public keys through a shared storage.  sqstore is the one module
+both sides import for that.  Its documents and layouts are those of sqooler 0.9,
+so a sqooler spooler or frontend and an sqstore one can share a storage.
+
+A storage handle is a small dict of CRUD callables (``upload``, ``update``,
+``get``, ``move``, ``delete``, ``list``) made by a factory; every operation takes
+the handle first.  Usage::
+
+    >>> import sqstore
+    >>> store = sqstore.memory_storage()
+    >>> sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    >>> job_id = sqstore.upload_job(store, {"experiment_0": {}}, "sim", "alice")
+    >>> sqstore.upload_status(store, "sim", "alice", job_id).status
+    'INITIALIZING'
+    >>> nxt = sqstore.get_next_job_in_queue(store, "sim")
+    >>> nxt.job_id == job_id, nxt.job_json_path
+    (True, 'jobs/running')
+
+Backends: ``memory_storage()`` (in-process) and ``local_storage(root)`` (a
+directory).  Optional dependencies are imported only by the functions that need
+them, so ``import sqstore`` loads attrs and cattrs alone.  Python >= 3.10.
+"""
+
+from __future__ import annotations
+
+# ============================================================================
+# Imports
+# ============================================================================
+import argparse
+import base64
+import binascii
+import errno
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Literal, TypedDict, TypeVar
+
+import attrs
+import cattrs
+from cattrs.preconf.json import make_converter
+
+__version__ = "0.1.0"
+__all__ = [
+    "JWK",
+    "STATUSES",
+    "AlreadyExistsError",
+    "BackendConfig",
+    "BackendDict",
+    "BackendStatus",
+    "BadSignatureError",
+    "DataDict",
+    "Doc",
+    "ExperimentDict",
+    "GateDict",
+    "InvalidDocumentError",
+    "InvalidNameError",
+    "Layout",
+    "Lease",
+    "LeaseLostError",
+    "NextJob",
+    "NotFoundError",
+    "ResultDict",
+    "SqstoreError",
+    "StatusMsg",
+    "Storage",
+    "StorageError",
+    "TransientError",
+    "check_name",
+    "claim_job",
+    "create_job_id",
+    "demo_config",
+    "from_doc",
+    "generate_keypair",
+    "get_backend_dict",
+    "get_backend_status",
+    "get_backends",
+    "get_config",
+    "get_job",
+    "get_next_job_in_queue",
+    "get_public_key",
+    "get_public_key_from_kid",
+    "get_result",
+    "get_status",
+    "is_signed",
+    "jwk_thumbprint",
+    "local_storage",
+    "main",
+    "memory_storage",
+    "new_job_id",
+    "payload_of",
+    "public_from_private",
+    "renew_lease",
+    "requeue_expired",
+    "run_simulator",
+    "sign_doc",
+    "timestamp_queue",
+    "to_doc",
+    "update_config",
+    "update_in_database",
+    "upload_config",
+    "upload_job",
+    "upload_public_key",
+    "upload_result",
+    "upload_status",
+    "verify_doc",
+    "verify_result",
+]
+
+# ============================================================================
+# Constants
+# ============================================================================
+STATUSES = frozenset({"INITIALIZING", "QUEUED", "DONE", "ERROR"})
+"""The job states that sqooler 0.9 accepts."""
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds after the last queue check at which a backend counts as not operational."""
+
+DEFAULT_HEARTBEAT = 60.0
+"""Seconds between two writes of ``last_queue_check`` while a worker polls."""
+
+DEFAULT_LEASE = 600.0
+"""Seconds a claimed job belongs to its worker before it may be requeued."""
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}")
+_DISPLAY_NAME_RE = re.compile(r"[a-z0-9]{1,64}")
+_STORE_NAME_RE = re.compile(r"[a-z0-9]{1,32}")
+_SIGNED_KEYS = frozenset({"header", "payload", "signature"})
+_NONE = "None"  # sqooler's spelling of "no job" in a next-job answer
+
+T = TypeVar("T")
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class SqstoreError(Exception):
+    """Base class of every error sqstore raises on purpose."""
+
+
+class NotFoundError(SqstoreError, FileNotFoundError):
+    """A document that should exist does not (a ``FileNotFoundError``, as in sqooler)."""
+
+
+class AlreadyExistsError(SqstoreError, FileExistsError):
+    """A document that must not exist yet does (a ``FileExistsError``, as in sqooler)."""
+
+
+class InvalidDocumentError(SqstoreError, ValueError):
+    """A stored or given document is not valid JSON or not of the expected shape."""
+
+
+class InvalidNameError(SqstoreError, ValueError):
+    """A name (display name, username, job id, kid, path) is not allowed."""
+
+
+class TransientError(SqstoreError):
+    """A failure that may pass (lost connection, rate limit): the only retried error."""
+
+
+class StorageError(SqstoreError, OSError):
+    """Any other failure of the storage itself (disk full, permission denied, ...)."""
+
+
+class LeaseLostError(SqstoreError):
+    """A worker acted on a job whose lease it no longer holds."""
+
+
+class BadSignatureError(SqstoreError, ValueError):
+    """A signature does not verify, or the key to verify or sign with is wrong.
+
+    ``payload`` holds the unverified payload where there is one: inspect it,
+    never trust it.
+    """
+
+    def __init__(self, message: str, payload: Doc | None = None) -> None:
+        super().__init__(message)
+        self.payload = payload
+
+
+# ============================================================================
+# Records
+# ============================================================================
+Doc = dict[str, Any]
+"""A JSON object as stored: str keys, JSON-serialisable values."""
+
+ColdAtomType = Literal["fermion", "boson", "spin", "mixed"]
+WireOrder = Literal["sequential", "interleaved"]
+
+
+@attrs.frozen
+class Layout:
+    """Where each kind of document lives, and how job ids are made.
+
+    Folder and id templates may use ``{display_name}``, ``{username}`` and
+    ``{job_id}``.  The default is sqooler's local layout.
+    """
+
+    configs: str = "backends/configs"
+    config_id: str = "{display_name}"
+    public_keys: str = "backends/public_keys"
+    queued: str = "jobs/queued/{display_name}"
+    running: str = "jobs/running"
+    finished: str = "jobs/finished/{display_name}"
+    deleted: str = "jobs/deleted"
+    leases: str = "jobs/leases"
+    status: str = "status/{display_name}"
+    results: str = "results/{display_name}"
+    job_file: str = "{job_id}"
+    status_file: str = "{job_id}"
+    result_file: str = "{job_id}"
+    job_ids: Literal["hex24"] = "hex24"
+    signature_format: Literal["sqooler", "rfc7515"] = "sqooler"
+
+
+LOCAL_LAYOUT = Layout()
+
+
+@attrs.frozen
+class BackendConfig:
+    """A backend's configuration as Bob uploads it (sqooler's ``BackendConfigSchemaIn``)."""
+
+    description: str
+    version: str
+    display_name: str | None
+    cold_atom_type: ColdAtomType
+    gates: tuple[Doc, ...]
+    max_experiments: int
+    max_shots: int
+    simulator: bool
+    supported_instructions: tuple[str, ...]
+    num_wires: int
+    wire_order: WireOrder
+    num_species: int
+    pending_jobs: int | None = None
+    status_msg: str | None = None
+    last_queue_check: datetime | None = None
+    sign: bool = False
+    kid: str | None = None
+
+
+@attrs.frozen
+class BackendDict:
+    """The Qiskit-shaped view of a backend that a frontend serves."""
+
+    description: str
+    display_name: str
+    backend_version: str
+    n_qubits: int
+    backend_name: str
+    basis_gates: tuple[str, ...]
+    max_experiments: int
+    max_shots: int
+    simulator: bool
+    gates: tuple[Doc, ...]
+    supported_instructions: tuple[str, ...]
+    cold_atom_type: ColdAtomType
+    wire_order: WireOrder
+    num_species: int
+    conditional: bool = False
+    coupling_map: str = "linear"
+    dynamic_reprate_enabled: bool = False
+    local: bool = False
+    memory: bool = True
+    open_pulse: bool = False
+    url: str | None = None
+
+
+@attrs.frozen
+class BackendStatus:
+    """The Qiskit-shaped status of a backend."""
+
+    backend_name: str
+    backend_version: str
+    operational: bool
+    pending_jobs: int
+    status_msg: str
+
+
+@attrs.frozen
+class StatusMsg:
+    """Where a job is in its life cycle (sqooler's ``StatusMsgDict``)."""
+
+    job_id: str
+    status: str = attrs.field(validator=attrs.validators.in_(STATUSES))
+    detail: str
+    error_message: str
+
+
+@attrs.frozen
+class GateDict:
+    """One instruction: a gate name, the wires it acts on, its parameters."""
+
+    name: str
+    wires: tuple[int, ...]
+    params: tuple[float, ...]
+
+
+@attrs.frozen
+class DataDict:
+    """The data of one experiment: measured outcomes, and the instructions run."""
+
+    memory: tuple[str, ...]
+    instructions: tuple[GateDict, ...] | None = None
+
+
+@attrs.frozen
+class ExperimentDict:
+    """The result of one experiment of a job."""
+
+    header: Doc
+    shots: int
+    success: bool
+    data: DataDict
+
+
+@attrs.frozen(kw_only=True)
+class ResultDict:
+    """A job's result, Qiskit-like (sqooler's ``ResultDict``); fields by keyword."""
+
+    backend_name: str | None = None
+    display_name: str
+    backend_version: str
+    job_id: str
+    qobj_id: str | None = None
+    success: bool = True
+    status: str = attrs.field(validator=attrs.validators.in_(STATUSES))
+    header: Doc = attrs.field(factory=dict)
+    results: tuple[ExperimentDict, ...] = ()
+
+
+@attrs.frozen
+class NextJob:
+    """The answer to "which job next?": ``"None"`` twice when the queue is empty."""
+
+    job_id: str
+    job_json_path: str
+
+
+@attrs.frozen
+class JWK:
+    """An Ed25519 JSON Web Key (RFC 8037), private when ``d`` is set."""
+
+    x: str
+    key_ops: Literal["sign", "verify"]
+    kid: str
+    d: str | None = attrs.field(default=None, repr=False)
+    kty: Literal["OKP"] = "OKP"
+    alg: Literal["EdDSA"] = "EdDSA"
+    crv: Literal["Ed25519"] = "Ed25519"
+
+
+@attrs.frozen
+class Lease:
+    """Who holds a claimed job, and until when (Unix seconds)."""
+
+    job_id: str
+    display_name: str
+    holder: str
+    token: str
+    expires: float
+
+
+# ============================================================================
+# Converter
+# ============================================================================
+
+
+def _parse_datetime(value: Any, _: Any) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 time: {value!r}") from None
+    else:
+        raise ValueError(f"not an ISO 8601 time: {value!r}")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = make_converter(forbid_extra_keys=True)
+    conv.register_unstructure_hook(datetime, datetime.isoformat)
+    conv.register_structure_hook(datetime, _parse_datetime)
+    return conv
+
+
+_converter = _make_converter()
+
+
+def to_doc(record: Any) -> Doc:
+    """Return the JSON document of *record*, as sqooler writes it.
+
+    >>> to_doc(StatusMsg("j1", "DONE", "ok", "None"))
+    {'job_id': 'j1', 'status': 'DONE', 'detail': 'ok', 'error_message': 'None'}
+    """
+    doc: Doc = _converter.unstructure(record)
+    return doc
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        return "; ".join(cattrs.transform_error(exc, format_exception=_format_exception))
+    return str(exc)
+
+
+def _format_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown field(s) {sorted(exc.extra_fields)}"
+    name = getattr(type_, "__name__", None) or str(type_)
+    return f"invalid value ({exc}) for type {name}" if str(exc) else f"invalid value for {name}"
+
+
+def from_doc(doc: Any, cls: type[T], *, where: str = "") -> T:
+    """Structure *doc* into *cls*, or raise `InvalidDocumentError`.
+
+    Raises:
+        InvalidDocumentError: *doc* does not have the fields and types of *cls*.
+
+    >>> from_doc({"job_id": "j1", "job_json_path": "jobs/running"}, NextJob)
+    NextJob(job_id='j1', job_json_path='jobs/running')
+    >>> from_doc({"job_id": "j1"}, NextJob)
+    Traceback (most recent call last):
+    ...
+    sqstore.InvalidDocumentError: not a valid NextJob: required field missing @ $.job_json_path
+    """
+    try:
+        return _converter.structure(doc, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        prefix = f"{where}: " if where else ""
+        raise InvalidDocumentError(
+            f"{prefix}not a valid {cls.__name__}: {_error_text(exc)}"
+        ) from exc
+
+
+def _coerce(value: Any, cls: type[T], what: str) -> T:
+    """Accept a record, a plain dict, or a pydantic model with the same fields."""
+    if isinstance(value, cls):
+        return value
+    if hasattr(value, "model_dump"):  # sqooler's pydantic models
+        value = value.model_dump(mode="json")
+    if not isinstance(value, Mapping):
+        raise InvalidDocumentError(f"{what} must be a {cls.__name__} or a dict, not {value!r}")
+    return from_doc(dict(value), cls, where=what)
+
+
+# ============================================================================
+# Storage handle
+# ============================================================================
+
+
+class Storage(TypedDict):
+    """The CRUD callables of one provider. Make with a factory, change with a layer.
+
+    Paths are folders such as ``jobs/queued/sim``; ids name one document in a
+    folder.  The callables raise `NotFoundError`, `AlreadyExistsError`,
+    `InvalidNameError`, `InvalidDocumentError`, `TransientError` or
+    `StorageError`, never a backend's own exceptions.
+    """
+
+    name: str
+    layout: Layout
+    upload: Callable[[str, str, Doc], None]
+    update: Callable[[str, str, Doc], None]
+    get: Callable[[str, str], Doc]
+    move: Callable[[str, str, str], None]
+    delete: Callable[[str, str], None]
+    list: Callable[[str], list[str]]
+
+
+_OPS = ("upload", "update", "get", "move", "delete", "list")
+_HANDLE_KEYS = frozenset(("name", "layout", *_OPS))
+
+
+def _check_handle(store: Any) -> None:
+    if not isinstance(store, Mapping) or not store.keys() >= _HANDLE_KEYS:
+        missing = sorted(_HANDLE_KEYS - set(store)) if isinstance(store, Mapping) else None
+        raise TypeError(f"not a sqstore storage handle (missing keys: {missing})")
+
+
+# ============================================================================
+# Pure core
+# ============================================================================
+
+
+def check_name(value: Any, what: str = "name", *, pattern: re.Pattern[str] = _NAME_RE) -> str:
+    """Return *value* if it is a safe name for a path segment or id, else raise.
+
+    Allowed: up to 128 of ``A-Z a-z 0-9 _ . @ + -``, not starting with ``.``, ``@``,
+    ``+`` or ``-``.  So ``..``, ``/``, ``\\``, NUL and empty names never reach a path.
+
+    Raises:
+        InvalidNameError: *value* is not a str or not of the allowed form.
+
+    >>> check_name("job-20240101_120000")
+    'job-20240101_120000'
+    >>> check_name("../etc", "job_id")
+    Traceback (most recent call last):
+    ...
+    sqstore.InvalidNameError: invalid job_id '../etc': ...
+    """
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise InvalidNameError(f"invalid {what} {shown}: {_name_rule(pattern)}")
+    return value
+
+
+def _name_rule(pattern: re.Pattern[str]) -> str:
+    if pattern is _DISPLAY_NAME_RE:
+        return "use 1 to 64 of a-z and 0-9"
+    if pattern is _STORE_NAME_RE:
+        return "use 1 to 32 of a-z and 0-9"
+    return "use 1 to 128 of A-Z a-z 0-9 _ . @ + - and start with a letter, digit or _"
+
+
+def _check_display_name(value: Any) -> str:
+    return check_name(value, "display_name", pattern=_DISPLAY_NAME_RE)
+
+
+def _check_path(path: Any) -> str:
+    """Validate a folder path of '/'-separated safe names (never absolute)."""
+    if not isinstance(path, str) or not path:
+        raise InvalidNameError(f"invalid path {path!r}: must be a non-empty relative path")
+    for segment in path.split("/"):
+        check_name(segment, f"segment of path {path!r}")
+    return path
+
+
+def _fill(template: str, display_name: str = "", username: str = "", job_id: str = "") -> str:
+    return template.format(display_name=display_name, username=username, job_id=job_id)
+
+
+def new_job_id(layout: Layout, display_name: str, username: str, now_ns: int, salt: int) -> str:
+    """Return a job id that sorts by creation time (*now_ns*, Unix nanoseconds).
+
+    The ``hex24`` form is 8 hex digits of seconds, 8 of nanoseconds, 8 of *salt*:
+    a valid MongoDB ObjectId whose order is the order of creation.
+
+    >>> new_job_id(LOCAL_LAYOUT, "sim", "alice", 1_700_000_000_123_456_789, 0xABCDEF01)
+    '6553f100075bcd15abcdef01'
+    """
+    seconds, nanos = divmod(now_ns, 1_000_000_000)
+    return f"{seconds:08x}{nanos:08x}{salt & 0xFFFFFFFF:08x}"
+
+
+def _b64url(data: bytes, *, pad: bool) -> str:
+    text = base64.urlsafe_b64encode(data).decode("ascii")
+    return text if pad else text.rstrip("=")
+
+
+def _b64url_decode(text: Any, what: str) -> bytes:
+    """Decode base64url with or without '=' padding (sqooler pads, RFC 7515 does not)."""
+    if not isinstance(text, str):
+        raise InvalidDocumentError(f"{what} must be a base64url string")
+    stripped = text.rstrip("=")
+    try:
+        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidDocumentError(f"{what} is not valid base64url") from None
+
+
+def _key_bytes(jwk: JWK, field: Literal["x", "d"]) -> bytes:
+    raw = _b64url_decode(getattr(jwk, field), f"JWK {jwk.kid!r} member {field!r}")
+    if len(raw) != 32:
+        raise InvalidDocumentError(f"JWK {jwk.kid!r} member {field!r} is not a 32-byte key")
+    return raw
+
+
+def generate_keypair(kid: str, *, seed: bytes | None = None) -> tuple[JWK, JWK]:
+    """Return a new Ed25519 ``(private_jwk, public_jwk)`` pair for *kid*.
+
+    Keys are padded base64url, as sqooler writes them; *seed* (32 bytes) makes the
+    pair deterministic.
+
+    >>> private, public = generate_keypair("k1", seed=bytes(32))
+    >>> public.x, public.d is None, private.key_ops
+    ('O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=', True, 'sign')
+    """
+    from nacl.signing import SigningKey
+
+    check_name(kid, "kid")
+    key = SigningKey(seed) if seed is not None else SigningKey.generate()
+    x = _b64url(bytes(key.verify_key), pad=True)
+    private = JWK(x=x, key_ops="sign", kid=kid, d=_b64url(bytes(key), pad=True))
+    return private, JWK(x=x, key_ops="verify", kid=kid)
+
+
+def public_from_private(private_jwk: JWK | Mapping[str, Any]) -> JWK:
+    """Return the public JWK of a private one, checking that ``x`` matches ``d``.
+
+    Raises:
+        BadSignatureError: the JWK has no private part, or ``x`` does not belong to ``d``.
+    """
+    from nacl.signing import SigningKey
+
+    private = _coerce(private_jwk, JWK, "private_jwk")
+    if private.key_ops != "sign" or private.d is None:
+        raise BadSignatureError(f"JWK {private.kid!r} is not a private key for signing")
+    derived = bytes(SigningKey(_key_bytes(private, "d")).verify_key)
+    if derived != _key_bytes(private, "x"):
+        raise BadSignatureError(f"JWK {private.kid!r}: public part x does not match d")
+    return JWK(x=private.x, key_ops="verify", kid=private.kid)
+
+
+def jwk_thumbprint(jwk: JWK | Mapping[str, Any]) -> str:
+    """Return the RFC 7638 SHA-256 thumbprint of an Ed25519 JWK, unpadded base64url.
+
+    >>> jwk_thumbprint({"kty": "OKP", "crv": "Ed25519", "kid": "a", "key_ops": "verify",
+    ...                 "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"})
+    'kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k'
+    """
+    key = _coerce(jwk, JWK, "jwk")
+    x = _b64url(_key_bytes(key, "x"), pad=False)
+    canonical = json.dumps(
+        {"crv": key.crv, "kty": key.kty, "x": x}, separators=(",", ":"), sort_keys=True
+    )
+    return _b64url(hashlib.sha256(canonical.encode()).digest(), pad=False)
+
+
+def _json_bytes(doc: Any, what: str) -> bytes:
+    try:
+        return json.dumps(doc, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidDocumentError(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def _sqooler_header(kid: Any) -> bytes:
+    header = {"alg": "EdDSA", "kid": kid, "typ": "JWS", "version": "0.1"}
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign_doc(payload: Doc, private_jwk: JWK | Mapping[str, Any], *, fmt: str = "sqooler") -> Doc:
+    """Return *payload* signed with Ed25519, in sqooler's JWS form or RFC 7515's.
+
+    ``fmt="sqooler"``: ``{"header", "payload", "signature"}`` with padded base64url,
+    readable by sqooler 0.9.  ``fmt="rfc7515"``: the flattened JSON serialization
+    with an RFC 8037 ``EdDSA`` protected header, verifiable by any JOSE library.
+
+    Raises:
+        BadSignatureError: *private_jwk* is not a valid private key.
+        InvalidDocumentError: *payload* is not a JSON object.
+    """
+    from nacl.signing import SigningKey
+
+    key = _coerce(private_jwk, JWK, "private_jwk")
+    public_from_private(key)
+    if not isinstance(payload, dict):
+        raise InvalidDocumentError("a signed payload must be a JSON object")
+    signer = SigningKey(_key_bytes(key, "d"))
+    body = _json_bytes(payload, "payload")
+    if fmt == "sqooler":
+        signing_input = _b64url(_sqooler_header(key.kid), pad=True) + "." + _b64url(body, pad=True)
+        signature = signer.sign(signing_input.encode()).signature
+        header = {"alg": "EdDSA", "kid": key.kid, "typ": "JWS", "version": "0.1"}
+        return {"header": header, "payload": payload, "signature": _b64url(signature, pad=True)}
+    if fmt == "rfc7515":
+        protected = _b64url(
+            json.dumps({"alg": "EdDSA", "kid": key.kid}, separators=(",", ":")).encode(), pad=False
+        )
+        encoded = _b64url(body, pad=False)
+        signature = signer.sign(f"{protected}.{encoded}".encode()).signature
+        return {
+            "protected": protected,
+            "payload": encoded,
+            "signature": _b64url(signature, pad=False),
+        }
+    raise ValueError(f"unknown signature format {fmt!r}: use 'sqooler' or 'rfc7515'")
+
+
+def is_signed(doc: Mapping[str, Any]) -> bool:
+    """Return whether *doc* is a signed document (either format).
+
+    >>> is_signed({"job_id": "j"}), is_signed({"header": {}, "payload": {}, "signature": ""})
+    (False, True)
+    """
+    keys = doc.keys()
+    return keys == _SIGNED_KEYS or ("protected" in keys and "signature" in keys)
+
+
+def _split_signed(doc: Mapping[str, Any]) -> tuple[Doc, bytes, bytes, str | None]:
+    """Return ``(payload, signing_input, signature, kid)`` of a signed document."""
+    if doc.keys() == _SIGNED_KEYS:  # sqooler JWS
+        header, payload = doc["header"], doc["payload"]
+        if not isinstance(header, dict) or not isinstance(payload, dict):
+            raise InvalidDocumentError("a JWS needs an object header and payload")
+        if header.get("alg") != "EdDSA":
+            raise BadSignatureError(f"unsupported JWS alg {header.get('alg')!r}", payload)
+        signing_input = (
+            _b64url(_sqooler_header(header.get("kid")), pad=True)
+            + "."
+            + _b64url(_json_bytes(payload, "payload"), pad=True)
+        )
+        signature = _b64url_decode(doc["signature"], "signature")
+        return payload, signing_input.encode(), signature, header.get("kid")
+    protected, encoded = doc.get("protected"), doc.get("payload")
+    if not isinstance(protected, str) or not isinstance(encoded, str):
+        raise InvalidDocumentError("a flattened JWS needs string 'protected' and 'payload'")
+    try:
+        header = json.loads(_b64url_decode(protected, "protected"))
+        payload = json.loads(_b64url_decode(encoded, "payload"))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidDocumentError("the JWS header or payload is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        raise InvalidDocumentError("the JWS header and payload must be JSON objects")
+    if header.get("alg") != "EdDSA" or header.get("crit"):
+        raise BadSignatureError(f"unsupported JWS header {header!r}", payload)
+    unprotected = doc.get("header", {})
+    kid = header.get("kid", unprotected.get("kid") if isinstance(unprotected, dict) else None)
+    signature = _b64url_decode(doc["signature"], "signature")
+    return payload, f"{protected}.{encoded}".encode(), signature, kid
+
+
+def payload_of(doc: Mapping[str, Any]) -> Doc:
+    """Return the payload of a signed document without verifying it, or *doc* itself.
+
+    Raises:
+        InvalidDocumentError: *doc* looks signed but is malformed.
+    """
+    if not is_signed(doc):
+        return dict(doc)
+    return _split_signed(doc)[0]
+
+
+def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[JWK | Mapping[str, Any]]) -> Doc:
+    """Return the payload of *doc* if one of *public_jwks* verifies its signature.
+
+    Keys whose ``kid`` differs from the document's are tried only when no key
+    matches it.  Verification is PyNaCl's, never a comparison of strings.
+
+    Raises:
+        BadSignatureError: *doc* is unsigned, or no key verifies it (``payload`` set).
+        InvalidDocumentError: *doc* is a malformed signed document.
+    """
+    from nacl.exceptions import BadSignatureError as NaclBadSignature
+    from nacl.signing import VerifyKey
+
+    if not is_signed(doc):
+        raise BadSignatureError("the document is not signed", dict(doc))
+    payload, signing_input, signature, kid = _split_signed(doc)
+    keys = [_coerce(k, JWK, "public_jwk") for k in public_jwks]
+    keys.sort(key=lambda k: k.kid != kid)
+    for key in keys:
+        try:
+            VerifyKey(_key_bytes(key, "x")).verify(signing_input, signature)
+        except (NaclBadSignature, ValueError):
+            continue
+        return payload
+    raise BadSignatureError(f"signature of kid {kid!r} does not verify", payload)
+
+
+def _long_backend_name(store_name: str, config: BackendConfig) -> str:
+    kind = "simulator" if config.simulator else "hardware"
+    return f"{store_name}_{config.display_name}_{kind}"
+
+
+def _operational(last_check: datetime | None, now: float, timeout: float) -> bool:
+    return last_check is not None and now - last_check.timestamp() <= timeout
+
+
+def demo_config(display_name: str, *, sign: bool = False) -> BackendConfig:
+    """Return the configuration of the built-in qubit simulator (see `run_simulator`).
+
+    >>> demo_config("sim").num_wires
+    4
+    """
+    gates = tuple(
+        {"name": g, "parameters": p, "qasm_def": "{}", "coupling_map": [[0]], "description": d}
+        for g, p, d in _GATE_DOCS
+    )
+    return BackendConfig(
+        description="sqstore's built-in qubit state-vector simulator",
+        version="0.1.0",
+        display_name=_check_display_name(display_name),
+        cold_atom_type="spin",
+        gates=gates,
+        max_experiments=50,
+        max_shots=10_000,
+        simulator=True,
+        supported_instructions=(*(g for g, _, _ in _GATE_DOCS), "measure", "barrier"),
+        num_wires=4,
+        wire_order="sequential",
+        num_species=1,
+        sign=sign,
+    )
+
+
+_GATE_DOCS: tuple[tuple[str, list[str], str], ...] = (
+    ("x", [], "Pauli X"),
+    ("h", [], "Hadamard"),
+    ("rx", ["theta"], "rotation about x"),
+    ("rz", ["theta"], "rotation about z"),
+    ("cz", [], "controlled Z"),
+)
+
+
+def _apply_gate(state: list[complex], name: str, wires: list[int], params: list[float]) -> None:
+    n_states = len(state)
+    if name == "cz":
+        mask = (1 << wires[0]) | (1 << wires[1])
+        for i in range(n_states):
+            if i & mask == mask:
+                state[i] = -state[i]
+        return
+    theta = params[0] if params else 0.0
+    c, s = math.cos(theta / 2), math.sin(theta / 2)
+    matrix = {
+        "x": (0j, 1 + 0j, 1 + 0j, 0j),
+        "h": (math.sqrt(0.5) + 0j, math.sqrt(0.5) + 0j, math.sqrt(0.5) + 0j, -math.sqrt(0.5) + 0j),
+        "rx": (c + 0j, -1j * s, -1j * s, c + 0j),
+        "rz": (complex(c, -s), 0j, 0j, complex(c, s)),
+    }[name]
+    bit = 1 << wires[0]
+    for i in range(n_states):
+        if not i & bit:
+            a, b = state[i], state[i | bit]
+            state[i] = matrix[0] * a + matrix[1] * b
+            state[i | bit] = matrix[2] * a + matrix[3] * b
+
+
+def run_simulator(job: Doc, job_id: str, display_name: str) -> ResultDict:
+    """Run a sqooler-format *job* on a tiny state-vector simulator, return its result.
+
+    Each experiment is ``{"instructions": [[name, wires, params], ...], "num_wires":
+    n, "shots": k, ...}`` with gates ``x h rx rz cz``, ``measure`` and ``barrier``.
+
+    Raises:
+        InvalidDocumentError: the job is not of that form.
+
+    >>> job = {"e": {"instructions": [["x", [0], []], ["measure", [0], []]],
+    ...              "num_wires": 1, "shots": 3, "wire_order": "sequential", "seed": 1}}
+    >>> run_simulator(job, "j1", "sim").results[0].data.memory
+    ('1', '1', '1')
+    """
+    experiments = []
+    for name, exp in job.items():
+        try:
+            n_wires, shots = int(exp["num_wires"]), int(exp["shots"])
+            if not 1 <= n_wires <= 10 or not 0 <= shots <= 100_000:
+                raise ValueError("num_wires must be 1..10 and shots 0..100000")
+            state = [0j] * (1 << n_wires)
+            state[0] = 1 + 0j
+            measured: list[int] = []
+            gates = []
+            for gate, wires, params in exp["instructions"]:
+                if any(not 0 <= w < n_wires for w in wires):
+                    raise ValueError(f"wire out of range in {gate}")
+                gates.append(GateDict(gate, tuple(wires), tuple(params)))
+                if gate == "measure":
+                    measured.extend(w for w in wires if w not in measured)
+                elif gate != "barrier":
+                    _apply_gate(state, gate, wires, params)
+            rng = random.Random(exp.get("seed"))
+            weights = [abs(a) ** 2 for a in state]
+            samples = rng.choices(range(len(state)), weights, k=shots)
+            memory = tuple(" ".join(str(s >> w & 1) for w in measured) for s in samples)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise InvalidDocumentError(f"job {job_id}: experiment {name!r}: {exc!r}") from None
+        experiments.append(
+            ExperimentDict({"name": name}, shots, True, DataDict(memory, tuple(gates)))
+        )
+    return ResultDict(
+        display_name=display_name,
+        backend_version="0.1.0",
+        job_id=job_id,
+        status="DONE",
+        results=tuple(experiments),
+    )
+
+
+# ============================================================================
+# Operations
+# ============================================================================
+
+
+def _read(store: Storage, path: str, doc_id: str) -> Doc:
+    doc = store["get"](path, doc_id)
+    if not isinstance(doc, dict):
+        raise InvalidDocumentError(f"{path}/{doc_id}: not a JSON object")
+    return doc
+
+
+def _config_location(store: Storage, display_name: str) -> tuple[str, str]:
+    layout = store["layout"]
+    return (
+        _fill(layout.configs, _check_display_name(display_name)),
+        _fill(layout.config_id, display_name),
+    )
+
+
+def _read_config(store: Storage, display_name: str) -> tuple[Doc, BackendConfig]:
+    path, doc_id = _config_location(store, display_name)
+    raw = _read(store, path, doc_id)
+    return raw, from_doc(payload_of(raw), BackendConfig, where=f"{path}/{doc_id}")
+
+
+def _signed_if(store: Storage, doc: Doc, private_jwk: JWK | None) -> Doc:
+    if private_jwk is None:
+        return doc
+    return sign_doc(doc, private_jwk, fmt=store["layout"].signature_format)
+
+
+def _config_doc(
+    store: Storage, config: Any, display_name: str, private_jwk: Any
+) -> tuple[Doc, JWK | None]:
+    cfg = _coerce(config, BackendConfig, "config_dict")
+    if cfg.display_name != display_name:
+        cfg = attrs.evolve(cfg, display_name=display_name)
+    key = None if private_jwk is None else _coerce(private_jwk, JWK, "private_jwk")
+    if cfg.sign:
+        if key is None:
+            raise BadSignatureError(f"backend {display_name!r} signs, but no private_jwk was given")
+        cfg = attrs.evolve(cfg, kid=key.kid)
+        return _signed_if(store, to_doc(cfg), key), key
+    return to_doc(cfg), None
+
+
+def upload_config(
+    store: Storage, config_dict: Any, display_name: str, private_jwk: Any = None
+) -> None:
+    """Upload a new backend configuration, signed when ``config_dict.sign`` is true.
+
+    Args:
+        store: the storage handle.
+        config_dict: a `BackendConfig`, or a dict / sqooler model with its fields.
+        display_name: the backend's short name (``a-z0-9``); overrides the config's.
+        private_jwk: the backend's private key, needed when the config signs.
+
+    Raises:
+        AlreadyExistsError: the backend has a configuration already (use `update_config`).
+        BadSignatureError: the config signs but no valid private key was given.
+        InvalidDocumentError, InvalidNameError: bad config or display name.
+    """
+    _check_handle(store)
+    path, doc_id = _config_location(store, display_name)
+    doc, _ = _config_doc(store, config_dict, display_name, private_jwk)
+    store["upload"](path, doc_id, doc)
+
+
+def update_config(
+    store: Storage, config_dict: Any, display_name: str, private_jwk: Any = None
+) -> None:
+    """Replace a backend's configuration.
+
+    A signed configuration can only be replaced by the holder of the key that
+    signed it: the old signature must verify with *private_jwk*'s public part.
+
+    Raises:
+        NotFoundError: the backend has no configuration (use `upload_config`).
+        BadSignatureError: the old config is signed and *private_jwk* is missing or
+            another key, or the new one signs and no key was given.
+        InvalidDocumentError, InvalidNameError: bad config or display name.
+    """
+    _check_handle(store)
+    old = _read_config(store, display_name)[0]
+    _write_config(store, old, config_dict, display_name, private_jwk)
+
+
+def _write_config(
+    store: Storage, old: Doc, config: Any, display_name: str, private_jwk: Any
+) -> None:
+    path, doc_id = _config_location(store, display_name)
+    if is_signed(old):
+        if private_jwk is None:
+            raise BadSignatureError(
+                f"{path}/{doc_id} is signed: updating it needs the backend's private_jwk"
+            )
+        public = public_from_private(private_jwk)
+        try:
+            verify_doc(old, [public])
+        except BadSignatureError:
+            raise BadSignatureError(
+                f"{path}/{doc_id} was signed with another key than {public.kid!r}"
+            ) from None
+        config = attrs.evolve(_coerce(config, BackendConfig, "config_dict"), sign=True)
+    doc, _ = _config_doc(store, config, display_name, private_jwk)
+    store["update"](path, doc_id, doc)
+
+
+def get_config(store: Storage, display_name: str) -> BackendConfig:
+    """Return a backend's configuration (the payload, when it is signed).
+
+    Raises:
+        NotFoundError: the backend has no configuration.
+        InvalidDocumentError: the stored configuration is malformed.
+    """
+    _check_handle(store)
+    return _read_config(store, display_name)[1]
+
+
+def get_backends(store: Storage) -> list[str]:
+    """Return the display names of every backend with a configuration, sorted."""
+    _check_handle(store)
+    return store["list"](store["layout"].configs)
+
+
+def get_backend_dict(store: Storage, display_name: str) -> BackendDict:
+    """Return the Qiskit-shaped backend dictionary a frontend serves.
+
+    Raises:
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    return _backend_dict(store["name"], get_config(store, display_name))
+
+
+def _backend_dict(store_name: str, cfg: BackendConfig) -> BackendDict:
+    return BackendDict(
+        description=cfg.description,
+        display_name=cfg.display_name or "",
+        backend_version=cfg.version,
+        n_qubits=cfg.num_wires,
+        backend_name=_long_backend_name(store_name, cfg),
+        basis_gates=tuple(str(g.get("name")) for g in cfg.gates),
+        max_experiments=cfg.max_experiments,
+        max_shots=cfg.max_shots,
+        simulator=cfg.simulator,
+        gates=cfg.gates,
+        supported_instructions=cfg.supported_instructions,
+        cold_atom_type=cfg.cold_atom_type,
+        wire_order=cfg.wire_order,
+        num_species=cfg.num_species,
+    )
+
+
+def get_backend_status(
+    store: Storage,
+    display_name: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    now: Callable[[], float] = time.time,
+) -> BackendStatus:
+    """Return the Qiskit-shaped status of a backend.
+
+    ``operational`` is true when the queue was checked at most *timeout* seconds ago.
+
+    Raises:
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    cfg = get_config(store, display_name)
+    return BackendStatus(
+        backend_name=_long_backend_name(store["name"], cfg),
+        backend_version=cfg.version,
+        operational=_operational(cfg.last_queue_check, now(), timeout),
+        pending_jobs=cfg.pending_jobs or 0,
+        status_msg=cfg.status_msg or "",
+    )
+
+
+def timestamp_queue(
+    store: Storage,
+    display_name: str,
+    private_jwk: Any = None,
+    *,
+    min_interval: float = 0.0,
+    now: Callable[[], float] = time.time,
+) -> bool:
+    """Record that Bob looked at the queue now (``last_queue_check``), re-signing if needed.
+
+    Skips the write when the stored time is less than *min_interval* seconds old,
+    so that polling an empty queue does not rewrite the configuration each time.
+
+    Returns:
+        Whether the configuration was written.
+
+    Raises:
+        NotFoundError: the backend has no configuration.
+        BadSignatureError: the config is signed and *private_jwk* is not its key.
+    """
+    _check_handle(store)
+    raw, cfg = _read_config(store, display_name)
+    current = now()
+    last = cfg.last_queue_check
+    if last is not None and 0 <= current - last.timestamp() < min_interval:
+        return False
+    stamp = datetime.fromtimestamp(int(current), timezone.utc)
+    _write_config(store, raw, attrs.evolve(cfg, last_queue_check=stamp), display_name, private_jwk)
+    return True
+
+
+def create_job_id(store: Storage, display_name: str, username: str) -> str:
+    """Return a new job id for the store's layout; ids sort by creation time."""
+    _check_handle(store)
+    _check_display_name(display_name)
+    check_name(username, "username")
+    return new_job_id(store["layout"], display_name, username, time.time_ns(), secrets.randbits(32))
+
+
+def upload_job(store: Storage, job_dict: Doc, display_name: str, username: str) -> str:
+    """Queue *job_dict* (stored as given) for a backend and return its job id.
+
+    Raises:
+        InvalidDocumentError: *job_dict* is not a JSON object.
+        InvalidNameError: bad display name or username.
+    """
+    _check_handle(store)
+    if not isinstance(job_dict, dict):
+        raise InvalidDocumentError(f"job_dict must be a JSON object, not {type(job_dict).__name__}")
+    job_id = create_job_id(store, display_name, username)
+    layout = store["layout"]
+    store["upload"](
+        _fill(layout.queued, display_name, username),
+        _fill(layout.job_file, job_id=job_id),
+        job_dict,
+    )
+    return job_id
+
+
+def get_job(store: Storage, storage_path: str, job_id: str) -> Doc:
+    """Return the job *job_id* stored in folder *storage_path* (e.g. ``jobs/running``).
+
+    Raises:
+        NotFoundError: no such job there.
+        InvalidDocumentError: the stored job is not a JSON object.
+    """
+    _check_handle(store)
+    doc_id = _fill(store["layout"].job_file, job_id=check_name(job_id, "job_id"))
+    job = _read(store, storage_path, doc_id)
+    job.pop("_id", None)
+    return job
+
+
+def _status_location(
+    store: Storage, display_name: str, username: str, job_id: str
+) -> tuple[str, str]:
+    layout = store["layout"]
+    return (
+        _fill(layout.status, _check_display_name(display_name), username, job_id),
+        _fill(layout.status_file, job_id=check_name(job_id, "job_id")),
+    )
+
+
+def upload_status(
+    store: Storage, display_name: str, username: str, job_id: str, private_jwk: Any = None
+) -> StatusMsg:
+    """Create a job's first status (INITIALIZING), signed when the backend signs.
+
+    Raises:
+        AlreadyExistsError: the job has a status already.
+    """
+    _check_handle(store)
+    path, doc_id = _status_location(store, display_name, username, job_id)
+    status = StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
+    key = (
+        None if private_jwk is None else _signing_key(get_config(store, display_name), private_jwk)
+    )
+    store["upload"](path, doc_id, _signed_if(store, to_doc(status), key))
+    return status
+
+
+def _signing_key(cfg: BackendConfig, private_jwk: Any) -> JWK | None:
+    """The key to sign with: *private_jwk* when the backend's config says it signs."""
+    if private_jwk is None or not cfg.sign:
+        return None
+    return _coerce(private_jwk, JWK, "private_jwk")
+
+
+def get_status(store: Storage, display_name: str, username: str, job_id: str) -> StatusMsg:
+    """Return a job's status; an ERROR status that says so when there is none.
+
+    Raises:
+        InvalidDocumentError: the stored status is malformed.
+    """
+    _check_handle(store)
+    path, doc_id = _status_location(store, display_name, username, job_id)
+    try:
+        raw = _read(store, path, doc_id)
+    except NotFoundError:
+        return StatusMsg(
+            job_id, "ERROR", "Could not find the status file.", f"Missing status file for {job_id}."
+        )
+    return from_doc(payload_of(raw), StatusMsg, where=f"{path}/{doc_id}")
+
+
+def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
+    layout = store["layout"]
+    return (
+        _fill(layout.results, _check_display_name(display_name), job_id=job_id),
+        _fill(layout.result_file, job_id=check_name(job_id, "job_id")),
+    )
+
+
+def upload_result(
+    store: Storage, result_dict: Any, display_name: str, job_id: str, private_jwk: Any = None
+) -> bool:
+    """Upload a job's result, signed when the backend's configuration says so.
+
+    A result whose ``job_id`` differs from *job_id* is corrected, with a warning.
+
+    Returns:
+        True, as sqooler does.
+
+    Raises:
+        AlreadyExistsError: the job has a result already.
+        BadSignatureError: the backend signs and no valid private key was given.
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    path, doc_id = _result_location(store, display_name, job_id)
+    cfg = get_config(store, display_name)
+    store["upload"](path, doc_id, _result_doc(store, result_dict, cfg, job_id, private_jwk))
+    return True
+
+
+def _result_doc(store: Storage, result: Any, cfg: BackendConfig, job_id: str, key: Any) -> Doc:
+    res = _coerce(result, ResultDict, "result_dict")
+    if res.job_id != job_id:
+        warnings.warn(f"result for job {job_id} carried job_id {res.job_id!r}", stacklevel=3)
+        res = attrs.evolve(res, job_id=job_id)
+    if cfg.sign:
+        if key is None:
+            raise BadSignatureError(
+                f"backend {cfg.display_name!r} signs, but no private_jwk was given"
+            )
+        return _signed_if(store, to_doc(res), _coerce(key, JWK, "private_jwk"))
+    return to_doc(res)
+
+
+def get_result(store: Storage, display_name: str, username: str, job_id: str) -> ResultDict:
+    """Return a job's result, with ``backend_name`` filled in; an ERROR result when missing.
+
+    The signature is not checked here: use `verify_result`.
+
+    Raises:
+        InvalidDocumentError: the stored result is malformed.
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    path, doc_id = _result_location(store, display_name, job_id)
+    try:
+        raw = _read(store, path, doc_id)
+    except NotFoundError:
+        return ResultDict(
+            display_name=display_name,
+            backend_version="",
+            job_id=job_id,
+            status="ERROR",
+            success=False,
+        )
+    result = from_doc(payload_of(raw), ResultDict, where=f"{path}/{doc_id}")
+    cfg = get_config(store, display_name)
+    return attrs.evolve(result, backend_name=_long_backend_name(store["name"], cfg))
+
+
+def verify_result(store: Storage, display_name: str, job_id: str) -> bool:
+    """Return whether a job's result carries a valid signature of the backend's key.
+
+    An unsigned or tampered result gives False.
+
+    Raises:
+        NotFoundError: no such result, or the backend or its public key is missing.
+        InvalidDocumentError: the stored result is not JSON.
+    """
+    _check_handle(store)
+    path, doc_id = _result_location(store, display_name, job_id)
+    raw = _read(store, path, doc_id)
+    key = get_public_key(store, display_name)
+    try:
+        verify_doc(raw, [key])
+    except (BadSignatureError, InvalidDocumentError):
+        return False
+    return True
+
+
+def upload_public_key(store: Storage, public_jwk: Any, display_name: str) -> None:
+    """Publish a backend's public key under its ``kid`` (after `upload_config`).
+
+    Publishing the same key again is a no-op; a different key for a published
+    ``kid`` is refused (sqooler would silently replace it).
+
+    Raises:
+        BadSignatureError: the key is private, not for verifying, or not the config's kid.
+        AlreadyExistsError: another key is published under that kid.
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    key = _coerce(public_jwk, JWK, "public_jwk")
+    if key.key_ops != "verify" or key.d is not None:
+        raise BadSignatureError(f"JWK {key.kid!r} is not a public key for verifying")
+    _key_bytes(key, "x")
+    cfg = get_config(store, display_name)
+    if key.kid != cfg.kid:
+        raise BadSignatureError(
+            f"JWK kid {key.kid!r} is not the kid {cfg.kid!r} of backend {display_name!r}"
+        )
+    folder = store["layout"].public_keys
+    try:
+        store["upload"](folder, check_name(key.kid, "kid"), to_doc(key))
+    except AlreadyExistsError:
+        old = get_public_key_from_kid(store, key.kid)
+        if _key_bytes(old, "x") != _key_bytes(key, "x"):
+            raise AlreadyExistsError(
+                f"{folder}/{key.kid}: another public key is published for kid {key.kid!r}"
+            ) from None
+
+
+def get_public_key_from_kid(store: Storage, kid: str) -> JWK:
+    """Return the public key published under *kid*.
+
+    Raises:
+        NotFoundError: no key under that kid.
+        InvalidDocumentError: the stored key is malformed.
+    """
+    _check_handle(store)
+    folder = store["layout"].public_keys
+    raw = _read(store, folder, check_name(kid, "kid"))
+    raw.pop("_id", None)
+    return from_doc(raw, JWK, where=f"{folder}/{kid}")
+
+
+def get_public_key(store: Storage, display_name: str) -> JWK:
+    """Return the public key of a backend (the one named by its config's ``kid``).
+
+    Raises:
+        NotFoundError: no config, no kid in it, or no key under that kid.
+    """
+    cfg = get_config(store, display_name)
+    if cfg.kid is None:
+        raise NotFoundError(f"backend {display_name!r} has no kid: it publishes no key")
+    return get_public_key_from_kid(store, cfg.kid)
+
+
+def _default_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _drop_lease(store: Storage, lease: Lease) -> None:
+    """Delete *lease* if it is still the stored one (a narrow, harmless race remains)."""
+    folder = store["layout"].leases
+    try:
+        if store["get"](folder, lease.job_id).get("token") == lease.token:
+            store["delete"](folder, lease.job_id)
+    except (NotFoundError, InvalidDocumentError):
+        pass
+
+
+def _read_lease(store: Storage, job_id: str) -> Lease | None:
+    folder = store["layout"].leases
+    try:
+        return from_doc(store["get"](folder, job_id), Lease, where=f"{folder}/{job_id}")
+    except NotFoundError:
+        return None
+
+
+def claim_job(
+    store: Storage,
+    display_name: str,
+    private_jwk: Any = None,
+    *,
+    holder: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+    now: Callable[[], float] = time.time,
+) -> tuple[NextJob, Doc] | None:
+    """Claim the oldest queued job of a backend for this worker, and read it.
+
+    The claim is exactly-once: a create-only lease document is the token, so of
+    several workers racing for a job one wins and the others move on.  The lease
+    lasts *lease_seconds* (`renew_lease` extends it); `requeue_expired` returns
+    the jobs of dead workers to the queue.  A job that is not a JSON object is
+    set aside (moved to deleted, with an ERROR status) and the next one is tried.
+    ``last_queue_check`` is written at most every *heartbeat* seconds, and each
+    such time expired leases of this backend are requeued.
+
+    Returns:
+        ``(NextJob, job)`` or None when the queue is empty.
+
+    Raises:
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    layout = store["layout"]
+    queue = _fill(layout.queued, _check_display_name(display_name))
+    holder = holder or _default_holder()
+    if timestamp_queue(store, display_name, private_jwk, min_interval=heartbeat, now=now):
+        requeue_expired(store, display_name, now=now)
+    for file_id in store["list"](queue):
+        job_id = _job_id_of(layout, file_id)
+        lease = Lease(job_id, display_name, holder, secrets.token_hex(8), now() + lease_seconds)
+        try:
+            store["upload"](layout.leases, job_id, to_doc(lease))
+        except AlreadyExistsError:
+            continue  # another worker holds it (or died holding it: requeue_expired)
+        try:
+            store["move"](queue, layout.running, file_id)
+        except NotFoundError:  # taken by a worker that takes no leases
+            _drop_lease(store, lease)
+            continue
+        try:
+            job = get_job(store, layout.running, job_id)
+        except InvalidDocumentError as exc:
+            _set_aside(store, display_name, job_id, file_id, str(exc), lease)
+            continue
+        return NextJob(job_id, layout.running), job
+    return None
+
+
+def _job_id_of(layout: Layout, file_id: str) -> str:
+    prefix, _, suffix = layout.job_file.partition("{job_id}")
+    return file_id[len(prefix) : len(file_id) - len(suffix)]
+
+
+def _set_aside(
+    store: Storage, display_name: str, job_id: str, file_id: str, why: str, lease: Lease
+) -> None:
+    layout = store["layout"]
+    store["move"](layout.running, _fill(layout.deleted, display_name), file_id)
+    status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", why)
+    _put_status(store, display_name, "", job_id, to_doc(status))
+    _drop_lease(store, lease)
+
+
+def _put_status(store: Storage, display_name: str, username: str, job_id: str, doc: Doc) -> None:
+    path, doc_id = _status_location(store, display_name, username, job_id)
+    try:
+        store["update"](path, doc_id, doc)
+    except NotFoundError:
+        try:
+            store["upload"](path, doc_id, doc)
+        except AlreadyExistsError:  # created meanwhile: ours is the newer word
+            store["update"](path, doc_id, doc)
+
+
+def get_next_job_in_queue(
+    store: Storage,
+    display_name: str,
+    private_jwk: Any = None,
+    *,
+    holder: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+    now: Callable[[], float] = time.time,
+) -> NextJob:
+    """Claim the oldest queued job (see `claim_job`) and say where it now is.
+
+    Returns:
+        ``NextJob(job_id, "jobs/running")``, or ``NextJob("None", "None")`` when
+        the queue is empty, as in sqooler.
+
+    Raises:
+        NotFoundError: the backend has no configuration.
+    """
+    claimed = claim_job(
+        store,
+        display_name,
+        private_jwk,
+        holder=holder,
+        lease_seconds=lease_seconds,
+        heartbeat=heartbeat,
+        now=now,
+    )
+    return NextJob(_NONE, _NONE) if claimed is None else claimed[0]
+
+
+def renew_lease(
+    store: Storage,
+    job_id: str,
+    *,
+    holder: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE,
+    now: Callable[[], float] = time.time,
+) -> Lease:
+    """Extend this worker's lease on a running job by *lease_seconds* from now.
+
+    Raises:
+        LeaseLostError: the lease is gone or held by another worker.
+    """
+    _check_handle(store)
+    holder = holder or _default_holder()
+    lease = _read_lease(store, check_name(job_id, "job_id"))
+    if lease is None or lease.holder != holder:
+        raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
+    renewed = attrs.evolve(lease, expires=now() + lease_seconds)
+    store["update"](store["layout"].leases, job_id, to_doc(renewed))
+    return renewed
+
+
+def requeue_expired(
+    store: Storage, display_name: str | None = None, *, now: Callable[[], float] = time.time
+) -> list[str]:
+    """Return to their queue the running jobs whose lease has expired.
+
+    Safe to run from any number of workers at once; a job is requeued once.
+
+    Returns:
+        The ids of the requeued jobs, oldest first.
+    """
+    _check_handle(store)
+    layout = store["layout"]
+    requeued = []
+    current = now()
+    for job_id in store["list"](layout.leases):
+        try:
+            lease = _read_lease(store, job_id)
+        except InvalidDocumentError:
+            store["delete"](layout.leases, job_id)  # a torn lease guards nothing
+            continue
+        if lease is None or lease.expires > current:
+            continue
+        if display_name is not None and lease.display_name != display_name:
+            continue
+        file_id = _fill(layout.job_file, job_id=job_id)
+        try:
+            store["move"](layout.running, _fill(layout.queued, lease.display_name), file_id)
+            requeued.append(job_id)
+        except (NotFoundError, AlreadyExistsError):
+            pass  # finished, set aside, never moved, or requeued by another worker
+        _drop_lease(store, lease)
+    return requeued
+
+
+def update_in_database(
+    store: Storage,
+    result_dict: Any,
+    status_msg_dict: Any,
+    job_id: str,
+    display_name: str,
+    private_jwk: Any = None,
+    *,
+    holder: str | None = None,
+) -> None:
+    """Finish a running job: Bob's last step.
+
+    DONE: upload the result (signed when the backend signs) and move the job to
+    finished.  ERROR: move the job to deleted.  Then write the status (signed
+    when the backend signs and *private_jwk* is given) and release the lease.
+    Safe to re-run after a crash at any step.  With *holder*, refuse to finish a
+    job whose lease another worker holds.
+
+    Raises:
+        InvalidDocumentError: DONE without a result, or a malformed status/result.
+        LeaseLostError: *holder* given and the lease is another worker's.
+        NotFoundError: the job is neither running nor already finished.
+    """
+    _check_handle(store)
+    layout = store["layout"]
+    status = _coerce(status_msg_dict, StatusMsg, "status_msg_dict")
+    file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
+    cfg = get_config(store, display_name)
+    lease = _read_lease(store, job_id)
+    if holder is not None and (lease is None or lease.holder != holder):
+        raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
+    if status.status == "DONE":
+        if result_dict is None:
+            raise InvalidDocumentError(f"job {job_id}: a DONE job needs a result_dict")
+        path, doc_id = _result_location(store, display_name, job_id)
+        doc = _result_doc(store, result_dict, cfg, job_id, private_jwk)
+        try:
+            store["upload"](path, doc_id, doc)
+        except AlreadyExistsError:  # a re-run after a crash or a requeue: latest wins
+            store["update"](path, doc_id, doc)
+        target = _fill(layout.finished, display_name)
+    else:
+        target = _fill(layout.deleted, display_name) if status.status == "ERROR" else ""
+    if target:
+        try:
+            store["move"](layout.running, target, file_id)
+        except NotFoundError:
+            store["get"](target, file_id)  # finished by an earlier run of this step?
+    key = _signing_key(cfg, private_jwk)
+    _put_status(store, display_name, "", job_id, _signed_if(store, to_doc(status), key))
+    if lease is not None:
+        _drop_lease(store, lease)
+
+
+# ============================================================================
+# Backends
+# ============================================================================
+
+
+def _check_store_name(name: str) -> str:
+    return check_name(name, "storage name", pattern=_STORE_NAME_RE)
+
+
+def _dumps(doc: Any, where: str) -> str:
+    if not isinstance(doc, dict):
+        raise InvalidDocumentError(f"{where}: a document must be a JSON object")
+    try:
+        return json.dumps(doc, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidDocumentError(f"{where}: not JSON-serialisable: {exc}") from None
+
+
+def _loads(text: str | bytes, where: str) -> Doc:
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidDocumentError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InvalidDocumentError(f"{where}: not a JSON object")
+    return doc
+
+
+def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> Storage:
+    """Return an in-process store; its state lives in this handle only.
+
+    Documents are kept as JSON text, so a read never aliases a write and a value
+    that a real backend could not store is refused here too.  Thread-safe.
+    """
+    _check_store_name(name)
+    folders: dict[str, dict[str, str]] = {}
+    lock = threading.Lock()
+
+    def upload(path: str, doc_id: str, doc: Doc) -> None:
+        text = _dumps(doc, f"{_check_path(path)}/{check_name(doc_id, 'id')}")
+        with lock:
+            folder = folders.setdefault(path, {})
+            if doc_id in folder:
+                raise AlreadyExistsError(f"{path}/{doc_id} already exists")
+            folder[doc_id] = text
+
+    def update(path: str, doc_id: str, doc: Doc) -> None:
+        text = _dumps(doc, f"{_check_path(path)}/{check_name(doc_id, 'id')}")
+        with lock:
+            if doc_id not in folders.get(path, {}):
+                raise NotFoundError(f"{path}/{doc_id} does not exist")
+            folders[path][doc_id] = text
+
+    def get(path: str, doc_id: str) -> Doc:
+        where = f"{_check_path(path)}/{check_name(doc_id, 'id')}"
+        try:
+            text = folders[path][doc_id]
+        except KeyError:
+            raise NotFoundError(f"{where} does not exist") from None
+        return _loads(text, where)
+
+    def move(src: str, dst: str, doc_id: str) -> None:
+        _check_path(src)
+        _check_path(dst)
+        check_name(doc_id, "id")
+        with lock:
+            if doc_id not in folders.get(src, {}):
+                raise NotFoundError(f"{src}/{doc_id} does not exist")
+            target = folders.setdefault(dst, {})
+            if doc_id in target:
+                raise AlreadyExistsError(f"{dst}/{doc_id} already exists")
+            target[doc_id] = folders[src].pop(doc_id)
+
+    def delete(path: str, doc_id: str) -> None:
+        where = f"{_check_path(path)}/{check_name(doc_id, 'id')}"
+        with lock:
+            if folders.get(path, {}).pop(doc_id, None) is None:
+                raise NotFoundError(f"{where} does not exist")
+
+    def list_ids(path: str) -> list[str]:
+        _check_path(path)
+        with lock:
+            return sorted(folders.get(path, ()))
+
+    return Storage(
+        name=name,
+        layout=layout,
+        upload=upload,
+        update=update,
+        get=get,
+        move=move,
+        delete=delete,
+        list=list_ids,
+    )
+
+
+def local_storage(
+    root: str | os.PathLike[str],
+    name: str = "local",
+    *,
+    layout: Layout = LOCAL_LAYOUT,
+    durable: bool = False,
+) -> Storage:
+    """Return a store in directory *root*, in sqooler's local layout.
+
+    Documents are ``<root>/<path>/<id>.json``, written to a temporary file in the
+    same folder and then linked (create-only) or renamed (update) into place, so
+    a crash never leaves a partial document.  ``move`` is one ``rename``: of
+    several racing movers exactly one wins.  ``list`` sorts ids, which for
+    sqstore's ids is the order of creation.  With *durable*, files and folders
+    are fsynced, so a power loss cannot lose a write that returned.
+    """
+    _check_store_name(name)
+    base = os.fspath(root)
+
+    def where(path: str, doc_id: str) -> tuple[str, str]:
+        folder = f"{base}/{_check_path(path)}"
+        return folder, f"{folder}/{check_name(doc_id, 'id')}.json"
+
+    def fail(exc: OSError, what: str) -> SqstoreError:
+        if exc.errno == errno.ENOENT:
+            return NotFoundError(f"{what} does not exist")
+        if exc.errno == errno.EEXIST:
+            return AlreadyExistsError(f"{what} already exists")
+        return StorageError(f"{what}: {exc.strerror or exc}")
+
+    def sync_dir(folder: str) -> None:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_temp(folder: str, doc_id: str, data: bytes) -> str:
+        temp = f"{folder}/.{doc_id}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp)
+            raise
+        os.close(fd)
+        return temp
+
+    def upload(path: str, doc_id: str, doc: Doc) -> None:
+        folder, file = where(path, doc_id)
+        data = _dumps(doc, f"{path}/{doc_id}").encode()
+        try:
+            temp = write_temp(folder, doc_id, data)
+            try:
+                os.link(temp, file)
+            finally:
+                os.unlink(temp)
+            if durable:
+                sync_dir(folder)
+        except OSError as exc:
+            raise fail(exc, f"{path}/{doc_id}") from exc
+
+    def update(path: str, doc_id: str, doc: Doc) -> None:
+        folder, file = where(path, doc_id)
+        data = _dumps(doc, f"{path}/{doc_id}").encode()
+        try:
+            if not os.path.exists(file):
+                raise NotFoundError(f"{path}/{doc_id} does not exist")
+            temp = write_temp(folder, doc_id, data)
+            try:
+                os.replace(temp, file)
+            except BaseException:
+                os.unlink(temp)
+                raise
+            if durable:
+                sync_dir(folder)
+        except OSError as exc:
+            if isinstance(exc, SqstoreError):
+                raise
+            raise fail(exc, f"{path}/{doc_id}") from exc
+
+    def get(path: str, doc_id: str) -> Doc:
+        _, file = where(path, doc_id)
+        try:
+            with open(file, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise fail(exc, f"{path}/{doc_id}") from exc
+        return _loads(data, f"{path}/{doc_id}")
+
+    def move(src: str, dst: str, doc_id: str) -> None:
+        _, source = where(src, doc_id)
+        folder, target = where(dst, doc_id)
+        try:
+            if os.path.lexists(target):
+                raise AlreadyExistsError(f"{dst}/{doc_id} already exists")
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                if not os.path.isdir(folder) and os.path.exists(source):
+                    os.makedirs(folder, exist_ok=True)
+                    os.rename(source, target)
+                else:
+                    raise
+            if durable:
+                sync_dir(folder)
+        except OSError as exc:
+            if isinstance(exc, SqstoreError):
+                raise
+            raise fail(exc, f"{src}/{doc_id}") from exc
+
+    def delete(path: str, doc_id: str) -> None:
+        _, file = where(path, doc_id)
+        try:
+            os.unlink(file)
+        except OSError as exc:
+            raise fail(exc, f"{path}/{doc_id}") from exc
+
+    def list_ids(path: str) -> list[str]:
+        folder = f"{base}/{_check_path(path)}"
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise fail(exc, path) from exc
+        return sorted(n[:-5] for n in names if n.endswith(".json") and _NAME_RE.fullmatch(n[:-5]))
+
+    return Storage(
+        name=name,
+        layout=layout,
+        upload=upload,
+        update=update,
+        get=get,
+        move=move,
+        delete=delete,
+        list=list_ids,
+    )
+
+
+# ============================================================================
+# Layers
+# ============================================================================
+
+# Layers (read_only, with_retry, with_logging, metrics) arrive with storage URLs.
+
+# ============================================================================
+# CLI
+# ============================================================================
+
+DEFAULT_STORAGE = "./sqstore-data"
+
+
+class _UserError(Exception):
+    """A mistake on the command line: message to stderr, exit code 1."""
+
+
+def _load_jwk(path: str) -> JWK:
+    """Read a JWK file: JSON, or sqooler's base64url-of-JSON config string."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read().strip()
+    except OSError as exc:
+        raise _UserError(f"cannot read key file {path}: {exc.strerror}") from None
+    if not text.startswith("{"):
+        try:
+            text = _b64url_decode(text, "key").decode()
+        except (InvalidDocumentError, UnicodeDecodeError):
+            raise _UserError(f"{path}: neither a JSON JWK nor a base64 one") from None
+    try:
+        return _coerce(json.loads(text), JWK, path)
+    except ValueError as exc:
+        raise _UserError(f"{path}: not a JWK: {exc}") from None
+
+
+def _write_private(path: str, text: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise _UserError(f"{path} exists already: refusing to overwrite a key") from None
+    except OSError as exc:
+        raise _UserError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2))
+
+
+def _cmd_keygen(store: Storage | None, args: argparse.Namespace) -> int:
+    private, public = generate_keypair(args.kid)
+    out = args.private_key or f"{args.kid}.jwk"
+    _write_private(out, json.dumps(to_doc(private)) + "\n")
+    print(f"private key written to {out} (mode 0600)", file=sys.stderr)
+    _print_json(to_doc(public))
+    return 0
+
+
+def _read_job_file(path: str) -> Doc:
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+    except OSError as exc:
+        raise _UserError(f"cannot read job file {path}: {exc.strerror}") from None
+    return _loads(text, path)
+
+
+def _cmd_submit(store: Storage, args: argparse.Namespace) -> int:
+    get_config(store, args.display_name)  # fail early for an unknown backend
+    job_id = upload_job(store, _read_job_file(args.job_file), args.display_name, args.username)
+    upload_status(store, args.display_name, args.username, job_id)
+    print(job_id)
+    return 0
+
+
+def _cmd_status(store: Storage, args: argparse.Namespace) -> int:
+    _print_json(to_doc(get_status(store, args.display_name, args.username, args.job_id)))
+    return 0
+
+
+def _cmd_result(store: Storage, args: argparse.Namespace) -> int:
+    _print_json(to_doc(get_result(store, args.display_name, args.username, args.job_id)))
+    return 0
+
+
+def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
+    ok = verify_result(store, args.display_name, args.job_id)
+    print(f"{args.job_id}: {'valid signature' if ok else 'NOT VERIFIED'}")
+    return 0 if ok else 1
+
+
+def _cmd_backends(store: Storage, args: argparse.Namespace) -> int:
+    for display_name in get_backends(store):
+        status = get_backend_status(store, display_name)
+        state = "operational" if status.operational else "not operational"
+        print(f"{display_name}\t{status.backend_name}\t{state}")
+    return 0
+
+
+def _cmd_queue(store: Storage, args: argparse.Namespace) -> int:
+    queue = _fill(store["layout"].queued, _check_display_name(args.display_name))
+    for file_id in store["list"](queue):
+        print(_job_id_of(store["layout"], file_id))
+    return 0
+
+
+def _demo_key(root: str, kid: str) -> JWK:
+    """The demo backend's private key, kept beside the documents in a 0600 file."""
+    path = os.path.join(root, ".demo-key.jwk")
+    if os.path.exists(path):
+        return _load_jwk(path)
+    os.makedirs(root, exist_ok=True)
+    private, _ = generate_keypair(kid)
+    _write_private(path, json.dumps(to_doc(private)) + "\n")
+    return private
+
+
+def _demo_jobs(count: int, shots: int) -> Iterator[Doc]:
+    for i in range(count):
+        theta = math.pi * (i + 1) / (count + 1)
+        yield {
+            "experiment_0": {
+                "instructions": [
+                    ["h", [0], []],
+                    ["cz", [0, 1], []],
+                    ["h", [1], []],
+                    ["rx", [2], [theta]],
+                    ["measure", [0, 1, 2], []],
+                ],
+                "num_wires": 3,
+                "shots": shots,
+                "wire_order": "sequential",
+                "seed": i,
+            }
+        }
+
+
+def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
+    display_name, username = "sqsim", "alice"
+    start = time.perf_counter()
+    private = _demo_key(args.storage, "sqsim-demo")
+    public = public_from_private(private)
+    config = demo_config(display_name, sign=True)
+    try:
+        update_config(store, config, display_name, private)
+    except NotFoundError:
+        upload_config(store, config, display_name, private)
+    upload_public_key(store, public, display_name)
+    print(f"Bob:   backend {display_name!r} configured, results signed by kid {public.kid!r}")
+
+    job_ids = []
+    for job in _demo_jobs(args.jobs, args.shots):
+        job_id = upload_job(store, job, display_name, username)
+        upload_status(store, display_name, username, job_id)
+        job_ids.append(job_id)
+    print(f"Alice: submitted {len(job_ids)} jobs")
+
+    done = 0
+    while (claimed := claim_job(store, display_name, private)) is not None:
+        nxt, job = claimed
+        try:
+            result = run_simulator(job, nxt.job_id, display_name)
+            status = StatusMsg(nxt.job_id, "DONE", "Simulated.", "None")
+        except InvalidDocumentError as exc:
+            result, status = None, StatusMsg(nxt.job_id, "ERROR", "Failed.", str(exc))
+        update_in_database(store, result, status, nxt.job_id, display_name, private)
+        done += 1
+    print(f"Bob:   claimed and simulated {done} jobs")
+
+    verified = 0
+    for job_id in job_ids:
+        status = get_status(store, display_name, username, job_id)
+        result = get_result(store, display_name, username, job_id)
+        ok = verify_result(store, display_name, job_id)
+        verified += ok
+        counts: dict[str, int] = {}
+        for outcome in result.results[0].data.memory if result.results else ():
+            counts[outcome] = counts.get(outcome, 0) + 1
+        top = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())[:4])
+        print(f"Alice: {job_id} {status.status:5} {'verified' if ok else 'NOT VERIFIED'}  {top}")
+    elapsed = time.perf_counter() - start
+    print(
+        f"{verified}/{len(job_ids)} results verified; "
+        f"{len(job_ids)} round trips in {elapsed * 1000:.0f} ms on {args.storage}"
+    )
+    return 0 if verified == len(job_ids) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sqstore",
+        description="Storage for a quantum-cloud job exchange (sqooler-compatible).",
+    )
+    parser.add_argument("--version", action="version", version=f"sqstore {__version__}")
+    parser.add_argument(
+        "--storage",
+        metavar="DIR",
+        help=f"storage directory (default: $SQSTORE_STORAGE or {DEFAULT_STORAGE})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    demo = command("demo", _cmd_demo, "run Alice and Bob end to end on the storage")
+    demo.add_argument("--jobs", type=int, default=3, help="jobs to submit (default 3)")
+    demo.add_argument("--shots", type=int, default=100, help="shots per job (default 100)")
+    keygen = command("keygen", _cmd_keygen, "make an Ed25519 key pair; public JWK to stdout")
+    keygen.add_argument("kid", help="the key id")
+    keygen.add_argument(
+        "-o",
+        "--private-key",
+        metavar="FILE",
+        help="where to write the private JWK (default KID.jwk; never overwritten)",
+    )
+    submit = command("submit", _cmd_submit, "queue a job (JSON file, - for stdin); prints its id")
+    submit.add_argument("display_name")
+    submit.add_argument("job_file")
+    for name, func, text in (
+        ("status", _cmd_status, "print a job's status as JSON"),
+        ("result", _cmd_result, "print a job's result as JSON"),
+        ("verify", _cmd_verify, "check a result's signature (exit 1 if not valid)"),
+    ):
+        cmd = command(name, func, text)
+        cmd.add_argument("display_name")
+        cmd.add_argument("job_id")
+        if name != "verify":
+            cmd.add_argument("-u", "--username", default="cli", help="the job's user")
+    submit.add_argument("-u", "--username", default="cli", help="who submits (default cli)")
+    command("backends", _cmd_backends, "list backends with their status")
+    queue = command("queue", _cmd_queue, "list a backend's queued job ids, oldest first")
+    queue.add_argument("display_name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = _parser().parse_args(argv)
+    args.storage = args.storage or os.environ.get("SQSTORE_STORAGE") or DEFAULT_STORAGE
+    try:
+        if args.command == "demo" and (args.jobs < 1 or args.shots < 1):
+            raise _UserError("--jobs and --shots must be at least 1")
+        store = None if args.command == "keygen" else local_storage(args.storage)
+        code: int = args.func(store, args)
+        sys.stdout.flush()
+        return code
+    except (SqstoreError, _UserError) as exc:
+        print(f"sqstore: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
