@@ -59,7 +59,11 @@ from cattrs.preconf.json import make_converter
 
 __version__ = "0.1.0"
 __all__ = [
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_LEASE",
+    "DEFAULT_TIMEOUT",
     "JWK",
+    "LOCAL_LAYOUT",
     "STATUSES",
     "AlreadyExistsError",
     "BackendConfig",
@@ -127,7 +131,8 @@ __all__ = [
 # ============================================================================
 # Constants
 # ============================================================================
-STATUSES = frozenset({"INITIALIZING", "QUEUED", "DONE", "ERROR"})
+_STATUS_ORDER = ("INITIALIZING", "QUEUED", "DONE", "ERROR")
+STATUSES = frozenset(_STATUS_ORDER)
 """The job states that sqooler 0.9 accepts."""
 
 DEFAULT_TIMEOUT = 300.0
@@ -300,7 +305,7 @@ class StatusMsg:
     """Where a job is in its life cycle (sqooler's ``StatusMsgDict``)."""
 
     job_id: str
-    status: str = attrs.field(validator=attrs.validators.in_(STATUSES))
+    status: str = attrs.field(validator=attrs.validators.in_(_STATUS_ORDER))
     detail: str
     error_message: str
 
@@ -342,7 +347,7 @@ class ResultDict:
     job_id: str
     qobj_id: str | None = None
     success: bool = True
-    status: str = attrs.field(validator=attrs.validators.in_(STATUSES))
+    status: str = attrs.field(validator=attrs.validators.in_(_STATUS_ORDER))
     header: Doc = attrs.field(factory=dict)
     results: tuple[ExperimentDict, ...] = ()
 
@@ -429,6 +434,8 @@ def _format_exception(exc: BaseException, type_: Any) -> str:
         return "required field missing"
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown field(s) {sorted(exc.extra_fields)}"
+    if isinstance(exc, ValueError) and len(exc.args) > 1 and isinstance(exc.args[0], str):
+        return exc.args[0]  # an attrs validator: (message, attribute, options, value)
     name = getattr(type_, "__name__", None) or str(type_)
     return f"invalid value ({exc}) for type {name}" if str(exc) else f"invalid value for {name}"
 
@@ -607,20 +614,38 @@ def generate_keypair(kid: str, *, seed: bytes | None = None) -> tuple[JWK, JWK]:
     return private, JWK(x=x, key_ops="verify", kid=kid)
 
 
+def _ed25519_sign(private_jwk: JWK, data: bytes) -> bytes:
+    """Sign *data* with a private JWK, after checking that its ``x`` belongs to ``d``."""
+    from nacl.signing import SigningKey
+
+    if private_jwk.key_ops != "sign" or private_jwk.d is None:
+        raise BadSignatureError(f"JWK {private_jwk.kid!r} is not a private key for signing")
+    signer = SigningKey(_key_bytes(private_jwk, "d"))
+    if bytes(signer.verify_key) != _key_bytes(private_jwk, "x"):
+        raise BadSignatureError(f"JWK {private_jwk.kid!r}: public part x does not match d")
+    return signer.sign(data).signature
+
+
+def _ed25519_verify(public_jwk: JWK, data: bytes, signature: bytes) -> bool:
+    """Return whether *signature* of *data* verifies with the JWK's ``x`` (PyNaCl)."""
+    from nacl.exceptions import BadSignatureError as NaclBadSignature
+    from nacl.signing import VerifyKey
+
+    try:
+        VerifyKey(_key_bytes(public_jwk, "x")).verify(data, signature)
+    except (NaclBadSignature, ValueError):
+        return False
+    return True
+
+
 def public_from_private(private_jwk: JWK | Mapping[str, Any]) -> JWK:
     """Return the public JWK of a private one, checking that ``x`` matches ``d``.
 
     Raises:
         BadSignatureError: the JWK has no private part, or ``x`` does not belong to ``d``.
     """
-    from nacl.signing import SigningKey
-
     private = _coerce(private_jwk, JWK, "private_jwk")
-    if private.key_ops != "sign" or private.d is None:
-        raise BadSignatureError(f"JWK {private.kid!r} is not a private key for signing")
-    derived = bytes(SigningKey(_key_bytes(private, "d")).verify_key)
-    if derived != _key_bytes(private, "x"):
-        raise BadSignatureError(f"JWK {private.kid!r}: public part x does not match d")
+    _ed25519_sign(private, b"")
     return JWK(x=private.x, key_ops="verify", kid=private.kid)
 
 
@@ -662,17 +687,13 @@ def sign_doc(payload: Doc, private_jwk: JWK | Mapping[str, Any], *, fmt: str = "
         BadSignatureError: *private_jwk* is not a valid private key.
         InvalidDocumentError: *payload* is not a JSON object.
     """
-    from nacl.signing import SigningKey
-
     key = _coerce(private_jwk, JWK, "private_jwk")
-    public_from_private(key)
     if not isinstance(payload, dict):
         raise InvalidDocumentError("a signed payload must be a JSON object")
-    signer = SigningKey(_key_bytes(key, "d"))
     body = _json_bytes(payload, "payload")
     if fmt == "sqooler":
         signing_input = _b64url(_sqooler_header(key.kid), pad=True) + "." + _b64url(body, pad=True)
-        signature = signer.sign(signing_input.encode()).signature
+        signature = _ed25519_sign(key, signing_input.encode())
         header = {"alg": "EdDSA", "kid": key.kid, "typ": "JWS", "version": "0.1"}
         return {"header": header, "payload": payload, "signature": _b64url(signature, pad=True)}
     if fmt == "rfc7515":
@@ -680,7 +701,7 @@ def sign_doc(payload: Doc, private_jwk: JWK | Mapping[str, Any], *, fmt: str = "
             json.dumps({"alg": "EdDSA", "kid": key.kid}, separators=(",", ":")).encode(), pad=False
         )
         encoded = _b64url(body, pad=False)
-        signature = signer.sign(f"{protected}.{encoded}".encode()).signature
+        signature = _ed25519_sign(key, f"{protected}.{encoded}".encode())
         return {
             "protected": protected,
             "payload": encoded,
@@ -753,19 +774,12 @@ def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[JWK | Mapping[str, 
         BadSignatureError: *doc* is unsigned, or no key verifies it (``payload`` set).
         InvalidDocumentError: *doc* is a malformed signed document.
     """
-    from nacl.exceptions import BadSignatureError as NaclBadSignature
-    from nacl.signing import VerifyKey
-
     if not is_signed(doc):
         raise BadSignatureError("the document is not signed", dict(doc))
     payload, signing_input, signature, kid = _split_signed(doc)
     keys = [_coerce(k, JWK, "public_jwk") for k in public_jwks]
     keys.sort(key=lambda k: k.kid != kid)
-    for key in keys:
-        try:
-            VerifyKey(_key_bytes(key, "x")).verify(signing_input, signature)
-        except (NaclBadSignature, ValueError):
-            continue
+    if any(_ed25519_verify(key, signing_input, signature) for key in keys):
         return payload
     raise BadSignatureError(f"signature of kid {kid!r} does not verify", payload)
 
@@ -1143,13 +1157,25 @@ def get_job(store: Storage, storage_path: str, job_id: str) -> Doc:
 
 
 def _status_location(
-    store: Storage, display_name: str, username: str, job_id: str
+    store: Storage, display_name: str, username: str | None, job_id: str
 ) -> tuple[str, str]:
+    """Where a job's status lives; *username* None when the caller does not know it."""
     layout = store["layout"]
+    user = "" if username is None else check_name(username, "username")
     return (
-        _fill(layout.status, _check_display_name(display_name), username, job_id),
+        _fill(layout.status, _check_display_name(display_name), user, job_id),
         _fill(layout.status_file, job_id=check_name(job_id, "job_id")),
     )
+
+
+def _exists(store: Storage, path: str, doc_id: str) -> bool:
+    try:
+        store["get"](path, doc_id)
+    except NotFoundError:
+        return False
+    except InvalidDocumentError:
+        pass
+    return True
 
 
 def upload_status(
@@ -1428,11 +1454,13 @@ def _set_aside(
     layout = store["layout"]
     store["move"](layout.running, _fill(layout.deleted, display_name), file_id)
     status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", why)
-    _put_status(store, display_name, "", job_id, to_doc(status))
+    _put_status(store, display_name, None, job_id, to_doc(status))
     _drop_lease(store, lease)
 
 
-def _put_status(store: Storage, display_name: str, username: str, job_id: str, doc: Doc) -> None:
+def _put_status(
+    store: Storage, display_name: str, username: str | None, job_id: str, doc: Doc
+) -> None:
     path, doc_id = _status_location(store, display_name, username, job_id)
     try:
         store["update"](path, doc_id, doc)
@@ -1562,6 +1590,11 @@ def update_in_database(
     lease = _read_lease(store, job_id)
     if holder is not None and (lease is None or lease.holder != holder):
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
+    target = {"DONE": layout.finished, "ERROR": layout.deleted}.get(status.status)
+    target = None if target is None else _fill(target, display_name)
+    rerun = target is not None and _exists(store, target, file_id)  # finished before a crash
+    if lease is None and not _exists(store, layout.running, file_id) and not rerun:
+        raise NotFoundError(f"job {job_id} is neither in {layout.running} nor finished")
     if status.status == "DONE":
         if result_dict is None:
             raise InvalidDocumentError(f"job {job_id}: a DONE job needs a result_dict")
@@ -1571,16 +1604,13 @@ def update_in_database(
             store["upload"](path, doc_id, doc)
         except AlreadyExistsError:  # a re-run after a crash or a requeue: latest wins
             store["update"](path, doc_id, doc)
-        target = _fill(layout.finished, display_name)
-    else:
-        target = _fill(layout.deleted, display_name) if status.status == "ERROR" else ""
-    if target:
+    if target is not None:
         try:
             store["move"](layout.running, target, file_id)
         except NotFoundError:
             store["get"](target, file_id)  # finished by an earlier run of this step?
     key = _signing_key(cfg, private_jwk)
-    _put_status(store, display_name, "", job_id, _signed_if(store, to_doc(status), key))
+    _put_status(store, display_name, None, job_id, _signed_if(store, to_doc(status), key))
     if lease is not None:
         _drop_lease(store, lease)
 
@@ -1783,6 +1813,8 @@ def local_storage(
         folder, target = where(dst, doc_id)
         try:
             if os.path.lexists(target):
+                if not os.path.lexists(source):
+                    raise NotFoundError(f"{src}/{doc_id} does not exist")
                 raise AlreadyExistsError(f"{dst}/{doc_id} already exists")
             try:
                 os.rename(source, target)
@@ -1838,7 +1870,7 @@ def local_storage(
 # CLI
 # ============================================================================
 
-DEFAULT_STORAGE = "./sqstore-data"
+_DEFAULT_STORAGE = "./sqstore-data"
 
 
 class _UserError(Exception):
@@ -2029,7 +2061,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage",
         metavar="DIR",
-        help=f"storage directory (default: $SQSTORE_STORAGE or {DEFAULT_STORAGE})",
+        help=f"storage directory (default: $SQSTORE_STORAGE or {_DEFAULT_STORAGE})",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -2072,7 +2104,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
-    args.storage = args.storage or os.environ.get("SQSTORE_STORAGE") or DEFAULT_STORAGE
+    args.storage = args.storage or os.environ.get("SQSTORE_STORAGE") or _DEFAULT_STORAGE
     try:
         if args.command == "demo" and (args.jobs < 1 or args.shots < 1):
             raise _UserError("--jobs and --shots must be at least 1")
