@@ -32,7 +32,6 @@ import sqstore
 from sqstore import Storage
 
 HERE = Path(__file__).resolve().parent
-VECTORS = HERE.parent / "shared" / "vectors" / "rfc8037.txt"
 
 settings.register_profile("ci", max_examples=200, deadline=None)
 settings.register_profile("fast", max_examples=25, deadline=None)
@@ -384,32 +383,19 @@ def test_records_are_frozen() -> None:
 # ============================================================================
 # Signing
 # ============================================================================
-def vectors() -> dict[str, str]:
-    """The RFC 8037 Appendix A values (and the sqooler fixture) from shared/vectors."""
-    if not VECTORS.exists():
-        skip_or_fail(f"test vectors not found at {VECTORS}")
-    text = VECTORS.read_text()
-    found: dict[str, str] = {}
-    for line in text.splitlines():
-        for key in (
-            "d  =",
-            "x  =",
-            "Thumbprint (b64url)",
-            "JWS Signing Input (ASCII):",
-            "Signature (b64url):",
-            "signature (padded)",
-            "payload_json",
-        ):
-            if line.startswith(key) and key not in found:
-                found[key] = (
-                    line.split("=", 1)[1].strip()
-                    if key.endswith("=")
-                    else (line[len(key) :].strip().lstrip(":= ").strip())
-                )
-    return found
-
-
+# RFC 8037 Appendix A (A.1 key, A.2 public key, A.3 thumbprint, A.4 signature), unpadded base64url.
 RFC_D = "nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A"
+RFC_X = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
+RFC_THUMBPRINT = "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+RFC_SIGNING_INPUT = "eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc"
+RFC_SIGNATURE = (
+    "hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg"
+)
+# The signature sqooler 0.9 makes with the A.1 key (kid "rfc8037") over this payload.
+SQOOLER_PAYLOAD = '{"job_id": "abc", "status": "DONE", "detail": "ok", "error_message": "None"}'
+SQOOLER_SIGNATURE = (
+    "9ENmFSMDlI76eFGrxcvF8FBJ9aP87_UrFzbnaMPcEjhcYUCH8CauABfA-um8VB_Ssscx7Tbe4MZ9Wj5VYW7OBQ=="
+)
 
 
 def rfc_keys(kid: str = "rfc8037") -> tuple[sqstore.JWK, sqstore.JWK]:
@@ -419,36 +405,30 @@ def rfc_keys(kid: str = "rfc8037") -> tuple[sqstore.JWK, sqstore.JWK]:
 
 def test_rfc8037_key_and_thumbprint() -> None:
     """The Appendix A private key gives the Appendix A public key and thumbprint."""
-    v = vectors()
     private, public = rfc_keys()
-    assert v["d  ="] == RFC_D
-    assert private.d is not None and private.d.rstrip("=") == v["d  ="]
-    assert public.x.rstrip("=") == v["x  ="]
-    assert sqstore.jwk_thumbprint(public) == v["Thumbprint (b64url)"]
-    unpadded = attrs.evolve(public, x=public.x.rstrip("="))
-    assert sqstore.jwk_thumbprint(unpadded) == v["Thumbprint (b64url)"]
+    assert private.d is not None and private.d.rstrip("=") == RFC_D
+    assert public.x.rstrip("=") == RFC_X
+    assert sqstore.jwk_thumbprint(public) == RFC_THUMBPRINT
+    assert sqstore.jwk_thumbprint(attrs.evolve(public, x=RFC_X)) == RFC_THUMBPRINT
 
 
 def test_rfc8037_signature_bit_for_bit() -> None:
     """The Appendix A.4 signing input signs to the RFC's signature, which verifies (A.5)."""
-    v = vectors()
     private, public = rfc_keys()
-    signing_input = v["JWS Signing Input (ASCII):"].encode()
-    signature = sqstore._ed25519_sign(private, signing_input)
-    assert base64.urlsafe_b64encode(signature).decode().rstrip("=") == v["Signature (b64url):"]
-    assert sqstore._ed25519_verify(public, signing_input, signature)
+    signature = sqstore._ed25519_sign(private, RFC_SIGNING_INPUT.encode())
+    assert base64.urlsafe_b64encode(signature).decode().rstrip("=") == RFC_SIGNATURE
+    assert sqstore._ed25519_verify(public, RFC_SIGNING_INPUT.encode(), signature)
     flipped = bytes([signature[0] ^ 1]) + signature[1:]
-    assert not sqstore._ed25519_verify(public, signing_input, flipped)
-    assert not sqstore._ed25519_verify(public, signing_input + b"x", signature)
+    assert not sqstore._ed25519_verify(public, RFC_SIGNING_INPUT.encode(), flipped)
+    assert not sqstore._ed25519_verify(public, RFC_SIGNING_INPUT.encode() + b"x", signature)
 
 
 def test_sqooler_fixture_signature_bit_for_bit() -> None:
     """sign_doc in sqooler form reproduces the signature sqooler 0.9 makes for the fixture."""
-    v = vectors()
     private, public = rfc_keys("rfc8037")
-    payload = json.loads(v["payload_json"])
+    payload = json.loads(SQOOLER_PAYLOAD)
     signed = sqstore.sign_doc(payload, private)
-    assert signed["signature"] == v["signature (padded)"]
+    assert signed["signature"] == SQOOLER_SIGNATURE
     assert signed["header"] == {"alg": "EdDSA", "kid": "rfc8037", "typ": "JWS", "version": "0.1"}
     assert sqstore.verify_doc(signed, [public]) == payload
 
@@ -1249,6 +1229,20 @@ def test_sqstore_spooler_serves_a_sqooler_frontend(sqooler: Any, tmp_path: Path)
     assert sqstore.get_config(store, "sq").kid == "sqstorekid"
     raw = store["get"]("backends/configs", "sq")
     assert sqstore.verify_doc(raw, [public])
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=json_docs)
+def test_sqooler_and_sqstore_sign_identically(sqooler: Any, payload: dict[str, Any]) -> None:
+    """For any JSON payload sqooler's sign_payload and sqstore's sign_doc agree bit for bit."""
+    from sqooler.security import JWK as SqoolerJWK
+    from sqooler.security import sign_payload
+
+    private, public = rfc_keys("k")
+    theirs = sign_payload(payload, SqoolerJWK(**sqstore.to_doc(private))).model_dump()
+    ours = sqstore.sign_doc(payload, private)
+    assert ours == theirs
+    assert sqstore.verify_doc(theirs, [public]) == payload
 
 
 def test_sqooler_models_are_accepted(sqooler: Any, tmp_path: Path) -> None:
