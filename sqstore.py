@@ -55,6 +55,7 @@ from typing import Any, Literal, TypedDict, TypeVar
 
 import attrs
 import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf.json import make_converter
 
 __version__ = "0.1.0"
@@ -73,9 +74,12 @@ __all__ = [
     "DataDict",
     "Doc",
     "ExperimentDict",
+    "FlatJWS",
     "GateDict",
     "InvalidDocumentError",
     "InvalidNameError",
+    "JWSDoc",
+    "JWSHeader",
     "Layout",
     "Lease",
     "LeaseLostError",
@@ -373,6 +377,35 @@ class JWK:
     crv: Literal["Ed25519"] = "Ed25519"
 
 
+@attrs.frozen(kw_only=True)
+class JWSHeader:
+    """The header of sqooler's JWS, signed as compact JSON in this field order."""
+
+    alg: str = "EdDSA"
+    kid: str
+    typ: str = "JWS"
+    version: str = "0.1"
+
+
+@attrs.frozen
+class JWSDoc:
+    """A payload signed in sqooler's JWS form (padded base64url signature)."""
+
+    header: JWSHeader
+    payload: Doc
+    signature: str
+
+
+@attrs.frozen
+class FlatJWS:
+    """A payload signed in RFC 7515's flattened JSON serialization (unpadded base64url)."""
+
+    protected: str
+    payload: str
+    signature: str
+    header: Doc = attrs.field(factory=dict)  # the unprotected header, rarely used
+
+
 @attrs.frozen
 class Lease:
     """Who holds a claimed job, and until when (Unix seconds)."""
@@ -407,6 +440,10 @@ def _make_converter() -> cattrs.Converter:
     conv = make_converter(forbid_extra_keys=True)
     conv.register_unstructure_hook(datetime, datetime.isoformat)
     conv.register_structure_hook(datetime, _parse_datetime)
+    conv.register_unstructure_hook(
+        FlatJWS,
+        make_dict_unstructure_fn(FlatJWS, conv, header=override(omit_if_default=True)),
+    )
     return conv
 
 
@@ -671,9 +708,10 @@ def _json_bytes(doc: Any, what: str) -> bytes:
         raise InvalidDocumentError(f"{what} is not JSON-serialisable: {exc}") from None
 
 
-def _sqooler_header(kid: Any) -> bytes:
-    header = {"alg": "EdDSA", "kid": kid, "typ": "JWS", "version": "0.1"}
-    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+def _sqooler_signing_input(header: JWSHeader, body: bytes) -> bytes:
+    """sqooler's signing input: padded base64url of the compact header and of the body."""
+    compact = json.dumps(to_doc(header), separators=(",", ":"), ensure_ascii=False).encode()
+    return f"{_b64url(compact, pad=True)}.{_b64url(body, pad=True)}".encode()
 
 
 def sign_doc(payload: Doc, private_jwk: JWK | Mapping[str, Any], *, fmt: str = "sqooler") -> Doc:
@@ -692,10 +730,13 @@ def sign_doc(payload: Doc, private_jwk: JWK | Mapping[str, Any], *, fmt: str = "
         raise InvalidDocumentError("a signed payload must be a JSON object")
     body = _json_bytes(payload, "payload")
     if fmt == "sqooler":
-        signing_input = _b64url(_sqooler_header(key.kid), pad=True) + "." + _b64url(body, pad=True)
-        signature = _ed25519_sign(key, signing_input.encode())
-        header = {"alg": "EdDSA", "kid": key.kid, "typ": "JWS", "version": "0.1"}
-        return {"header": header, "payload": payload, "signature": _b64url(signature, pad=True)}
+        header = JWSHeader(kid=key.kid)
+        signature = _ed25519_sign(key, _sqooler_signing_input(header, body))
+        return {
+            "header": to_doc(header),
+            "payload": payload,
+            "signature": _b64url(signature, pad=True),
+        }
     if fmt == "rfc7515":
         protected = _b64url(
             json.dumps({"alg": "EdDSA", "kid": key.kid}, separators=(",", ":")).encode(), pad=False
@@ -720,37 +761,32 @@ def is_signed(doc: Mapping[str, Any]) -> bool:
     return keys == _SIGNED_KEYS or ("protected" in keys and "signature" in keys)
 
 
-def _split_signed(doc: Mapping[str, Any]) -> tuple[Doc, bytes, bytes, str | None]:
-    """Return ``(payload, signing_input, signature, kid)`` of a signed document."""
-    if doc.keys() == _SIGNED_KEYS:  # sqooler JWS
-        header, payload = doc["header"], doc["payload"]
-        if not isinstance(header, dict) or not isinstance(payload, dict):
-            raise InvalidDocumentError("a JWS needs an object header and payload")
-        if header.get("alg") != "EdDSA":
-            raise BadSignatureError(f"unsupported JWS alg {header.get('alg')!r}", payload)
-        signing_input = (
-            _b64url(_sqooler_header(header.get("kid")), pad=True)
-            + "."
-            + _b64url(_json_bytes(payload, "payload"), pad=True)
-        )
-        signature = _b64url_decode(doc["signature"], "signature")
-        return payload, signing_input.encode(), signature, header.get("kid")
-    protected, encoded = doc.get("protected"), doc.get("payload")
-    if not isinstance(protected, str) or not isinstance(encoded, str):
-        raise InvalidDocumentError("a flattened JWS needs string 'protected' and 'payload'")
+def _split_signed(doc: Mapping[str, Any]) -> tuple[Doc, Doc, bytes, bytes]:
+    """Return ``(payload, header, signing_input, signature)`` of a signed document.
+
+    Raises:
+        InvalidDocumentError: *doc* is not a well-formed signed document.
+    """
+    if doc.keys() == _SIGNED_KEYS:
+        jws = from_doc(dict(doc), JWSDoc)
+        body = _json_bytes(jws.payload, "payload")
+        signature = _b64url_decode(jws.signature, "signature")
+        return jws.payload, to_doc(jws.header), _sqooler_signing_input(jws.header, body), signature
+    flat = from_doc(dict(doc), FlatJWS)
     try:
-        header = json.loads(_b64url_decode(protected, "protected"))
-        payload = json.loads(_b64url_decode(encoded, "payload"))
+        header = json.loads(_b64url_decode(flat.protected, "protected"))
+        payload = json.loads(_b64url_decode(flat.payload, "payload"))
     except (ValueError, UnicodeDecodeError):
         raise InvalidDocumentError("the JWS header or payload is not JSON") from None
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise InvalidDocumentError("the JWS header and payload must be JSON objects")
-    if header.get("alg") != "EdDSA" or header.get("crit"):
-        raise BadSignatureError(f"unsupported JWS header {header!r}", payload)
-    unprotected = doc.get("header", {})
-    kid = header.get("kid", unprotected.get("kid") if isinstance(unprotected, dict) else None)
-    signature = _b64url_decode(doc["signature"], "signature")
-    return payload, f"{protected}.{encoded}".encode(), signature, kid
+    signature = _b64url_decode(flat.signature, "signature")
+    return (
+        payload,
+        {**flat.header, **header},
+        f"{flat.protected}.{flat.payload}".encode(),
+        signature,
+    )
 
 
 def payload_of(doc: Mapping[str, Any]) -> Doc:
@@ -776,7 +812,10 @@ def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[JWK | Mapping[str, 
     """
     if not is_signed(doc):
         raise BadSignatureError("the document is not signed", dict(doc))
-    payload, signing_input, signature, kid = _split_signed(doc)
+    payload, header, signing_input, signature = _split_signed(doc)
+    kid = header.get("kid")
+    if header.get("alg") != "EdDSA" or header.get("crit"):
+        raise BadSignatureError(f"unsupported JWS header {header!r}", payload)
     keys = [_coerce(k, JWK, "public_jwk") for k in public_jwks]
     keys.sort(key=lambda k: k.kid != kid)
     if any(_ed25519_verify(key, signing_input, signature) for key in keys):
@@ -915,6 +954,14 @@ def _read(store: Storage, path: str, doc_id: str) -> Doc:
     return doc
 
 
+def _parse(raw: Doc, cls: type[T], where: str) -> T:
+    """Structure a stored document, signed or not, naming *where* it is if it is bad."""
+    try:
+        return from_doc(payload_of(raw), cls)
+    except InvalidDocumentError as exc:
+        raise InvalidDocumentError(f"{where}: {exc}") from exc
+
+
 def _config_location(store: Storage, display_name: str) -> tuple[str, str]:
     layout = store["layout"]
     return (
@@ -926,7 +973,7 @@ def _config_location(store: Storage, display_name: str) -> tuple[str, str]:
 def _read_config(store: Storage, display_name: str) -> tuple[Doc, BackendConfig]:
     path, doc_id = _config_location(store, display_name)
     raw = _read(store, path, doc_id)
-    return raw, from_doc(payload_of(raw), BackendConfig, where=f"{path}/{doc_id}")
+    return raw, _parse(raw, BackendConfig, f"{path}/{doc_id}")
 
 
 def _signed_if(store: Storage, doc: Doc, private_jwk: JWK | None) -> Doc:
@@ -1217,7 +1264,7 @@ def get_status(store: Storage, display_name: str, username: str, job_id: str) ->
         return StatusMsg(
             job_id, "ERROR", "Could not find the status file.", f"Missing status file for {job_id}."
         )
-    return from_doc(payload_of(raw), StatusMsg, where=f"{path}/{doc_id}")
+    return _parse(raw, StatusMsg, f"{path}/{doc_id}")
 
 
 def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
@@ -1285,7 +1332,7 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
             status="ERROR",
             success=False,
         )
-    result = from_doc(payload_of(raw), ResultDict, where=f"{path}/{doc_id}")
+    result = _parse(raw, ResultDict, f"{path}/{doc_id}")
     cfg = get_config(store, display_name)
     return attrs.evolve(result, backend_name=_long_backend_name(store["name"], cfg))
 

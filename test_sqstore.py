@@ -63,6 +63,9 @@ for _record in (
     sqstore.JWK,
     sqstore.Lease,
     sqstore.Layout,
+    sqstore.JWSHeader,
+    sqstore.JWSDoc,
+    sqstore.FlatJWS,
 ):
     attrs.resolve_types(_record, globalns=vars(sqstore))  # string annotations, for st.builds
 names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,20}", fullmatch=True)
@@ -135,6 +138,8 @@ RECORDS: dict[type, st.SearchStrategy[Any]] = {
         sqstore.Lease, expires=st.floats(allow_nan=False, allow_infinity=False)
     ),
     sqstore.Layout: st.builds(sqstore.Layout),
+    sqstore.JWSDoc: st.builds(sqstore.JWSDoc, payload=json_docs),
+    sqstore.FlatJWS: st.builds(sqstore.FlatJWS, header=json_docs),
     sqstore.GateDict: gates,
     sqstore.ExperimentDict: experiments,
 }
@@ -1010,6 +1015,15 @@ def test_local_malformed_document_is_a_clear_error(local: Storage, tmp_path: Pat
     (folder / "j2.json").write_text('{"status": "DONE"}')
     with pytest.raises(sqstore.InvalidDocumentError, match=r"results/sim/j2.*required field"):
         sqstore.get_result(local, "sim", "alice", "j2")
+
+
+def test_malformed_signed_status_names_its_path(store: Storage) -> None:
+    """A signed document with a broken envelope is an InvalidDocumentError naming its path."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    broken = {"header": {"alg": "EdDSA"}, "payload": {}, "signature": "x"}
+    store["upload"]("status/sim", "j1", broken)
+    with pytest.raises(sqstore.InvalidDocumentError, match=r"status/sim/j1: .*\$\.header\.kid"):
+        sqstore.get_status(store, "sim", "alice", "j1")
 
 
 def test_local_malformed_job_is_set_aside_and_the_queue_flows(
