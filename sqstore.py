@@ -44,8 +44,11 @@ import os
 import random
 import re
 import secrets
+import shutil
 import socket
+import statistics
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -93,6 +96,7 @@ __all__ = [
     "TransientError",
     "check_name",
     "claim_job",
+    "claim_jobs",
     "create_job_id",
     "demo_config",
     "from_doc",
@@ -149,6 +153,7 @@ DEFAULT_LEASE = 600.0
 """Seconds a claimed job belongs to its worker before it may be requeued."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}")
+_PATH_RE = re.compile(rf"{_NAME_RE.pattern}(?:/{_NAME_RE.pattern})*")
 _DISPLAY_NAME_RE = re.compile(r"[a-z0-9]{1,64}")
 _STORE_NAME_RE = re.compile(r"[a-z0-9]{1,32}")
 _SIGNED_KEYS = frozenset({"header", "payload", "signature"})
@@ -436,10 +441,26 @@ def _parse_datetime(value: Any, _: Any) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
+def _structure_object(value: Any, _: Any) -> Doc:
+    """A JSON object from json.loads is already a Doc: check it, do not copy it."""
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object: {value!r}")
+    return value
+
+
+def _structure_strings(value: Any, _: Any) -> tuple[str, ...]:
+    """A list of strings (e.g. 100 measured shots) in one pass, not one hook per item."""
+    if not isinstance(value, (list, tuple)) or not all(type(v) is str for v in value):
+        raise ValueError(f"not a list of strings: {value!r:.80}")
+    return tuple(value)
+
+
 def _make_converter() -> cattrs.Converter:
     conv = make_converter(forbid_extra_keys=True)
     conv.register_unstructure_hook(datetime, datetime.isoformat)
     conv.register_structure_hook(datetime, _parse_datetime)
+    conv.register_structure_hook_func(lambda t: t == Doc, _structure_object)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_strings)
     conv.register_unstructure_hook(
         FlatJWS,
         make_dict_unstructure_fn(FlatJWS, conv, header=override(omit_if_default=True)),
@@ -585,10 +606,10 @@ def _check_display_name(value: Any) -> str:
 
 def _check_path(path: Any) -> str:
     """Validate a folder path of '/'-separated safe names (never absolute)."""
-    if not isinstance(path, str) or not path:
-        raise InvalidNameError(f"invalid path {path!r}: must be a non-empty relative path")
-    for segment in path.split("/"):
-        check_name(segment, f"segment of path {path!r}")
+    if not isinstance(path, str) or _PATH_RE.fullmatch(path) is None:
+        raise InvalidNameError(
+            f"invalid path {path!r}: use '/'-separated names; {_name_rule(_NAME_RE)}"
+        )
     return path
 
 
@@ -761,17 +782,15 @@ def is_signed(doc: Mapping[str, Any]) -> bool:
     return keys == _SIGNED_KEYS or ("protected" in keys and "signature" in keys)
 
 
-def _split_signed(doc: Mapping[str, Any]) -> tuple[Doc, Doc, bytes, bytes]:
-    """Return ``(payload, header, signing_input, signature)`` of a signed document.
+def _open_signed(doc: Mapping[str, Any]) -> tuple[JWSDoc | FlatJWS, Doc, Doc]:
+    """Return ``(envelope, payload, header)`` of a signed document, without verifying.
 
     Raises:
         InvalidDocumentError: *doc* is not a well-formed signed document.
     """
     if doc.keys() == _SIGNED_KEYS:
         jws = from_doc(dict(doc), JWSDoc)
-        body = _json_bytes(jws.payload, "payload")
-        signature = _b64url_decode(jws.signature, "signature")
-        return jws.payload, to_doc(jws.header), _sqooler_signing_input(jws.header, body), signature
+        return jws, jws.payload, to_doc(jws.header)
     flat = from_doc(dict(doc), FlatJWS)
     try:
         header = json.loads(_b64url_decode(flat.protected, "protected"))
@@ -780,13 +799,16 @@ def _split_signed(doc: Mapping[str, Any]) -> tuple[Doc, Doc, bytes, bytes]:
         raise InvalidDocumentError("the JWS header or payload is not JSON") from None
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise InvalidDocumentError("the JWS header and payload must be JSON objects")
-    signature = _b64url_decode(flat.signature, "signature")
-    return (
-        payload,
-        {**flat.header, **header},
-        f"{flat.protected}.{flat.payload}".encode(),
-        signature,
-    )
+    return flat, payload, {**flat.header, **header}
+
+
+def _signing_input(envelope: JWSDoc | FlatJWS) -> tuple[bytes, bytes]:
+    """Return ``(signing_input, signature)``: what the signature covers, and the signature."""
+    signature = _b64url_decode(envelope.signature, "signature")
+    if isinstance(envelope, JWSDoc):
+        body = _json_bytes(envelope.payload, "payload")
+        return _sqooler_signing_input(envelope.header, body), signature
+    return f"{envelope.protected}.{envelope.payload}".encode(), signature
 
 
 def payload_of(doc: Mapping[str, Any]) -> Doc:
@@ -797,7 +819,7 @@ def payload_of(doc: Mapping[str, Any]) -> Doc:
     """
     if not is_signed(doc):
         return dict(doc)
-    return _split_signed(doc)[0]
+    return _open_signed(doc)[1]
 
 
 def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[JWK | Mapping[str, Any]]) -> Doc:
@@ -812,12 +834,13 @@ def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[JWK | Mapping[str, 
     """
     if not is_signed(doc):
         raise BadSignatureError("the document is not signed", dict(doc))
-    payload, header, signing_input, signature = _split_signed(doc)
+    envelope, payload, header = _open_signed(doc)
     kid = header.get("kid")
     if header.get("alg") != "EdDSA" or header.get("crit"):
         raise BadSignatureError(f"unsupported JWS header {header!r}", payload)
     keys = [_coerce(k, JWK, "public_jwk") for k in public_jwks]
     keys.sort(key=lambda k: k.kid != kid)
+    signing_input, signature = _signing_input(envelope)
     if any(_ed25519_verify(key, signing_input, signature) for key in keys):
         return payload
     raise BadSignatureError(f"signature of kid {kid!r} does not verify", payload)
@@ -1437,6 +1460,83 @@ def _read_lease(store: Storage, job_id: str) -> Lease | None:
         return None
 
 
+def claim_jobs(
+    store: Storage,
+    display_name: str,
+    private_jwk: Any = None,
+    *,
+    holder: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+    now: Callable[[], float] = time.time,
+) -> Iterator[tuple[NextJob, Doc]]:
+    """Claim a backend's queued jobs, oldest first, one per ``next()``, until none is left.
+
+    Each claim is exactly-once: a create-only lease document is the token, so of
+    several workers racing for a job one wins and the others move on.  The lease
+    lasts *lease_seconds* from the claim (`renew_lease` extends it);
+    `requeue_expired` returns the jobs of dead workers to the queue.  A job that
+    is not a JSON object is set aside (moved to deleted, with an ERROR status)
+    and the next one is tried.  The queue is listed once per pass, not once per
+    job, so draining a long queue costs the same per job as a short one.
+    ``last_queue_check`` is written at most every *heartbeat* seconds, and each
+    time it is, expired leases of this backend are requeued.
+
+    Yields:
+        ``(NextJob, job)`` for each claimed job.
+
+    Raises:
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    layout = store["layout"]
+    queue = _fill(layout.queued, _check_display_name(display_name))
+    holder = holder or _default_holder()
+    next_beat = -math.inf
+
+    def beat() -> None:
+        nonlocal next_beat
+        if now() >= next_beat:
+            if timestamp_queue(store, display_name, private_jwk, min_interval=heartbeat, now=now):
+                requeue_expired(store, display_name, now=now)
+            next_beat = now() + heartbeat
+
+    while True:
+        beat()
+        found = False
+        for file_id in store["list"](queue):
+            beat()
+            claimed = _claim_one(store, display_name, queue, file_id, holder, now() + lease_seconds)
+            if claimed is not None:
+                found = True
+                yield claimed
+        if not found:
+            return
+
+
+def _claim_one(
+    store: Storage, display_name: str, queue: str, file_id: str, holder: str, expires: float
+) -> tuple[NextJob, Doc] | None:
+    layout = store["layout"]
+    job_id = _job_id_of(layout, file_id)
+    lease = Lease(job_id, display_name, holder, secrets.token_hex(8), expires)
+    try:
+        store["upload"](layout.leases, job_id, to_doc(lease))
+    except AlreadyExistsError:
+        return None  # another worker holds it (or died holding it: requeue_expired)
+    try:
+        store["move"](queue, layout.running, file_id)
+    except NotFoundError:  # taken by a worker that takes no leases
+        _drop_lease(store, lease)
+        return None
+    try:
+        job = get_job(store, layout.running, job_id)
+    except InvalidDocumentError as exc:
+        _set_aside(store, display_name, job_id, file_id, str(exc), lease)
+        return None
+    return NextJob(job_id, layout.running), job
+
+
 def claim_job(
     store: Storage,
     display_name: str,
@@ -1449,13 +1549,7 @@ def claim_job(
 ) -> tuple[NextJob, Doc] | None:
     """Claim the oldest queued job of a backend for this worker, and read it.
 
-    The claim is exactly-once: a create-only lease document is the token, so of
-    several workers racing for a job one wins and the others move on.  The lease
-    lasts *lease_seconds* (`renew_lease` extends it); `requeue_expired` returns
-    the jobs of dead workers to the queue.  A job that is not a JSON object is
-    set aside (moved to deleted, with an ERROR status) and the next one is tried.
-    ``last_queue_check`` is written at most every *heartbeat* seconds, and each
-    such time expired leases of this backend are requeued.
+    One step of `claim_jobs` (see there for the lease and the heartbeat).
 
     Returns:
         ``(NextJob, job)`` or None when the queue is empty.
@@ -1463,31 +1557,16 @@ def claim_job(
     Raises:
         NotFoundError: the backend has no configuration.
     """
-    _check_handle(store)
-    layout = store["layout"]
-    queue = _fill(layout.queued, _check_display_name(display_name))
-    holder = holder or _default_holder()
-    if timestamp_queue(store, display_name, private_jwk, min_interval=heartbeat, now=now):
-        requeue_expired(store, display_name, now=now)
-    for file_id in store["list"](queue):
-        job_id = _job_id_of(layout, file_id)
-        lease = Lease(job_id, display_name, holder, secrets.token_hex(8), now() + lease_seconds)
-        try:
-            store["upload"](layout.leases, job_id, to_doc(lease))
-        except AlreadyExistsError:
-            continue  # another worker holds it (or died holding it: requeue_expired)
-        try:
-            store["move"](queue, layout.running, file_id)
-        except NotFoundError:  # taken by a worker that takes no leases
-            _drop_lease(store, lease)
-            continue
-        try:
-            job = get_job(store, layout.running, job_id)
-        except InvalidDocumentError as exc:
-            _set_aside(store, display_name, job_id, file_id, str(exc), lease)
-            continue
-        return NextJob(job_id, layout.running), job
-    return None
+    jobs = claim_jobs(
+        store,
+        display_name,
+        private_jwk,
+        holder=holder,
+        lease_seconds=lease_seconds,
+        heartbeat=heartbeat,
+        now=now,
+    )
+    return next(jobs, None)
 
 
 def _job_id_of(layout: Layout, file_id: str) -> str:
@@ -2099,6 +2178,268 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
     return 0 if verified == len(job_ids) else 1
 
 
+_BENCH_SHOTS = 100
+
+
+def _bench_result(job_id: str) -> ResultDict:
+    memory = tuple(format(i % 8, "03b") for i in range(_BENCH_SHOTS))
+    experiment = ExperimentDict({"name": "experiment_0"}, _BENCH_SHOTS, True, DataDict(memory))
+    return ResultDict(
+        display_name="bench", backend_version="0.1.0", job_id=job_id, status="DONE",
+        results=(experiment,),
+    )  # fmt: skip
+
+
+def _bench_lifecycles(store: Storage, key: JWK | None, jobs: int) -> float:
+    """Run *jobs* job round trips one after another; return jobs per second."""
+    job = {"experiment_0": {"instructions": [["h", [0], []]], "num_wires": 3, "shots": 100}}
+    result = _bench_result("")
+    done = StatusMsg("", "DONE", "Finished.", "None")
+    start = time.perf_counter()
+    for _ in range(jobs):
+        job_id = upload_job(store, job, "bench", "alice")
+        upload_status(store, "bench", "alice", job_id)
+        claimed = claim_job(store, "bench", key)
+        assert claimed is not None and claimed[0].job_id == job_id
+        finished = attrs.evolve(result, job_id=job_id)
+        status = attrs.evolve(done, job_id=job_id)
+        update_in_database(store, finished, status, job_id, "bench", key)
+        get_status(store, "bench", "alice", job_id)
+        get_result(store, "bench", "alice", job_id)
+    return jobs / (time.perf_counter() - start)
+
+
+def _bench_raw(root: str, jobs: int) -> float:
+    """The same file writes, renames and reads as a round trip, in plain os and json."""
+    seq = [0]
+
+    def write(folder: str, name: str, doc: Doc, replace: bool = False) -> None:
+        os.makedirs(folder, exist_ok=True)
+        temp = f"{folder}/.{name}.{seq[0]}.tmp"
+        seq[0] += 1
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, json.dumps(doc).encode())
+        os.close(fd)
+        if replace:
+            os.replace(temp, f"{folder}/{name}.json")
+        else:
+            os.link(temp, f"{folder}/{name}.json")
+            os.unlink(temp)
+
+    def read(folder: str, name: str) -> Doc:
+        with open(f"{folder}/{name}.json", "rb") as handle:
+            doc: Doc = json.loads(handle.read())
+        return doc
+
+    base = f"{root}/raw"
+    config = to_doc(demo_config("bench"))
+    write(f"{base}/configs", "bench", config)
+    job = {"experiment_0": {"instructions": [["h", [0], []]], "num_wires": 3, "shots": 100}}
+    queue, running, leases = f"{base}/queued", f"{base}/running", f"{base}/leases"
+    status_dir, results, finished = f"{base}/status", f"{base}/results", f"{base}/finished"
+    for folder in (queue, running, leases, status_dir, results, finished):
+        os.makedirs(folder, exist_ok=True)
+    start = time.perf_counter()
+    for _ in range(jobs):
+        job_id = secrets.token_hex(12)
+        write(queue, job_id, job)
+        write(status_dir, job_id, {"job_id": job_id, "status": "INITIALIZING"})
+        read(f"{base}/configs", "bench")
+        name = os.listdir(queue)[0][:-5]
+        write(leases, name, {"job_id": name, "holder": "raw", "expires": 0.0})
+        os.rename(f"{queue}/{name}.json", f"{running}/{name}.json")
+        read(running, name)
+        read(f"{base}/configs", "bench")
+        read(leases, name)
+        write(results, name, to_doc(_bench_result(name)))
+        os.rename(f"{running}/{name}.json", f"{finished}/{name}.json")
+        write(status_dir, name, {"job_id": name, "status": "DONE"}, replace=True)
+        read(leases, name)
+        os.unlink(f"{leases}/{name}.json")
+        read(status_dir, name)
+        read(results, name)
+        read(f"{base}/configs", "bench")
+    return jobs / (time.perf_counter() - start)
+
+
+def _bench_claims(store: Storage, queued: int) -> float:
+    """Fill a queue with *queued* jobs, then drain it; return microseconds per claim."""
+    for _ in range(queued):
+        upload_job(store, {"e": {}}, "bench", "alice")
+    start = time.perf_counter()
+    count = sum(1 for _ in claim_jobs(store, "bench"))
+    elapsed = time.perf_counter() - start
+    assert count == queued
+    return elapsed / queued * 1e6
+
+
+def _bench_verify(store: Storage, job_ids: list[str]) -> tuple[float, float]:
+    """Return (verify_result per second, bare PyNaCl verifies per second)."""
+    from nacl.signing import VerifyKey
+
+    start = time.perf_counter()
+    for job_id in job_ids:
+        if not verify_result(store, "bench", job_id):
+            raise AssertionError(f"result {job_id} does not verify")
+    through_store = len(job_ids) / (time.perf_counter() - start)
+    raw = _read(store, "results/bench", job_ids[0])
+    signing_input, signature = _signing_input(_open_signed(raw)[0])
+    key = VerifyKey(_key_bytes(get_public_key(store, "bench"), "x"))
+    rounds = max(len(job_ids), 200)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        key.verify(signing_input, signature)
+    return through_store, rounds / (time.perf_counter() - start)
+
+
+def _import_ms() -> float:
+    """Cumulative import time of sqstore in a fresh interpreter, in milliseconds."""
+    import subprocess
+
+    folder = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import sqstore"],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": folder},
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.rstrip().endswith("| sqstore")]
+    return int(lines[-1].split("|")[1]) / 1000
+
+
+def _install_mib(names: Sequence[str] = ("attrs", "cattrs", "pynacl")) -> float:
+    """Size on disk of the installed core dependencies and what they require."""
+    import importlib.metadata as metadata
+
+    seen: set[str] = set()
+    total = 0
+    todo = list(names)
+    while todo:
+        name = re.split(r"[ ;<>=!~\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        for file in dist.files or ():
+            path = file.locate()
+            total += os.path.getsize(path) if os.path.isfile(path) else 0
+        todo += [r for r in dist.requires or () if "extra ==" not in r]
+    return total / 2**20
+
+
+def _bench(root: str, jobs: int, repeats: int, queue: int, progress: Callable[[str], None]) -> Doc:
+    def fresh(name: str, sign: bool) -> tuple[Storage, JWK | None]:
+        store = local_storage(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+        private, public = generate_keypair("benchkey")
+        key = private if sign else None
+        upload_config(store, demo_config("bench", sign=sign), "bench", key)
+        if sign:
+            upload_public_key(store, public, "bench")
+        return store, key
+
+    def median(name: str, run: Callable[[], float], times: int = repeats) -> float:
+        values = []
+        for i in range(times):
+            progress(f"{name} {i + 1}/{times}")
+            values.append(run())
+        return statistics.median(values)
+
+    def round_trips(sign: bool) -> float:
+        return _bench_lifecycles(*fresh("round-trips", sign), jobs)
+
+    def raw() -> float:
+        return _bench_raw(tempfile.mkdtemp(prefix="raw-", dir=root), jobs)
+
+    def claims(queued: int) -> float:
+        return _bench_claims(fresh("claims", False)[0], queued)
+
+    def verify_rates() -> tuple[float, float]:
+        store, key = fresh("verify", True)
+        _bench_lifecycles(store, key, jobs)
+        return _bench_verify(store, store["list"]("jobs/finished/bench"))
+
+    figures: Doc = {
+        "storage": "local",
+        "jobs": jobs,
+        "repeats": repeats,
+        "python": sys.version.split()[0],
+        "machine": f"{os.uname().sysname} {os.uname().machine}, {os.cpu_count()} CPUs",
+        "round_trip_unsigned": median("round trip", lambda: round_trips(False)),
+        "round_trip_signed": median("signed round trip", lambda: round_trips(True)),
+        "raw_baseline": median("raw baseline", raw),
+        "claim_us_100": median("claims, 100 queued", lambda: claims(100)),
+        "long_queue": queue,
+        "claim_us_long": median(
+            f"claims, {queue} queued", lambda: claims(queue), times=min(repeats, 3)
+        ),
+    }
+    pairs = [verify_rates() for _ in range(repeats)]
+    figures["verify_result"] = statistics.median(p[0] for p in pairs)
+    figures["bare_verify"] = statistics.median(p[1] for p in pairs)
+    progress("import time")
+    figures["import_ms"] = statistics.median(_import_ms() for _ in range(5))
+    figures["core_install_mib"] = _install_mib()
+    return figures
+
+
+_BENCH_RATIOS = (
+    ("round trip / raw baseline", "round_trip_unsigned", "raw_baseline", ">=", 0.70),
+    ("signed / unsigned round trip", "round_trip_signed", "round_trip_unsigned", ">=", 0.85),
+    ("verify_result / bare verify", "verify_result", "bare_verify", ">=", 0.50),
+    ("claim, long queue / 100 queued", "claim_us_long", "claim_us_100", "<=", 2.0),
+)
+
+
+def _bench_table(f: Doc) -> str:
+    rows = [
+        (f"round trip ({_BENCH_SHOTS} shots)", f"{f['round_trip_unsigned']:.0f} jobs/s", ""),
+        ("round trip, signed", f"{f['round_trip_signed']:.0f} jobs/s", ""),
+        ("raw baseline (plain os + json)", f"{f['raw_baseline']:.0f} jobs/s", ""),
+        ("claim while draining 100 queued", f"{f['claim_us_100']:.0f} us/job", ""),
+        (f"claim while draining {f['long_queue']} queued", f"{f['claim_us_long']:.0f} us/job", ""),
+        ("verify_result", f"{f['verify_result']:.0f} /s", ""),
+        ("bare PyNaCl verify, same input", f"{f['bare_verify']:.0f} /s", ""),
+        ("import sqstore (cumulative)", f"{f['import_ms']:.0f} ms", "< 100 ms"),
+        ("core install (attrs, cattrs, pynacl)", f"{f['core_install_mib']:.1f} MiB", "< 10 MiB"),
+    ]  # fmt: skip
+    for label, top, bottom, op, target in _BENCH_RATIOS:
+        ratio = f[top] / f[bottom]
+        ok = ratio >= target if op == ">=" else ratio <= target
+        rows.append((label, f"{ratio:.2f}", f"{op} {target:.2f} {'ok' if ok else 'MISSED'}"))
+    width = max(len(r[0]) for r in rows)
+    head = (
+        f"sqstore bench: {f['storage']} storage, {f['jobs']} jobs x {f['repeats']} repeats, "
+        f"medians; Python {f['python']}, {f['machine']}"
+    )
+    return "\n".join([head, *(f"{a:<{width}}  {b:>14}  {c}" for a, b, c in rows)])
+
+
+def _cmd_bench(store: Storage | None, args: argparse.Namespace) -> int:
+    if min(args.jobs, args.repeats, args.queue) < 1:
+        raise _UserError("--jobs, --repeats and --queue must be at least 1")
+    interactive = sys.stderr.isatty()
+
+    def progress(text: str) -> None:
+        if interactive:
+            print(f"\r\033[Kbench: {text}", end="", file=sys.stderr, flush=True)
+
+    parent = args.bench_dir
+    if parent is not None and not os.path.isdir(parent):
+        raise _UserError(f"{parent} is not a directory")
+    root = tempfile.mkdtemp(prefix="sqstore-bench-", dir=parent)
+    try:
+        figures = _bench(root, args.jobs, args.repeats, args.queue, progress)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        progress("")
+        if interactive:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    print(json.dumps(figures, indent=2) if args.json else _bench_table(figures))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sqstore",
@@ -2120,6 +2461,17 @@ def _parser() -> argparse.ArgumentParser:
     demo = command("demo", _cmd_demo, "run Alice and Bob end to end on the storage")
     demo.add_argument("--jobs", type=int, default=3, help="jobs to submit (default 3)")
     demo.add_argument("--shots", type=int, default=100, help="shots per job (default 100)")
+    bench = command("bench", _cmd_bench, "measure round trips, claims and verification")
+    bench.add_argument("--jobs", type=int, default=200, help="jobs per run (default 200)")
+    bench.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
+    bench.add_argument(
+        "--queue", type=int, default=10_000, help="the long queue to drain (default 10000)"
+    )
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument(
+        "--dir", dest="bench_dir", metavar="DIR",
+        help="where to make the temporary storage (default: the system's temp folder)",
+    )  # fmt: skip
     keygen = command("keygen", _cmd_keygen, "make an Ed25519 key pair; public JWK to stdout")
     keygen.add_argument("kid", help="the key id")
     keygen.add_argument(
@@ -2155,7 +2507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo" and (args.jobs < 1 or args.shots < 1):
             raise _UserError("--jobs and --shots must be at least 1")
-        store = None if args.command == "keygen" else local_storage(args.storage)
+        store = None if args.command in ("keygen", "bench") else local_storage(args.storage)
         code: int = args.func(store, args)
         sys.stdout.flush()
         return code

@@ -757,6 +757,29 @@ def test_claim_is_exactly_once_and_leased(store: Storage) -> None:
     assert (lease.holder, lease.expires, lease.display_name) == ("worker-a", t0 + 30, "sim")
 
 
+def test_draining_lists_the_queue_once_per_pass(store: Storage) -> None:
+    """claim_jobs lists a long queue once, not once per job, and keeps FIFO order."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    submitted = [sqstore.upload_job(store, {"e": {}}, "sim", "alice") for _ in range(40)]
+    sqstore.timestamp_queue(store, "sim")  # a fresh heartbeat: no lease sweep in this drain
+    counted, counts = counting(store)
+    claimed = [nxt.job_id for nxt, _ in sqstore.claim_jobs(counted, "sim")]
+    assert claimed == submitted
+    assert counts["list"] == 2, "one pass over the queue, then one pass that finds it empty"
+
+
+def test_draining_keeps_the_heartbeat(store: Storage) -> None:
+    """A long drain still writes last_queue_check once per heartbeat."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for _ in range(10):
+        sqstore.upload_job(store, {"e": {}}, "sim", "alice")
+    clock = [1_800_000_000.0]
+    for _ in sqstore.claim_jobs(store, "sim", heartbeat=60, now=lambda: clock[0]):
+        clock[0] += 20  # each job takes 20 s
+    last = sqstore.get_config(store, "sim").last_queue_check
+    assert last is not None and clock[0] - last.timestamp() <= 60 + 20
+
+
 def test_expired_leases_are_requeued(store: Storage) -> None:
     """A job whose worker vanished goes back to its queue once its lease expires, only then."""
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
@@ -1301,6 +1324,33 @@ def test_cli_demo_runs_on_the_default_directory(tmp_path: Path) -> None:
     store = sqstore.local_storage(tmp_path / "sqstore-data")
     assert len(store["list"]("jobs/finished/sqsim")) == 8
     assert oct((tmp_path / "sqstore-data" / ".demo-key.jwk").stat().st_mode & 0o777) == "0o600"
+
+
+def test_cli_bench_prints_figures_and_cleans_up(tmp_path: Path) -> None:
+    """`sqstore bench --json` reports every figure and leaves nothing behind."""
+    proc = run_cli(
+        "bench", "--jobs", "3", "--repeats", "1", "--queue", "20", "--json", "--dir", str(tmp_path),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    for key in (
+        "round_trip_unsigned",
+        "round_trip_signed",
+        "raw_baseline",
+        "claim_us_100",
+        "claim_us_long",
+        "verify_result",
+        "bare_verify",
+        "import_ms",
+        "core_install_mib",
+    ):
+        assert figures[key] > 0, key
+    assert figures["long_queue"] == 20
+    assert proc.stderr == "", "progress is shown only on a terminal"
+    assert list(tmp_path.iterdir()) == []
+    table = run_cli("bench", "--jobs", "2", "--repeats", "1", "--queue", "5", cwd=tmp_path)
+    assert "round trip / raw baseline" in table.stdout and table.returncode == 0
 
 
 def test_cli_keygen(tmp_path: Path) -> None:
