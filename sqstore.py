@@ -33,33 +33,30 @@ from __future__ import annotations
 # ============================================================================
 # Imports
 # ============================================================================
-import argparse
 import base64
 import binascii
 import errno
-import hashlib
 import json
 import math
 import os
 import random
 import re
 import secrets
-import shutil
-import socket
-import statistics
 import sys
-import tempfile
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, Literal, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 import attrs
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf.json import make_converter
+
+if TYPE_CHECKING:  # the CLI's modules load only when it runs: import sqstore stays fast
+    import argparse
 
 __version__ = "0.1.0"
 __all__ = [
@@ -719,6 +716,8 @@ def jwk_thumbprint(jwk: JWK | Mapping[str, Any]) -> str:
     canonical = json.dumps(
         {"crv": key.crv, "kty": key.kty, "x": x}, separators=(",", ":"), sort_keys=True
     )
+    import hashlib
+
     return _b64url(hashlib.sha256(canonical.encode()).digest(), pad=False)
 
 
@@ -977,6 +976,16 @@ def _read(store: Storage, path: str, doc_id: str) -> Doc:
     return doc
 
 
+def _exists(store: Storage, path: str, doc_id: str) -> bool:
+    try:
+        store["get"](path, doc_id)
+    except NotFoundError:
+        return False
+    except InvalidDocumentError:
+        pass
+    return True
+
+
 def _parse(raw: Doc, cls: type[T], where: str) -> T:
     """Structure a stored document, signed or not, naming *where* it is if it is bad."""
     try:
@@ -1005,19 +1014,17 @@ def _signed_if(store: Storage, doc: Doc, private_jwk: JWK | None) -> Doc:
     return sign_doc(doc, private_jwk, fmt=store["layout"].signature_format)
 
 
-def _config_doc(
-    store: Storage, config: Any, display_name: str, private_jwk: Any
-) -> tuple[Doc, JWK | None]:
+def _config_doc(store: Storage, config: Any, display_name: str, private_jwk: Any) -> Doc:
+    """The document of a config for *display_name*: signed with *private_jwk* if it signs."""
     cfg = _coerce(config, BackendConfig, "config_dict")
     if cfg.display_name != display_name:
         cfg = attrs.evolve(cfg, display_name=display_name)
-    key = None if private_jwk is None else _coerce(private_jwk, JWK, "private_jwk")
-    if cfg.sign:
-        if key is None:
-            raise BadSignatureError(f"backend {display_name!r} signs, but no private_jwk was given")
-        cfg = attrs.evolve(cfg, kid=key.kid)
-        return _signed_if(store, to_doc(cfg), key), key
-    return to_doc(cfg), None
+    if not cfg.sign:
+        return to_doc(cfg)
+    if private_jwk is None:
+        raise BadSignatureError(f"backend {display_name!r} signs, but no private_jwk was given")
+    key = _coerce(private_jwk, JWK, "private_jwk")
+    return _signed_if(store, to_doc(attrs.evolve(cfg, kid=key.kid)), key)
 
 
 def upload_config(
@@ -1038,8 +1045,7 @@ def upload_config(
     """
     _check_handle(store)
     path, doc_id = _config_location(store, display_name)
-    doc, _ = _config_doc(store, config_dict, display_name, private_jwk)
-    store["upload"](path, doc_id, doc)
+    store["upload"](path, doc_id, _config_doc(store, config_dict, display_name, private_jwk))
 
 
 def update_config(
@@ -1078,8 +1084,7 @@ def _write_config(
                 f"{path}/{doc_id} was signed with another key than {public.kid!r}"
             ) from None
         config = attrs.evolve(_coerce(config, BackendConfig, "config_dict"), sign=True)
-    doc, _ = _config_doc(store, config, display_name, private_jwk)
-    store["update"](path, doc_id, doc)
+    store["update"](path, doc_id, _config_doc(store, config, display_name, private_jwk))
 
 
 def get_config(store: Storage, display_name: str) -> BackendConfig:
@@ -1236,16 +1241,6 @@ def _status_location(
         _fill(layout.status, _check_display_name(display_name), user, job_id),
         _fill(layout.status_file, job_id=check_name(job_id, "job_id")),
     )
-
-
-def _exists(store: Storage, path: str, doc_id: str) -> bool:
-    try:
-        store["get"](path, doc_id)
-    except NotFoundError:
-        return False
-    except InvalidDocumentError:
-        pass
-    return True
 
 
 def upload_status(
@@ -1439,6 +1434,8 @@ def get_public_key(store: Storage, display_name: str) -> JWK:
 
 
 def _default_holder() -> str:
+    import socket
+
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -2330,6 +2327,9 @@ def _install_mib(names: Sequence[str] = ("attrs", "cattrs", "pynacl")) -> float:
 
 
 def _bench(root: str, jobs: int, repeats: int, queue: int, progress: Callable[[str], None]) -> Doc:
+    import statistics
+    import tempfile
+
     def fresh(name: str, sign: bool) -> tuple[Storage, JWK | None]:
         store = local_storage(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
         private, public = generate_keypair("benchkey")
@@ -2417,6 +2417,9 @@ def _bench_table(f: Doc) -> str:
 
 
 def _cmd_bench(store: Storage | None, args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     if min(args.jobs, args.repeats, args.queue) < 1:
         raise _UserError("--jobs, --repeats and --queue must be at least 1")
     interactive = sys.stderr.isatty()
@@ -2441,6 +2444,8 @@ def _cmd_bench(store: Storage | None, args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="sqstore",
         description="Storage for a quantum-cloud job exchange (sqooler-compatible).",
