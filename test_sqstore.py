@@ -1077,6 +1077,50 @@ def test_local_storage_errors_name_the_path(tmp_path: Path) -> None:
         store["upload"]("f", "x", {})
 
 
+def _race_worker(root: str, worker: int, ids: list[str], out: str) -> None:
+    store = sqstore.local_storage(root)
+    won = {"upload": [], "move": []}
+    for doc_id in ids:
+        try:
+            store["upload"]("race/up", doc_id, {"by": worker})
+            won["upload"].append(doc_id)
+        except sqstore.AlreadyExistsError:
+            pass
+    for doc_id in ids:
+        try:
+            store["move"]("race/src", f"race/dst{worker}", doc_id)
+            won["move"].append(doc_id)
+        except sqstore.NotFoundError:
+            pass
+    Path(out).write_text(json.dumps(won))
+
+
+def test_racing_uploads_and_moves_have_one_winner(tmp_path: Path) -> None:
+    """Processes racing to create or to move the same ids: exactly one wins each id."""
+    root = str(tmp_path / "store")
+    store = sqstore.local_storage(root)
+    ids = [f"d{i:03d}" for i in range(300)]
+    for doc_id in ids:
+        store["upload"]("race/src", doc_id, {"id": doc_id})
+    ctx = multiprocessing.get_context("spawn")
+    outs = [str(tmp_path / f"r{i}.json") for i in range(4)]
+    procs = [ctx.Process(target=_race_worker, args=(root, i, ids, outs[i])) for i in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(300)
+        assert proc.exitcode == 0
+    results = [json.loads(Path(out).read_text()) for out in outs]
+    for op in ("upload", "move"):
+        winners = [doc_id for won in results for doc_id in won[op]]
+        assert sorted(winners) == ids, op
+    assert store["list"]("race/src") == []
+    moved = [doc_id for i in range(4) for doc_id in store["list"](f"race/dst{i}")]
+    assert sorted(moved) == ids
+    for i, won in enumerate(results):
+        assert all(store["get"]("race/up", d) == {"by": i} for d in won["upload"])
+
+
 def _claim_worker(root: str, name: str, out: str) -> None:
     store = sqstore.local_storage(root)
     done = []
