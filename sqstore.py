@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import json
 import math
 import os
@@ -63,6 +64,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_LEASE",
     "DEFAULT_TIMEOUT",
+    "DROPBOX_LAYOUT",
     "JWK",
     "LOCAL_LAYOUT",
     "STATUSES",
@@ -71,6 +73,7 @@ __all__ = [
     "BackendDict",
     "BackendStatus",
     "BadSignatureError",
+    "CredentialsError",
     "DataDict",
     "Doc",
     "ExperimentDict",
@@ -96,6 +99,7 @@ __all__ = [
     "claim_jobs",
     "create_job_id",
     "demo_config",
+    "dropbox_storage",
     "from_doc",
     "generate_keypair",
     "get_backend_dict",
@@ -191,6 +195,10 @@ class StorageError(SqstoreError, OSError):
     """Any other failure of the storage itself (disk full, permission denied, ...)."""
 
 
+class CredentialsError(SqstoreError, PermissionError):
+    """The storage refused the credentials; the message says what to fix."""
+
+
 class LeaseLostError(SqstoreError):
     """A worker acted on a job whose lease it no longer holds."""
 
@@ -238,11 +246,29 @@ class Layout:
     job_file: str = "{job_id}"
     status_file: str = "{job_id}"
     result_file: str = "{job_id}"
-    job_ids: Literal["hex24"] = "hex24"
+    job_ids: Literal["hex24", "dated"] = "hex24"
     signature_format: Literal["sqooler", "rfc7515"] = "sqooler"
 
 
 LOCAL_LAYOUT = Layout()
+"""sqooler's local layout (also the default of `memory_storage`)."""
+
+DROPBOX_LAYOUT = Layout(
+    configs="Backend_files/Config",  # a config is stored as Config/<display_name>/config.json
+    public_keys="Backend_files/public_keys",
+    queued="Backend_files/Queued_Jobs/{display_name}",
+    running="Backend_files/Running_Jobs",
+    finished="Backend_files/Finished_Jobs/{display_name}/{username}",
+    deleted="Backend_files/Deleted_Jobs",
+    leases="Backend_files/Leases",
+    status="Backend_files/Status/{display_name}/None",  # sqooler 0.9 writes 'None' here
+    results="Backend_files/Result/{display_name}/{username}",
+    job_file="job-{job_id}",
+    status_file="status-{job_id}",
+    result_file="result-{job_id}",
+    job_ids="dated",
+)
+"""sqooler's Dropbox layout: ``Backend_files/...``, ids ``YYYYMMDD_HHMMSS-<dn>-<user>-<5 hex>``."""
 
 
 @attrs.frozen
@@ -618,13 +644,32 @@ def new_job_id(layout: Layout, display_name: str, username: str, now_ns: int, sa
     """Return a job id that sorts by creation time (*now_ns*, Unix nanoseconds).
 
     The ``hex24`` form is 8 hex digits of seconds, 8 of nanoseconds, 8 of *salt*:
-    a valid MongoDB ObjectId whose order is the order of creation.
+    a valid MongoDB ObjectId whose order is the order of creation.  The ``dated``
+    form is sqooler's Dropbox id, whose last 5 hex digits are the microseconds.
 
     >>> new_job_id(LOCAL_LAYOUT, "sim", "alice", 1_700_000_000_123_456_789, 0xABCDEF01)
     '6553f100075bcd15abcdef01'
+    >>> new_job_id(DROPBOX_LAYOUT, "sim", "alice", 1_700_000_000_123_456_789, 0)
+    '20231114_221320-sim-alice-1e240'
     """
     seconds, nanos = divmod(now_ns, 1_000_000_000)
+    if layout.job_ids == "dated":
+        stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime(seconds))
+        return f"{stamp}-{display_name}-{username}-{nanos // 1000:05x}"
     return f"{seconds:08x}{nanos:08x}{salt & 0xFFFFFFFF:08x}"
+
+
+def _job_fill(layout: Layout, template: str, display_name: str, job_id: str) -> str:
+    """Fill *template* for a job; dated ids carry the username (``<time>-<dn>-<user>-<n>``)."""
+    username = ""
+    if layout.job_ids == "dated" and "{username}" in template:
+        parts = job_id.split("-")
+        if len(parts) != 4 or not parts[2]:
+            raise InvalidNameError(
+                f"invalid job_id {job_id!r}: expected <time>-<display_name>-<username>-<n>"
+            )
+        username = parts[2]
+    return _fill(template, display_name, username, job_id)
 
 
 def _b64url(data: bytes, *, pad: bool) -> str:
@@ -1190,10 +1235,16 @@ def timestamp_queue(
 
 
 def create_job_id(store: Storage, display_name: str, username: str) -> str:
-    """Return a new job id for the store's layout; ids sort by creation time."""
+    """Return a new job id for the store's layout; ids sort by creation time.
+
+    Raises:
+        InvalidNameError: bad display name or username (a dated id's username has no ``-``).
+    """
     _check_handle(store)
     _check_display_name(display_name)
     check_name(username, "username")
+    if store["layout"].job_ids == "dated" and "-" in username:
+        raise InvalidNameError(f"invalid username {username!r}: dated job ids need one without '-'")
     return new_job_id(store["layout"], display_name, username, time.time_ns(), secrets.randbits(32))
 
 
@@ -1207,14 +1258,21 @@ def upload_job(store: Storage, job_dict: Doc, display_name: str, username: str) 
     _check_handle(store)
     if not isinstance(job_dict, dict):
         raise InvalidDocumentError(f"job_dict must be a JSON object, not {type(job_dict).__name__}")
-    job_id = create_job_id(store, display_name, username)
     layout = store["layout"]
-    store["upload"](
-        _fill(layout.queued, display_name, username),
-        _fill(layout.job_file, job_id=job_id),
-        job_dict,
-    )
-    return job_id
+    for attempt in range(3):  # a fresh id if two submits met in one microsecond
+        job_id = create_job_id(store, display_name, username)
+        try:
+            store["upload"](
+                _fill(layout.queued, display_name, username),
+                _fill(layout.job_file, job_id=job_id),
+                job_dict,
+            )
+        except AlreadyExistsError:
+            if attempt == 2:
+                raise
+            continue
+        return job_id
+    raise AssertionError("unreachable")
 
 
 def get_job(store: Storage, storage_path: str, job_id: str) -> Doc:
@@ -1288,7 +1346,7 @@ def get_status(store: Storage, display_name: str, username: str, job_id: str) ->
 def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
     layout = store["layout"]
     return (
-        _fill(layout.results, _check_display_name(display_name), job_id=job_id),
+        _job_fill(layout, layout.results, _check_display_name(display_name), job_id),
         _fill(layout.result_file, job_id=check_name(job_id, "job_id")),
     )
 
@@ -1575,7 +1633,7 @@ def _set_aside(
     store: Storage, display_name: str, job_id: str, file_id: str, why: str, lease: Lease
 ) -> None:
     layout = store["layout"]
-    store["move"](layout.running, _fill(layout.deleted, display_name), file_id)
+    store["move"](layout.running, _job_fill(layout, layout.deleted, display_name, job_id), file_id)
     status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", why)
     _put_status(store, display_name, None, job_id, to_doc(status))
     _drop_lease(store, lease)
@@ -1714,7 +1772,7 @@ def update_in_database(
     if holder is not None and (lease is None or lease.holder != holder):
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
     target = {"DONE": layout.finished, "ERROR": layout.deleted}.get(status.status)
-    target = None if target is None else _fill(target, display_name)
+    target = None if target is None else _job_fill(layout, target, display_name, job_id)
     rerun = target is not None and _exists(store, target, file_id)  # finished before a crash
     if lease is None and not _exists(store, layout.running, file_id) and not rerun:
         raise NotFoundError(f"job {job_id} is neither in {layout.running} nor finished")
@@ -1970,6 +2028,186 @@ def local_storage(
         except OSError as exc:
             raise fail(exc, path) from exc
         return sorted(n[:-5] for n in names if n.endswith(".json") and _NAME_RE.fullmatch(n[:-5]))
+
+    return Storage(
+        name=name,
+        layout=layout,
+        upload=upload,
+        update=update,
+        get=get,
+        move=move,
+        delete=delete,
+        list=list_ids,
+    )
+
+
+def dropbox_storage(
+    *,
+    app_key: str | None = None,
+    app_secret: str | None = None,
+    refresh_token: str | None = None,
+    client: Any = None,
+    session: Any = None,
+    name: str = "dropbox",
+    layout: Layout = DROPBOX_LAYOUT,
+    retries: int = 3,
+) -> Storage:
+    """Return a store in a Dropbox app folder, in sqooler's Dropbox layout.
+
+    Give the app key, app secret and refresh token (a client is built with
+    *session*, a ``requests.Session``, if given) or a ready ``dropbox.Dropbox``
+    *client*.  One client serves every call, and each call is one HTTP request
+    (``update`` is two: it reads the revision and replaces exactly that one).
+    ``upload`` adds with ``strict_conflict``, ``move`` is ``files_move_v2`` so
+    that one of several racing movers wins, ``list`` follows every page.  Rate
+    limits and server errors are retried *retries* times, then raise
+    `TransientError`; refused credentials raise `CredentialsError`.
+
+    Raises:
+        SqstoreError: the ``dropbox`` package is not installed.
+        ValueError: neither credentials nor a client were given.
+    """
+    _check_store_name(name)
+    try:
+        import dropbox
+        import requests
+        from dropbox import exceptions as dbx
+        from dropbox.files import WriteMode
+    except ImportError as exc:
+        raise SqstoreError("dropbox_storage needs: pip install 'sqstore[dropbox]'") from exc
+    if client is None:
+        given = {"app_key": app_key, "app_secret": app_secret, "refresh_token": refresh_token}
+        if missing := [key for key, value in given.items() if not value]:
+            raise ValueError(f"dropbox_storage needs {', '.join(missing)} or a client")
+        client = dropbox.Dropbox(
+            app_key=app_key,
+            app_secret=app_secret,
+            oauth2_refresh_token=refresh_token,
+            session=session,
+            max_retries_on_error=retries,
+            max_retries_on_rate_limit=retries,
+        )
+    elif getattr(client, "_max_retries_on_rate_limit", 0) is None:  # the SDK retries forever
+        client = client.clone(max_retries_on_rate_limit=retries)
+    configs = layout.configs
+
+    def file_of(path: str, doc_id: str) -> str:
+        _check_path(path)
+        check_name(doc_id, "id")
+        if path == configs:  # sqooler keeps each config in a folder of its own
+            return f"/{path}/{doc_id}/config.json"
+        return f"/{path}/{doc_id}.json"
+
+    def call(what: str, request: Callable[[], Any], api_error: Callable[[Any], Any]) -> Any:
+        try:
+            return request()
+        except dbx.ApiError as exc:
+            mapped = api_error(exc.error)
+            if mapped is None:
+                raise StorageError(f"{what}: Dropbox said {exc.error}") from exc
+            raise mapped from exc
+        except dbx.AuthError as exc:
+            raise CredentialsError(
+                f"{what}: Dropbox refused the credentials ({exc.error}): check the app key, "
+                "app secret and refresh token, and the app's files.content scopes"
+            ) from exc
+        except (dbx.RateLimitError, dbx.InternalServerError) as exc:
+            raise TransientError(f"{what}: Dropbox is busy ({type(exc).__name__})") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise TransientError(f"{what}: cannot reach Dropbox ({exc})") from exc
+        except (dbx.DropboxException, requests.RequestException) as exc:
+            raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    def not_found(what: str) -> Callable[[Any], SqstoreError | None]:
+        def check(error: Any) -> SqstoreError | None:
+            lookup = error.get_path() if error.is_path() else None
+            if lookup is not None and lookup.is_not_found():
+                return NotFoundError(f"{what} does not exist")
+            return None
+
+        return check
+
+    def upload(path: str, doc_id: str, doc: Doc) -> None:
+        file, what = file_of(path, doc_id), f"{path}/{doc_id}"
+        data = _dumps(doc, what).encode()
+
+        def conflict(error: Any) -> SqstoreError | None:
+            if error.is_path() and error.get_path().reason.is_conflict():
+                return AlreadyExistsError(f"{what} already exists")
+            return None
+
+        call(
+            what,
+            lambda: client.files_upload(
+                data, file, mode=WriteMode.add, strict_conflict=True, mute=True
+            ),
+            conflict,
+        )
+
+    def update(path: str, doc_id: str, doc: Doc) -> None:
+        file, what = file_of(path, doc_id), f"{path}/{doc_id}"
+        data = _dumps(doc, what).encode()
+        meta = call(what, lambda: client.files_get_metadata(file), not_found(what))
+
+        def gone(error: Any) -> SqstoreError | None:  # deleted or replaced meanwhile
+            if error.is_path() and error.get_path().reason.is_conflict():
+                return NotFoundError(f"{what} changed or vanished while it was updated")
+            return None
+
+        mode = WriteMode.update(meta.rev)
+        call(
+            what,
+            lambda: client.files_upload(data, file, mode=mode, strict_conflict=True, mute=True),
+            gone,
+        )
+
+    def get(path: str, doc_id: str) -> Doc:
+        file, what = file_of(path, doc_id), f"{path}/{doc_id}"
+        _, response = call(what, lambda: client.files_download(file), not_found(what))
+        try:
+            data = response.content
+        finally:
+            response.close()
+        return _loads(data, what)
+
+    def move(src: str, dst: str, doc_id: str) -> None:
+        source, target = file_of(src, doc_id), file_of(dst, doc_id)
+
+        def lost(error: Any) -> SqstoreError | None:
+            if error.is_from_lookup() and error.get_from_lookup().is_not_found():
+                return NotFoundError(f"{src}/{doc_id} does not exist")
+            if error.is_to() and error.get_to().is_conflict():
+                return AlreadyExistsError(f"{dst}/{doc_id} already exists")
+            return None
+
+        call(f"{src}/{doc_id}", lambda: client.files_move_v2(source, target), lost)
+
+    def delete(path: str, doc_id: str) -> None:
+        file, what = file_of(path, doc_id), f"{path}/{doc_id}"
+
+        def missing(error: Any) -> SqstoreError | None:
+            if error.is_path_lookup() and error.get_path_lookup().is_not_found():
+                return NotFoundError(f"{what} does not exist")
+            return None
+
+        call(what, lambda: client.files_delete_v2(file), missing)
+
+    def list_ids(path: str) -> list[str]:
+        folder = f"/{_check_path(path)}"
+        try:
+            page = call(path, lambda: client.files_list_folder(folder), not_found(path))
+        except NotFoundError:
+            return []
+        entries = list(page.entries)
+        while page.has_more:
+            more = functools.partial(client.files_list_folder_continue, page.cursor)
+            page = call(path, more, lambda error: None)
+            entries += page.entries
+        if path == configs:
+            names = [e.name for e in entries if isinstance(e, dropbox.files.FolderMetadata)]
+        else:
+            names = [e.name[:-5] for e in entries if e.name.endswith(".json")]
+        return sorted(n for n in names if _NAME_RE.fullmatch(n))
 
     return Storage(
         name=name,

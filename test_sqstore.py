@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime
+import hashlib
+import http.server
 import json
 import multiprocessing
 import os
+import re
+import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +158,46 @@ RECORDS: dict[type, st.SearchStrategy[Any]] = {
 # ============================================================================
 # Backends and the store fixture
 # ============================================================================
-BACKENDS: dict[str, Callable[[Path], Storage]] = {
-    "memory": lambda tmp: sqstore.memory_storage(),
-    "local": lambda tmp: sqstore.local_storage(tmp / "store"),
+def dropbox_store(fake: Any, **options: Any) -> Storage:
+    """A Dropbox store on an emptied fake, built from credentials as a user would."""
+    fake.reset()
+    fake.reset_counts()
+    credentials = dict(app_key=fake.app_key, app_secret=fake.app_secret)
+    credentials.update(refresh_token=fake.refresh_token, session=fake.session())
+    return sqstore.dropbox_storage(**credentials, **options)
+
+
+BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Storage]] = {
+    "memory": lambda tmp, request: sqstore.memory_storage(),
+    "memory-dropbox-layout": lambda tmp, request: sqstore.memory_storage(
+        layout=sqstore.DROPBOX_LAYOUT
+    ),
+    "local": lambda tmp, request: sqstore.local_storage(tmp / "store"),
+    "dropbox": lambda tmp, request: dropbox_store(request.getfixturevalue("dropbox_fake")),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](tmp_path, request)
+
+
+@pytest.fixture(scope="session")
+def dropbox_fake() -> Any:
+    """One fake Dropbox server for the session (each test empties it first)."""
+    try:
+        import cryptography  # noqa: F401  (the fake's certificates)
+        import dropbox  # noqa: F401
+        import requests  # noqa: F401
+    except ImportError as exc:
+        skip_or_fail(f"the Dropbox tests need dropbox, requests and cryptography ({exc})")
+    with FakeDropbox(page_size=3) as fake:
+        yield fake
+
+
+@pytest.fixture
+def dbx(dropbox_fake: Any) -> Storage:
+    return dropbox_store(dropbox_fake)
 
 
 @pytest.fixture
@@ -644,6 +685,32 @@ def counting(store: Storage) -> tuple[Storage, dict[str, int]]:
     return {**store, **{op: wrap(op) for op in sqstore._OPS}}, counts  # type: ignore[return-value]
 
 
+def folder(store: Storage, kind: str, job_id: str = "", display_name: str = "sim") -> str:
+    """The folder of a kind of document (a Layout field) for a job, in the store's layout."""
+    layout = store["layout"]
+    return sqstore._job_fill(layout, getattr(layout, kind), display_name, job_id)
+
+
+def doc_id(store: Storage, kind: str, job_id: str, display_name: str = "sim") -> str:
+    """The id of a job's document of *kind* in its folder."""
+    layout = store["layout"]
+    names = {"status": layout.status_file, "results": layout.result_file}
+    names |= {"configs": layout.config_id, "leases": "{job_id}"}
+    return sqstore._fill(names.get(kind, layout.job_file), display_name, "", job_id)
+
+
+def place(store: Storage, kind: str, job_id: str) -> tuple[str, str]:
+    return folder(store, kind, job_id), doc_id(store, kind, job_id)
+
+
+def jobs_in(store: Storage, kind: str, job_id: str = "") -> list[str]:
+    """The job ids with a document of *kind* in its folder (that of *job_id*'s user)."""
+    prefix, _, suffix = doc_id(store, kind, "{job_id}").partition("{job_id}")
+    return [
+        n[len(prefix) : len(n) - len(suffix)] for n in store["list"](folder(store, kind, job_id))
+    ]
+
+
 def finish(store: Storage, display_name: str, key: Any = None) -> list[str]:
     """Run Bob until the queue is empty; return the job ids in the order claimed."""
     done = []
@@ -694,7 +761,7 @@ def test_signed_config_is_only_updated_by_its_key(signed: Storage, keys: Any) ->
         sqstore.update_config(signed, attrs.evolve(cfg, sign=False, max_shots=1), "sim")
     sqstore.update_config(signed, attrs.evolve(cfg, max_shots=1), "sim", private)
     assert sqstore.get_config(signed, "sim").max_shots == 1
-    raw = signed["get"]("backends/configs", "sim")
+    raw = signed["get"](folder(signed, "configs"), doc_id(signed, "configs", ""))
     assert sqstore.verify_doc(raw, [sqstore.get_public_key(signed, "sim")])["max_shots"] == 1
 
 
@@ -738,7 +805,7 @@ def test_next_job_answers_like_sqooler(store: Storage) -> None:
     assert sqstore.get_next_job_in_queue(store, "sim") == sqstore.NextJob("None", "None")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     nxt = sqstore.get_next_job_in_queue(store, "sim")
-    assert nxt == sqstore.NextJob(job_id, "jobs/running")
+    assert nxt == sqstore.NextJob(job_id, store["layout"].running)
     assert sqstore.get_job(store, nxt.job_json_path, nxt.job_id) == JOB
 
 
@@ -753,7 +820,7 @@ def test_claim_is_exactly_once_and_leased(store: Storage) -> None:
     assert a is not None and b is not None
     assert (a[0].job_id, b[0].job_id) == (first, second)
     assert sqstore.claim_job(store, "sim", holder="worker-c") is None
-    lease = sqstore.from_doc(store["get"]("jobs/leases", first), sqstore.Lease)
+    lease = sqstore.from_doc(store["get"](folder(store, "leases"), first), sqstore.Lease)
     assert (lease.holder, lease.expires, lease.display_name) == ("worker-a", t0 + 30, "sim")
 
 
@@ -787,11 +854,11 @@ def test_expired_leases_are_requeued(store: Storage) -> None:
     t0 = 1_800_000_000.0
     assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=60, now=lambda: t0)
     assert sqstore.requeue_expired(store, now=lambda: t0 + 59) == []
-    assert store["list"]("jobs/queued/sim") == []
+    assert jobs_in(store, "queued") == []
     assert sqstore.requeue_expired(store, "other", now=lambda: t0 + 61) == []
     assert sqstore.requeue_expired(store, now=lambda: t0 + 61) == [job_id]
-    assert store["list"]("jobs/queued/sim") == [job_id]
-    assert store["list"]("jobs/leases") == []
+    assert jobs_in(store, "queued") == [job_id]
+    assert jobs_in(store, "leases") == []
     assert sqstore.requeue_expired(store, now=lambda: t0 + 62) == []
     again = sqstore.claim_job(store, "sim", holder="alive", now=lambda: t0 + 62)
     assert again is not None and again[0].job_id == job_id
@@ -812,7 +879,7 @@ def test_lease_renewal(store: Storage) -> None:
         sqstore.update_in_database(
             store, None, sqstore.StatusMsg(job_id, "ERROR", "", ""), job_id, "sim", holder="thief"
         )
-    assert store["list"]("jobs/running") == [job_id]
+    assert jobs_in(store, "running") == [job_id]
 
 
 def test_stale_lease_before_move_is_cleared(store: Storage) -> None:
@@ -820,7 +887,7 @@ def test_stale_lease_before_move_is_cleared(store: Storage) -> None:
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     lease = sqstore.Lease(job_id, "sim", "dead", "t", 100.0)
-    store["upload"]("jobs/leases", job_id, sqstore.to_doc(lease))
+    store["upload"](folder(store, "leases"), job_id, sqstore.to_doc(lease))
     sqstore.timestamp_queue(store, "sim")
     assert sqstore.claim_job(store, "sim") is None, "a fresh heartbeat: no requeue yet"
     assert sqstore.requeue_expired(store) == []
@@ -879,19 +946,19 @@ def test_full_signed_lifecycle(signed: Storage, keys: Any) -> None:
     sqstore.upload_status(signed, "sim", "alice", job_id)
     assert finish(signed, "sim", private) == [job_id]
     assert sqstore.get_status(signed, "sim", "alice", job_id).status == "DONE"
-    assert sqstore.is_signed(signed["get"]("status/sim", job_id))
+    assert sqstore.is_signed(signed["get"](*place(signed, "status", job_id)))
     result = sqstore.get_result(signed, "sim", "alice", job_id)
     assert result.status == "DONE" and result.results[0].data.memory == ("1",) * 5
     assert result.backend_name == f"{signed['name']}_sim_simulator"
     assert sqstore.verify_result(signed, "sim", job_id)
-    assert signed["list"]("jobs/finished/sim") == [job_id]
-    assert signed["list"]("jobs/running") == signed["list"]("jobs/leases") == []
+    assert jobs_in(signed, "finished", job_id) == [job_id]
+    assert jobs_in(signed, "running") == jobs_in(signed, "leases") == []
 
 
 def test_missing_result_reads_as_error(store: Storage) -> None:
     """A result that is not there yet reads as an ERROR result, as in sqooler."""
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
-    result = sqstore.get_result(store, "sim", "alice", "6b0000000000000000000000")
+    result = sqstore.get_result(store, "sim", "alice", sqstore.create_job_id(store, "sim", "a"))
     assert (result.status, result.success) == ("ERROR", False)
 
 
@@ -900,22 +967,23 @@ def test_unsigned_or_tampered_results_do_not_verify(signed: Storage, keys: Any) 
     private, _ = keys
     job_id = sqstore.upload_job(signed, JOB, "sim", "alice")
     finish(signed, "sim", private)
-    raw = signed["get"]("results/sim", job_id)
+    raw = signed["get"](*place(signed, "results", job_id))
     raw["payload"]["results"][0]["data"]["memory"][0] = "0"
-    signed["update"]("results/sim", job_id, raw)
+    signed["update"](*place(signed, "results", job_id), raw)
     assert not sqstore.verify_result(signed, "sim", job_id)
-    signed["update"]("results/sim", job_id, raw["payload"])
+    signed["update"](*place(signed, "results", job_id), raw["payload"])
     assert not sqstore.verify_result(signed, "sim", job_id)
     with pytest.raises(sqstore.NotFoundError):
-        sqstore.verify_result(signed, "sim", "6b0000000000000000000000")
+        sqstore.verify_result(signed, "sim", sqstore.create_job_id(signed, "sim", "alice"))
 
 
 def test_signing_backend_needs_a_key_for_results(signed: Storage) -> None:
     """A backend that signs cannot upload an unsigned result."""
-    result = sqstore.run_simulator(JOB, "j1", "sim")
+    job_id = sqstore.create_job_id(signed, "sim", "alice")
+    result = sqstore.run_simulator(JOB, job_id, "sim")
     with pytest.raises(sqstore.BadSignatureError, match="no private_jwk"):
-        sqstore.upload_result(signed, result, "sim", "j1")
-    assert signed["list"]("results/sim") == []
+        sqstore.upload_result(signed, result, "sim", job_id)
+    assert jobs_in(signed, "results", job_id) == []
 
 
 def test_error_moves_the_job_to_deleted(store: Storage) -> None:
@@ -926,9 +994,9 @@ def test_error_moves_the_job_to_deleted(store: Storage) -> None:
     nxt = sqstore.get_next_job_in_queue(store, "sim")
     status = sqstore.StatusMsg(job_id, "ERROR", "boom", "ValueError('boom')")
     sqstore.update_in_database(store, None, status, nxt.job_id, "sim")
-    assert store["list"]("jobs/deleted") == [job_id]
+    assert jobs_in(store, "deleted") == [job_id]
     assert sqstore.get_status(store, "sim", "alice", job_id) == status
-    assert store["list"]("jobs/running") == store["list"]("jobs/leases") == []
+    assert jobs_in(store, "running") == jobs_in(store, "leases") == []
 
 
 def test_finish_is_safe_to_rerun(signed: Storage, keys: Any) -> None:
@@ -940,19 +1008,21 @@ def test_finish_is_safe_to_rerun(signed: Storage, keys: Any) -> None:
     done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
     for _ in range(2):
         sqstore.update_in_database(signed, result, done, job_id, "sim", private)
-    assert signed["list"]("jobs/finished/sim") == [job_id]
+    assert jobs_in(signed, "finished", job_id) == [job_id]
     assert sqstore.verify_result(signed, "sim", job_id)
     with pytest.raises(sqstore.NotFoundError):
-        sqstore.update_in_database(signed, result, done, "6b0000000000000000000000", "sim", private)
+        other = sqstore.create_job_id(signed, "sim", "alice")
+        sqstore.update_in_database(signed, attrs.evolve(result, job_id=other), done, other, "sim")
 
 
 def test_result_job_id_is_corrected(store: Storage) -> None:
     """A result carrying another job id is stored under the right one, with a warning."""
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     result = sqstore.run_simulator(JOB, "wrong", "sim")
+    job_id = sqstore.create_job_id(store, "sim", "alice")
     with pytest.warns(UserWarning, match="wrong"):
-        sqstore.upload_result(store, result, "sim", "j1")
-    assert sqstore.get_result(store, "sim", "alice", "j1").job_id == "j1"
+        sqstore.upload_result(store, result, "sim", job_id)
+    assert sqstore.get_result(store, "sim", "alice", job_id).job_id == job_id
 
 
 def test_public_key_is_never_silently_replaced(signed: Storage, keys: Any) -> None:
@@ -977,7 +1047,8 @@ def test_api_names_are_validated(store: Storage, tmp_path: Path, field: str, bad
     """Names given to the API are checked before they reach a path."""
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     before = tree(tmp_path)
-    names = {"display_name": "sim", "username": "alice", "job_id": "6b0000000000000000000000"}
+    names = {"display_name": "sim", "username": "alice"}
+    names["job_id"] = sqstore.create_job_id(store, "sim", "alice")
     names[field] = bad
     with pytest.raises(sqstore.InvalidNameError):
         if field == "job_id":
@@ -1044,9 +1115,11 @@ def test_malformed_signed_status_names_its_path(store: Storage) -> None:
     """A signed document with a broken envelope is an InvalidDocumentError naming its path."""
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     broken = {"header": {"alg": "EdDSA"}, "payload": {}, "signature": "x"}
-    store["upload"]("status/sim", "j1", broken)
-    with pytest.raises(sqstore.InvalidDocumentError, match=r"status/sim/j1: .*\$\.header\.kid"):
-        sqstore.get_status(store, "sim", "alice", "j1")
+    job_id = sqstore.create_job_id(store, "sim", "alice")
+    path, name = place(store, "status", job_id)
+    store["upload"](path, name, broken)
+    with pytest.raises(sqstore.InvalidDocumentError, match=rf"{path}/{name}: .*\$\.header\.kid"):
+        sqstore.get_status(store, "sim", "alice", job_id)
 
 
 def test_local_malformed_job_is_set_aside_and_the_queue_flows(
@@ -1231,6 +1304,932 @@ def test_worker_killed_mid_job_loses_nothing(tmp_path: Path) -> None:
     assert sqstore.requeue_expired(store) == [job_id]
     assert finish(store, "sim") == [job_id]
     assert sqstore.get_status(store, "sim", "alice", job_id).status == "DONE"
+
+
+# ============================================================================
+# A fake Dropbox API v2 over TLS on 127.0.0.1, for the unmodified dropbox SDK
+# ============================================================================
+_BLOCK = 4 * 1024 * 1024
+_CONTENT_ROUTES = {"/2/files/upload", "/2/files/download"}
+
+
+def content_hash(data: bytes) -> str:
+    """Dropbox content hash: SHA-256 of the concatenated SHA-256 of each 4 MiB block."""
+    blocks = b"".join(
+        hashlib.sha256(data[i : i + _BLOCK]).digest() for i in range(0, len(data), _BLOCK)
+    )
+    return hashlib.sha256(blocks).hexdigest()
+
+
+def _now() -> str:
+    """The current UTC time in Dropbox's format (whole seconds, ``Z`` suffix)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """Write a CA certificate and a 127.0.0.1 leaf certificate and key; return their paths."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, leaf_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+
+    def certificate(common_name: str, key: Any, extensions: list[Any]) -> Any:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-dropbox CA")]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    # Extensions that strict verifiers (e.g. Python 3.13's VERIFY_X509_STRICT) insist on.
+    ca_usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+    ca = certificate(
+        "fake-dropbox CA",
+        ca_key,
+        [(x509.BasicConstraints(ca=True, path_length=0), True), (ca_usage, True), (ca_ski, False)],
+    )
+    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    leaf = certificate(
+        "127.0.0.1",
+        leaf_key,
+        [
+            (x509.SubjectAlternativeName(san), False),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+            (aki, False),
+        ],
+    )
+    pem = serialization.Encoding.PEM
+    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(leaf.public_bytes(pem))
+    no_password = serialization.NoEncryption()
+    paths[2].write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_password)
+    )
+    return paths
+
+
+class _Reply(Exception):
+    """An HTTP answer other than success, raised from a route handler."""
+
+    def __init__(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status)
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+def _summary(error: Any) -> str:
+    """Build an ``error_summary`` like Dropbox's (``path/not_found/..``) from an error union."""
+    tags = []
+    while isinstance(error, dict) and ".tag" in error:
+        tag = error[".tag"]
+        tags.append(tag)
+        error = error.get(tag) if isinstance(error.get(tag), dict) else error.get("reason")
+    return "/".join(tags) + "/.."
+
+
+def _route_error(error: dict) -> _Reply:
+    """A 409 route error with Dropbox's JSON body."""
+    return _Reply(409, {"error_summary": _summary(error), "error": error})
+
+
+def _bad_input(text: str) -> _Reply:
+    """A 400 with a text body, which the SDK raises as ``BadInputError``."""
+    return _Reply(400, "Error in call to API function: " + text)
+
+
+def _lookup(tag: str, member: str = "path") -> _Reply:
+    """A LookupError (``not_found``/``not_file``/``not_folder``) under the union member."""
+    return _route_error({".tag": member, member: {".tag": tag}})
+
+
+def _conflict(kind: str) -> dict:
+    """A WriteError ``conflict`` of the given kind (file, folder, file_ancestor)."""
+    return {".tag": "conflict", "conflict": {".tag": kind}}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One file or folder; ``data`` is None for folders."""
+
+    display: str
+    id: str
+    data: bytes | None = None
+    rev: str = ""
+    client_modified: str = ""
+    server_modified: str = ""
+
+    def metadata(self, tagged: bool = True) -> dict:
+        """The entry's Dropbox metadata; ``tagged`` adds ``.tag`` (for Metadata unions)."""
+        meta: dict[str, Any] = {
+            "name": self.display.rsplit("/", 1)[1],
+            "path_lower": self.display.lower(),
+            "path_display": self.display,
+            "id": self.id,
+        }
+        if self.data is not None:
+            meta.update(
+                client_modified=self.client_modified,
+                server_modified=self.server_modified,
+                rev=self.rev,
+                size=len(self.data),
+                is_downloadable=True,
+                content_hash=content_hash(self.data),
+            )
+        if tagged:
+            meta = {".tag": "folder" if self.data is None else "file", **meta}
+        return meta
+
+
+_ACCOUNT = {
+    "account_id": "dbid:AAH4f99T0taONIb-OurWxbNQ6ywGRopQngc",
+    "name": dict(
+        given_name="Fake",
+        surname="User",
+        familiar_name="Fake",
+        display_name="Fake User",
+        abbreviated_name="FU",
+    ),
+    "email": "fake.user@example.org",
+    "email_verified": True,
+    "disabled": False,
+    "country": "DE",
+    "locale": "en",
+    "referral_link": "https://db.tt/fake",
+    "is_paired": False,
+    "account_type": {".tag": "basic"},
+    "root_info": {".tag": "user", "root_namespace_id": "3235641", "home_namespace_id": "3235641"},
+}
+
+
+class FakeDropbox:
+    """An in-memory Dropbox API v2 served over TLS on ``127.0.0.1`` in a background thread.
+
+    Args:
+        app_key, app_secret, refresh_token: the credentials the token endpoint accepts.
+        page_size: the most entries one ``list_folder`` page returns (``limit`` can lower it).
+        expires_in: the ``expires_in`` of issued access tokens, in seconds. The SDK refreshes
+            when fewer than 300 s are left, so keep it above 300 unless that is the point.
+    """
+
+    def __init__(
+        self,
+        app_key: str = "fake-app-key",
+        app_secret: str = "fake-app-secret",
+        refresh_token: str = "fake-refresh-token",
+        page_size: int = 2000,
+        expires_in: int = 14400,
+    ) -> None:
+        self.app_key, self.app_secret, self.refresh_token = app_key, app_secret, refresh_token
+        self.page_size, self.expires_in = page_size, expires_in
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}  # path_lower -> entry; the root is implicit
+        self._cursors: dict[str, tuple[int, list[dict]]] = {}  # cursor -> (limit, entries left)
+        self._tokens: set[str] = set()
+        self._expired: set[str] = set()
+        self._revoked = False
+        self._faults: list[list[Any]] = []  # [route or "*", remaining, status, retry_after]
+        self._counts: dict[str, int] = {}
+        self._rev = 0x1_0000_0000
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._tmp: Path | None = None
+        self._routes: dict[str, Callable[[dict, bytes], tuple[Any, bytes | None]]] = {
+            "/2/users/get_current_account": lambda arg, body: (_ACCOUNT, None),
+            "/2/files/upload": self._upload,
+            "/2/files/download": self._download,
+            "/2/files/get_metadata": self._get_metadata,
+            "/2/files/move_v2": self._move,
+            "/2/files/delete_v2": self._delete,
+            "/2/files/list_folder": self._list_folder,
+            "/2/files/list_folder/continue": self._list_folder_continue,
+            "/2/files/create_folder_v2": self._create_folder,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> FakeDropbox:
+        """Make the certificates, bind an ephemeral port and serve in a daemon thread."""
+        self._tmp = Path(tempfile.mkdtemp(prefix="fake-dropbox-"))
+        _, cert, key = _make_tls_files(self._tmp)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = _Server(("127.0.0.1", 0), _make_handler(self))
+        # The handshake runs on the first read, in the handler thread, not in accept().
+        server.socket = context.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="fake-dropbox", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and delete the certificates."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> FakeDropbox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``, usable as ``DROPBOX_API_HOST`` and ``DROPBOX_API_CONTENT_HOST``."""
+        assert self._server is not None, "the fake is not started"
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def ca_path(self) -> str:
+        """The PEM file of the CA that signed the server's certificate."""
+        assert self._tmp is not None, "the fake is not started"
+        return str(self._tmp / "ca.pem")
+
+    # -- SDK wiring -----------------------------------------------------------------------------
+
+    def session(self) -> Any:
+        """A ``requests.Session`` aimed at this fake; see :func:`fake_session`."""
+        return fake_session(self.host, self.ca_path)
+
+    def client(self, **kwargs: Any) -> Any:
+        """A ``dropbox.Dropbox`` with this fake's credentials and :meth:`session`."""
+        import dropbox
+
+        kwargs.setdefault("app_key", self.app_key)
+        kwargs.setdefault("app_secret", self.app_secret)
+        kwargs.setdefault("oauth2_refresh_token", self.refresh_token)
+        return dropbox.Dropbox(session=self.session(), **kwargs)
+
+    # -- inspection and fault injection ---------------------------------------------------------
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Requests received per URL path (faulted ones included), e.g. ``/2/files/upload``."""
+        with self._lock:
+            return dict(self._counts)
+
+    def reset_counts(self) -> None:
+        """Forget the request counts."""
+        with self._lock:
+            self._counts.clear()
+
+    def files(self) -> dict[str, bytes]:
+        """A snapshot of every file, as ``path_display -> bytes``."""
+        with self._lock:
+            return {e.display: e.data for e in self._entries.values() if e.data is not None}
+
+    def reset(self) -> None:
+        """Delete every file and folder, cursor and pending fault."""
+        with self._lock:
+            self._entries.clear()
+            self._cursors.clear()
+            self._faults.clear()
+
+    def fail_next(
+        self, route: str = "*", status: int = 429, count: int = 1, retry_after: int = 0
+    ) -> None:
+        """Answer the next ``count`` requests to ``route`` with ``status`` instead.
+
+        ``route`` is ``"*"`` (any request, the token endpoint included), or a path with or
+        without the ``/2/`` prefix: ``"files/upload"``, ``"/oauth2/token"``. A 429 carries
+        ``Retry-After: retry_after``; other statuses get a text body.
+        """
+        if route != "*":
+            route = "/" + route.lstrip("/")
+            if not route.startswith(("/2/", "/oauth2/")):
+                route = "/2" + route
+        with self._lock:
+            self._faults.append([route, count, status, retry_after])
+
+    def expire_access_tokens(self) -> None:
+        """Expire every issued access token: the next call gets 401 ``expired_access_token``."""
+        with self._lock:
+            self._expired |= self._tokens
+            self._tokens.clear()
+
+    def revoke_refresh_token(self, revoked: bool = True) -> None:
+        """Make the token endpoint answer 400 ``invalid_grant`` (or accept again)."""
+        with self._lock:
+            self._revoked = revoked
+
+    # -- request dispatch (called from handler threads) -----------------------------------------
+
+    def _handle(self, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Answer one POST; return status, headers and body."""
+        try:
+            with self._lock:
+                self._counts[path] = self._counts.get(path, 0) + 1
+                self._take_fault(path)
+                if path == "/oauth2/token":
+                    return _json_reply(200, self._token(body))
+                route = self._routes.get(path)
+                if route is None:
+                    raise _Reply(404, "Unknown API function: " + path)
+                self._check_host(path, headers.get("Host", ""))
+                self._check_auth(headers.get("Authorization", ""))
+                if path in _CONTENT_ROUTES:
+                    arg = _json_arg(headers.get("Dropbox-API-Arg"), "Dropbox-API-Arg header")
+                else:
+                    if headers.get("Content-Type", "").split(";")[0] != "application/json":
+                        raise _bad_input("bad Content-Type, expected application/json")
+                    arg = _json_arg(body.decode("utf-8", "replace") or None, "request body")
+                if arg.get("autorename"):
+                    raise _bad_input("fake_dropbox does not implement autorename")
+                result, payload = route(arg, body)
+        except _Reply as reply:
+            return _error_reply(reply)
+        except Exception:  # a bug in the fake: a 400 is not retried, and shows the traceback
+            return _error_reply(_bad_input("fake_dropbox failed:\n" + traceback.format_exc()))
+        if payload is None:
+            return _json_reply(200, result)
+        api_result = json.dumps(result)  # ASCII-escaped, as an HTTP header must be
+        headers = {"Content-Type": "application/octet-stream", "Dropbox-API-Result": api_result}
+        return 200, headers, payload
+
+    def _take_fault(self, path: str) -> None:
+        fault = next((f for f in self._faults if f[0] in ("*", path)), None)
+        if fault is None:
+            return
+        _, remaining, status, retry_after = fault
+        fault[1] = remaining - 1
+        if fault[1] == 0:
+            self._faults.remove(fault)
+        if status == 429:
+            raise _Reply(429, "too_many_requests", {"Retry-After": str(retry_after)})
+        raise _Reply(status, f"injected failure {status}")
+
+    def _token(self, body: bytes) -> dict:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("ascii", "replace")).items()}
+        if form.get("grant_type") != "refresh_token":
+            raise _Reply(400, {"error": "unsupported_grant_type"})
+        if (form.get("client_id"), form.get("client_secret")) != (self.app_key, self.app_secret):
+            raise _Reply(400, {"error": "invalid_client"})
+        if self._revoked or form.get("refresh_token") != self.refresh_token:
+            raise _Reply(400, {"error": "invalid_grant", "error_description": "revoked"})
+        token = "sl.fake-" + secrets.token_urlsafe(24)
+        self._tokens.add(token)
+        return {"access_token": token, "token_type": "bearer", "expires_in": self.expires_in}
+
+    def _check_auth(self, header: str) -> None:
+        scheme, _, token = header.partition(" ")
+        if scheme != "Bearer" or not token:
+            raise _bad_input('missing or malformed "Authorization" header')
+        if token not in self._tokens:
+            tag = "expired_access_token" if token in self._expired else "invalid_access_token"
+            raise _Reply(401, {"error_summary": tag + "/..", "error": {".tag": tag}})
+
+    def _check_host(self, path: str, host: str) -> None:
+        want = "content" if path in _CONTENT_ROUTES else "api"
+        if host.endswith(".dropboxapi.com") and not host.startswith(want + "."):
+            raise _bad_input(f"{path} must be called on {want}.dropboxapi.com, not {host}")
+
+    # -- the file tree (callers hold the lock) --------------------------------------------------
+
+    def _norm(self, path: str, allow_root: bool = False) -> str:
+        """Validate a path; return it without trailing slash (``""`` for the root)."""
+        if path.startswith("id:"):
+            found = [e.display for e in self._entries.values() if e.id == path]
+            if not found:
+                raise _lookup("not_found")
+            return found[0]
+        if path and not path.startswith("/"):
+            raise _bad_input(f"path {path!r} did not match pattern")
+        path = path.rstrip("/")
+        if not path and not allow_root:
+            raise _bad_input("the root folder is unsupported")
+        return path
+
+    def _place(self, path: str) -> str | None:
+        """Create the missing parents of ``path``; return ``path`` cased like its parents.
+
+        Return None, creating nothing, when an ancestor is a file (``file_ancestor``).
+        """
+        display = ""
+        names = path.split("/")[1:]
+        for name in names[:-1]:
+            parent = self._entries.get((display + "/" + name).lower())
+            if parent is not None and parent.data is not None:
+                return None
+            display = parent.display if parent is not None else display + "/" + name
+        display = ""
+        for name in names[:-1]:
+            lower = (display + "/" + name).lower()
+            parent = self._entries.setdefault(lower, _Entry(display + "/" + name, self._new_id()))
+            display = parent.display
+        return display + "/" + names[-1]
+
+    def _new_id(self) -> str:
+        return "id:" + secrets.token_urlsafe(16)[:22]
+
+    def _new_rev(self) -> str:
+        self._rev += 1
+        return f"{self._rev:015x}"
+
+    # -- routes (called with the lock held) -----------------------------------------------------
+
+    def _upload(self, arg: dict, body: bytes) -> tuple[Any, None]:
+        path, mode = self._norm(arg["path"]), arg.get("mode", "add")
+        mode = {".tag": mode} if isinstance(mode, str) else mode
+        if arg.get("content_hash") not in (None, content_hash(body)):
+            raise _route_error({".tag": "content_hash_mismatch"})
+
+        def conflict(kind: str) -> _Reply:
+            session = secrets.token_hex(16)  # required by the SDK's UploadWriteFailed
+            error = {".tag": "path", "reason": _conflict(kind), "upload_session_id": session}
+            return _route_error(error)
+
+        old = self._entries.get(path.lower())
+        if old is not None and old.data is None:
+            raise conflict("folder")
+        if old is not None and mode[".tag"] != "overwrite":
+            stale = mode[".tag"] == "add" or mode.get("update") != old.rev
+            if stale and (arg.get("strict_conflict") or old.data != body):
+                raise conflict("file")
+        elif old is None and mode[".tag"] == "update" and arg.get("strict_conflict"):
+            raise conflict("file")  # no rev can match a file that is gone
+        if old is not None and old.data == body:
+            return old.metadata(tagged=False), None  # identical bytes: nothing changes
+        if (display := old.display if old is not None else self._place(path)) is None:
+            raise conflict("file_ancestor")
+        now = _now()
+        entry = _Entry(
+            display=display,
+            id=old.id if old is not None else self._new_id(),
+            data=body,
+            rev=self._new_rev(),
+            client_modified=arg.get("client_modified") or now,
+            server_modified=now,
+        )
+        self._entries[path.lower()] = entry
+        return entry.metadata(tagged=False), None
+
+    def _download(self, arg: dict, body: bytes) -> tuple[Any, bytes]:
+        entry = self._entries.get(self._norm(arg["path"]).lower())
+        if entry is None or (arg.get("rev") not in (None, entry.rev)):
+            raise _lookup("not_found")
+        if entry.data is None:
+            raise _lookup("not_file")
+        return entry.metadata(tagged=False), entry.data
+
+    def _get_metadata(self, arg: dict, body: bytes) -> tuple[Any, None]:
+        entry = self._entries.get(self._norm(arg["path"]).lower())
+        if entry is None:
+            raise _lookup("not_found")
+        return entry.metadata(), None
+
+    def _move(self, arg: dict, body: bytes) -> tuple[Any, None]:
+        src, dst = self._norm(arg["from_path"]), self._norm(arg["to_path"])
+        entry = self._entries.get(src.lower())
+        if entry is None:
+            raise _lookup("not_found", "from_lookup")
+        if dst.lower() == src.lower() and dst != entry.display:
+            pass  # a case-only rename
+        elif dst.lower() == src.lower():
+            raise _route_error({".tag": "duplicated_or_nested_paths"})
+        elif dst.lower().startswith(src.lower() + "/"):
+            raise _route_error({".tag": "cant_move_folder_into_itself"})
+        elif (old := self._entries.get(dst.lower())) is not None:
+            kind = "folder" if old.data is None else "file"
+            raise _route_error({".tag": "to", "to": _conflict(kind)})
+        if (target := self._place(dst)) is None:
+            raise _route_error({".tag": "to", "to": _conflict("file_ancestor")})
+        prefix = src.lower()
+        moved = {
+            lower: e
+            for lower, e in self._entries.items()
+            if lower == prefix or lower.startswith(prefix + "/")
+        }
+        for lower in moved:
+            del self._entries[lower]
+        for e in moved.values():
+            display = target + e.display[len(src) :]
+            rev = self._new_rev() if e.data is not None else ""
+            self._entries[display.lower()] = replace(e, display=display, rev=rev)
+        return {"metadata": self._entries[target.lower()].metadata()}, None
+
+    def _delete(self, arg: dict, body: bytes) -> tuple[Any, None]:
+        path = self._norm(arg["path"]).lower()
+        entry = self._entries.get(path)
+        # A stale parent_rev answering not_found is a guess; real Dropbox is unverified here.
+        if entry is None or arg.get("parent_rev") not in (None, entry.rev):
+            raise _lookup("not_found", "path_lookup")
+        for lower in [k for k in self._entries if k == path or k.startswith(path + "/")]:
+            del self._entries[lower]
+        return {"metadata": entry.metadata()}, None
+
+    def _create_folder(self, arg: dict, body: bytes) -> tuple[Any, None]:
+        path = self._norm(arg["path"])
+        old = self._entries.get(path.lower())
+        if old is not None:
+            kind = "folder" if old.data is None else "file"
+            raise _route_error({".tag": "path", "path": _conflict(kind)})
+        if (display := self._place(path)) is None:
+            raise _route_error({".tag": "path", "path": _conflict("file_ancestor")})
+        entry = self._entries[display.lower()] = _Entry(display, self._new_id())
+        return {"metadata": entry.metadata(tagged=False)}, None
+
+    def _list_folder(self, arg: dict, body: bytes) -> tuple[Any, None]:
+        if arg["path"] == "/":
+            raise _bad_input('path: "/" did not match pattern; use "" for the root')
+        path = self._norm(arg["path"], allow_root=True).lower()
+        if path:
+            folder = self._entries.get(path)
+            if folder is None:
+                raise _lookup("not_found")
+            if folder.data is not None:
+                raise _lookup("not_folder")
+        recursive = arg.get("recursive", False)
+        entries = [
+            e.metadata()
+            for lower, e in sorted(self._entries.items())
+            if (lower == path and recursive)
+            or (lower.startswith(path + "/") and (recursive or lower.rsplit("/", 1)[0] == path))
+        ]
+        limit = min(self.page_size, arg.get("limit") or self.page_size)
+        return self._page(entries, limit), None
+
+    def _list_folder_continue(self, arg: dict, body: bytes) -> tuple[Any, None]:
+        if (pending := self._cursors.pop(arg["cursor"], None)) is None:
+            raise _route_error({".tag": "reset"})
+        limit, entries = pending
+        return self._page(entries, limit), None
+
+    def _page(self, entries: list[dict], limit: int) -> dict:
+        """One page of ``entries``; the rest waits under a fresh cursor."""
+        cursor = "AAF" + secrets.token_urlsafe(24)
+        self._cursors[cursor] = (limit, entries[limit:])  # the final cursor lists nothing
+        return {"entries": entries[:limit], "cursor": cursor, "has_more": len(entries) > limit}
+
+
+def _json_arg(text: str | None, where: str) -> dict:
+    """Parse a route argument; ``null`` becomes ``{}``."""
+    try:
+        value = json.loads(text) if text is not None else None
+    except ValueError as exc:
+        raise _bad_input(f"could not decode {where} as JSON: {exc}") from None
+    if value is not None and not isinstance(value, dict):
+        raise _bad_input(f"{where} must be a JSON object")
+    return value or {}
+
+
+def _json_reply(status: int, body: Any) -> tuple[int, dict[str, str], bytes]:
+    # Exactly "application/json": the SDK asserts it for 200 RPC replies and 401s.
+    return status, {"Content-Type": "application/json"}, json.dumps(body).encode("utf-8")
+
+
+def _error_reply(reply: _Reply) -> tuple[int, dict[str, str], bytes]:
+    if isinstance(reply.body, dict):
+        status, headers, body = _json_reply(reply.status, reply.body)
+    else:
+        status, body = reply.status, str(reply.body).encode("utf-8")
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+    return status, {**headers, **reply.headers}, body
+
+
+def fake_session(host: str, ca_path: str) -> Any:
+    """A ``requests.Session`` that sends every ``https://`` request to ``host`` (``IP:PORT``).
+
+    The original host stays in the ``Host`` header, so the fake can check that content routes
+    went to the content host. TLS is verified against ``ca_path``; the environment (CA bundle
+    variables, proxies, netrc) is ignored. Pass it as ``dropbox.Dropbox(session=...)``.
+    """
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    class _ToFake(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            parts = urllib.parse.urlsplit(request.url)
+            request.headers["Host"] = parts.netloc
+            request.url = urllib.parse.urlunsplit(parts._replace(netloc=host))
+            kwargs.update(verify=ca_path, proxies={})
+            return super().send(request, **kwargs)
+
+    result = requests.Session()
+    result.trust_env = False
+    result.mount("https://", _ToFake())
+    return result
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet about clients that hang up or reject the certificate."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+def _make_handler(fake: FakeDropbox) -> type[http.server.BaseHTTPRequestHandler]:
+    """A request handler class bound to ``fake``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like the real API
+        timeout = 30  # idle keep-alive connections end eventually
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            path = urllib.parse.urlsplit(self.path).path
+            status, headers, payload = fake._handle(path, self.headers, body)
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("X-Dropbox-Request-Id", secrets.token_hex(16))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:
+            self.send_error(405, "Dropbox API v2 routes are POST only")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # keep test output quiet
+
+    return Handler
+
+
+# ============================================================================
+# The Dropbox backend through the real SDK
+# ============================================================================
+def test_dropbox_costs_one_request_per_operation(dbx: Storage, dropbox_fake: Any) -> None:
+    """Each verb is exactly one HTTP request (update two), with one token refresh at start."""
+    expected = [
+        (lambda: dbx["upload"]("f", "a", {"v": 1}), {"/oauth2/token": 1, "/2/files/upload": 1}),
+        (lambda: dbx["get"]("f", "a"), {"/2/files/download": 1}),
+        (lambda: dbx["update"]("f", "a", {"v": 2}),
+         {"/2/files/get_metadata": 1, "/2/files/upload": 1}),
+        (lambda: dbx["move"]("f", "g", "a"), {"/2/files/move_v2": 1}),
+        (lambda: dbx["list"]("g"), {"/2/files/list_folder": 1}),
+        (lambda: dbx["delete"]("g", "a"), {"/2/files/delete_v2": 1}),
+        (lambda: dbx["list"]("missing"), {"/2/files/list_folder": 1}),
+    ]  # fmt: skip
+    for call, counts in expected:
+        dropbox_fake.reset_counts()
+        call()
+        assert dropbox_fake.counts == counts
+    assert "/2/users/get_current_account" not in dropbox_fake.counts
+
+
+def test_dropbox_list_follows_every_page(dbx: Storage, dropbox_fake: Any) -> None:
+    """A folder longer than a page is listed whole, through list_folder/continue."""
+    for i in range(8):
+        dbx["upload"]("f", f"d{i}", {})
+    dropbox_fake.reset_counts()
+    assert dbx["list"]("f") == [f"d{i}" for i in range(8)]
+    assert dropbox_fake.counts == {"/2/files/list_folder": 1, "/2/files/list_folder/continue": 2}
+
+
+def test_dropbox_layout_is_sqoolers(dbx: Storage, dropbox_fake: Any) -> None:
+    """Documents land at sqooler's Dropbox paths, with its dated job ids."""
+    private, public = sqstore.generate_keypair("kid1")
+    sqstore.upload_config(dbx, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(dbx, public, "sim")
+    job_id = sqstore.upload_job(dbx, JOB, "sim", "alice")
+    sqstore.upload_status(dbx, "sim", "alice", job_id)
+    finish(dbx, "sim", private)
+    assert re.fullmatch(r"\d{8}_\d{6}-sim-alice-[0-9a-f]{5}", job_id)
+    assert sorted(dropbox_fake.files()) == [
+        "/Backend_files/Config/sim/config.json",
+        f"/Backend_files/Finished_Jobs/sim/alice/job-{job_id}.json",
+        f"/Backend_files/Result/sim/alice/result-{job_id}.json",
+        f"/Backend_files/Status/sim/None/status-{job_id}.json",
+        "/Backend_files/public_keys/kid1.json",
+    ]
+    assert sqstore.get_backends(dbx) == ["sim"]
+
+
+def test_dropbox_rate_limits_are_retried_a_bounded_number_of_times(dropbox_fake: Any) -> None:
+    """429s are retried `retries` times, then raise TransientError (the SDK alone would loop)."""
+    store = dropbox_store(dropbox_fake, retries=2)
+    store["upload"]("f", "a", {"v": 1})
+    dropbox_fake.fail_next("files/download", status=429, count=2)
+    assert store["get"]("f", "a") == {"v": 1}
+    dropbox_fake.fail_next("files/download", status=429, count=3)
+    with pytest.raises(sqstore.TransientError, match="f/a"):
+        store["get"]("f", "a")
+    dropbox_fake.reset()
+
+
+def test_dropbox_server_errors_become_transient(dropbox_fake: Any) -> None:
+    """A 5xx that outlasts the retries is a TransientError naming the document."""
+    store = dropbox_store(dropbox_fake, retries=0)
+    store["upload"]("f", "a", {"v": 1})
+    dropbox_fake.fail_next("files/download", status=503)
+    with pytest.raises(sqstore.TransientError, match="f/a"):
+        store["get"]("f", "a")
+    assert store["get"]("f", "a") == {"v": 1}
+
+
+def test_dropbox_expired_token_is_refreshed(dbx: Storage, dropbox_fake: Any) -> None:
+    """An expired access token is refreshed transparently: one more token request."""
+    dbx["upload"]("f", "a", {"v": 1})
+    dropbox_fake.expire_access_tokens()
+    dropbox_fake.reset_counts()
+    assert dbx["get"]("f", "a") == {"v": 1}
+    assert dropbox_fake.counts == {"/2/files/download": 2, "/oauth2/token": 1}
+
+
+def test_dropbox_revoked_credentials_say_what_to_fix(dbx: Storage, dropbox_fake: Any) -> None:
+    """A revoked refresh token is a CredentialsError that names what to check, not an exit."""
+    dropbox_fake.revoke_refresh_token()
+    try:
+        with pytest.raises(sqstore.CredentialsError, match="refresh token") as info:
+            dbx["get"]("f", "a")
+        assert isinstance(info.value, PermissionError)
+        assert dropbox_fake.refresh_token not in str(info.value)
+    finally:
+        dropbox_fake.revoke_refresh_token(False)
+
+
+def test_dropbox_needs_credentials_or_a_client(dropbox_fake: Any) -> None:
+    """Missing credentials are named; a ready client is accepted as it is."""
+    with pytest.raises(ValueError, match="app_secret, refresh_token"):
+        sqstore.dropbox_storage(app_key="k")
+    store = sqstore.dropbox_storage(client=dropbox_fake.client())
+    store["upload"]("f", "x", {"a": 1})
+    assert store["get"]("f", "x") == {"a": 1}
+
+
+def test_dropbox_racing_claimers_each_get_distinct_jobs(dropbox_fake: Any) -> None:
+    """Four workers with their own clients drain one queue: every job claimed exactly once."""
+    stores = [dropbox_store(dropbox_fake) for _ in range(4)]
+    sqstore.upload_config(stores[0], sqstore.demo_config("sim"), "sim")
+    submitted = {sqstore.upload_job(stores[0], {"e": {}}, "sim", "alice") for _ in range(40)}
+    claimed: list[list[str]] = [[] for _ in stores]
+
+    def work(i: int) -> None:
+        for nxt, _ in sqstore.claim_jobs(stores[i], "sim", holder=f"w{i}"):
+            claimed[i].append(nxt.job_id)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    everything = [job_id for ids in claimed for job_id in ids]
+    assert len(everything) == len(set(everything)) == 40
+    assert set(everything) == submitted
+    assert sum(1 for ids in claimed if ids) >= 2, "the workers did not actually race"
+
+
+def test_dropbox_racing_moves_have_one_winner(dropbox_fake: Any) -> None:
+    """Threads moving the same file with files_move_v2: exactly one wins, the rest NotFound."""
+    stores = [dropbox_store(dropbox_fake) for _ in range(4)]
+    stores[0]["upload"]("src", "x", {})
+    outcomes: list[str] = []
+
+    def mover(i: int) -> None:
+        try:
+            stores[i]["move"]("src", f"dst{i}", "x")
+            outcomes.append("won")
+        except sqstore.NotFoundError:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=mover, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["lost", "lost", "lost", "won"]
+
+
+@pytest.fixture
+def sqooler_dropbox(dropbox_fake: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """sqooler 0.9's unmodified Dropbox provider, its SDK sessions aimed at the fake."""
+    try:
+        import warnings
+
+        import dropbox.dropbox_client
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from sqooler.schemes import DropboxLoginInformation
+            from sqooler.storage_providers.dropbox import DropboxProviderExtended
+    except ImportError as exc:
+        skip_or_fail(f"sqooler 0.9 is not installed ({exc}): pip install -e '.[test]'")
+    monkeypatch.setattr(
+        dropbox.dropbox_client, "create_session", lambda *a, **k: dropbox_fake.session()
+    )
+    login = DropboxLoginInformation(
+        app_key=dropbox_fake.app_key,
+        app_secret=dropbox_fake.app_secret,
+        refresh_token=dropbox_fake.refresh_token,
+    )
+    return DropboxProviderExtended(login, name="dropbox")
+
+
+def test_sqooler_dropbox_spooler_serves_an_sqstore_frontend(
+    dbx: Storage, sqooler_dropbox: Any
+) -> None:
+    """sqooler's Bob (signing) on Dropbox serves sqstore's Alice; she verifies."""
+    from sqooler.schemes import BackendConfigSchemaIn, StatusMsgDict
+    from sqooler.schemes import ResultDict as SqoolerResult
+    from sqooler.security import create_jwk_pair
+
+    private, public = create_jwk_pair("sqoolerkid")
+    config = BackendConfigSchemaIn(**sqstore.to_doc(sqstore.demo_config("sq", sign=True)))
+    sqooler_dropbox.upload_config(config, "sq", private)
+    sqooler_dropbox.upload_public_key(public, "sq")
+    job_id = sqstore.upload_job(dbx, JOB, "sq", "alice")
+    sqstore.upload_status(dbx, "sq", "alice", job_id)
+
+    nxt = sqooler_dropbox.get_next_job_in_queue("sq", private)
+    assert nxt.job_id == job_id
+    job = sqooler_dropbox.get_job(storage_path=nxt.job_json_path, job_id=nxt.job_id)
+    result = sqstore.run_simulator(job, job_id, "sq")
+    status = StatusMsgDict(job_id=job_id, status="DONE", detail="ok", error_message="None")
+    sqooler_dropbox.update_in_database(
+        SqoolerResult(**sqstore.to_doc(result)), status, job_id, "sq", private
+    )
+    assert sqstore.get_status(dbx, "sq", "alice", job_id).status == "DONE"
+    assert sqstore.get_result(dbx, "sq", "alice", job_id).results == result.results
+    assert sqstore.verify_result(dbx, "sq", job_id)
+    assert sqstore.get_backends(dbx) == sqooler_dropbox.get_backends() == ["sq"]
+
+
+def test_sqstore_dropbox_spooler_serves_a_sqooler_frontend(
+    dbx: Storage, sqooler_dropbox: Any
+) -> None:
+    """sqstore's Bob (signing) on Dropbox serves sqooler's Alice; sqooler verifies."""
+    private, public = sqstore.generate_keypair("sqstorekid")
+    sqstore.upload_config(dbx, sqstore.demo_config("sq", sign=True), "sq", private)
+    sqstore.upload_public_key(dbx, public, "sq")
+    job_id = sqooler_dropbox.upload_job(JOB, "sq", "alice")
+    sqooler_dropbox.upload_status("sq", "alice", job_id)
+    assert finish(dbx, "sq", private) == [job_id]
+    assert sqooler_dropbox.get_status("sq", "alice", job_id).status == "DONE"
+    result = sqooler_dropbox.get_result("sq", "alice", job_id)
+    assert result.status == "DONE" and result.results[0].data.memory == ["1"] * 5
+    assert sqooler_dropbox.verify_result("sq", job_id)
+    assert sqooler_dropbox.get_backend_status("sq").operational
+
+
+def test_dropbox_lifecycle_needs_at_most_half_of_sqoolers_requests(
+    dbx: Storage, dropbox_fake: Any, sqooler_dropbox: Any
+) -> None:
+    """A whole job life costs sqstore at most half the HTTP requests it costs sqooler 0.9.
+
+    The life: Alice submits a job and its status; Bob claims it, reads it and finishes it
+    with a result; Alice reads the status and the result.
+    """
+    from sqooler.schemes import ResultDict as SqoolerResult
+    from sqooler.schemes import StatusMsgDict
+
+    sqstore.upload_config(dbx, sqstore.demo_config("sq"), "sq")
+    sqstore.timestamp_queue(dbx, "sq")  # both Bobs start with a fresh heartbeat
+    result = sqstore.run_simulator(JOB, "x", "sq")
+
+    def sqstore_life() -> None:
+        job_id = sqstore.upload_job(dbx, JOB, "sq", "alice")
+        sqstore.upload_status(dbx, "sq", "alice", job_id)
+        assert sqstore.claim_job(dbx, "sq") is not None
+        done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
+        sqstore.update_in_database(dbx, attrs.evolve(result, job_id=job_id), done, job_id, "sq")
+        sqstore.get_status(dbx, "sq", "alice", job_id)
+        sqstore.get_result(dbx, "sq", "alice", job_id)
+
+    def sqooler_life() -> None:
+        job_id = sqooler_dropbox.upload_job(JOB, "sq", "alice")
+        sqooler_dropbox.upload_status("sq", "alice", job_id)
+        nxt = sqooler_dropbox.get_next_job_in_queue("sq")
+        sqooler_dropbox.get_job(storage_path=nxt.job_json_path, job_id=nxt.job_id)
+        res = SqoolerResult(**sqstore.to_doc(attrs.evolve(result, job_id=job_id)))
+        status = StatusMsgDict(job_id=job_id, status="DONE", detail="ok", error_message="")
+        sqooler_dropbox.update_in_database(res, status, job_id, "sq")
+        sqooler_dropbox.get_status("sq", "alice", job_id)
+        sqooler_dropbox.get_result("sq", "alice", job_id)
+
+    counts = []
+    for life in (sqstore_life, sqooler_life):
+        dropbox_fake.reset_counts()
+        life()
+        counts.append(sum(dropbox_fake.counts.values()))
+    print(f"HTTP requests per job lifecycle: sqstore {counts[0]}, sqooler 0.9 {counts[1]}")
+    assert counts[0] * 2 <= counts[1]
 
 
 # ============================================================================
