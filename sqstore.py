@@ -49,7 +49,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, cast
 
 import attrs
 import cattrs
@@ -1773,8 +1773,11 @@ def update_in_database(
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
     target = {"DONE": layout.finished, "ERROR": layout.deleted}.get(status.status)
     target = None if target is None else _job_fill(layout, target, display_name, job_id)
-    rerun = target is not None and _exists(store, target, file_id)  # finished before a crash
-    if lease is None and not _exists(store, layout.running, file_id) and not rerun:
+    if (
+        lease is None
+        and not _exists(store, layout.running, file_id)
+        and not (target is not None and _exists(store, target, file_id))  # a re-run after a crash
+    ):
         raise NotFoundError(f"job {job_id} is neither in {layout.running} nor finished")
     if status.status == "DONE":
         if result_dict is None:
@@ -2444,6 +2447,24 @@ def _bench_lifecycles(store: Storage, key: JWK | None, jobs: int) -> float:
     return jobs / (time.perf_counter() - start)
 
 
+def _bench_ops(store: Storage, key: JWK | None) -> dict[str, int]:
+    """Count the storage calls of one round trip, per verb."""
+    counts = dict.fromkeys(_OPS, 0)
+
+    def counted(op: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(call)
+        def count(*args: Any) -> Any:
+            counts[op] += 1
+            return call(*args)
+
+        return count
+
+    calls = {op: counted(op, cast(Callable[..., Any], store.get(op))) for op in _OPS}
+    _bench_lifecycles(store, key, 1)  # the first heartbeat is not part of every round trip
+    _bench_lifecycles(cast(Storage, {**store, **calls}), key, 1)
+    return counts
+
+
 def _bench_raw(root: str, jobs: int) -> float:
     """The same file writes, renames and reads as a round trip, in plain os and json."""
     seq = [0]
@@ -2613,6 +2634,7 @@ def _bench(root: str, jobs: int, repeats: int, queue: int, progress: Callable[[s
             f"claims, {queue} queued", lambda: claims(queue), times=min(repeats, 3)
         ),
     }
+    figures["ops_per_round_trip"] = _bench_ops(*fresh("ops", False))
     pairs = [verify_rates() for _ in range(repeats)]
     figures["verify_result"] = statistics.median(p[0] for p in pairs)
     figures["bare_verify"] = statistics.median(p[1] for p in pairs)
@@ -2637,6 +2659,8 @@ def _bench_table(f: Doc) -> str:
         ("raw baseline (plain os + json)", f"{f['raw_baseline']:.0f} jobs/s", ""),
         ("claim while draining 100 queued", f"{f['claim_us_100']:.0f} us/job", ""),
         (f"claim while draining {f['long_queue']} queued", f"{f['claim_us_long']:.0f} us/job", ""),
+        ("storage calls per round trip", str(sum(f["ops_per_round_trip"].values())),
+         " ".join(f"{op} {n}" for op, n in f["ops_per_round_trip"].items() if n)),
         ("verify_result", f"{f['verify_result']:.0f} /s", ""),
         ("bare PyNaCl verify, same input", f"{f['bare_verify']:.0f} /s", ""),
         ("import sqstore (cumulative)", f"{f['import_ms']:.0f} ms", "< 100 ms"),
