@@ -471,11 +471,15 @@ def _structure_object(value: Any, _: Any) -> Doc:
     return value
 
 
-def _structure_strings(value: Any, _: Any) -> tuple[str, ...]:
-    """A list of strings (e.g. 100 measured shots) in one pass, not one hook per item."""
-    if not isinstance(value, (list, tuple)) or not all(type(v) is str for v in value):
-        raise ValueError(f"not a list of strings: {value!r:.80}")
-    return tuple(value)
+def _tuple_of(kind: type, what: str) -> Callable[[Any, Any], tuple[Any, ...]]:
+    """A hook for a JSON list of one kind of item (e.g. 100 measured shots): one pass, no copy."""
+
+    def structure(value: Any, _: Any) -> tuple[Any, ...]:
+        if not isinstance(value, (list, tuple)) or not set(map(type, value)) <= {kind}:
+            raise ValueError(f"not a list of {what}: {value!r:.80}")
+        return tuple(value)
+
+    return structure
 
 
 def _make_converter() -> cattrs.Converter:
@@ -483,7 +487,8 @@ def _make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook(datetime, datetime.isoformat)
     conv.register_structure_hook(datetime, _parse_datetime)
     conv.register_structure_hook_func(lambda t: t == Doc, _structure_object)
-    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_strings)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _tuple_of(str, "strings"))
+    conv.register_structure_hook_func(lambda t: t == tuple[Doc, ...], _tuple_of(dict, "objects"))
     conv.register_unstructure_hook(
         FlatJWS,
         make_dict_unstructure_fn(FlatJWS, conv, header=override(omit_if_default=True)),

@@ -2396,6 +2396,32 @@ def test_cli_bench_prints_figures_and_cleans_up(tmp_path: Path) -> None:
     assert "round trip / raw baseline" in table.stdout and table.returncode == 0
 
 
+def test_cli_bench_shows_progress_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, bench shows what it is measuring on stderr and clears the line."""
+    import pty
+
+    leader, follower = pty.openpty()
+    args = ["bench", "--jobs", "2", "--repeats", "1", "--queue", "5", "--dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqstore", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=follower, env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120,
+    )  # fmt: skip
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.returncode == 0
+    assert b"bench: round trip 1/1" in seen and seen.endswith(b"\r\x1b[K")
+    assert b"round trip" in proc.stdout
+
+
 def test_cli_keygen(tmp_path: Path) -> None:
     """keygen writes the private JWK with mode 0600, prints the public one, never overwrites."""
     proc = run_cli("keygen", "mykid", cwd=tmp_path)
