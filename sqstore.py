@@ -1813,6 +1813,11 @@ def _check_store_name(name: str) -> str:
     return check_name(name, "storage name", pattern=_STORE_NAME_RE)
 
 
+def _checked(path: str, doc_id: str) -> str:
+    """Validate a folder path and a document id; return ``path/id`` for messages."""
+    return f"{_check_path(path)}/{check_name(doc_id, 'id')}"
+
+
 def _dumps(doc: Any, where: str) -> str:
     if not isinstance(doc, dict):
         raise InvalidDocumentError(f"{where}: a document must be a JSON object")
@@ -1843,7 +1848,7 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
     lock = threading.Lock()
 
     def upload(path: str, doc_id: str, doc: Doc) -> None:
-        text = _dumps(doc, f"{_check_path(path)}/{check_name(doc_id, 'id')}")
+        text = _dumps(doc, _checked(path, doc_id))
         with lock:
             folder = folders.setdefault(path, {})
             if doc_id in folder:
@@ -1851,14 +1856,14 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
             folder[doc_id] = text
 
     def update(path: str, doc_id: str, doc: Doc) -> None:
-        text = _dumps(doc, f"{_check_path(path)}/{check_name(doc_id, 'id')}")
+        text = _dumps(doc, _checked(path, doc_id))
         with lock:
             if doc_id not in folders.get(path, {}):
                 raise NotFoundError(f"{path}/{doc_id} does not exist")
             folders[path][doc_id] = text
 
     def get(path: str, doc_id: str) -> Doc:
-        where = f"{_check_path(path)}/{check_name(doc_id, 'id')}"
+        where = _checked(path, doc_id)
         try:
             text = folders[path][doc_id]
         except KeyError:
@@ -1866,9 +1871,8 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
         return _loads(text, where)
 
     def move(src: str, dst: str, doc_id: str) -> None:
-        _check_path(src)
+        _checked(src, doc_id)
         _check_path(dst)
-        check_name(doc_id, "id")
         with lock:
             if doc_id not in folders.get(src, {}):
                 raise NotFoundError(f"{src}/{doc_id} does not exist")
@@ -1878,7 +1882,7 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
             target[doc_id] = folders[src].pop(doc_id)
 
     def delete(path: str, doc_id: str) -> None:
-        where = f"{_check_path(path)}/{check_name(doc_id, 'id')}"
+        where = _checked(path, doc_id)
         with lock:
             if folders.get(path, {}).pop(doc_id, None) is None:
                 raise NotFoundError(f"{where} does not exist")
@@ -1920,8 +1924,7 @@ def local_storage(
     base = os.fspath(root)
 
     def where(path: str, doc_id: str) -> tuple[str, str]:
-        folder = f"{base}/{_check_path(path)}"
-        return folder, f"{folder}/{check_name(doc_id, 'id')}.json"
+        return f"{base}/{path}", f"{base}/{_checked(path, doc_id)}.json"
 
     def fail(exc: OSError, what: str) -> SqstoreError:
         if exc.errno == errno.ENOENT:
@@ -2100,11 +2103,9 @@ def dropbox_storage(
     configs = layout.configs
 
     def file_of(path: str, doc_id: str) -> str:
-        _check_path(path)
-        check_name(doc_id, "id")
         if path == configs:  # sqooler keeps each config in a folder of its own
-            return f"/{path}/{doc_id}/config.json"
-        return f"/{path}/{doc_id}.json"
+            return f"/{_checked(path, doc_id)}/config.json"
+        return f"/{_checked(path, doc_id)}.json"
 
     def call(what: str, request: Callable[[], Any], api_error: Callable[[Any], Any]) -> Any:
         try:
