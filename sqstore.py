@@ -1923,8 +1923,10 @@ def local_storage(
     _check_store_name(name)
     base = os.fspath(root)
 
-    def where(path: str, doc_id: str) -> tuple[str, str]:
-        return f"{base}/{path}", f"{base}/{_checked(path, doc_id)}.json"
+    def where(path: str, doc_id: str) -> tuple[str, str, str]:
+        """(folder, file, 'path/id' for messages), after validating path and id."""
+        what = _checked(path, doc_id)
+        return f"{base}/{path}", f"{base}/{what}.json", what
 
     def fail(exc: OSError, what: str) -> SqstoreError:
         if exc.errno == errno.ENOENT:
@@ -1959,8 +1961,8 @@ def local_storage(
         return temp
 
     def upload(path: str, doc_id: str, doc: Doc) -> None:
-        folder, file = where(path, doc_id)
-        data = _dumps(doc, f"{path}/{doc_id}").encode()
+        folder, file, what = where(path, doc_id)
+        data = _dumps(doc, what).encode()
         try:
             temp = write_temp(folder, doc_id, data)
             try:
@@ -1970,14 +1972,14 @@ def local_storage(
             if durable:
                 sync_dir(folder)
         except OSError as exc:
-            raise fail(exc, f"{path}/{doc_id}") from exc
+            raise fail(exc, what) from exc
 
     def update(path: str, doc_id: str, doc: Doc) -> None:
-        folder, file = where(path, doc_id)
-        data = _dumps(doc, f"{path}/{doc_id}").encode()
+        folder, file, what = where(path, doc_id)
+        data = _dumps(doc, what).encode()
         try:
             if not os.path.exists(file):
-                raise NotFoundError(f"{path}/{doc_id} does not exist")
+                raise NotFoundError(f"{what} does not exist")
             temp = write_temp(folder, doc_id, data)
             try:
                 os.replace(temp, file)
@@ -1989,24 +1991,24 @@ def local_storage(
         except OSError as exc:
             if isinstance(exc, SqstoreError):
                 raise
-            raise fail(exc, f"{path}/{doc_id}") from exc
+            raise fail(exc, what) from exc
 
     def get(path: str, doc_id: str) -> Doc:
-        _, file = where(path, doc_id)
+        _, file, what = where(path, doc_id)
         try:
             with open(file, "rb") as handle:
                 data = handle.read()
         except OSError as exc:
-            raise fail(exc, f"{path}/{doc_id}") from exc
-        return _loads(data, f"{path}/{doc_id}")
+            raise fail(exc, what) from exc
+        return _loads(data, what)
 
     def move(src: str, dst: str, doc_id: str) -> None:
-        _, source = where(src, doc_id)
-        folder, target = where(dst, doc_id)
+        source_folder, source, what = where(src, doc_id)
+        folder, target, _ = where(dst, doc_id)
         try:
             if os.path.lexists(target):
                 if not os.path.lexists(source):
-                    raise NotFoundError(f"{src}/{doc_id} does not exist")
+                    raise NotFoundError(f"{what} does not exist")
                 raise AlreadyExistsError(f"{dst}/{doc_id} already exists")
             try:
                 os.rename(source, target)
@@ -2018,17 +2020,20 @@ def local_storage(
                     raise
             if durable:
                 sync_dir(folder)
+                sync_dir(source_folder)
         except OSError as exc:
             if isinstance(exc, SqstoreError):
                 raise
-            raise fail(exc, f"{src}/{doc_id}") from exc
+            raise fail(exc, what) from exc
 
     def delete(path: str, doc_id: str) -> None:
-        _, file = where(path, doc_id)
+        folder, file, what = where(path, doc_id)
         try:
             os.unlink(file)
+            if durable:
+                sync_dir(folder)
         except OSError as exc:
-            raise fail(exc, f"{path}/{doc_id}") from exc
+            raise fail(exc, what) from exc
 
     def list_ids(path: str) -> list[str]:
         folder = f"{base}/{_check_path(path)}"
