@@ -1430,7 +1430,7 @@ def verify_result(store: Storage, display_name: str, job_id: str) -> bool:
     _check_handle(store)
     path, doc_id = _result_location(store, display_name, job_id)
     raw = _read(store, path, doc_id)
-    key = get_public_key(store, display_name)
+    key = get_public_key_from_kid(store, _config_kid(store, display_name))
     try:
         verify_doc(raw, [key])
     except (BadSignatureError, InvalidDocumentError):
@@ -1490,10 +1490,19 @@ def get_public_key(store: Storage, display_name: str) -> JWK:
     Raises:
         NotFoundError: no config, no kid in it, or no key under that kid.
     """
-    cfg = get_config(store, display_name)
-    if cfg.kid is None:
+    _check_handle(store)
+    return get_public_key_from_kid(store, _config_kid(store, display_name))
+
+
+def _config_kid(store: Storage, display_name: str) -> str:
+    """The ``kid`` of a backend's config, read without structuring the whole config."""
+    path, doc_id = _config_location(store, display_name)
+    kid = payload_of(_read(store, path, doc_id)).get("kid")
+    if kid is None:
         raise NotFoundError(f"backend {display_name!r} has no kid: it publishes no key")
-    return get_public_key_from_kid(store, cfg.kid)
+    if not isinstance(kid, str):
+        raise InvalidDocumentError(f"{path}/{doc_id}: kid must be a string, not {kid!r}")
+    return kid
 
 
 def _default_holder() -> str:
