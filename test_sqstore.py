@@ -461,7 +461,7 @@ def test_rfc8037_key_and_thumbprint() -> None:
 def test_rfc8037_signature_bit_for_bit() -> None:
     """The Appendix A.4 signing input signs to the RFC's signature, which verifies (A.5)."""
     private, public = rfc_keys()
-    signature = sqstore._ed25519_sign(private, RFC_SIGNING_INPUT.encode())
+    signature = sqstore._signer(private)(RFC_SIGNING_INPUT.encode())
     assert base64.urlsafe_b64encode(signature).decode().rstrip("=") == RFC_SIGNATURE
     assert sqstore._ed25519_verify(public, RFC_SIGNING_INPUT.encode(), signature)
     flipped = bytes([signature[0] ^ 1]) + signature[1:]
@@ -2418,7 +2418,7 @@ def test_cli_bench_shows_progress_on_a_terminal(tmp_path: Path) -> None:
         seen += chunk
     os.close(leader)
     assert proc.returncode == 0
-    assert b"bench: round trip 1/1" in seen and seen.endswith(b"\r\x1b[K")
+    assert b"bench: round trips 1/1" in seen and seen.endswith(b"\r\x1b[K")
     assert b"round trip" in proc.stdout
 
 
