@@ -977,6 +977,17 @@ def test_unsigned_or_tampered_results_do_not_verify(signed: Storage, keys: Any) 
         sqstore.verify_result(signed, "sim", sqstore.create_job_id(signed, "sim", "alice"))
 
 
+def test_verify_result_with_a_given_key(signed: Storage, keys: Any) -> None:
+    """A frontend may pass the key it fetched once; another key does not verify."""
+    private, public = keys
+    job_id = sqstore.upload_job(signed, JOB, "sim", "alice")
+    finish(signed, "sim", private)
+    assert sqstore.verify_result(signed, "sim", job_id, public_jwk=public)
+    assert sqstore.verify_result(signed, "sim", job_id, public_jwk=sqstore.to_doc(public))
+    _, stranger = sqstore.generate_keypair("bobkey")
+    assert not sqstore.verify_result(signed, "sim", job_id, public_jwk=stranger)
+
+
 def test_signing_backend_needs_a_key_for_results(signed: Storage) -> None:
     """A backend that signs cannot upload an unsigned result."""
     job_id = sqstore.create_job_id(signed, "sim", "alice")
@@ -2390,6 +2401,11 @@ def test_cli_bench_prints_figures_and_cleans_up(tmp_path: Path) -> None:
     ):
         assert figures[key] > 0, key
     assert figures["long_queue"] == 20
+    assert set(figures["ratios"]) == {
+        "round_trip_per_raw", "signed_per_unsigned", "verify_per_bare",
+        "verify_key_given_per_bare", "long_queue_claim_per_short",
+    }  # fmt: skip
+    assert figures["verify_result_key_given"] > 0
     assert proc.stderr == "", "progress is shown only on a terminal"
     assert list(tmp_path.iterdir()) == []
     table = run_cli("bench", "--jobs", "2", "--repeats", "1", "--queue", "5", cwd=tmp_path)
