@@ -779,7 +779,7 @@ def _json_bytes(doc: Any, what: str) -> bytes:
 def _sqooler_signing_input(header: JWSHeader, body: bytes) -> bytes:
     """sqooler's signing input: padded base64url of the compact header and of the body."""
     compact = json.dumps(to_doc(header), separators=(",", ":"), ensure_ascii=False).encode()
-    return f"{_b64url(compact, pad=True)}.{_b64url(body, pad=True)}".encode()
+    return base64.urlsafe_b64encode(compact) + b"." + base64.urlsafe_b64encode(body)
 
 
 def sign_doc(payload: Doc, private_jwk: JWK | Mapping[str, Any], *, fmt: str = "sqooler") -> Doc:

@@ -2153,52 +2153,6 @@ def sqooler_dropbox(dropbox_fake: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return DropboxProviderExtended(login, name="dropbox")
 
 
-def test_sqooler_dropbox_spooler_serves_an_sqstore_frontend(
-    dbx: Storage, sqooler_dropbox: Any
-) -> None:
-    """sqooler's Bob (signing) on Dropbox serves sqstore's Alice; she verifies."""
-    from sqooler.schemes import BackendConfigSchemaIn, StatusMsgDict
-    from sqooler.schemes import ResultDict as SqoolerResult
-    from sqooler.security import create_jwk_pair
-
-    private, public = create_jwk_pair("sqoolerkid")
-    config = BackendConfigSchemaIn(**sqstore.to_doc(sqstore.demo_config("sq", sign=True)))
-    sqooler_dropbox.upload_config(config, "sq", private)
-    sqooler_dropbox.upload_public_key(public, "sq")
-    job_id = sqstore.upload_job(dbx, JOB, "sq", "alice")
-    sqstore.upload_status(dbx, "sq", "alice", job_id)
-
-    nxt = sqooler_dropbox.get_next_job_in_queue("sq", private)
-    assert nxt.job_id == job_id
-    job = sqooler_dropbox.get_job(storage_path=nxt.job_json_path, job_id=nxt.job_id)
-    result = sqstore.run_simulator(job, job_id, "sq")
-    status = StatusMsgDict(job_id=job_id, status="DONE", detail="ok", error_message="None")
-    sqooler_dropbox.update_in_database(
-        SqoolerResult(**sqstore.to_doc(result)), status, job_id, "sq", private
-    )
-    assert sqstore.get_status(dbx, "sq", "alice", job_id).status == "DONE"
-    assert sqstore.get_result(dbx, "sq", "alice", job_id).results == result.results
-    assert sqstore.verify_result(dbx, "sq", job_id)
-    assert sqstore.get_backends(dbx) == sqooler_dropbox.get_backends() == ["sq"]
-
-
-def test_sqstore_dropbox_spooler_serves_a_sqooler_frontend(
-    dbx: Storage, sqooler_dropbox: Any
-) -> None:
-    """sqstore's Bob (signing) on Dropbox serves sqooler's Alice; sqooler verifies."""
-    private, public = sqstore.generate_keypair("sqstorekid")
-    sqstore.upload_config(dbx, sqstore.demo_config("sq", sign=True), "sq", private)
-    sqstore.upload_public_key(dbx, public, "sq")
-    job_id = sqooler_dropbox.upload_job(JOB, "sq", "alice")
-    sqooler_dropbox.upload_status("sq", "alice", job_id)
-    assert finish(dbx, "sq", private) == [job_id]
-    assert sqooler_dropbox.get_status("sq", "alice", job_id).status == "DONE"
-    result = sqooler_dropbox.get_result("sq", "alice", job_id)
-    assert result.status == "DONE" and result.results[0].data.memory == ["1"] * 5
-    assert sqooler_dropbox.verify_result("sq", job_id)
-    assert sqooler_dropbox.get_backend_status("sq").operational
-
-
 def test_dropbox_lifecycle_needs_at_most_half_of_sqoolers_requests(
     dbx: Storage, dropbox_fake: Any, sqooler_dropbox: Any
 ) -> None:
@@ -2244,7 +2198,7 @@ def test_dropbox_lifecycle_needs_at_most_half_of_sqoolers_requests(
 
 
 # ============================================================================
-# Interoperability with sqooler 0.9 on one directory
+# Interoperability with sqooler 0.9 on one directory and on Dropbox
 # ============================================================================
 @pytest.fixture
 def sqooler(tmp_path: Path) -> Any:
@@ -2261,18 +2215,25 @@ def sqooler(tmp_path: Path) -> Any:
     return LocalProviderExtended(login, name="local")
 
 
-def test_sqooler_spooler_serves_an_sqstore_frontend(sqooler: Any, tmp_path: Path) -> None:
-    """sqooler's Bob (signing) and sqstore's Alice share a directory."""
+@pytest.fixture(params=["local", "dropbox"])
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Any, Storage]:
+    """sqooler 0.9's provider and an sqstore handle on one storage: a directory, or Dropbox."""
+    if request.param == "local":
+        return request.getfixturevalue("sqooler"), sqstore.local_storage(tmp_path / "store")
+    return request.getfixturevalue("sqooler_dropbox"), request.getfixturevalue("dbx")
+
+
+def test_sqooler_spooler_serves_an_sqstore_frontend(shared: tuple[Any, Storage]) -> None:
+    """sqooler's Bob (signing) serves sqstore's Alice on one storage; she verifies."""
     from sqooler.schemes import BackendConfigSchemaIn, StatusMsgDict
     from sqooler.schemes import ResultDict as SqoolerResult
     from sqooler.security import create_jwk_pair
 
+    sqooler, store = shared
     private, public = create_jwk_pair("sqoolerkid")
     config = BackendConfigSchemaIn(**sqstore.to_doc(sqstore.demo_config("sq", sign=True)))
     sqooler.upload_config(config, "sq", private)
     sqooler.upload_public_key(public, "sq")
-
-    store = sqstore.local_storage(tmp_path / "store")
     job_id = sqstore.upload_job(store, JOB, "sq", "alice")
     sqstore.upload_status(store, "sq", "alice", job_id)
 
@@ -2286,19 +2247,18 @@ def test_sqooler_spooler_serves_an_sqstore_frontend(sqooler: Any, tmp_path: Path
     )
 
     assert sqstore.get_status(store, "sq", "alice", job_id).status == "DONE"
-    got = sqstore.get_result(store, "sq", "alice", job_id)
-    assert got.results == result.results
+    assert sqstore.get_result(store, "sq", "alice", job_id).results == result.results
     assert sqstore.verify_result(store, "sq", job_id)
     assert sqstore.get_public_key(store, "sq").x == public.x.decode()
     assert sqstore.get_backend_status(store, "sq").operational
     assert sqstore.get_backends(store) == sqooler.get_backends() == ["sq"]
 
 
-def test_sqstore_spooler_serves_a_sqooler_frontend(sqooler: Any, tmp_path: Path) -> None:
-    """sqstore's Bob (signing) and sqooler's Alice share a directory; sqooler verifies."""
+def test_sqstore_spooler_serves_a_sqooler_frontend(shared: tuple[Any, Storage]) -> None:
+    """sqstore's Bob (signing) serves sqooler's Alice on one storage; sqooler verifies."""
     from sqooler.security import JWK as SqoolerJWK
 
-    store = sqstore.local_storage(tmp_path / "store")
+    sqooler, store = shared
     private, public = sqstore.generate_keypair("sqstorekid")
     sqstore.upload_config(store, sqstore.demo_config("sq", sign=True), "sq", private)
     sqstore.upload_public_key(store, public, "sq")
@@ -2310,15 +2270,15 @@ def test_sqstore_spooler_serves_a_sqooler_frontend(sqooler: Any, tmp_path: Path)
     assert sqooler.get_status("sq", "alice", job_id).status == "DONE"
     result = sqooler.get_result("sq", "alice", job_id)
     assert result.status == "DONE" and result.results[0].data.memory == ["1"] * 5
-    assert result.backend_name == "local_sq_simulator"
+    assert result.backend_name == f"{store['name']}_sq_simulator"
     assert sqooler.verify_result("sq", job_id)
     assert sqooler.get_public_key("sq").x.decode() == public.x
     assert sqooler.get_backend_status("sq").operational
-    assert sqooler.get_backend_dict("sq").backend_name == "local_sq_simulator"
+    assert sqooler.get_backend_dict("sq").backend_name == f"{store['name']}_sq_simulator"
     # sqooler accepts our key as its own: it can update the config we signed
     sqooler.update_config(sqooler.get_config("sq"), "sq", SqoolerJWK(**sqstore.to_doc(private)))
     assert sqstore.get_config(store, "sq").kid == "sqstorekid"
-    raw = store["get"]("backends/configs", "sq")
+    raw = store["get"](folder(store, "configs"), doc_id(store, "configs", "", "sq"))
     assert sqstore.verify_doc(raw, [public])
 
 
