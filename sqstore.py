@@ -23,9 +23,13 @@ the handle first.  Usage::
     >>> nxt.job_id == job_id, nxt.job_json_path
     (True, 'jobs/running')
 
-Backends: ``memory_storage()`` (in-process) and ``local_storage(root)`` (a
-directory).  Optional dependencies are imported only by the functions that need
-them, so ``import sqstore`` loads attrs and cattrs alone.  Python >= 3.10.
+Backends: ``memory_storage()`` (in-process), ``local_storage(root)`` (a
+directory) and ``dropbox_storage(...)`` (a Dropbox app folder, through the
+official SDK).  Claims are exactly-once and leased (`claim_jobs`,
+`requeue_expired`); writes are atomic; names are validated before they reach a
+path; results are signed with Ed25519 in sqooler's JWS form or RFC 7515's.
+PyNaCl and the Dropbox SDK are imported only by the functions that need them, so
+``import sqstore`` loads attrs and cattrs alone.  Python >= 3.10.
 """
 
 from __future__ import annotations
@@ -567,8 +571,8 @@ class Storage(TypedDict):
 
     Paths are folders such as ``jobs/queued/sim``; ids name one document in a
     folder.  The callables raise `NotFoundError`, `AlreadyExistsError`,
-    `InvalidNameError`, `InvalidDocumentError`, `TransientError` or
-    `StorageError`, never a backend's own exceptions.
+    `InvalidNameError`, `InvalidDocumentError`, `TransientError`,
+    `CredentialsError` or `StorageError`, never a backend's own exceptions.
     """
 
     name: str
@@ -2272,12 +2276,6 @@ def dropbox_storage(
         list=list_ids,
     )
 
-
-# ============================================================================
-# Layers
-# ============================================================================
-
-# Layers (read_only, with_retry, with_logging, metrics) arrive with storage URLs.
 
 # ============================================================================
 # CLI
