@@ -39,6 +39,7 @@ from __future__ import annotations
 # ============================================================================
 import base64
 import binascii
+import contextlib
 import errno
 import functools
 import json
@@ -1770,7 +1771,8 @@ def requeue_expired(
         try:
             lease = _read_lease(store, job_id)
         except InvalidDocumentError:
-            store["delete"](layout.leases, job_id)  # a torn lease guards nothing
+            with contextlib.suppress(NotFoundError):  # a torn lease guards nothing
+                store["delete"](layout.leases, job_id)
             continue
         if lease is None or lease.expires > current:
             continue
@@ -1800,7 +1802,8 @@ def update_in_database(
 
     DONE: upload the result (signed when the backend signs) and move the job to
     finished.  ERROR: move the job to deleted.  Then write the status (signed
-    when the backend signs and *private_jwk* is given) and release the lease.
+    when the backend signs and *private_jwk* is given) and, for DONE and ERROR,
+    release the lease (any other status only reports progress).
     Safe to re-run after a crash at any step.  With *holder*, refuse to finish a
     job whose lease another worker holds.
 
@@ -1842,7 +1845,7 @@ def update_in_database(
             store["get"](target, file_id)  # finished by an earlier run of this step?
     status_doc = to_doc(status) if sign is None else sign(to_doc(status))
     _put_status(store, display_name, None, job_id, status_doc)
-    if lease is not None:
+    if lease is not None and target is not None:  # a job still running keeps its lease
         _drop_lease(store, lease)
 
 

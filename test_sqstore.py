@@ -1010,6 +1010,17 @@ def test_error_moves_the_job_to_deleted(store: Storage) -> None:
     assert jobs_in(store, "running") == jobs_in(store, "leases") == []
 
 
+def test_progress_status_keeps_the_job_and_its_lease(store: Storage) -> None:
+    """A status that is neither DONE nor ERROR is written; the job stays running and leased."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.claim_job(store, "sim", holder="w")
+    progress = sqstore.StatusMsg(job_id, "QUEUED", "50 % done", "None")
+    sqstore.update_in_database(store, None, progress, job_id, "sim", holder="w")
+    assert sqstore.get_status(store, "sim", "alice", job_id) == progress
+    assert jobs_in(store, "running") == jobs_in(store, "leases") == [job_id]
+
+
 def test_finish_is_safe_to_rerun(signed: Storage, keys: Any) -> None:
     """Running update_in_database again (after a crash) neither fails nor duplicates."""
     private, _ = keys
