@@ -1770,7 +1770,9 @@ def requeue_expired(
     for job_id in store["list"](layout.leases):
         try:
             lease = _read_lease(store, job_id)
-        except InvalidDocumentError:
+            if lease is not None:
+                _check_display_name(lease.display_name)
+        except (InvalidDocumentError, InvalidNameError):
             with contextlib.suppress(NotFoundError):  # a torn lease guards nothing
                 store["delete"](layout.leases, job_id)
             continue

@@ -864,6 +864,18 @@ def test_expired_leases_are_requeued(store: Storage) -> None:
     assert again is not None and again[0].job_id == job_id
 
 
+def test_torn_or_hostile_leases_are_swept(store: Storage) -> None:
+    """A lease that is not a lease, or names an unsafe backend, is deleted, not followed."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    hostile = sqstore.Lease(job_id, "../../etc", "x", "t", 0.0)
+    store["upload"](folder(store, "leases"), job_id, sqstore.to_doc(hostile))
+    store["upload"](folder(store, "leases"), "other", {"not": "a lease"})
+    assert sqstore.requeue_expired(store) == []
+    assert jobs_in(store, "leases") == []
+    assert jobs_in(store, "queued") == [job_id]
+
+
 def test_lease_renewal(store: Storage) -> None:
     """The holder can extend its lease; anyone else gets LeaseLostError."""
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
