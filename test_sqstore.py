@@ -2508,6 +2508,18 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run_cli("--version", cwd=tmp_path).stdout.strip() == f"sqstore {sqstore.__version__}"
 
 
+def test_readme_quickstart_runs(tmp_path: Path) -> None:
+    """The README's Alice and Bob examples run as written (on a temporary directory)."""
+    text = (HERE / "README.md").read_text()
+    alice, bob = re.findall(r"```python\n(.*?)```", text, re.S)[:2]
+    submit, later = alice.split("# later")
+    script = "\n".join((submit, bob, later)).replace('"/srv/exchange"', repr(str(tmp_path)))
+    namespace: dict[str, Any] = {}
+    exec(compile(script, "README.md", "exec"), namespace)
+    assert namespace["status"].status == "DONE"
+    assert namespace["result"].status == "DONE"
+
+
 def test_import_loads_no_optional_dependency() -> None:
     """`import sqstore` imports neither pymongo, dropbox nor nacl."""
     code = (
