@@ -1184,8 +1184,9 @@ def test_local_storage_errors_name_the_path(tmp_path: Path) -> None:
         store["upload"]("f", "x", {})
 
 
-def _race_worker(root: str, worker: int, ids: list[str], out: str) -> None:
+def _race_worker(root: str, worker: int, ids: list[str], out: str, start: Any) -> None:
     store = sqstore.local_storage(root)
+    start.wait()  # every process is up before any races
     won = {"upload": [], "move": []}
     for doc_id in ids:
         try:
@@ -1211,7 +1212,10 @@ def test_racing_uploads_and_moves_have_one_winner(tmp_path: Path) -> None:
         store["upload"]("race/src", doc_id, {"id": doc_id})
     ctx = multiprocessing.get_context("spawn")
     outs = [str(tmp_path / f"r{i}.json") for i in range(4)]
-    procs = [ctx.Process(target=_race_worker, args=(root, i, ids, outs[i])) for i in range(4)]
+    start = ctx.Barrier(4)
+    procs = [
+        ctx.Process(target=_race_worker, args=(root, i, ids, outs[i], start)) for i in range(4)
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -1228,8 +1232,9 @@ def test_racing_uploads_and_moves_have_one_winner(tmp_path: Path) -> None:
         assert all(store["get"]("race/up", d) == {"by": i} for d in won["upload"])
 
 
-def _claim_worker(root: str, name: str, out: str) -> None:
+def _claim_worker(root: str, name: str, out: str, start: Any) -> None:
     store = sqstore.local_storage(root)
+    start.wait()  # every process is up before any claims
     done = []
     while (claimed := sqstore.claim_job(store, "sim", holder=name)) is not None:
         nxt, job = claimed
@@ -1249,7 +1254,10 @@ def test_four_processes_claim_500_jobs_exactly_once(tmp_path: Path) -> None:
     submitted = {sqstore.upload_job(store, job, "sim", "alice") for _ in range(500)}
     ctx = multiprocessing.get_context("spawn")
     outs = [str(tmp_path / f"w{i}.json") for i in range(4)]
-    procs = [ctx.Process(target=_claim_worker, args=(root, f"w{i}", outs[i])) for i in range(4)]
+    start = ctx.Barrier(4)
+    procs = [
+        ctx.Process(target=_claim_worker, args=(root, f"w{i}", outs[i], start)) for i in range(4)
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -2114,8 +2122,10 @@ def test_dropbox_racing_claimers_each_get_distinct_jobs(dropbox_fake: Any) -> No
     sqstore.upload_config(stores[0], sqstore.demo_config("sim"), "sim")
     submitted = {sqstore.upload_job(stores[0], {"e": {}}, "sim", "alice") for _ in range(40)}
     claimed: list[list[str]] = [[] for _ in stores]
+    start = threading.Barrier(4)
 
     def work(i: int) -> None:
+        start.wait()
         for nxt, _ in sqstore.claim_jobs(stores[i], "sim", holder=f"w{i}"):
             claimed[i].append(nxt.job_id)
 
@@ -2135,8 +2145,10 @@ def test_dropbox_racing_moves_have_one_winner(dropbox_fake: Any) -> None:
     stores = [dropbox_store(dropbox_fake) for _ in range(4)]
     stores[0]["upload"]("src", "x", {})
     outcomes: list[str] = []
+    start = threading.Barrier(4)
 
     def mover(i: int) -> None:
+        start.wait()
         try:
             stores[i]["move"]("src", f"dst{i}", "x")
             outcomes.append("won")
