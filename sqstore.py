@@ -2120,7 +2120,8 @@ def dropbox_storage(
     Give the app key, app secret and refresh token (a client is built with
     *session*, a ``requests.Session``, if given) or a ready ``dropbox.Dropbox``
     *client*.  One client serves every call, and each call is one HTTP request
-    (``update`` is two: it reads the revision and replaces exactly that one).
+    (``update`` is two: it checks that the file exists, then overwrites it; as
+    on a local disk, the last of several writers wins).
     ``upload`` adds with ``strict_conflict``, ``move`` is ``files_move_v2`` so
     that one of several racing movers wins, ``list`` follows every page.  Rate
     limits and server errors are retried *retries* times, then raise
@@ -2208,19 +2209,11 @@ def dropbox_storage(
     def update(path: str, doc_id: str, doc: Doc) -> None:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
         data = _dumps(doc, what).encode()
-        meta = call(what, lambda: client.files_get_metadata(file), not_found(what))
-
-        def gone(error: Any) -> SqstoreError | None:  # deleted or replaced meanwhile
-            if error.is_path() and error.get_path().reason.is_conflict():
-                return NotFoundError(f"{what} changed or vanished while it was updated")
-            return None
-
-        mode = WriteMode.update(meta.rev)
-        call(
-            what,
-            lambda: client.files_upload(data, file, mode=mode, strict_conflict=True, mute=True),
-            gone,
+        call(what, lambda: client.files_get_metadata(file), not_found(what))
+        overwrite = functools.partial(
+            client.files_upload, data, file, mode=WriteMode.overwrite, mute=True
         )
+        call(what, overwrite, lambda error: None)
 
     def get(path: str, doc_id: str) -> Doc:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"

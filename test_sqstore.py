@@ -2122,22 +2122,51 @@ def test_dropbox_racing_claimers_each_get_distinct_jobs(dropbox_fake: Any) -> No
     sqstore.upload_config(stores[0], sqstore.demo_config("sim"), "sim")
     submitted = {sqstore.upload_job(stores[0], {"e": {}}, "sim", "alice") for _ in range(40)}
     claimed: list[list[str]] = [[] for _ in stores]
+    errors: list[BaseException] = []
     start = threading.Barrier(4)
 
     def work(i: int) -> None:
         start.wait()
-        for nxt, _ in sqstore.claim_jobs(stores[i], "sim", holder=f"w{i}"):
-            claimed[i].append(nxt.job_id)
+        try:
+            for nxt, _ in sqstore.claim_jobs(stores[i], "sim", holder=f"w{i}"):
+                claimed[i].append(nxt.job_id)
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
+    assert errors == []
     everything = [job_id for ids in claimed for job_id in ids]
     assert len(everything) == len(set(everything)) == 40
     assert set(everything) == submitted
     assert sum(1 for ids in claimed if ids) >= 2, "the workers did not actually race"
+
+
+def test_dropbox_concurrent_updates_last_writer_wins(dropbox_fake: Any) -> None:
+    """Writers replacing one document at once all succeed; one of their versions stays."""
+    stores = [dropbox_store(dropbox_fake) for _ in range(4)]
+    stores[0]["upload"]("f", "hot", {"by": -1})
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def writer(i: int) -> None:
+        start.wait()
+        try:
+            for n in range(8):
+                stores[i]["update"]("f", "hot", {"by": i, "n": n})
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert stores[0]["get"]("f", "hot") in [{"by": i, "n": 7} for i in range(4)]
 
 
 def test_dropbox_racing_moves_have_one_winner(dropbox_fake: Any) -> None:
