@@ -2116,29 +2116,38 @@ def test_dropbox_needs_credentials_or_a_client(dropbox_fake: Any) -> None:
     assert store["get"]("f", "x") == {"a": 1}
 
 
+def race(threads: int, body: Callable[[int], None]) -> list[BaseException]:
+    """Run body(0..threads-1) in threads released together at a barrier; return what they raised."""
+    start = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            body(i)
+        except Exception as exc:  # handed to the caller, which asserts on it
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    return errors
+
+
 def test_dropbox_racing_claimers_each_get_distinct_jobs(dropbox_fake: Any) -> None:
     """Four workers with their own clients drain one queue: every job claimed exactly once."""
     stores = [dropbox_store(dropbox_fake) for _ in range(4)]
     sqstore.upload_config(stores[0], sqstore.demo_config("sim"), "sim")
     submitted = {sqstore.upload_job(stores[0], {"e": {}}, "sim", "alice") for _ in range(40)}
     claimed: list[list[str]] = [[] for _ in stores]
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
 
     def work(i: int) -> None:
-        start.wait()
-        try:
-            for nxt, _ in sqstore.claim_jobs(stores[i], "sim", holder=f"w{i}"):
-                claimed[i].append(nxt.job_id)
-        except Exception as exc:  # reported by the assertion below
-            errors.append(exc)
+        for nxt, _ in sqstore.claim_jobs(stores[i], "sim", holder=f"w{i}"):
+            claimed[i].append(nxt.job_id)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert errors == []
+    assert race(4, work) == []
     everything = [job_id for ids in claimed for job_id in ids]
     assert len(everything) == len(set(everything)) == 40
     assert set(everything) == submitted
@@ -2149,23 +2158,12 @@ def test_dropbox_concurrent_updates_last_writer_wins(dropbox_fake: Any) -> None:
     """Writers replacing one document at once all succeed; one of their versions stays."""
     stores = [dropbox_store(dropbox_fake) for _ in range(4)]
     stores[0]["upload"]("f", "hot", {"by": -1})
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
 
     def writer(i: int) -> None:
-        start.wait()
-        try:
-            for n in range(8):
-                stores[i]["update"]("f", "hot", {"by": i, "n": n})
-        except Exception as exc:  # reported by the assertion below
-            errors.append(exc)
+        for n in range(8):
+            stores[i]["update"]("f", "hot", {"by": i, "n": n})
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert errors == []
+    assert race(4, writer) == []
     assert stores[0]["get"]("f", "hot") in [{"by": i, "n": 7} for i in range(4)]
 
 
@@ -2173,23 +2171,12 @@ def test_dropbox_racing_moves_have_one_winner(dropbox_fake: Any) -> None:
     """Threads moving the same file with files_move_v2: exactly one wins, the rest NotFound."""
     stores = [dropbox_store(dropbox_fake) for _ in range(4)]
     stores[0]["upload"]("src", "x", {})
-    outcomes: list[str] = []
-    start = threading.Barrier(4)
 
     def mover(i: int) -> None:
-        start.wait()
-        try:
-            stores[i]["move"]("src", f"dst{i}", "x")
-            outcomes.append("won")
-        except sqstore.NotFoundError:
-            outcomes.append("lost")
+        stores[i]["move"]("src", f"dst{i}", "x")
 
-    threads = [threading.Thread(target=mover, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert sorted(outcomes) == ["lost", "lost", "lost", "won"]
+    errors = race(4, mover)
+    assert [type(e) for e in errors] == [sqstore.NotFoundError] * 3, errors
 
 
 @pytest.fixture
