@@ -120,7 +120,9 @@ __all__ = [
     "local_storage",
     "main",
     "memory_storage",
+    "mongodb_storage",
     "new_job_id",
+    "open_storage",
     "payload_of",
     "public_from_private",
     "renew_lease",
@@ -1428,6 +1430,7 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
         NotFoundError: the backend has no configuration.
     """
     _check_handle(store)
+    check_name(username, "username")
     path, doc_id = _result_location(store, display_name, job_id)
     try:
         raw = _read(store, path, doc_id)
@@ -2104,6 +2107,239 @@ def local_storage(
     )
 
 
+_MONGO_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_OBJECT_ID_RE = re.compile(r"[0-9a-f]{24}")
+_MONGO_NAME_FIELD = "_sqstore_name"  # names a keyed document that carries no name of its own
+
+
+def _plain(value: Any, where: str) -> Any:
+    """A BSON value as JSON: dates as ISO text (UTC), bytes as ASCII text."""
+    if isinstance(value, dict):
+        return {key: _plain(item, where) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item, where) for item in value]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):  # sqooler stores a public key's x as BSON binary
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            pass
+    raise InvalidDocumentError(f"{where}: {type(value).__name__} is not a JSON value")
+
+
+def _plain_field(doc: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted path of a document, or None."""
+    value: Any = doc
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def mongodb_storage(
+    uri_or_client: Any,
+    name: str = "mongodb",
+    *,
+    layout: Layout = LOCAL_LAYOUT,
+    timeout: float = 10.0,
+    create_indexes: bool = True,
+) -> Storage:
+    """Return a store in a MongoDB deployment, in sqooler's MongoDB layout.
+
+    A folder's first segment is the database and the rest, joined by ``.``, the
+    collection (``jobs/queued/sim`` is collection ``queued.sim`` of database
+    ``jobs``); a document's ``_id`` is ``ObjectId(id)`` for 24-hex ids (sqstore's
+    and sqooler's job ids) and the id itself otherwise.  Configs and public keys
+    are found, as sqooler finds them, by ``display_name`` (``payload.display_name``
+    when signed) and by ``kid``; sqstore writes them under an ``_id`` derived from
+    the name, so two racing uploads cannot both create one.
+
+    Needs no transactions: ``upload`` is an insert (a duplicate ``_id`` fails),
+    and ``move`` inserts into the target, then deletes the source; the delete
+    decides which of several racing movers wins, and a move interrupted between
+    the two steps is finished by the next move of the same document.  A loser
+    of such a race to another folder can leave a copy in its target.
+
+    Give a ``mongodb://`` or ``mongodb+srv://`` URI or a ``pymongo.MongoClient``.
+    *timeout* (seconds) bounds finding a server.  With *create_indexes*, the
+    indexes that find configs and keys are made (idempotently) now.
+
+    Raises:
+        SqstoreError: the ``pymongo`` package is not installed.
+        TransientError: the server cannot be reached (when creating indexes).
+    """
+    _check_store_name(name)
+    try:
+        import hashlib
+
+        import pymongo
+        from bson import ObjectId
+        from bson.codec_options import CodecOptions
+        from bson.errors import InvalidDocument
+        from pymongo import errors
+    except ImportError as exc:
+        raise SqstoreError("mongodb_storage needs: pip install 'sqstore[mongodb]'") from exc
+    client: Any = uri_or_client
+    if isinstance(uri_or_client, str):
+        try:
+            client = pymongo.MongoClient(
+                uri_or_client,
+                serverSelectionTimeoutMS=int(timeout * 1000),
+                connectTimeoutMS=int(timeout * 1000),
+            )
+        except (errors.ConfigurationError, ValueError) as exc:
+            password = re.search(r"//[^/@:]*:([^/@]+)@", uri_or_client)
+            message = str(exc).replace(password[1], "***") if password else str(exc)
+            raise ValueError(f"mongodb_storage: bad MongoDB URI: {message}") from None
+    codecs: Any = CodecOptions(tz_aware=True, tzinfo=timezone.utc)
+    keyed = {layout.configs: ("display_name", "payload.display_name"), layout.public_keys: ("kid",)}
+    collections: dict[str, Any] = {}
+
+    def collection(path: str) -> Any:
+        """The collection of folder *path*, after checking that it is one."""
+        found = collections.get(path)
+        if found is None:
+            database, *rest = _check_path(path).split("/")
+            if not rest or not all(map(_MONGO_SEGMENT_RE.fullmatch, (database, *rest))):
+                raise InvalidNameError(
+                    f"invalid MongoDB folder {path!r}: use database/collection[/...], "
+                    "each part of letters, digits, '_' and '-'"
+                )
+            found = client.get_database(database, codec_options=codecs)[".".join(rest)]
+            collections[path] = found
+        return found
+
+    def derived_id(path: str, doc_id: str) -> Any:
+        return ObjectId(hashlib.sha256(f"{path}/{doc_id}".encode()).digest()[:12])
+
+    def new_id(path: str, doc_id: str) -> Any:
+        if path in keyed:
+            return derived_id(path, doc_id)
+        return ObjectId(doc_id) if _OBJECT_ID_RE.fullmatch(doc_id) else doc_id
+
+    def key(path: str, doc_id: str) -> dict[str, Any]:
+        """The query that finds document *doc_id* of *path* (names are checked first)."""
+        _checked(path, doc_id)
+        if path in keyed:
+            fields = (*keyed[path], _MONGO_NAME_FIELD)
+            return {"$or": [{"_id": derived_id(path, doc_id)}, *({f: doc_id} for f in fields)]}
+        return {"_id": new_id(path, doc_id)}
+
+    def stored(path: str, doc_id: str, doc: Doc) -> Doc:
+        """*doc* as inserted: with its ``_id`` and, if a keyed one has no name, a name."""
+        _dumps(doc, f"{path}/{doc_id}")  # the same JSON rules as every other backend
+        body = {"_id": new_id(path, doc_id), **doc}
+        if path in keyed and doc_id not in (_plain_field(doc, field) for field in keyed[path]):
+            body[_MONGO_NAME_FIELD] = doc_id
+        return body
+
+    def call(what: str, request: Callable[[], T]) -> T:
+        try:
+            return request()
+        except errors.DuplicateKeyError as exc:
+            raise AlreadyExistsError(f"{what} already exists") from exc
+        except errors.DocumentTooLarge as exc:
+            raise InvalidDocumentError(
+                f"{what}: larger than MongoDB's 16 MiB document limit; not sent"
+            ) from exc
+        except (InvalidDocument, OverflowError) as exc:
+            raise InvalidDocumentError(f"{what}: MongoDB cannot store it: {exc}") from exc
+        except errors.ConnectionFailure as exc:  # includes timeouts and no server found
+            raise TransientError(f"{what}: cannot reach MongoDB ({type(exc).__name__})") from exc
+        except errors.OperationFailure as exc:
+            message = (exc.details or {}).get("errmsg") or str(exc)
+            if exc.code in (13, 18):  # Unauthorized, AuthenticationFailed
+                raise CredentialsError(
+                    f"{what}: MongoDB refused the credentials ({message}): check the "
+                    "user name, password and roles in the URI"
+                ) from exc
+            if isinstance(exc, errors.WriteError):
+                raise InvalidDocumentError(f"{what}: MongoDB refused it: {message}") from exc
+            raise StorageError(f"{what}: MongoDB said: {message}") from exc
+        except errors.PyMongoError as exc:
+            raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    def read(path: str, doc_id: str, found: Any) -> Doc:
+        what = f"{path}/{doc_id}"
+        if found is None:
+            raise NotFoundError(f"{what} does not exist")
+        found.pop("_id", None)
+        found.pop(_MONGO_NAME_FIELD, None)
+        return cast(Doc, _plain(found, what))
+
+    def upload(path: str, doc_id: str, doc: Doc) -> None:
+        what, query, body = f"{path}/{doc_id}", key(path, doc_id), stored(path, doc_id, doc)
+        target = collection(path)
+        if path in keyed and call(what, lambda: target.find_one(query, {"_id": 1})):
+            raise AlreadyExistsError(f"{what} already exists")  # written by sqooler
+        call(what, lambda: target.insert_one(body))
+
+    def update(path: str, doc_id: str, doc: Doc) -> None:
+        what, query, body = f"{path}/{doc_id}", key(path, doc_id), stored(path, doc_id, doc)
+        del body["_id"]  # a replacement keeps the stored _id (sqooler's random one too)
+        result = call(what, lambda: collection(path).replace_one(query, body))
+        if result.matched_count == 0:
+            raise NotFoundError(f"{what} does not exist")
+
+    def get(path: str, doc_id: str) -> Doc:
+        query = key(path, doc_id)
+        return read(
+            path, doc_id, call(f"{path}/{doc_id}", lambda: collection(path).find_one(query))
+        )
+
+    def move(src: str, dst: str, doc_id: str) -> None:
+        what, query = f"{src}/{doc_id}", key(src, doc_id)
+        source, target = collection(src), collection(dst)
+        found = call(what, lambda: source.find_one(query))
+        if found is None:
+            raise NotFoundError(f"{what} does not exist")
+        source_id = found.pop("_id")
+        body = {"_id": new_id(dst, doc_id), **found}
+        try:
+            call(f"{dst}/{doc_id}", lambda: target.insert_one(body))
+        except AlreadyExistsError:
+            there = call(f"{dst}/{doc_id}", lambda: target.find_one(key(dst, doc_id)))
+            if there is None or {**there, "_id": body["_id"]} != body:
+                raise
+            # the same document: left by a move that stopped half-way, or by a racer
+        if call(what, lambda: source.delete_one({"_id": source_id})).deleted_count == 0:
+            raise NotFoundError(f"{what} does not exist")  # another mover won
+
+    def delete(path: str, doc_id: str) -> None:
+        query = key(path, doc_id)
+        result = call(f"{path}/{doc_id}", lambda: collection(path).delete_one(query))
+        if result.deleted_count == 0:
+            raise NotFoundError(f"{path}/{doc_id} does not exist")
+
+    def list_ids(path: str) -> list[str]:
+        source = collection(path)
+        if path in keyed:
+            fields = (*keyed[path], _MONGO_NAME_FIELD)
+            docs = call(path, lambda: list(source.find({}, {f.split(".")[0]: 1 for f in fields})))
+            names = (next(filter(None, (_plain_field(d, f) for f in fields)), None) for d in docs)
+        else:
+            docs = call(path, lambda: list(source.find({}, {"_id": 1})))
+            names = (str(d["_id"]) for d in docs)
+        return sorted(n for n in names if isinstance(n, str) and _NAME_RE.fullmatch(n))
+
+    if create_indexes:
+        for path, fields in keyed.items():
+            for field in (*fields, _MONGO_NAME_FIELD):
+                call(path, functools.partial(collection(path).create_index, field))
+    return Storage(
+        name=name,
+        layout=layout,
+        upload=upload,
+        update=update,
+        get=get,
+        move=move,
+        delete=delete,
+        list=list_ids,
+    )
+
+
 def dropbox_storage(
     *,
     app_key: str | None = None,
@@ -2272,6 +2508,37 @@ def dropbox_storage(
         move=move,
         delete=delete,
         list=list_ids,
+    )
+
+
+def open_storage(url: str) -> Storage:
+    """Return the store a URL names.
+
+    ``file:///path`` or a bare path (a directory, `local_storage`), ``memory://``
+    (`memory_storage`), ``mongodb://...`` or ``mongodb+srv://...``
+    (`mongodb_storage`; the URI carries the credentials, and no error message
+    repeats it).
+
+    Raises:
+        ValueError: the URL's scheme is not one of these.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return local_storage(url)
+    if scheme == "file":
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if not rest.startswith("/"):
+            raise ValueError(f"a file URL needs an absolute path: file:///path, not {url!r}")
+        from urllib.parse import unquote
+
+        return local_storage(unquote(rest))
+    if scheme == "memory":
+        return memory_storage()
+    if scheme in ("mongodb", "mongodb+srv"):
+        return mongodb_storage(url)
+    raise ValueError(
+        f"unknown storage scheme {scheme!r}: use a path, file://, memory:// or mongodb://"
     )
 
 

@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -174,6 +175,7 @@ BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Storage]] = {
     ),
     "local": lambda tmp, request: sqstore.local_storage(tmp / "store"),
     "dropbox": lambda tmp, request: dropbox_store(request.getfixturevalue("dropbox_fake")),
+    "mongodb": lambda tmp, request: mongo_store(request.getfixturevalue("mongodb_server")),
 }
 
 
@@ -229,58 +231,58 @@ def test_upload_then_get_returns_the_document(store: Storage) -> None:
 
 def test_upload_never_overwrites(store: Storage) -> None:
     """Uploading an existing id raises AlreadyExistsError (a FileExistsError) and keeps the old."""
-    store["upload"]("f", "x", {"v": 1})
+    store["upload"]("t/f", "x", {"v": 1})
     with pytest.raises(FileExistsError, match="f/x"):
-        store["upload"]("f", "x", {"v": 2})
+        store["upload"]("t/f", "x", {"v": 2})
     with pytest.raises(sqstore.AlreadyExistsError):
-        store["upload"]("f", "x", {"v": 2})
-    assert store["get"]("f", "x") == {"v": 1}
+        store["upload"]("t/f", "x", {"v": 2})
+    assert store["get"]("t/f", "x") == {"v": 1}
 
 
 def test_update_replaces_only_existing(store: Storage) -> None:
     """Update replaces an existing document and raises NotFoundError for a missing one."""
     with pytest.raises(FileNotFoundError, match="f/x"):
-        store["update"]("f", "x", {"v": 1})
-    assert store["list"]("f") == []
-    store["upload"]("f", "x", {"v": 1})
-    store["update"]("f", "x", {"v": 2})
-    assert store["get"]("f", "x") == {"v": 2}
+        store["update"]("t/f", "x", {"v": 1})
+    assert store["list"]("t/f") == []
+    store["upload"]("t/f", "x", {"v": 1})
+    store["update"]("t/f", "x", {"v": 2})
+    assert store["get"]("t/f", "x") == {"v": 2}
 
 
 def test_get_missing_raises_not_found(store: Storage) -> None:
     """Reading an id that was never uploaded raises NotFoundError naming path and id."""
-    with pytest.raises(sqstore.NotFoundError, match="jobs/nope"):
-        store["get"]("jobs", "nope")
+    with pytest.raises(sqstore.NotFoundError, match="t/jobs/nope"):
+        store["get"]("t/jobs", "nope")
 
 
 def test_move_is_a_move(store: Storage) -> None:
     """Move puts the document in the target folder and removes it from the source."""
-    store["upload"]("a", "x", {"v": 1})
-    store["move"]("a", "b/c", "x")
-    assert store["list"]("a") == []
+    store["upload"]("t/a", "x", {"v": 1})
+    store["move"]("t/a", "b/c", "x")
+    assert store["list"]("t/a") == []
     assert store["get"]("b/c", "x") == {"v": 1}
     with pytest.raises(sqstore.NotFoundError, match="a/x"):
-        store["move"]("a", "b/c", "x")
+        store["move"]("t/a", "b/c", "x")
 
 
 def test_move_refuses_to_overwrite(store: Storage) -> None:
     """Moving onto an existing id raises AlreadyExistsError and changes neither document."""
-    store["upload"]("a", "x", {"v": 1})
-    store["upload"]("b", "x", {"v": 2})
+    store["upload"]("t/a", "x", {"v": 1})
+    store["upload"]("t/b", "x", {"v": 2})
     with pytest.raises(sqstore.AlreadyExistsError, match="b/x"):
-        store["move"]("a", "b", "x")
-    assert store["get"]("a", "x") == {"v": 1}
-    assert store["get"]("b", "x") == {"v": 2}
+        store["move"]("t/a", "t/b", "x")
+    assert store["get"]("t/a", "x") == {"v": 1}
+    assert store["get"]("t/b", "x") == {"v": 2}
 
 
 def test_delete(store: Storage) -> None:
     """Delete removes a document; deleting a missing one raises NotFoundError."""
-    store["upload"]("a", "x", {})
-    store["delete"]("a", "x")
+    store["upload"]("t/a", "x", {})
+    store["delete"]("t/a", "x")
     with pytest.raises(sqstore.NotFoundError):
-        store["get"]("a", "x")
+        store["get"]("t/a", "x")
     with pytest.raises(sqstore.NotFoundError, match="a/x"):
-        store["delete"]("a", "x")
+        store["delete"]("t/a", "x")
 
 
 def test_list_is_oldest_first(store: Storage) -> None:
@@ -288,8 +290,8 @@ def test_list_is_oldest_first(store: Storage) -> None:
     assert store["list"]("never/used") == []
     ids = [sqstore.create_job_id(store, "sim", "alice") for _ in range(30)]
     for job_id in reversed(ids):
-        store["upload"]("q", job_id, {})
-    assert store["list"]("q") == ids
+        store["upload"]("t/q", job_id, {})
+    assert store["list"]("t/q") == ids
     assert len(set(ids)) == 30
 
 
@@ -319,33 +321,33 @@ BAD_PATHS = ["", "/abs", "a/../b", "../a", "a//b", "a/", "a\\b", "a/\x00", "a/$s
 @pytest.mark.parametrize("bad", BAD_NAMES, ids=repr)
 def test_bad_ids_are_refused_before_any_write(store: Storage, tmp_path: Path, bad: Any) -> None:
     """Every callable refuses a bad id with InvalidNameError and touches nothing."""
-    store["upload"]("ok", "keep", {"v": 1})
+    store["upload"]("t/ok", "keep", {"v": 1})
     before = tree(tmp_path)
     calls = [
-        lambda: store["upload"]("ok", bad, {}),
-        lambda: store["update"]("ok", bad, {}),
-        lambda: store["get"]("ok", bad),
-        lambda: store["move"]("ok", "other", bad),
-        lambda: store["delete"]("ok", bad),
+        lambda: store["upload"]("t/ok", bad, {}),
+        lambda: store["update"]("t/ok", bad, {}),
+        lambda: store["get"]("t/ok", bad),
+        lambda: store["move"]("t/ok", "t/other", bad),
+        lambda: store["delete"]("t/ok", bad),
     ]
     for call in calls:
         with pytest.raises(sqstore.InvalidNameError, match="invalid"):
             call()
     assert tree(tmp_path) == before
-    assert store["list"]("ok") == ["keep"]
+    assert store["list"]("t/ok") == ["keep"]
 
 
 @pytest.mark.parametrize("bad", BAD_PATHS, ids=repr)
 def test_bad_paths_are_refused_before_any_write(store: Storage, tmp_path: Path, bad: Any) -> None:
     """Every callable refuses a bad folder path with InvalidNameError and touches nothing."""
-    store["upload"]("ok", "keep", {"v": 1})
+    store["upload"]("t/ok", "keep", {"v": 1})
     before = tree(tmp_path)
     calls = [
         lambda: store["upload"](bad, "x", {}),
         lambda: store["update"](bad, "x", {}),
         lambda: store["get"](bad, "x"),
-        lambda: store["move"](bad, "ok", "keep"),
-        lambda: store["move"]("ok", bad, "keep"),
+        lambda: store["move"](bad, "t/ok", "keep"),
+        lambda: store["move"]("t/ok", bad, "keep"),
         lambda: store["delete"](bad, "x"),
         lambda: store["list"](bad),
     ]
@@ -353,15 +355,15 @@ def test_bad_paths_are_refused_before_any_write(store: Storage, tmp_path: Path, 
         with pytest.raises(sqstore.InvalidNameError):
             call()
     assert tree(tmp_path) == before
-    assert store["get"]("ok", "keep") == {"v": 1}
+    assert store["get"]("t/ok", "keep") == {"v": 1}
 
 
 @pytest.mark.parametrize("bad", [{"x": {1, 2}}, {"x": float("nan")}, {"x": object()}, [1], "s"])
 def test_unserialisable_documents_are_refused(store: Storage, tmp_path: Path, bad: Any) -> None:
     """A value no JSON store can hold is refused with InvalidDocumentError; nothing is written."""
     with pytest.raises(sqstore.InvalidDocumentError, match="f/x"):
-        store["upload"]("f", "x", bad)
-    assert store["list"]("f") == []
+        store["upload"]("t/f", "x", bad)
+    assert store["list"]("t/f") == []
     assert not any(tree(tmp_path))
 
 
@@ -1349,6 +1351,519 @@ def test_worker_killed_mid_job_loses_nothing(tmp_path: Path) -> None:
 
 
 # ============================================================================
+# A MongoDB-wire server on 127.0.0.1 (mongo-java-server, H2 file backend)
+# ============================================================================
+MONGO_SERVER_VERSION = "1.47.0"
+MONGO_SERVER_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>sqstore.test</groupId><artifactId>mongo-server</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>de.bwaldvogel</groupId><artifactId>mongo-java-server</artifactId>
+      <version>{MONGO_SERVER_VERSION}</version></dependency>
+    <dependency><groupId>de.bwaldvogel</groupId><artifactId>mongo-java-server-h2-backend</artifactId>
+      <version>{MONGO_SERVER_VERSION}</version></dependency>
+  </dependencies>
+</project>
+"""
+# Serves one H2 file on 127.0.0.1 and commits after every command, so that a
+# SIGKILL loses nothing that was acknowledged.  Prints "ready <port>".
+MONGO_SERVER_MAIN = """
+import de.bwaldvogel.mongo.MongoServer;
+import de.bwaldvogel.mongo.ServerVersion;
+import de.bwaldvogel.mongo.backend.h2.H2Backend;
+import de.bwaldvogel.mongo.bson.Document;
+import io.netty.channel.Channel;
+
+public class SqstoreTestMongoServer {
+    public static void main(String[] args) throws Exception {
+        H2Backend backend = new H2Backend(args[0]) {
+            @Override
+            public Document handleCommand(Channel channel, String db, String command,
+                                          Document query) {
+                try {
+                    return super.handleCommand(channel, db, command, query);
+                } finally {
+                    commit();
+                }
+            }
+        };
+        backend.version(ServerVersion.MONGO_5_0);
+        MongoServer server = new MongoServer(backend);
+        server.bind("127.0.0.1", Integer.parseInt(args[1]));
+        System.out.println("ready " + server.getLocalAddress().getPort());
+        System.out.flush();
+        Thread.currentThread().join();
+    }
+}
+"""
+
+
+def mongo_server_build() -> Path:
+    """Fetch the server from Maven Central and compile its launcher, once per machine.
+
+    The build lives in ``$SQSTORE_CACHE`` (default ``~/.cache/sqstore``), outside
+    the clone, so later runs on the machine start at once.
+    """
+    cache = Path(os.environ.get("SQSTORE_CACHE") or Path.home() / ".cache" / "sqstore")
+    home = cache / f"mongo-java-server-{MONGO_SERVER_VERSION}"
+    if (home / "classes" / "SqstoreTestMongoServer.class").exists():
+        return home
+    tools = {tool: shutil.which(tool) for tool in ("java", "javac", "mvn")}
+    if missing := [tool for tool, path in tools.items() if path is None]:
+        skip_or_fail(f"the MongoDB tests build their server with Java and Maven: no {missing}")
+    build = cache / f"{home.name}.{os.getpid()}.tmp"
+    shutil.rmtree(build, ignore_errors=True)
+    (build / "classes").mkdir(parents=True)
+    (build / "pom.xml").write_text(MONGO_SERVER_POM)
+    (build / "SqstoreTestMongoServer.java").write_text(MONGO_SERVER_MAIN)
+    steps = [
+        ["mvn", "-q", "-B", "dependency:copy-dependencies", "-DoutputDirectory=lib"],
+        ["javac", "-d", "classes", "-cp", "lib/*", "SqstoreTestMongoServer.java"],
+    ]
+    for step in steps:
+        done = subprocess.run(step, cwd=build, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            skip_or_fail(
+                f"building the MongoDB test server failed: {step}\n{done.stdout}{done.stderr}"
+            )
+    try:
+        build.rename(home)
+    except OSError:  # another run finished first
+        shutil.rmtree(build, ignore_errors=True)
+    return home
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the tests
+
+
+class MongoServer:
+    """A real MongoDB-wire server process on 127.0.0.1 over one data file."""
+
+    def __init__(self, home: Path, data: Path) -> None:
+        self.home, self.data, self.port = home, data, 0
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and wait until ``ping`` answers."""
+        classpath = f"{self.home / 'classes'}:{self.home / 'lib'}/*"
+        command = [
+            "java",
+            "-cp",
+            classpath,
+            "SqstoreTestMongoServer",
+            str(self.data),
+            str(self.port),
+        ]
+        for _ in range(50):  # the port of a killed server can take a moment to free
+            self.proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                preexec_fn=_die_with_parent,
+            )
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline().split()
+            if line[:1] == ["ready"]:
+                self.port = int(line[1])
+                break
+            self.proc.wait()
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the MongoDB test server did not start: {command}")
+        import pymongo
+
+        with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=10_000) as client:
+            client.admin.command("ping")
+
+    def kill(self) -> None:
+        """SIGKILL the server (its data file stays)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mongodb_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A MongoDB-wire server for the session: ours, or ``$SQSTORE_TEST_MONGODB_URI``.
+
+    The tests empty every collection of that server but those of admin, config and local.
+    """
+    try:
+        import pymongo  # noqa: F401
+    except ImportError as exc:
+        skip_or_fail(f"the MongoDB tests need pymongo ({exc}): pip install -e '.[test]'")
+    if uri := os.environ.get("SQSTORE_TEST_MONGODB_URI"):
+        yield uri
+        return
+    server = MongoServer(mongo_server_build(), tmp_path_factory.mktemp("mongo") / "data.mv")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def mongo_uri(server: Any) -> str:
+    return server if isinstance(server, str) else str(server.uri)
+
+
+def mongo_reset(uri: str) -> None:
+    """Empty every collection the tests may have made."""
+    import pymongo
+
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000) as client:
+        for name in client.list_database_names():
+            if name not in ("admin", "config", "local"):
+                for collection in client[name].list_collection_names():
+                    client[name][collection].delete_many({})  # dropping is less reliable
+
+
+def mongo_store(server: Any, **options: Any) -> Storage:
+    """A MongoDB store on an emptied server."""
+    mongo_reset(mongo_uri(server))
+    return sqstore.mongodb_storage(mongo_uri(server), **options)
+
+
+class CommandCounter:
+    """A pymongo command listener that counts the commands a client sends."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def started(self, event: Any) -> None:
+        if event.command_name not in ("ismaster", "isMaster", "hello", "ping", "endSessions"):
+            self.commands.append(event.command_name)
+
+    def succeeded(self, event: Any) -> None:
+        pass
+
+    def failed(self, event: Any) -> None:
+        pass
+
+
+def counted_client(uri: str) -> tuple[Any, CommandCounter]:
+    import pymongo
+    from pymongo import monitoring
+
+    counter = CommandCounter()
+    listener = type("Listener", (monitoring.CommandListener,), {})  # the ABC, filled below
+    listener.started, listener.succeeded, listener.failed = (
+        lambda self, e: counter.started(e),
+        lambda self, e: None,
+        lambda self, e: None,
+    )
+    return pymongo.MongoClient(uri, event_listeners=[listener()]), counter
+
+
+@pytest.fixture
+def mongo(mongodb_server: Any) -> Storage:
+    return mongo_store(mongodb_server)
+
+
+def test_mongodb_server_refuses_duplicate_ids_and_keeps_dotted_collections(
+    mongodb_server: Any,
+) -> None:
+    """The test server: a duplicate _id fails; jobs/status/results/backends take dotted names."""
+    import pymongo
+    from bson import ObjectId
+
+    mongo_reset(mongo_uri(mongodb_server))
+    with pymongo.MongoClient(mongo_uri(mongodb_server)) as client:
+        for database in ("jobs", "status", "results", "backends"):
+            collection = client[database]["queued.sim"]
+            collection.insert_one({"_id": ObjectId("0" * 24), "nested": [[1, [2]]]})
+            with pytest.raises(pymongo.errors.DuplicateKeyError):
+                collection.insert_one({"_id": ObjectId("0" * 24)})
+            assert "queued.sim" in client[database].list_collection_names()
+            assert collection.find_one()["nested"] == [[1, [2]]]
+
+
+def _find_and_modify_racer(uri: str, out: str, start: Any) -> None:
+    import pymongo
+
+    collection = pymongo.MongoClient(uri)["jobs"]["race"]
+    start.wait()
+    taken, deleted = [], []
+    while doc := collection.find_one_and_update(
+        {"taken": False}, {"$set": {"taken": True}}, sort=[("_id", 1)]
+    ):
+        taken.append(doc["_id"])
+    while doc := collection.find_one_and_delete({}, sort=[("_id", 1)]):
+        deleted.append(doc["_id"])
+    Path(out).write_text(json.dumps([taken, deleted]))
+
+
+def test_mongodb_server_hands_each_document_to_one_racer(
+    mongodb_server: Any, tmp_path: Path
+) -> None:
+    """The test server: find_one_and_update/delete racing from 4 processes never hand out twice."""
+    import pymongo
+
+    uri = mongo_uri(mongodb_server)
+    mongo_reset(uri)
+    with pymongo.MongoClient(uri) as client:
+        client["jobs"]["race"].insert_many([{"_id": i, "taken": False} for i in range(400)])
+    ctx = multiprocessing.get_context("spawn")
+    start, outs = ctx.Barrier(4), [str(tmp_path / f"r{i}.json") for i in range(4)]
+    procs = [ctx.Process(target=_find_and_modify_racer, args=(uri, o, start)) for o in outs]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    results = [json.loads(Path(out).read_text()) for out in outs]
+    for kind in (0, 1):
+        handed = [doc_id for result in results for doc_id in result[kind]]
+        assert sorted(handed) == list(range(400))
+
+
+def own_server(mongodb_server: Any) -> MongoServer:
+    if not isinstance(mongodb_server, MongoServer):
+        pytest.skip("killing the server needs the tests' own one, not SQSTORE_TEST_MONGODB_URI")
+    return mongodb_server
+
+
+def test_mongodb_server_keeps_its_data_through_sigkill(mongodb_server: Any) -> None:
+    """The test server: what it acknowledged survives a SIGKILL and a restart."""
+    server = own_server(mongodb_server)
+    store = mongo_store(server)
+    for i in range(50):
+        store["upload"]("jobs/kept", f"d{i}", {"i": [[i]]})
+    store["delete"]("jobs/kept", "d7")
+    server.kill()
+    server.start()
+    store = sqstore.mongodb_storage(server.uri)
+    assert len(store["list"]("jobs/kept")) == 49
+    assert store["get"]("jobs/kept", "d49") == {"i": [[49]]}
+
+
+def test_mongodb_layout_is_sqoolers(mongo: Storage, mongodb_server: Any) -> None:
+    """Jobs, statuses and results are ObjectId documents in sqooler's databases and collections."""
+    import pymongo
+    from bson import ObjectId
+
+    sqstore.upload_config(mongo, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(mongo, JOB, "sim", "alice")
+    sqstore.upload_status(mongo, "sim", "alice", job_id)
+    with pymongo.MongoClient(mongo_uri(mongodb_server)) as client:
+        assert client["jobs"]["queued.sim"].find_one({"_id": ObjectId(job_id)}) == {
+            "_id": ObjectId(job_id),
+            **JOB,
+        }
+        assert client["status"]["sim"].find_one({"_id": ObjectId(job_id)})["status"] == (
+            "INITIALIZING"
+        )
+        assert client["backends"]["configs"].find_one({"display_name": "sim"})["num_wires"] == 4
+    assert sqstore.get_backends(mongo) == ["sim"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["jobs", "jobs/queued/a.b", "jobs/queued.x", "a.b/c", "jobs/a@b", "jobs/a+b", "x" * 64 + "/c"],
+)
+def test_mongodb_refuses_folders_that_are_not_database_and_collection(
+    mongo: Storage, mongodb_server: Any, path: str
+) -> None:
+    """A folder must be database/collection of plain parts: no dots, no '@', no lone database."""
+    import pymongo
+
+    with pymongo.MongoClient(mongo_uri(mongodb_server)) as client:
+        before = {db: client[db].list_collection_names() for db in client.list_database_names()}
+        calls = [
+            lambda: mongo["upload"](path, "x", {}),
+            lambda: mongo["update"](path, "x", {}),
+            lambda: mongo["get"](path, "x"),
+            lambda: mongo["move"](path, "jobs/ok", "x"),
+            lambda: mongo["move"]("jobs/ok", path, "x"),
+            lambda: mongo["delete"](path, "x"),
+            lambda: mongo["list"](path),
+        ]
+        for call in calls:
+            with pytest.raises(sqstore.InvalidNameError, match=r"MongoDB folder|invalid"):
+                call()
+        after = {db: client[db].list_collection_names() for db in client.list_database_names()}
+    assert after == before
+
+
+@pytest.mark.parametrize("field", ["display_name", "username", "job_id"])
+@pytest.mark.parametrize("bad", ["{'$gt': ''}", "$where", "$ne", "sim\x00", "sim/../x", "a b"])
+def test_mongodb_injection_through_names_reaches_no_query(
+    mongodb_server: Any, field: str, bad: str
+) -> None:
+    """Operator-like, path-like or NUL names are refused before any command is sent."""
+    mongo_reset(mongo_uri(mongodb_server))
+    client, counter = counted_client(mongo_uri(mongodb_server))
+    store = sqstore.mongodb_storage(client, create_indexes=False)
+    names = {"display_name": "sim", "username": "alice", "job_id": "0" * 24, field: bad}
+    dn, user, job_id = names["display_name"], names["username"], names["job_id"]
+    status = sqstore.StatusMsg("x", "ERROR", "", "")
+    calls = {
+        "upload_job": (lambda: sqstore.upload_job(store, JOB, dn, user)),
+        "upload_status": (lambda: sqstore.upload_status(store, dn, user, job_id)),
+        "get_status": (lambda: sqstore.get_status(store, dn, user, job_id)),
+        "get_result": (lambda: sqstore.get_result(store, dn, user, job_id)),
+        "get_job": (lambda: sqstore.get_job(store, f"jobs/queued/{dn}", job_id)),
+        "get_config": (lambda: sqstore.get_config(store, dn)),
+        "next_job": (lambda: sqstore.get_next_job_in_queue(store, dn)),
+        "finish": (lambda: sqstore.update_in_database(store, None, status, job_id, dn)),
+    }
+    takes = {
+        "display_name": calls,
+        "username": ["upload_job", "upload_status", "get_status", "get_result"],
+        "job_id": ["upload_status", "get_status", "get_result", "get_job", "finish"],
+    }
+    for name in takes[field]:
+        with pytest.raises(sqstore.InvalidNameError):
+            calls[name]()
+    assert counter.commands == []
+
+
+def test_mongodb_oversized_document_is_refused_before_it_is_sent(mongo: Storage) -> None:
+    """A document over MongoDB's 16 MiB limit gets a clear error and nothing is stored."""
+    big = {"memory": ["0" * 1024] * (17 * 1024)}
+    with pytest.raises(sqstore.InvalidDocumentError, match=r"jobs/queued/sim/0{24}: .*16 MiB"):
+        mongo["upload"]("jobs/queued/sim", "0" * 24, big)
+    assert mongo["list"]("jobs/queued/sim") == []
+
+
+def test_mongodb_unreachable_server_is_a_transient_error_naming_the_operation() -> None:
+    """No server: a TransientError that names the document, and no pymongo exception."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = sqstore.mongodb_storage(
+        f"mongodb://user:s3cret-pw@127.0.0.1:{port}/", timeout=0.3, create_indexes=False
+    )
+    with pytest.raises(
+        sqstore.TransientError, match="jobs/queued/sim/x: cannot reach MongoDB"
+    ) as exc:
+        store["get"]("jobs/queued/sim", "x")
+    assert "s3cret-pw" not in str(exc.value)
+    with pytest.raises(sqstore.TransientError):
+        sqstore.mongodb_storage(f"mongodb://127.0.0.1:{port}/", timeout=0.3)
+    for bad in (
+        "mongodb://u:s3cret-pw@127.0.0.1:notaport/",
+        "mongodb://u:s3cret-pw@127.0.0.1:99999/",
+    ):
+        with pytest.raises(ValueError, match="bad MongoDB URI") as exc:
+            sqstore.mongodb_storage(bad)
+        assert "s3cret-pw" not in str(exc.value)
+
+
+def test_mongodb_interrupted_move_is_finished_by_the_next(mongo: Storage) -> None:
+    """A move stopped between its insert and its delete leaves two copies; moving again mends it."""
+    mongo["upload"]("jobs/running", "0" * 24, {"v": 1})
+    mongo["upload"]("jobs/queued/sim", "0" * 24, {"v": 1})  # the state after the insert
+    mongo["move"]("jobs/running", "jobs/queued/sim", "0" * 24)
+    assert mongo["list"]("jobs/running") == []
+    assert mongo["get"]("jobs/queued/sim", "0" * 24) == {"v": 1}
+    mongo["upload"]("jobs/running", "0" * 24, {"v": 2})  # a different document: a real conflict
+    with pytest.raises(sqstore.AlreadyExistsError):
+        mongo["move"]("jobs/running", "jobs/queued/sim", "0" * 24)
+    assert mongo["get"]("jobs/running", "0" * 24) == {"v": 2}
+
+
+def test_mongodb_racing_moves_have_one_winner(mongodb_server: Any) -> None:
+    """Of 8 threads moving one document to different folders, exactly one succeeds."""
+    mongo = mongo_store(mongodb_server)
+    for round_ in range(10):
+        doc_id = f"{round_:024x}"
+        mongo["upload"]("jobs/src", doc_id, {"round": round_})
+        wins: list[int] = []
+
+        def move(i: int, doc_id: str = doc_id, wins: list[int] = wins) -> None:
+            mongo["move"]("jobs/src", f"jobs/dst{i}", doc_id)
+            wins.append(i)
+
+        errors = race(8, move)
+        assert len(wins) == 1
+        assert len(errors) == 7 and all(isinstance(e, sqstore.NotFoundError) for e in errors)
+        assert mongo["get"](f"jobs/dst{wins[0]}", doc_id) == {"round": round_}
+        assert mongo["list"]("jobs/src") == []
+
+
+RESILIENT_WORKER = """
+import json, sys, time, sqstore
+store = sqstore.open_storage(sys.argv[1])
+name, done = sys.argv[2], []
+
+def retry(step):
+    while True:
+        try:
+            return step()
+        except sqstore.TransientError:
+            time.sleep(0.05)
+
+print("ready", flush=True)
+while True:
+    try:
+        claimed = sqstore.claim_job(store, "sim", holder=name)
+    except sqstore.TransientError:
+        time.sleep(0.05)
+        continue
+    if claimed is None:
+        break
+    nxt, job = claimed
+    done.append(nxt.job_id)
+    result = sqstore.run_simulator(job, nxt.job_id, "sim")
+    status = sqstore.StatusMsg(nxt.job_id, "DONE", name, "None")
+    retry(lambda: sqstore.update_in_database(store, result, status, nxt.job_id, "sim", holder=name))
+print(json.dumps(done), flush=True)
+"""
+
+
+def test_mongodb_server_killed_mid_run_loses_and_repeats_nothing(mongodb_server: Any) -> None:
+    """SIGKILL the database while two workers drain 300 jobs, restart it: each job runs once."""
+    server = own_server(mongodb_server)
+    store = mongo_store(server)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job = {"e": {"instructions": [], "num_wires": 1, "shots": 1, "wire_order": "sequential"}}
+    submitted = {sqstore.upload_job(store, job, "sim", "alice") for _ in range(300)}
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RESILIENT_WORKER, server.uri, f"w{i}"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
+    while len(store["list"]("jobs/finished/sim")) < 60:
+        time.sleep(0.02)
+    server.kill()
+    time.sleep(0.5)
+    server.start()
+    executed = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=300)
+        assert worker.returncode == 0
+        executed += json.loads(out)
+    store = sqstore.mongodb_storage(server.uri)
+    recovered = sqstore.requeue_expired(store, now=lambda: time.time() + 10 * sqstore.DEFAULT_LEASE)
+    executed += finish(store, "sim")
+    assert sorted(executed) == sorted(submitted), "a job was lost or ran twice"
+    assert set(store["list"]("jobs/finished/sim")) == submitted
+    assert store["list"]("jobs/queued/sim") == store["list"]("jobs/running") == []
+    assert store["list"]("jobs/leases") == []
+    for job_id in submitted:
+        assert sqstore.get_status(store, "sim", "alice", job_id).status == "DONE"
+        assert sqstore.get_result(store, "sim", "alice", job_id).success
+    print(f"jobs recovered after the kill: {len(recovered)}")
+
+
+# ============================================================================
 # A fake Dropbox API v2 over TLS on 127.0.0.1, for the unmodified dropbox SDK
 # ============================================================================
 _BLOCK = 4 * 1024 * 1024
@@ -2266,11 +2781,40 @@ def sqooler(tmp_path: Path) -> Any:
     return LocalProviderExtended(login, name="local")
 
 
-@pytest.fixture(params=["local", "dropbox"])
+@pytest.fixture
+def sqooler_mongodb(mongodb_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """sqooler 0.9's unmodified MongoDB provider, its client aimed at the test server.
+
+    sqooler builds a ``mongodb+srv://`` URI from its login; the client it gets
+    connects to the test server instead.
+    """
+    try:
+        import warnings
+
+        import pymongo
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import sqooler.storage_providers.mongodb as sqooler_mongodb
+            from sqooler.schemes import MongodbLoginInformation
+    except ImportError as exc:
+        skip_or_fail(f"sqooler 0.9 is not installed ({exc}): pip install -e '.[test]'")
+    uri = mongo_uri(mongodb_server)
+    monkeypatch.setattr(sqooler_mongodb, "MongoClient", lambda *a, **k: pymongo.MongoClient(uri))
+    login = MongodbLoginInformation(
+        mongodb_username="alice", mongodb_password="secret", mongodb_database_url="test"
+    )
+    return sqooler_mongodb.MongodbProviderExtended(login, name="mongodb")
+
+
+@pytest.fixture(params=["local", "dropbox", "mongodb"])
 def shared(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Any, Storage]:
-    """sqooler 0.9's provider and an sqstore handle on one storage: a directory, or Dropbox."""
+    """sqooler 0.9's provider and an sqstore handle on one storage: a directory, Dropbox, MongoDB."""
     if request.param == "local":
         return request.getfixturevalue("sqooler"), sqstore.local_storage(tmp_path / "store")
+    if request.param == "mongodb":
+        store = mongo_store(request.getfixturevalue("mongodb_server"))
+        return request.getfixturevalue("sqooler_mongodb"), store
     return request.getfixturevalue("sqooler_dropbox"), request.getfixturevalue("dbx")
 
 
