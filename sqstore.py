@@ -2740,22 +2740,22 @@ def _bench_result(job_id: str) -> ResultDict:
     )  # fmt: skip
 
 
-def _bench_lifecycles(store: Storage, key: JWK | None, jobs: int) -> float:
+def _bench_lifecycles(store: Storage, key: JWK | None, jobs: int, dn: str = "bench") -> float:
     """Run *jobs* job round trips one after another; return jobs per second."""
     job = {"experiment_0": {"instructions": [["h", [0], []]], "num_wires": 3, "shots": 100}}
     result = _bench_result("")
     done = StatusMsg("", "DONE", "Finished.", "None")
     start = time.perf_counter()
     for _ in range(jobs):
-        job_id = upload_job(store, job, "bench", "alice")
-        upload_status(store, "bench", "alice", job_id)
-        claimed = claim_job(store, "bench", key)
+        job_id = upload_job(store, job, dn, "alice")
+        upload_status(store, dn, "alice", job_id)
+        claimed = claim_job(store, dn, key)
         assert claimed is not None and claimed[0].job_id == job_id
         finished = attrs.evolve(result, job_id=job_id)
         status = attrs.evolve(done, job_id=job_id)
-        update_in_database(store, finished, status, job_id, "bench", key)
-        get_status(store, "bench", "alice", job_id)
-        get_result(store, "bench", "alice", job_id)
+        update_in_database(store, finished, status, job_id, dn, key)
+        get_status(store, dn, "alice", job_id)
+        get_result(store, dn, "alice", job_id)
     return jobs / (time.perf_counter() - start)
 
 
@@ -2830,12 +2830,12 @@ def _bench_raw(root: str, jobs: int) -> float:
     return jobs / (time.perf_counter() - start)
 
 
-def _bench_claims(store: Storage, queued: int) -> float:
+def _bench_claims(store: Storage, queued: int, dn: str = "bench") -> float:
     """Fill a queue with *queued* jobs, then drain it; return microseconds per claim."""
     for _ in range(queued):
-        upload_job(store, {"e": {}}, "bench", "alice")
+        upload_job(store, {"e": {}}, dn, "alice")
     start = time.perf_counter()
-    count = sum(1 for _ in claim_jobs(store, "bench"))
+    count = sum(1 for _ in claim_jobs(store, dn))
     elapsed = time.perf_counter() - start
     assert count == queued
     return elapsed / queued * 1e6
@@ -2989,6 +2989,84 @@ def _bench(root: str, jobs: int, repeats: int, queue: int, progress: Callable[[s
     return figures
 
 
+def _bench_mongodb(uri: str, jobs: int, repeats: int, queue: int, progress: Any) -> Doc:
+    """Commands per lifecycle, round trips and claim cost on a MongoDB server; cleans up."""
+    import statistics
+
+    import pymongo
+    from pymongo import monitoring
+
+    commands: list[str] = []
+
+    class Counter(monitoring.CommandListener):
+        def started(self, event: Any) -> None:
+            if event.command_name not in ("ismaster", "isMaster", "hello", "ping"):
+                commands.append(event.command_name)
+
+        def succeeded(self, event: Any) -> None:
+            pass
+
+        def failed(self, event: Any) -> None:
+            pass
+
+    client: Any = pymongo.MongoClient(uri, event_listeners=[Counter()])
+    store = mongodb_storage(client)
+    dn = f"bench{os.urandom(4).hex()}"  # a backend of its own, removed at the end
+    figures: Doc = {"storage": "mongodb", "jobs": jobs, "repeats": repeats}
+    try:
+        upload_config(store, demo_config(dn), dn)
+        _bench_lifecycles(store, None, 1, dn)  # the first heartbeat is not part of every life
+        commands.clear()
+        _bench_lifecycles(store, None, 1, dn)
+        figures["commands_per_round_trip"] = {c: commands.count(c) for c in sorted(set(commands))}
+        rates = []
+        for run in range(repeats):
+            progress(f"round trips {run + 1}/{repeats}")
+            rates.append(_bench_lifecycles(store, None, jobs, dn))
+        figures["round_trip_unsigned"] = statistics.median(rates)
+        for size in sorted({10, 1000, queue}):
+            times = max(1, min(repeats, 3) if size > 1000 else repeats)
+            costs = []
+            for run in range(times):
+                progress(f"claims, {size} queued {run + 1}/{times}")
+                costs.append(_bench_claims(store, size, dn))
+            figures[f"claim_us_{size}"] = statistics.median(costs)
+        figures["long_queue"] = queue
+        figures["ratios"] = {
+            "long_queue_claim_per_short": figures[f"claim_us_{queue}"] / figures["claim_us_10"]
+        }
+    finally:  # the claimed jobs stay running, leased: remove them with their leases
+        leases = client["jobs"]["leases"]
+        claimed = [lease["_id"] for lease in leases.find({"display_name": dn}, {"_id": 1})]
+        for name in ("running", "leases"):
+            client["jobs"][name].delete_many({"_id": {"$in": claimed}})
+        for path in (LOCAL_LAYOUT.queued, LOCAL_LAYOUT.finished, LOCAL_LAYOUT.status,
+                     LOCAL_LAYOUT.results):  # fmt: skip
+            database, *rest = _fill(path, dn).split("/")
+            client[database].drop_collection(".".join(rest))
+        with contextlib.suppress(NotFoundError):
+            store["delete"](LOCAL_LAYOUT.configs, dn)
+        client.close()
+    return figures
+
+
+def _bench_mongodb_table(f: Doc) -> str:
+    ratio = f["ratios"]["long_queue_claim_per_short"]
+    calls = f["commands_per_round_trip"]
+    rows = [
+        (f"round trip ({_BENCH_SHOTS} shots)", f"{f['round_trip_unsigned']:.0f} jobs/s", ""),
+        ("commands per round trip", str(sum(calls.values())),
+         " ".join(f"{name} {n}" for name, n in calls.items())),
+        *((f"claim while draining {n} queued", f"{f[f'claim_us_{n}']:.0f} us/job", "")
+          for n in sorted({10, 1000, f["long_queue"]})),
+        (f"claim, {f['long_queue']} / 10 queued", f"{ratio:.2f}",
+         f"<= 1.50 {'ok' if ratio <= 1.5 else 'MISSED'}"),
+    ]  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    head = f"sqstore bench: mongodb storage, {f['jobs']} jobs x {f['repeats']} repeats, medians"
+    return "\n".join([head, *(f"{a:<{width}}  {b:>14}  {c}" for a, b, c in rows)])
+
+
 _BENCH_TARGETS = (
     ("round trip / raw baseline", "round_trip_per_raw", ">=", 0.70),
     ("signed / unsigned round trip", "signed_per_unsigned", ">=", 0.85),
@@ -3037,18 +3115,24 @@ def _cmd_bench(store: Storage | None, args: argparse.Namespace) -> int:
         if interactive:
             print(f"\r\033[Kbench: {text}", end="", file=sys.stderr, flush=True)
 
+    mongodb = args.storage.startswith(("mongodb://", "mongodb+srv://"))
     parent = args.bench_dir
     if parent is not None and not os.path.isdir(parent):
         raise _UserError(f"{parent} is not a directory")
-    root = tempfile.mkdtemp(prefix="sqstore-bench-", dir=parent)
+    root = "" if mongodb else tempfile.mkdtemp(prefix="sqstore-bench-", dir=parent)
     try:
-        figures = _bench(root, args.jobs, args.repeats, args.queue, progress)
+        if mongodb:
+            figures = _bench_mongodb(args.storage, args.jobs, args.repeats, args.queue, progress)
+        else:
+            figures = _bench(root, args.jobs, args.repeats, args.queue, progress)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if root:
+            shutil.rmtree(root, ignore_errors=True)
         progress("")
         if interactive:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
-    print(json.dumps(figures, indent=2) if args.json else _bench_table(figures))
+    table = _bench_mongodb_table if mongodb else _bench_table
+    print(json.dumps(figures, indent=2) if args.json else table(figures))
     return 0
 
 

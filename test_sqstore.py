@@ -3034,6 +3034,32 @@ def test_cli_bench_prints_figures_and_cleans_up(tmp_path: Path) -> None:
     assert "round trip / raw baseline" in table.stdout and table.returncode == 0
 
 
+def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
+    mongodb_server: Any, tmp_path: Path
+) -> None:
+    """`sqstore --storage mongodb://... bench` counts commands, times claims, removes its data."""
+    import pymongo
+
+    uri = mongo_uri(mongodb_server)
+    store = mongo_store(mongodb_server)
+    sqstore.upload_config(store, sqstore.demo_config("keep"), "keep")
+    args = ("--storage", uri, "bench", "--jobs", "2", "--repeats", "1", "--queue", "30")
+    proc = run_cli(*args, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert figures["commands_per_round_trip"] == {"delete": 3, "find": 11, "insert": 6, "update": 1}
+    assert min(figures["claim_us_10"], figures["claim_us_1000"], figures["claim_us_30"]) > 0
+    assert set(figures["ratios"]) == {"long_queue_claim_per_short"}
+    assert sqstore.get_backends(store) == ["keep"]
+    with pymongo.MongoClient(uri) as client:
+        for db in ("jobs", "status", "results"):
+            assert not [c for c in client[db].list_collection_names() if "bench" in c]
+        assert client["jobs"]["running"].count_documents({}) == 0
+        assert client["jobs"]["leases"].count_documents({}) == 0
+    table = run_cli(*args, cwd=tmp_path)
+    assert "commands per round trip" in table.stdout and table.returncode == 0
+
+
 def test_cli_bench_shows_progress_on_a_terminal(tmp_path: Path) -> None:
     """On a terminal, bench shows what it is measuring on stderr and clears the line."""
     import pty
