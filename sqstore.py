@@ -24,12 +24,14 @@ the handle first.  Usage::
     (True, 'jobs/running')
 
 Backends: ``memory_storage()`` (in-process), ``local_storage(root)`` (a
-directory) and ``dropbox_storage(...)`` (a Dropbox app folder, through the
-official SDK).  Claims are exactly-once and leased (`claim_jobs`,
-`requeue_expired`); writes are atomic; names are validated before they reach a
-path; results are signed with Ed25519 in sqooler's JWS form or RFC 7515's.
-PyNaCl and the Dropbox SDK are imported only by the functions that need them, so
-``import sqstore`` loads attrs and cattrs alone.  Python >= 3.10.
+directory), ``mongodb_storage(uri)`` (a MongoDB deployment, through pymongo) and
+``dropbox_storage(...)`` (a Dropbox app folder, through the official SDK);
+``open_storage(url)`` picks one from a URL.  Claims are exactly-once and
+leased (`claim_jobs`, `requeue_expired`); writes are atomic; names are validated
+before they reach a path or a query; results are signed with Ed25519 in
+sqooler's JWS form or RFC 7515's.  PyNaCl, pymongo and the Dropbox SDK are
+imported only by the functions that need them, so ``import sqstore`` loads
+attrs and cattrs alone.  Python >= 3.10.
 """
 
 from __future__ import annotations
