@@ -2248,8 +2248,10 @@ def mongodb_storage(
             ) from exc
         except (InvalidDocument, OverflowError) as exc:
             raise InvalidDocumentError(f"{what}: MongoDB cannot store it: {exc}") from exc
-        except errors.ConnectionFailure as exc:  # includes timeouts and no server found
-            raise TransientError(f"{what}: cannot reach MongoDB ({type(exc).__name__})") from exc
+        except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
+            raise TransientError(
+                f"{what}: cannot reach MongoDB or it timed out ({type(exc).__name__})"
+            ) from exc
         except errors.OperationFailure as exc:
             message = (exc.details or {}).get("errmsg") or str(exc)
             if exc.code in (13, 18):  # Unauthorized, AuthenticationFailed
@@ -2268,7 +2270,8 @@ def mongodb_storage(
         if found is None:
             raise NotFoundError(f"{what} does not exist")
         found.pop("_id", None)
-        found.pop(_MONGO_NAME_FIELD, None)
+        if path in keyed:
+            found.pop(_MONGO_NAME_FIELD, None)
         return cast(Doc, _plain(found, what))
 
     def upload(path: str, doc_id: str, doc: Doc) -> None:
