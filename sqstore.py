@@ -3041,14 +3041,18 @@ def _bench_mongodb(uri: str, jobs: int, repeats: int, queue: int, progress: Any)
             "long_queue_claim_per_short": figures[f"claim_us_{queue}"] / figures["claim_us_10"]
         }
     finally:  # the claimed jobs stay running, leased: remove them with their leases
-        leases = client["jobs"]["leases"]
+
+        def collection(path: str) -> Any:
+            database, *rest = _fill(path, dn).split("/")
+            return client[database][".".join(rest)]
+
+        leases = collection(LOCAL_LAYOUT.leases)
         claimed = [lease["_id"] for lease in leases.find({"display_name": dn}, {"_id": 1})]
-        for name in ("running", "leases"):
-            client["jobs"][name].delete_many({"_id": {"$in": claimed}})
+        for path in (LOCAL_LAYOUT.running, LOCAL_LAYOUT.leases):
+            collection(path).delete_many({"_id": {"$in": claimed}})
         for path in (LOCAL_LAYOUT.queued, LOCAL_LAYOUT.finished, LOCAL_LAYOUT.status,
                      LOCAL_LAYOUT.results):  # fmt: skip
-            database, *rest = _fill(path, dn).split("/")
-            client[database].drop_collection(".".join(rest))
+            collection(path).drop()
         with contextlib.suppress(NotFoundError):
             store["delete"](LOCAL_LAYOUT.configs, dn)
         client.close()

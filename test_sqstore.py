@@ -337,21 +337,25 @@ def test_bad_ids_are_refused_before_any_write(store: Storage, tmp_path: Path, ba
     assert store["list"]("t/ok") == ["keep"]
 
 
+def folder_calls(store: Storage, bad: Any, ok: str, doc_id: str) -> list[Callable[[], Any]]:
+    """Every callable given folder *bad*: moves between it and *ok*, of *doc_id*."""
+    return [
+        lambda: store["upload"](bad, "x", {}),
+        lambda: store["update"](bad, "x", {}),
+        lambda: store["get"](bad, "x"),
+        lambda: store["move"](bad, ok, doc_id),
+        lambda: store["move"](ok, bad, doc_id),
+        lambda: store["delete"](bad, "x"),
+        lambda: store["list"](bad),
+    ]
+
+
 @pytest.mark.parametrize("bad", BAD_PATHS, ids=repr)
 def test_bad_paths_are_refused_before_any_write(store: Storage, tmp_path: Path, bad: Any) -> None:
     """Every callable refuses a bad folder path with InvalidNameError and touches nothing."""
     store["upload"]("t/ok", "keep", {"v": 1})
     before = tree(tmp_path)
-    calls = [
-        lambda: store["upload"](bad, "x", {}),
-        lambda: store["update"](bad, "x", {}),
-        lambda: store["get"](bad, "x"),
-        lambda: store["move"](bad, "t/ok", "keep"),
-        lambda: store["move"]("t/ok", bad, "keep"),
-        lambda: store["delete"](bad, "x"),
-        lambda: store["list"](bad),
-    ]
-    for call in calls:
+    for call in folder_calls(store, bad, "t/ok", "keep"):
         with pytest.raises(sqstore.InvalidNameError):
             call()
     assert tree(tmp_path) == before
@@ -1688,16 +1692,7 @@ def test_mongodb_refuses_folders_that_are_not_database_and_collection(
 
     with pymongo.MongoClient(mongo_uri(mongodb_server)) as client:
         before = {db: client[db].list_collection_names() for db in client.list_database_names()}
-        calls = [
-            lambda: mongo["upload"](path, "x", {}),
-            lambda: mongo["update"](path, "x", {}),
-            lambda: mongo["get"](path, "x"),
-            lambda: mongo["move"](path, "jobs/ok", "x"),
-            lambda: mongo["move"]("jobs/ok", path, "x"),
-            lambda: mongo["delete"](path, "x"),
-            lambda: mongo["list"](path),
-        ]
-        for call in calls:
+        for call in folder_calls(mongo, path, "jobs/ok", "x"):
             with pytest.raises(sqstore.InvalidNameError, match=r"MongoDB folder|invalid"):
                 call()
         after = {db: client[db].list_collection_names() for db in client.list_database_names()}
