@@ -88,11 +88,13 @@ __all__ = [
     "InvalidNameError",
     "JWSDoc",
     "JWSHeader",
+    "Layer",
     "Layout",
     "Lease",
     "LeaseLostError",
     "NextJob",
     "NotFoundError",
+    "ReadOnlyError",
     "ResultDict",
     "SqstoreError",
     "StatusMsg",
@@ -127,10 +129,13 @@ __all__ = [
     "open_storage",
     "payload_of",
     "public_from_private",
+    "read_only",
+    "redact_url",
     "renew_lease",
     "requeue_expired",
     "run_simulator",
     "sign_doc",
+    "stack",
     "timestamp_queue",
     "to_doc",
     "update_config",
@@ -142,6 +147,9 @@ __all__ = [
     "upload_status",
     "verify_doc",
     "verify_result",
+    "with_logging",
+    "with_metrics",
+    "with_retry",
 ]
 
 # ============================================================================
@@ -204,6 +212,10 @@ class StorageError(SqstoreError, OSError):
 
 class CredentialsError(SqstoreError, PermissionError):
     """The storage refused the credentials; the message says what to fix."""
+
+
+class ReadOnlyError(SqstoreError, PermissionError):
+    """A write reached a store opened read-only (`read_only`)."""
 
 
 class LeaseLostError(SqstoreError):
@@ -591,6 +603,7 @@ class Storage(TypedDict):
 
 
 _OPS = ("upload", "update", "get", "move", "delete", "list")
+_WRITES = ("upload", "update", "move", "delete")
 _HANDLE_KEYS = frozenset(("name", "layout", *_OPS))
 
 
@@ -2516,35 +2529,276 @@ def dropbox_storage(
     )
 
 
+_DROPBOX_ENV = {
+    "app_key": "SQSTORE_DROPBOX_APP_KEY",
+    "app_secret": "SQSTORE_DROPBOX_APP_SECRET",
+    "refresh_token": "SQSTORE_DROPBOX_REFRESH_TOKEN",
+}
+_DROPBOX_FILE_ENV = "SQSTORE_DROPBOX_CREDENTIALS"
+_SECRET_QUERY_RE = re.compile(r"((?:pass|secret|token|key)[^=&]*=)[^&]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """Return *url* as it may be logged: any password or secret replaced by ``***``.
+
+    >>> redact_url("mongodb://bob:s3cret@db:27017/?authSource=admin")
+    'mongodb://bob:***@db:27017/?authSource=admin'
+    >>> redact_url("mongodb://db/?tlsCertificateKeyFilePassword=pw")
+    'mongodb://db/?tlsCertificateKeyFilePassword=***'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+    return f"{scheme}://{netloc}{slash}" + _SECRET_QUERY_RE.sub(r"\1***", tail)
+
+
+def _local_root(url: str) -> str | None:
+    """The directory a bare path or ``file://`` URL names; None for other schemes."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if scheme != "file":
+        return None
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost") :]
+    if not rest.startswith("/"):
+        raise ValueError(f"a file URL needs an absolute path: file:///path, not {url!r}")
+    from urllib.parse import unquote
+
+    return unquote(rest)
+
+
+def _dropbox_credentials() -> dict[str, str]:
+    """The app key, app secret and refresh token, from the environment or the file it names."""
+    path = os.environ.get(_DROPBOX_FILE_ENV)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                found = json.load(file)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not a JSON object"
+            raise CredentialsError(f"${_DROPBOX_FILE_ENV}: cannot read {path}: {reason}") from None
+        if not isinstance(found, dict):
+            raise CredentialsError(f"${_DROPBOX_FILE_ENV}: {path} is not a JSON object")
+        given = {key: found.get(key) for key in _DROPBOX_ENV}
+        where = f"{path} (named by ${_DROPBOX_FILE_ENV})"
+        missing = [key for key, value in given.items() if not isinstance(value, str) or not value]
+    else:
+        given = {key: os.environ.get(env) for key, env in _DROPBOX_ENV.items()}
+        where = "the environment"
+        missing = [_DROPBOX_ENV[key] for key, value in given.items() if not value]
+    if missing:
+        raise CredentialsError(
+            f"dropbox:// needs {', '.join(missing)} in {where} "
+            f"(or ${_DROPBOX_FILE_ENV} naming a JSON file with app_key, app_secret, refresh_token)"
+        )
+    return cast(dict[str, str], given)
+
+
 def open_storage(url: str) -> Storage:
     """Return the store a URL names.
 
     ``file:///path`` or a bare path (a directory, `local_storage`), ``memory://``
     (`memory_storage`), ``mongodb://...`` or ``mongodb+srv://...``
     (`mongodb_storage`; the URI carries the credentials, and no error message
-    repeats it).
+    repeats them), ``dropbox://`` (`dropbox_storage` on the app folder; the app
+    key, app secret and refresh token come from ``$SQSTORE_DROPBOX_APP_KEY``,
+    ``$SQSTORE_DROPBOX_APP_SECRET`` and ``$SQSTORE_DROPBOX_REFRESH_TOKEN``, or from
+    the JSON file ``$SQSTORE_DROPBOX_CREDENTIALS`` names, never from the URL).
+    Log a URL with `redact_url`.
 
     Raises:
-        ValueError: the URL's scheme is not one of these.
+        ValueError: the URL's scheme is not one of these, or it is malformed.
+        CredentialsError: ``dropbox://`` without credentials in the environment.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return local_storage(url)
-    if scheme == "file":
-        if rest.startswith("localhost/"):
-            rest = rest[len("localhost") :]
-        if not rest.startswith("/"):
-            raise ValueError(f"a file URL needs an absolute path: file:///path, not {url!r}")
-        from urllib.parse import unquote
-
-        return local_storage(unquote(rest))
+    root = _local_root(url)
+    if root is not None:
+        return local_storage(root)
+    scheme, _, rest = url.partition("://")
     if scheme == "memory":
         return memory_storage()
     if scheme in ("mongodb", "mongodb+srv"):
         return mongodb_storage(url)
+    if scheme == "dropbox":
+        if rest.strip("/"):  # whatever is there might be a token: never repeat it
+            raise ValueError(
+                "a dropbox URL is just dropbox:// (the app folder); credentials come from "
+                f"${_DROPBOX_ENV['refresh_token']} and friends, never from the URL"
+            )
+        credentials = _dropbox_credentials()
+        return dropbox_storage(
+            app_key=credentials["app_key"],
+            app_secret=credentials["app_secret"],
+            refresh_token=credentials["refresh_token"],
+        )
     raise ValueError(
-        f"unknown storage scheme {scheme!r}: use a path, file://, memory:// or mongodb://"
+        f"unknown storage scheme {scheme!r}: use a path, file://, memory://, mongodb:// "
+        "or dropbox://"
     )
+
+
+# ============================================================================
+# Layers
+# ============================================================================
+Layer = Callable[[Storage], Storage]
+"""A function that returns a new handle with some operations wrapped (see `stack`)."""
+
+_RETRY_SAFE = ("get", "list", "update", "upload", "delete")
+
+
+def _map_ops(
+    store: Storage,
+    wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]],
+    only: Sequence[str] = _OPS,
+) -> Storage:
+    """A new handle with each operation in *only* replaced by ``wrap(op, fn)``."""
+    _check_handle(store)
+    wrapped = {op: functools.wraps(store[op])(wrap(op, store[op])) for op in only}  # type: ignore[literal-required]
+    return cast(Storage, {**store, **wrapped})
+
+
+def _where(op: str, args: tuple[Any, ...]) -> str:
+    """``path/id`` of a call (``src -> dst/id`` for a move, the folder for a list)."""
+    if op == "move":
+        return f"{args[0]}/{args[2]} -> {args[1]}"
+    return "/".join(str(a) for a in args[:2])
+
+
+def stack(store: Storage, *layers: Layer) -> Storage:
+    """Apply *layers* so that the first listed is the outermost (sees each call first).
+
+    >>> counts: dict[str, int] = {}
+    >>> store = stack(memory_storage(), read_only, functools.partial(with_metrics, counts=counts))
+    >>> store["list"]("jobs/running"), counts
+    ([], {'list': 1})
+    """
+    for layer in reversed(layers):
+        store = layer(store)
+    return store
+
+
+def read_only(store: Storage) -> Storage:
+    """Return *store* with every write (upload, update, move, delete) refused.
+
+    Raises (from the writes):
+        ReadOnlyError: always, naming the document; nothing is sent to the store.
+    """
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def refuse(*args: Any) -> Any:
+            raise ReadOnlyError(f"{op} {_where(op, args)}: storage {store['name']!r} is read-only")
+
+        return refuse
+
+    return _map_ops(store, wrap, _WRITES)
+
+
+def with_retry(
+    store: Storage,
+    *,
+    attempts: int = 3,
+    delay: float = 0.2,
+    ops: Sequence[str] = ("get", "list"),
+    sleep: Callable[[float], None] = time.sleep,
+) -> Storage:
+    """Return *store* with *ops* retried on `TransientError`, waiting *delay* x 1, 2, 4, ...
+
+    Reads only by default.  Of the writes, ``update`` (a replacement) can be
+    repeated as it is; a repeated ``upload`` that finds its own document
+    already there counts as done (a different one is still `AlreadyExistsError`);
+    a repeated ``delete`` that finds nothing counts as done.  ``move`` is never
+    retried: it is how racing workers pick one winner, and a retry could not
+    tell a move that went through from one that lost.
+
+    Raises:
+        ValueError: *ops* names ``move`` or an unknown operation, or *attempts* < 1.
+    """
+    if unsafe := sorted(set(ops) - set(_RETRY_SAFE)):
+        raise ValueError(f"with_retry cannot repeat {', '.join(unsafe)} safely")
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, not {attempts}")
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def retrying(*args: Any) -> Any:
+            for attempt in range(1, attempts + 1):
+                try:
+                    return fn(*args)
+                except TransientError:
+                    if attempt == attempts:
+                        raise
+                    sleep(delay * 2 ** (attempt - 1))
+                except AlreadyExistsError:
+                    if attempt == 1 or op != "upload" or store["get"](*args[:2]) != args[2]:
+                        raise
+                    return None  # our own earlier attempt went through
+                except NotFoundError:
+                    if attempt == 1 or op != "delete":
+                        raise
+                    return None
+            raise AssertionError("unreachable")
+
+        return retrying
+
+    return _map_ops(store, wrap, ops)
+
+
+def with_logging(store: Storage, *, logger: Any = None, level: int = 10) -> Storage:
+    """Return *store* logging one line per operation, with its duration and outcome.
+
+    Lines go to *logger* (default: ``logging.getLogger("sqstore")``) at *level*
+    (default DEBUG), e.g. ``local get jobs/running/6553f1... 0.3 ms ok``; a
+    failure is logged with its error type.  Documents are never logged, and the
+    store's name is the only thing said of where it is.
+    """
+    if logger is None:
+        import logging
+
+        logger = logging.getLogger("sqstore")
+    name = store["name"]
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def logged(*args: Any) -> Any:
+            start = time.perf_counter()
+            outcome = "ok"
+            try:
+                return fn(*args)
+            except Exception as exc:
+                outcome = type(exc).__name__
+                raise
+            finally:
+                ms = (time.perf_counter() - start) * 1000
+                logger.log(level, "%s %s %s %.1f ms %s", name, op, _where(op, args), ms, outcome)
+
+        return logged
+
+    return _map_ops(store, wrap)
+
+
+def with_metrics(store: Storage, *, counts: dict[str, int]) -> Storage:
+    """Return *store* counting its operations into *counts*.
+
+    Each call adds 1 to ``counts[op]``; a failed one also to ``counts["op:Error"]``
+    (e.g. ``"get:NotFoundError"``).  Pass a ``collections.Counter`` or a dict.
+    """
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any) -> Any:
+            counts[op] = counts.get(op, 0) + 1
+            try:
+                return fn(*args)
+            except Exception as exc:
+                key = f"{op}:{type(exc).__name__}"
+                counts[key] = counts.get(key, 0) + 1
+                raise
+
+        return counted
+
+    return _map_ops(store, wrap)
 
 
 # ============================================================================
@@ -2651,12 +2905,17 @@ def _cmd_queue(store: Storage, args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_key(root: str, kid: str) -> JWK:
-    """The demo backend's private key, kept beside the documents in a 0600 file."""
-    path = os.path.join(root, ".demo-key.jwk")
+def _demo_key(url: str, key_file: str | None, kid: str) -> JWK:
+    """The demo backend's private key: *key_file*, or a 0600 file beside a directory's
+    documents, or a fresh key for ``memory://``, or ``./sqstore-demo-key.jwk``."""
+    root = _local_root(url)
+    if key_file is None and url.startswith("memory://"):
+        return generate_keypair(kid)[0]
+    path = key_file or (os.path.join(root, ".demo-key.jwk") if root else "sqstore-demo-key.jwk")
     if os.path.exists(path):
         return _load_jwk(path)
-    os.makedirs(root, exist_ok=True)
+    if root is not None and key_file is None:
+        os.makedirs(root, exist_ok=True)
     private, _ = generate_keypair(kid)
     _write_private(path, json.dumps(to_doc(private)) + "\n")
     return private
@@ -2685,7 +2944,7 @@ def _demo_jobs(count: int, shots: int) -> Iterator[Doc]:
 def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
     display_name, username = "sqsim", "alice"
     start = time.perf_counter()
-    private = _demo_key(args.storage, "sqsim-demo")
+    private = _demo_key(args.storage, args.key, "sqsim-demo")
     public = public_from_private(private)
     config = demo_config(display_name, sign=True)
     try:
@@ -2728,7 +2987,7 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(
         f"{verified}/{len(job_ids)} results verified; "
-        f"{len(job_ids)} round trips in {elapsed * 1000:.0f} ms on {args.storage}"
+        f"{len(job_ids)} round trips in {elapsed * 1000:.0f} ms on {redact_url(args.storage)}"
     )
     return 0 if verified == len(job_ids) else 1
 
@@ -3125,6 +3384,11 @@ def _cmd_bench(store: Storage | None, args: argparse.Namespace) -> int:
             print(f"\r\033[Kbench: {text}", end="", file=sys.stderr, flush=True)
 
     mongodb = args.storage.startswith(("mongodb://", "mongodb+srv://"))
+    if not mongodb and _local_root(args.storage) is None:
+        raise _UserError(
+            f"bench runs on a directory or mongodb://, not {redact_url(args.storage)} "
+            "(Dropbox request counts: pytest test_sqstore.py -k lifecycle_needs -s)"
+        )
     parent = args.bench_dir
     if parent is not None and not os.path.isdir(parent):
         raise _UserError(f"{parent} is not a directory")
@@ -3155,8 +3419,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sqstore {__version__}")
     parser.add_argument(
         "--storage",
-        metavar="DIR",
-        help=f"storage directory (default: $SQSTORE_STORAGE or {_DEFAULT_STORAGE})",
+        metavar="URL",
+        help="a directory, file:///path, memory://, mongodb://... or dropbox:// "
+        f"(default: $SQSTORE_STORAGE or {_DEFAULT_STORAGE})",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -3168,6 +3433,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = command("demo", _cmd_demo, "run Alice and Bob end to end on the storage")
     demo.add_argument("--jobs", type=int, default=3, help="jobs to submit (default 3)")
     demo.add_argument("--shots", type=int, default=100, help="shots per job (default 100)")
+    demo.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the demo backend's private JWK, made if missing (default: .demo-key.jwk in a "
+        "storage directory; ./sqstore-demo-key.jwk for other storages)",
+    )
     bench = command("bench", _cmd_bench, "measure round trips, claims and verification")
     bench.add_argument("--jobs", type=int, default=200, help="jobs per run (default 200)")
     bench.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
@@ -3214,11 +3485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo" and (args.jobs < 1 or args.shots < 1):
             raise _UserError("--jobs and --shots must be at least 1")
-        store = None if args.command in ("keygen", "bench") else local_storage(args.storage)
+        store = None if args.command in ("keygen", "bench") else open_storage(args.storage)
         code: int = args.func(store, args)
         sys.stdout.flush()
         return code
-    except (SqstoreError, _UserError) as exc:
+    except (SqstoreError, _UserError, ValueError) as exc:
         print(f"sqstore: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:

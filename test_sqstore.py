@@ -8,8 +8,10 @@ sqooler interoperability, CLI and packaging.
 from __future__ import annotations
 
 import base64
+import collections
 import copy
 import datetime
+import functools
 import hashlib
 import http.server
 import json
@@ -174,6 +176,12 @@ BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Storage]] = {
         layout=sqstore.DROPBOX_LAYOUT
     ),
     "local": lambda tmp, request: sqstore.local_storage(tmp / "store"),
+    "local-layered": lambda tmp, request: sqstore.stack(
+        sqstore.local_storage(tmp / "store"),
+        sqstore.with_logging,
+        functools.partial(sqstore.with_metrics, counts={}),
+        functools.partial(sqstore.with_retry, ops=("get", "list", "update", "upload", "delete")),
+    ),
     "dropbox": lambda tmp, request: dropbox_store(request.getfixturevalue("dropbox_fake")),
     "mongodb": lambda tmp, request: mongo_store(request.getfixturevalue("mongodb_server")),
 }
@@ -2948,6 +2956,270 @@ def test_sqooler_models_are_accepted(sqooler: Any, tmp_path: Path) -> None:
 
 
 # ============================================================================
+# Storage URLs and layers
+# ============================================================================
+DROPBOX_ENV = (
+    "SQSTORE_DROPBOX_APP_KEY",
+    "SQSTORE_DROPBOX_APP_SECRET",
+    "SQSTORE_DROPBOX_REFRESH_TOKEN",
+)
+
+
+@pytest.fixture
+def dropbox_env(dropbox_fake: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The fake's credentials in the environment, and the SDK's sessions aimed at the fake."""
+    import dropbox.dropbox_client
+
+    dropbox_fake.reset()
+    monkeypatch.setattr(
+        dropbox.dropbox_client, "create_session", lambda *a, **k: dropbox_fake.session()
+    )
+    monkeypatch.delenv("SQSTORE_DROPBOX_CREDENTIALS", raising=False)
+    for name, value in zip(
+        DROPBOX_ENV,
+        (dropbox_fake.app_key, dropbox_fake.app_secret, dropbox_fake.refresh_token),
+        strict=True,
+    ):
+        monkeypatch.setenv(name, value)
+    return dropbox_fake
+
+
+def test_open_storage_names_each_backend(tmp_path: Path, dropbox_env: Any) -> None:
+    """Each URL form opens the backend it names; dropbox:// takes sqooler's Dropbox layout."""
+    assert sqstore.open_storage(str(tmp_path / "a"))["name"] == "local"
+    file_store = sqstore.open_storage(f"file://{urllib.parse.quote(str(tmp_path / 'a b'))}")
+    file_store["upload"]("f/g", "x", {"v": 1})
+    assert (tmp_path / "a b" / "f" / "g" / "x.json").exists()
+    assert sqstore.open_storage("memory://")["name"] == "memory"
+    dbx = sqstore.open_storage("dropbox://")
+    assert (dbx["name"], dbx["layout"]) == ("dropbox", sqstore.DROPBOX_LAYOUT)
+    dbx["upload"]("f", "x", {"v": 2})
+    assert json.loads(dropbox_env.files()["/f/x.json"]) == {"v": 2}
+    for bad, message in (("ftp://h/x", "unknown storage scheme"), ("file://rel", "absolute")):
+        with pytest.raises(ValueError, match=message):
+            sqstore.open_storage(bad)
+
+
+def test_dropbox_url_takes_credentials_from_a_file_named_by_the_environment(
+    tmp_path: Path, dropbox_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$SQSTORE_DROPBOX_CREDENTIALS names a JSON file; missing fields are named, not shown."""
+    for name in DROPBOX_ENV:
+        monkeypatch.delenv(name)
+    with pytest.raises(sqstore.CredentialsError, match="SQSTORE_DROPBOX_REFRESH_TOKEN"):
+        sqstore.open_storage("dropbox://")
+    creds = tmp_path / "dropbox.json"
+    monkeypatch.setenv("SQSTORE_DROPBOX_CREDENTIALS", str(creds))
+    with pytest.raises(sqstore.CredentialsError, match="cannot read"):
+        sqstore.open_storage("dropbox://")
+    creds.write_text(json.dumps({"app_key": dropbox_env.app_key, "app_secret": "s3"}))
+    with pytest.raises(sqstore.CredentialsError, match="refresh_token") as info:
+        sqstore.open_storage("dropbox://")
+    assert "s3" not in str(info.value)
+    creds.write_text(
+        json.dumps(
+            {
+                "app_key": dropbox_env.app_key,
+                "app_secret": dropbox_env.app_secret,
+                "refresh_token": dropbox_env.refresh_token,
+            }
+        )
+    )
+    store = sqstore.open_storage("dropbox://")
+    store["upload"]("f", "y", {"v": 3})
+    assert store["get"]("f", "y") == {"v": 3}
+
+
+def test_dropbox_url_never_carries_or_repeats_a_token(dropbox_env: Any) -> None:
+    """A token put into the URL is refused, and the error does not repeat it."""
+    for url in ("dropbox://sl.SECRETTOKEN", "dropbox://user:sl.SECRETTOKEN@", "dropbox:///x"):
+        with pytest.raises(ValueError, match="just dropbox://") as info:
+            sqstore.open_storage(url)
+        assert "SECRETTOKEN" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("mongodb://bob:pw%40x@h1,h2/db?replicaSet=r", "mongodb://bob:***@h1,h2/db?replicaSet=r"),
+        ("mongodb+srv://token@cluster/", "mongodb+srv://***@cluster/"),
+        ("mongodb://h/?authSource=a&tlsCertificateKeyFilePassword=pw", "mongodb://h/?authSource=a&tlsCertificateKeyFilePassword=***"),
+        ("/srv/exchange", "/srv/exchange"),
+        ("dropbox://", "dropbox://"),
+    ],
+)  # fmt: skip
+def test_redact_url(url: str, logged: str) -> None:
+    assert sqstore.redact_url(url) == logged
+
+
+def test_cli_never_prints_a_password_or_token(
+    tmp_path: Path, dropbox_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Failing commands on MongoDB and Dropbox URLs say what failed, never the secret."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = "pw-" + secrets.token_hex(8)
+    url = f"mongodb://bob:{secret}@127.0.0.1:{port}/?serverSelectionTimeoutMS=300"
+    demo = run_cli("--storage", url, "demo", "--key", str(tmp_path / "k.jwk"), cwd=tmp_path)
+    bench = run_cli("--storage", url, "bench", "--jobs", "1", "--repeats", "1", cwd=tmp_path)
+    for proc in (demo, bench):
+        assert proc.returncode == 1 and "cannot reach MongoDB" in proc.stderr, proc.stderr
+    bad_uri = run_cli("--storage", f"mongodb://bob:{secret}@h:port/", "backends", cwd=tmp_path)
+    assert bad_uri.returncode == 1 and "bad MongoDB URI" in bad_uri.stderr
+    outputs = [proc.stdout + proc.stderr for proc in (demo, bench, bad_uri)]
+    dropbox_env.revoke_refresh_token()
+    try:
+        assert sqstore.main(["--storage", "dropbox://", "backends"]) == 1
+        assert sqstore.main(["--storage", "dropbox://", "queue", "sim"]) == 1
+    finally:
+        dropbox_env.revoke_refresh_token(False)
+    out, err = capsys.readouterr()
+    assert "refresh token" in err
+    outputs.append(out + err)
+    for text in outputs:
+        assert secret not in text and dropbox_env.refresh_token not in text
+        assert dropbox_env.app_secret not in text
+
+
+def test_cli_commands_take_a_storage_url(tmp_path: Path, dropbox_env: Any) -> None:
+    """Every storage command runs on dropbox:// (and memory://) as on a directory."""
+    assert sqstore.main(["--storage", "memory://", "demo", "--jobs", "2"]) == 0
+    key = tmp_path / "demo.jwk"
+    assert sqstore.main(["--storage", "dropbox://", "demo", "--jobs", "1", "--key", str(key)]) == 0
+    assert key.exists() and key.stat().st_mode & 0o777 == 0o600
+    store = sqstore.open_storage("dropbox://")
+    assert sqstore.get_backends(store) == ["sqsim"]
+    (tmp_path / "job.json").write_text(json.dumps(JOB))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SQSTORE_STORAGE", "dropbox://")
+        assert sqstore.main(["submit", "sqsim", str(tmp_path / "job.json")]) == 0
+    assert len(store["list"]("Backend_files/Queued_Jobs/sqsim")) == 1
+
+
+def flaky(store: Storage, failures: dict[str, int], *, after: bool = False) -> Storage:
+    """*store* whose ops raise TransientError their first *failures[op]* times (after doing it)."""
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if failures.get(op, 0) > 0:
+                failures[op] -= 1
+                if after:
+                    fn(*args)  # done, but the answer is lost
+                raise sqstore.TransientError(f"{op}: flaky")
+            return fn(*args)
+
+        return call
+
+    return sqstore._map_ops(store, wrap)
+
+
+def test_read_only_refuses_every_write_and_sends_nothing(local: Storage, tmp_path: Path) -> None:
+    """read_only: reads pass; every write raises ReadOnlyError naming the path, sends nothing."""
+    local["upload"]("f/a", "x", {"v": 1})
+    before = tree(tmp_path / "store")
+    ro = sqstore.read_only(local)
+    assert ro["get"]("f/a", "x") == {"v": 1} and ro["list"]("f/a") == ["x"]
+    for call in (
+        lambda: ro["upload"]("f/a", "y", {}),
+        lambda: ro["update"]("f/a", "x", {}),
+        lambda: ro["move"]("f/a", "f/b", "x"),
+        lambda: ro["delete"]("f/a", "x"),
+        lambda: sqstore.upload_job(ro, JOB, "sim", "alice"),
+    ):
+        with pytest.raises(sqstore.ReadOnlyError, match="read-only") as info:
+            call()
+        assert isinstance(info.value, PermissionError)
+    with pytest.raises(sqstore.ReadOnlyError, match="f/a/x -> f/b"):
+        ro["move"]("f/a", "f/b", "x")
+    assert tree(tmp_path / "store") == before
+
+
+def test_with_retry_retries_reads_only_by_default() -> None:
+    """A read failing twice transiently succeeds on the third attempt; writes are not repeated."""
+    sleeps: list[float] = []
+    failures = {"get": 2, "list": 2, "upload": 1}
+    store = sqstore.with_retry(flaky(sqstore.memory_storage(), failures), sleep=sleeps.append)
+    with pytest.raises(sqstore.TransientError):
+        store["upload"]("f", "x", {"v": 1})
+    store["upload"]("f", "x", {"v": 1})
+    assert store["get"]("f", "x") == {"v": 1} and store["list"]("f") == ["x"]
+    assert sleeps == [0.2, 0.4, 0.2, 0.4]
+    failures["get"] = 3
+    with pytest.raises(sqstore.TransientError):
+        store["get"]("f", "x")
+
+
+def test_with_retry_repeats_writes_only_where_safe() -> None:
+    """A lost answer to upload/delete/update is retried and counts as done; move never is."""
+    inner = sqstore.memory_storage()
+    failures = {"upload": 1, "delete": 1, "update": 1}
+    ops = ("upload", "update", "delete")
+    store = sqstore.with_retry(flaky(inner, failures, after=True), ops=ops, sleep=lambda s: None)
+    store["upload"]("f", "x", {"v": 1})  # stored, answer lost, retried: finds its own document
+    store["update"]("f", "x", {"v": 2})
+    assert inner["get"]("f", "x") == {"v": 2}
+    store["delete"]("f", "x")  # deleted, answer lost, retried: finds nothing
+    assert inner["list"]("f") == []
+    inner["upload"]("f", "y", {"theirs": 1})
+    failures["upload"] = 1
+    with pytest.raises(sqstore.AlreadyExistsError):  # someone else's document is not ours
+        sqstore.with_retry(flaky(inner, failures), ops=ops, sleep=lambda s: None)["upload"](
+            "f", "y", {"ours": 1}
+        )
+    assert inner["get"]("f", "y") == {"theirs": 1}
+    with pytest.raises(sqstore.NotFoundError):  # a first-attempt NotFound is the caller's
+        store["delete"]("f", "nope")
+    for bad in (("move",), ("get", "frob")):
+        with pytest.raises(ValueError, match="cannot repeat"):
+            sqstore.with_retry(inner, ops=bad)
+
+
+def test_with_logging_logs_one_line_per_operation(caplog: pytest.LogCaptureFixture) -> None:
+    """One line per call with the store, verb, path, time and outcome; never the document."""
+    store = sqstore.with_logging(sqstore.memory_storage("mem"))
+    with caplog.at_level("DEBUG", logger="sqstore"):
+        store["upload"]("f", "x", {"secret": "hunter2"})
+        store["move"]("f", "g", "x")
+        with pytest.raises(sqstore.NotFoundError):
+            store["get"]("f", "x")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3
+    assert re.fullmatch(r"mem upload f/x \d+\.\d ms ok", lines[0])
+    assert re.fullmatch(r"mem move f/x -> g \d+\.\d ms ok", lines[1])
+    assert re.fullmatch(r"mem get f/x \d+\.\d ms NotFoundError", lines[2])
+    assert "hunter2" not in caplog.text
+
+
+def test_with_metrics_counts_calls_and_failures() -> None:
+    """counts[op] per call, counts['op:Error'] per failure; the store still behaves."""
+    counts: collections.Counter[str] = collections.Counter()
+    store = sqstore.with_metrics(sqstore.memory_storage(), counts=counts)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    sqstore.upload_job(store, JOB, "sim", "alice")
+    with pytest.raises(sqstore.NotFoundError):
+        store["get"]("f", "x")
+    assert counts == {"upload": 2, "get": 1, "get:NotFoundError": 1}
+
+
+def test_stack_puts_the_first_layer_outermost() -> None:
+    """stack(s, a, b) == a(b(s)): a read_only outside metrics refuses before counting."""
+    counts: dict[str, int] = {}
+    metrics = functools.partial(sqstore.with_metrics, counts=counts)
+    outer = sqstore.stack(sqstore.memory_storage(), sqstore.read_only, metrics)
+    with pytest.raises(sqstore.ReadOnlyError):
+        outer["upload"]("f", "x", {})
+    assert counts == {}
+    inner = sqstore.stack(sqstore.memory_storage(), metrics, sqstore.read_only)
+    with pytest.raises(sqstore.ReadOnlyError):
+        inner["upload"]("f", "x", {})
+    assert counts == {"upload": 1, "upload:ReadOnlyError": 1}
+    assert outer["upload"].__name__ == "upload"  # wrappers keep the wrapped callable's name
+    with pytest.raises(TypeError, match="storage handle"):
+        sqstore.read_only({"get": print})  # type: ignore[arg-type]
+
+
+# ============================================================================
 # CLI and packaging
 # ============================================================================
 def run_cli(
@@ -3192,7 +3464,7 @@ def test_all_is_sorted_and_complete() -> None:
         and (
             (callable(value) and getattr(value, "__module__", None) == "sqstore")
             or name.isupper()
-            or name == "Doc"
+            or name in ("Doc", "Layer")
         )
     }
     public -= {"T", "TYPE_CHECKING", "ColdAtomType", "WireOrder", "annotations"}
