@@ -104,6 +104,7 @@ __all__ = [
     "check_name",
     "claim_job",
     "claim_jobs",
+    "copy_storage",
     "create_job_id",
     "demo_config",
     "dropbox_storage",
@@ -150,6 +151,7 @@ __all__ = [
     "with_logging",
     "with_metrics",
     "with_retry",
+    "work",
 ]
 
 # ============================================================================
@@ -172,6 +174,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}")
 _PATH_RE = re.compile(rf"{_NAME_RE.pattern}(?:/{_NAME_RE.pattern})*")
 _DISPLAY_NAME_RE = re.compile(r"[a-z0-9]{1,64}")
 _STORE_NAME_RE = re.compile(r"[a-z0-9]{1,32}")
+_OBJECT_ID_RE = re.compile(r"[0-9a-f]{24}")  # a hex24 job id, a MongoDB ObjectId
 _SIGNED_KEYS = frozenset({"header", "payload", "signature"})
 _NONE = "None"  # sqooler's spelling of "no job" in a next-job answer
 
@@ -685,16 +688,36 @@ def new_job_id(layout: Layout, display_name: str, username: str, now_ns: int, sa
 
 
 def _job_fill(layout: Layout, template: str, display_name: str, job_id: str) -> str:
-    """Fill *template* for a job; dated ids carry the username (``<time>-<dn>-<user>-<n>``)."""
+    """Fill *template* for a job; dated ids carry the username (``<time>-<dn>-<user>-<n>``).
+
+    A hex24 id (from a local or MongoDB store) carries none: in a layout whose
+    folders need one, its username is ``None``, sqooler's word for "unknown".
+    """
     username = ""
     if layout.job_ids == "dated" and "{username}" in template:
         parts = job_id.split("-")
-        if len(parts) != 4 or not parts[2]:
+        if len(parts) == 4 and parts[2]:
+            username = parts[2]
+        elif _OBJECT_ID_RE.fullmatch(job_id):
+            username = _NONE
+        else:
             raise InvalidNameError(
                 f"invalid job_id {job_id!r}: expected <time>-<display_name>-<username>-<n>"
             )
-        username = parts[2]
     return _fill(template, display_name, username, job_id)
+
+
+def _id_in_file(template: str, file_id: str) -> str | None:
+    """The ``{job_id}`` in *file_id* made from *template*; None when it does not fit.
+
+    >>> _id_in_file("job-{job_id}", "job-abc"), _id_in_file("job-{job_id}", "status-abc")
+    ('abc', None)
+    """
+    prefix, _, suffix = template.partition("{job_id}")
+    inner = len(file_id) - len(prefix) - len(suffix)
+    if inner < 1 or not file_id.startswith(prefix) or not file_id.endswith(suffix):
+        return None
+    return file_id[len(prefix) : len(prefix) + inner]
 
 
 def _b64url(data: bytes, *, pad: bool) -> str:
@@ -1690,8 +1713,7 @@ def claim_job(
 
 
 def _job_id_of(layout: Layout, file_id: str) -> str:
-    prefix, _, suffix = layout.job_file.partition("{job_id}")
-    return file_id[len(prefix) : len(file_id) - len(suffix)]
+    return _id_in_file(layout.job_file, file_id) or file_id
 
 
 def _set_aside(
@@ -1867,6 +1889,274 @@ def update_in_database(
     _put_status(store, display_name, None, job_id, status_doc)
     if lease is not None and target is not None:  # a job still running keeps its lease
         _drop_lease(store, lease)
+
+
+def work(
+    stores: Sequence[Storage],
+    display_name: str,
+    executor: Callable[[Doc, str, str], Any],
+    private_jwk: Any = None,
+    *,
+    holder: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+    poll: float = 1.0,
+    max_jobs: int | None = None,
+    stop: threading.Event | None = None,
+    log: Callable[[str], None] | None = None,
+) -> int:
+    """Run Bob's worker loop: serve a backend's queue on each of *stores* in turn.
+
+    Round-robin, one job per store per pass (so one worker can serve several
+    frontends): claim the oldest job (`claim_job`), run
+    ``executor(job, job_id, display_name)``, and finish the job with its result
+    and a DONE status, or with an ERROR status whose ``error_message`` is the
+    exception's type and text.  While the executor runs, a thread renews the
+    lease every third of *lease_seconds*; jobs whose lease expired (their worker
+    died) are requeued with each heartbeat.  When no store has a job, waits
+    *poll* seconds.  Returns after *max_jobs* jobs, or once *stop* is set,
+    which never interrupts a running job (set it from a signal handler).
+    Storage errors are reported to *log* and the loop goes on; a job whose
+    finishing failed keeps its lease and is requeued when that expires.
+
+    Returns:
+        The number of jobs finished (DONE or ERROR).
+    """
+    if not stores:
+        raise ValueError("work needs at least one store")
+    for store in stores:
+        _check_handle(store)
+    _check_display_name(display_name)
+    stop = stop or threading.Event()
+    holder = holder or _default_holder()
+    say = log or (lambda line: None)
+    names = [store["name"] for store in stores]  # numbered where they repeat: local1, local2
+    labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
+    done = 0
+    while not stop.is_set() and (max_jobs is None or done < max_jobs):
+        idle = True
+        for store, label in zip(stores, labels, strict=True):
+            if stop.is_set() or (max_jobs is not None and done >= max_jobs):
+                break
+            try:
+                claimed = claim_job(
+                    store,
+                    display_name,
+                    private_jwk,
+                    holder=holder,
+                    lease_seconds=lease_seconds,
+                    heartbeat=heartbeat,
+                )
+            except SqstoreError as exc:
+                say(f"{label}: cannot claim: {type(exc).__name__}: {exc}")
+                continue
+            if claimed is not None:
+                idle = False
+                done += _work_one(
+                    store,
+                    label,
+                    display_name,
+                    executor,
+                    private_jwk,
+                    claimed,
+                    holder,
+                    lease_seconds,
+                    say,
+                )
+        if idle:
+            stop.wait(poll)
+    return done
+
+
+def _work_one(
+    store: Storage,
+    label: str,
+    display_name: str,
+    executor: Callable[[Doc, str, str], Any],
+    private_jwk: Any,
+    claimed: tuple[NextJob, Doc],
+    holder: str,
+    lease_seconds: float,
+    say: Callable[[str], None],
+) -> int:
+    """Run and finish one claimed job, renewing its lease meanwhile; 1 if finished."""
+    job_id, job = claimed[0].job_id, claimed[1]
+    finished = threading.Event()
+
+    def renew() -> None:
+        while not finished.wait(lease_seconds / 3):
+            try:
+                renew_lease(store, job_id, holder=holder, lease_seconds=lease_seconds)
+            except LeaseLostError:
+                say(f"{label} {job_id}: lease lost; another worker may run the job")
+                return
+            except SqstoreError as exc:  # try again at the next third
+                say(f"{label} {job_id}: cannot renew the lease: {exc}")
+
+    renewer = threading.Thread(target=renew, name=f"renew-{job_id}", daemon=True)
+    renewer.start()
+    start = time.perf_counter()
+    try:
+        result = executor(job, job_id, display_name)
+        status = StatusMsg(job_id, "DONE", "The job is done.", _NONE)
+    except Exception as exc:
+        result = None
+        status = StatusMsg(job_id, "ERROR", "The executor failed.", f"{type(exc).__name__}: {exc}")
+    finally:
+        finished.set()
+        renewer.join()
+    ms = (time.perf_counter() - start) * 1000
+    try:
+        try:
+            update_in_database(
+                store, result, status, job_id, display_name, private_jwk, holder=holder
+            )
+        except InvalidDocumentError as exc:  # the executor's result is not a result
+            status = StatusMsg(job_id, "ERROR", "The executor's result is malformed.", str(exc))
+            update_in_database(
+                store, None, status, job_id, display_name, private_jwk, holder=holder
+            )
+    except SqstoreError as exc:
+        say(f"{label} {job_id}: cannot finish: {type(exc).__name__}: {exc}")
+        return 0
+    why = f": {status.error_message}" if status.status == "ERROR" else ""
+    say(f"{label} {job_id} {status.status} in {ms:.0f} ms{why}")
+    return 1
+
+
+_COPY_KINDS = ("public_keys", "configs", "jobs", "statuses", "results", "leases")
+_COPY_COUNTS = ("copied", "present", "conflicts", "rejected")
+# (kind, the Layout folder, the Layout file template or "" for the bare job id)
+_JOB_FOLDERS = (
+    ("jobs", "queued", "job_file"),
+    ("statuses", "status", "status_file"),
+    ("jobs", "running", "job_file"),
+    ("jobs", "deleted", "job_file"),
+    ("jobs", "finished", "job_file"),
+    ("results", "results", "result_file"),
+    ("leases", "leases", ""),
+)
+
+
+def copy_storage(
+    src: Storage,
+    dst: Storage,
+    *,
+    verify: bool = False,
+    progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Copy every public key, config, job, status, result and lease from *src* to *dst*.
+
+    Each document goes to the place *dst*'s layout gives it, under the same
+    name and job id (e.g. from a sqooler Dropbox folder to MongoDB).  Nothing in
+    *dst* is overwritten: a document already there and equal counts as
+    ``present``, a different one as a ``conflict`` (left as it is), so an
+    interrupted copy is finished by running it again.  With *verify*, a signed
+    document whose signature no public key of *src* verifies is ``rejected``,
+    as is one that cannot be read.  *warn* is told of each conflict and
+    rejection, *progress* gets the counts after each document.
+
+    Finished jobs and results in a layout whose folders carry the username
+    (Dropbox) are found through the job's status or queue entry; ids without a
+    username go under ``None`` there (see `_job_fill`).
+
+    Returns:
+        ``{kind: {"copied": n, "present": n, "conflicts": n, "rejected": n}}``
+        for kinds public_keys, configs, jobs, statuses, results, leases.
+
+    Raises:
+        ValueError: the two layouts disagree on which folders are per backend.
+    """
+    _check_handle(src)
+    _check_handle(dst)
+    layouts = src_layout, dst_layout = src["layout"], dst["layout"]
+    for _, folder, _ in _JOB_FOLDERS:
+        per_backend = ["{display_name}" in getattr(lay, folder) for lay in (src_layout, dst_layout)]
+        if per_backend[0] != per_backend[1]:
+            raise ValueError(f"cannot copy: {folder} is per backend in one layout only")
+    counts = {kind: dict.fromkeys(_COPY_COUNTS, 0) for kind in _COPY_KINDS}
+    keys: list[Doc] = []
+
+    def tell(kind: str, outcome: str, message: str = "") -> None:
+        counts[kind][outcome] += 1
+        if message and warn is not None:
+            warn(message)
+        if progress is not None:
+            progress(counts)
+
+    def one(kind: str, src_at: tuple[str, str], dst_at: tuple[str, str]) -> Doc | None:
+        where = "/".join(src_at)
+        try:
+            doc = src["get"](*src_at)
+            if verify and is_signed(doc):
+                verify_doc(doc, keys)
+        except NotFoundError:
+            return None
+        except (InvalidDocumentError, BadSignatureError) as exc:
+            tell(kind, "rejected", f"{where}: not copied: {exc}")
+            return None
+        try:
+            dst["upload"](*dst_at, doc)
+        except AlreadyExistsError:
+            if dst["get"](*dst_at) != doc:
+                tell(kind, "conflicts", f"{where}: kept the different {'/'.join(dst_at)}")
+                return None
+            tell(kind, "present")
+            return doc
+        tell(kind, "copied")
+        return doc
+
+    for kid in src["list"](src_layout.public_keys):
+        doc = one("public_keys", (src_layout.public_keys, kid), (dst_layout.public_keys, kid))
+        keys += [doc] if doc is not None else []
+    display_names = []
+    for dn in get_backends(src):
+        try:
+            src_at = _config_location(src, dn)
+        except InvalidNameError as exc:
+            tell("configs", "rejected", f"{src_layout.configs}/{dn}: not copied: {exc}")
+            continue
+        display_names.append(dn)
+        one("configs", src_at, _config_location(dst, dn))
+
+    def copy_folder(
+        kind: str, folder: str, file: str, dn: str, ids: Sequence[str] | None
+    ) -> list[str]:
+        """Copy the jobs *ids* of *folder* (all it lists when None); return their ids."""
+        src_file, dst_file = (getattr(lay, file) if file else "{job_id}" for lay in layouts)
+        src_folder, dst_folder = (getattr(lay, folder) for lay in layouts)
+        if ids is None:
+            found = (_id_in_file(src_file, f) for f in src["list"](_fill(src_folder, dn)))
+            ids = [job_id for job_id in found if job_id is not None]
+        for job_id in ids:
+            try:
+                src_at = _job_fill(src_layout, src_folder, dn, job_id)
+                dst_at = _job_fill(dst_layout, dst_folder, dn, job_id)
+            except InvalidNameError as exc:
+                tell(kind, "rejected", f"{_fill(src_folder, dn)}/{job_id}: not copied: {exc}")
+                continue
+            one(
+                kind,
+                (src_at, _fill(src_file, job_id=job_id)),
+                (dst_at, _fill(dst_file, job_id=job_id)),
+            )
+        return list(ids)
+
+    for kind, folder, file in _JOB_FOLDERS:  # running, deleted, leases: one folder for all
+        if "{display_name}" not in getattr(src_layout, folder):
+            copy_folder(kind, folder, file, "", None)
+    for dn in display_names:
+        known: set[str] = set()  # this backend's job ids seen so far
+        for kind, folder, file in _JOB_FOLDERS:
+            template = getattr(src_layout, folder)
+            if "{display_name}" not in template:
+                continue
+            if "{username}" in template:  # not listable: look for the jobs seen so far
+                copy_folder(kind, folder, file, dn, sorted(known))
+            else:
+                known.update(copy_folder(kind, folder, file, dn, None))
+    return counts
 
 
 # ============================================================================
@@ -2123,7 +2413,6 @@ def local_storage(
 
 
 _MONGO_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
-_OBJECT_ID_RE = re.compile(r"[0-9a-f]{24}")
 _MONGO_NAME_FIELD = "_sqstore_name"  # names a keyed document that carries no name of its own
 
 
@@ -2992,6 +3281,93 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
     return 0 if verified == len(job_ids) else 1
 
 
+def _cmd_copy(store: Storage | None, args: argparse.Namespace) -> int:
+    src, dst = open_storage(args.src), open_storage(args.dst)
+    interactive = sys.stderr.isatty()
+    seen = 0
+
+    def progress(counts: dict[str, dict[str, int]]) -> None:
+        nonlocal seen
+        seen += 1
+        if interactive and seen % 20 == 0:
+            print(f"\r\033[Kcopy: {seen} documents", end="", file=sys.stderr, flush=True)
+
+    def warn(message: str) -> None:
+        if interactive:
+            print("\r\033[K", end="", file=sys.stderr)
+        print(f"sqstore: copy: {message}", file=sys.stderr)
+
+    try:
+        counts = copy_storage(src, dst, verify=args.verify, progress=progress, warn=warn)
+    finally:
+        if interactive:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    if args.json:
+        _print_json(counts)
+    else:
+        print(f"{'kind':<12}" + "".join(f"{name:>10}" for name in _COPY_COUNTS))
+        for kind, row in counts.items():
+            print(f"{kind:<12}" + "".join(f"{row[name]:>10}" for name in _COPY_COUNTS))
+    return 1 if any(row["conflicts"] or row["rejected"] for row in counts.values()) else 0
+
+
+def _load_executor(spec: str) -> Callable[[Doc, str, str], Any]:
+    """``module:function`` (the working directory is importable, as with ``python -m``)."""
+    import importlib
+
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise _UserError(f"executor {spec!r}: give it as module:function")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise _UserError(f"executor {spec!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(func):
+        raise _UserError(f"executor {spec!r} is not callable")
+    return cast(Callable[[Doc, str, str], Any], func)
+
+
+def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
+    import signal
+
+    assert store is not None
+    if min(args.lease, args.heartbeat, args.poll) <= 0 or (args.max_jobs or 1) < 1:
+        raise _UserError("--lease, --heartbeat, --poll and --max-jobs must be positive")
+    executor = _load_executor(args.executor)
+    private = _load_jwk(args.key) if args.key else None
+    urls = [args.storage, *args.also]
+    stores = [store, *(open_storage(url) for url in args.also)]
+    stop = threading.Event()
+
+    def log(line: str) -> None:
+        print(f"sqstore: work: {line}", file=sys.stderr, flush=True)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not stop.is_set():
+            log(f"{signal.Signals(signum).name}: stopping after the current job")
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    log(f"serving {args.display_name!r} on {', '.join(redact_url(u) for u in urls)}")
+    done = work(
+        stores,
+        args.display_name,
+        executor,
+        private,
+        lease_seconds=args.lease,
+        heartbeat=args.heartbeat,
+        poll=args.poll,
+        max_jobs=args.max_jobs,
+        stop=stop,
+        log=log,
+    )
+    log(f"finished {done} jobs")
+    return 0
+
+
 _BENCH_SHOTS = 100
 
 
@@ -3472,6 +3848,32 @@ def _parser() -> argparse.ArgumentParser:
         if name != "verify":
             cmd.add_argument("-u", "--username", default="cli", help="the job's user")
     submit.add_argument("-u", "--username", default="cli", help="who submits (default cli)")
+    copy = command("copy", _cmd_copy, "copy every document from one storage to another")
+    copy.add_argument("src", metavar="SRC", help="the storage URL to copy from")
+    copy.add_argument("dst", metavar="DST", help="the storage URL to copy to (nothing overwritten)")
+    copy.add_argument("--verify", action="store_true", help="copy no signed document that fails")
+    copy.add_argument("--json", action="store_true", help="print the counts as JSON")
+    work_ = command("work", _cmd_work, "run Bob's worker loop until SIGTERM or Ctrl-C")
+    work_.add_argument("display_name")
+    work_.add_argument(
+        "executor",
+        nargs="?",
+        default="sqstore:run_simulator",
+        help="module:function called as f(job, job_id, display_name) -> result "
+        "(default sqstore:run_simulator)",
+    )
+    work_.add_argument("--key", metavar="FILE", help="the backend's private JWK, to sign")
+    work_.add_argument(
+        "--also", metavar="URL", action="append", default=[],
+        help="another storage to serve, in turn with --storage (repeatable)",
+    )  # fmt: skip
+    for flag, default, text in (
+        ("--lease", DEFAULT_LEASE, "seconds a claim lasts unless renewed"),
+        ("--heartbeat", DEFAULT_HEARTBEAT, "seconds between liveness writes and requeues"),
+        ("--poll", 1.0, "seconds to wait when every queue is empty"),
+    ):
+        work_.add_argument(flag, type=float, default=default, help=f"{text} (default {default:g})")
+    work_.add_argument("--max-jobs", type=int, help="stop after this many jobs")
     command("backends", _cmd_backends, "list backends with their status")
     queue = command("queue", _cmd_queue, "list a backend's queued job ids, oldest first")
     queue.add_argument("display_name")
@@ -3485,7 +3887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo" and (args.jobs < 1 or args.shots < 1):
             raise _UserError("--jobs and --shots must be at least 1")
-        store = None if args.command in ("keygen", "bench") else open_storage(args.storage)
+        store = None if args.command in ("keygen", "bench", "copy") else open_storage(args.storage)
         code: int = args.func(store, args)
         sys.stdout.flush()
         return code
@@ -3500,4 +3902,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # An executor's "import sqstore" gets this module, not a second copy of it.
+    sys.modules.setdefault("sqstore", sys.modules[__name__])
     raise SystemExit(main())
