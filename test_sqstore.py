@@ -3220,6 +3220,161 @@ def test_stack_puts_the_first_layer_outermost() -> None:
 
 
 # ============================================================================
+# Copying between storages
+# ============================================================================
+def exchange(store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]) -> dict[str, str]:
+    """A signing and a plain backend with jobs in every state; returns ids by state."""
+    private, public = keys
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    sqstore.upload_config(store, sqstore.demo_config("plain"), "plain")
+    for dn, n in (("sim", 4), ("plain", 2)):
+        for i in range(n):
+            job_id = sqstore.upload_job(store, JOB, dn, f"user{i}")
+            sqstore.upload_status(store, dn, f"user{i}", job_id, private if dn == "sim" else None)
+    ids = {}
+    for state in ("DONE", "ERROR", "running"):
+        claimed = sqstore.claim_job(store, "sim", private)
+        assert claimed is not None
+        ids[state] = job_id = claimed[0].job_id
+        if state != "running":
+            result = sqstore.run_simulator(claimed[1], job_id, "sim") if state == "DONE" else None
+            status = sqstore.StatusMsg(job_id, state, "ok", "None")
+            sqstore.update_in_database(store, result, status, job_id, "sim", private)
+    ids["queued"] = store["list"](sqstore._fill(store["layout"].queued, "sim"))[0]
+    finish(store, "plain")
+    return ids
+
+
+def copy_counts(**copied: int) -> dict[str, dict[str, int]]:
+    kinds = ("public_keys", "configs", "jobs", "statuses", "results", "leases")
+    return {
+        kind: {"copied": copied.get(kind, 0), "present": 0, "conflicts": 0, "rejected": 0}
+        for kind in kinds
+    }
+
+
+def visible(root: Path) -> dict[str, bytes]:
+    """tree(root) without the temporary files an interrupted atomic write leaves behind."""
+    return {k: v for k, v in tree(root).items() if not Path(k).name.startswith(".")}
+
+
+def test_copy_round_trip_local_mongodb_dropbox_local(
+    tmp_path: Path, keys: Any, mongodb_server: Any, dropbox_env: Any
+) -> None:
+    """local -> MongoDB -> Dropbox -> local gives back every document, byte for byte."""
+    first = sqstore.local_storage(tmp_path / "first")
+    ids = exchange(first, keys)
+    mongo = mongo_store(mongodb_server)
+    dbx = sqstore.open_storage("dropbox://")
+    last = sqstore.local_storage(tmp_path / "last")
+    expected = copy_counts(public_keys=1, configs=2, jobs=6, statuses=6, results=3, leases=1)
+    for src, dst in ((first, mongo), (mongo, dbx), (dbx, last)):
+        assert sqstore.copy_storage(src, dst, verify=True) == expected
+    assert visible(tmp_path / "last") == visible(tmp_path / "first")
+    for store in (mongo, dbx, last):  # each copy works through the API, signatures included
+        assert sqstore.get_status(store, "sim", "user0", ids["DONE"]).status == "DONE"
+        assert sqstore.verify_result(store, "sim", ids["DONE"])
+        assert sqstore.get_status(store, "sim", "user1", ids["ERROR"]).status == "ERROR"
+        assert sqstore.get_job(store, store["layout"].running, ids["running"]) == JOB
+    assert "/Backend_files/Result/sim/None/result-" + ids["DONE"] + ".json" in dropbox_env.files()
+
+
+def test_copy_moves_a_sqooler_lab_from_dropbox_to_mongodb(
+    sqooler_dropbox: Any, sqooler_mongodb: Any, dropbox_fake: Any, mongodb_server: Any
+) -> None:
+    """What sqooler 0.9 signed on Dropbox (dated ids, user folders) copies to MongoDB with
+    --verify, and sqooler's MongoDB provider then reads and verifies it."""
+    from sqooler.schemes import BackendConfigSchemaIn, StatusMsgDict
+    from sqooler.schemes import ResultDict as SqoolerResult
+    from sqooler.security import JWK as SqoolerJWK
+
+    dropbox_fake.reset()
+    private, public = sqstore.generate_keypair("labkid")
+    sq_private, sq_public = (SqoolerJWK(**sqstore.to_doc(k)) for k in (private, public))
+    config = BackendConfigSchemaIn(**sqstore.to_doc(sqstore.demo_config("sq", sign=True)))
+    sqooler_dropbox.upload_config(config, "sq", sq_private)
+    sqooler_dropbox.upload_public_key(sq_public, "sq")
+    job_ids = [sqooler_dropbox.upload_job(JOB, "sq", user) for user in ("alice", "bob")]
+    for job_id, user in zip(job_ids, ("alice", "bob"), strict=True):
+        sqooler_dropbox.upload_status("sq", user, job_id)
+    nxt = sqooler_dropbox.get_next_job_in_queue("sq", sq_private)
+    result = SqoolerResult(**sqstore.to_doc(sqstore.run_simulator(JOB, nxt.job_id, "sq")))
+    status = StatusMsgDict(job_id=nxt.job_id, status="DONE", detail="ok", error_message="None")
+    sqooler_dropbox.update_in_database(result, status, nxt.job_id, "sq", sq_private)
+
+    src = sqstore.dropbox_storage(client=dropbox_fake.client())
+    counts = sqstore.copy_storage(src, mongo_store(mongodb_server), verify=True)
+    assert counts == copy_counts(public_keys=1, configs=1, jobs=2, statuses=2, results=1)
+    mongo = sqstore.mongodb_storage(mongo_uri(mongodb_server))
+    user = nxt.job_id.split("-")[2]
+    assert sqstore.get_status(mongo, "sq", user, nxt.job_id).status == "DONE"
+    assert sqstore.verify_result(mongo, "sq", nxt.job_id)
+    assert finish(mongo, "sq", private) == [j for j in job_ids if j != nxt.job_id]
+    # sqooler's MongoDB provider finds configs and keys by name; its jobs need ObjectId ids,
+    # which dated Dropbox ids are not, so only sqstore serves those jobs after the move.
+    assert sqooler_mongodb.get_config("sq").kid == "labkid"
+    assert sqooler_mongodb.get_public_key("sq").kid == "labkid"
+
+
+def test_copy_keeps_what_the_target_has_and_verifies_on_request(tmp_path: Path, keys: Any) -> None:
+    """A different document in the target is a conflict left alone; a forged result is
+    rejected with --verify; the CLI names both and exits 1."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    ids = exchange(sqstore.local_storage(src), keys)
+    result_file = src / "results" / "sim" / f"{ids['DONE']}.json"
+    forged = json.loads(result_file.read_text())
+    forged["payload"]["success"] = False
+    result_file.write_text(json.dumps(forged))
+    target = sqstore.local_storage(dst)
+    sqstore.upload_status(target, "sim", "x", ids["queued"])  # not the source's word
+    status_file = dst / "status" / "sim" / f"{ids['queued']}.json"
+    before = status_file.read_bytes()
+    proc = run_cli("copy", "--verify", "--json", str(src), f"file://{dst}", cwd=tmp_path)
+    assert proc.returncode == 1
+    counts = json.loads(proc.stdout)
+    assert counts["results"] == {"copied": 2, "present": 0, "conflicts": 0, "rejected": 1}
+    assert f"results/sim/{ids['DONE']}: not copied: signature" in proc.stderr
+    assert not (dst / "results" / "sim" / f"{ids['DONE']}.json").exists()
+    assert status_file.read_bytes() == before
+    again = run_cli("copy", str(src), str(dst), cwd=tmp_path)  # without --verify: copied
+    assert again.returncode == 1 and "kept the different" in again.stderr
+    assert re.search(r"results\s+1\s+2\s+0\s+0", again.stdout), again.stdout
+
+
+def test_copy_killed_then_resumed_copies_everything_once(tmp_path: Path) -> None:
+    """A copy SIGKILLed midway, run again, completes: nothing twice, nothing lost."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    store = sqstore.local_storage(src)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    jobs = 1500
+    for _ in range(jobs):
+        job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sqstore", "copy", str(src), str(dst)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    queued = dst / "jobs" / "queued" / "sim"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(queued.glob("*.json"))) < 200:
+        time.sleep(0.005)
+    child.kill()
+    assert child.wait() == -signal.SIGKILL, "the copy ended before it could be killed"
+    copied_before = len(list(queued.glob("*.json")))
+    assert 200 <= copied_before < jobs
+    proc = run_cli("copy", "--json", str(src), str(dst), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout)
+    assert counts["jobs"]["present"] >= copied_before
+    for kind, total in (("configs", 1), ("jobs", jobs), ("statuses", jobs)):
+        row = counts[kind]
+        assert row["copied"] + row["present"] == total and row["conflicts"] == row["rejected"] == 0
+    assert visible(dst) == visible(src)
+
+
+# ============================================================================
 # CLI and packaging
 # ============================================================================
 def run_cli(
