@@ -1913,8 +1913,8 @@ def work(
     and a DONE status, or with an ERROR status whose ``error_message`` is the
     exception's type and text.  While the executor runs, a thread renews the
     lease every third of *lease_seconds*; jobs whose lease expired (their worker
-    died) are requeued with each heartbeat.  When no store has a job, waits
-    *poll* seconds.  Returns after *max_jobs* jobs, or once *stop* is set,
+    died) are requeued at the start and then every *heartbeat* seconds.  When
+    no store has a job, waits *poll* seconds.  Returns after *max_jobs* jobs, or once *stop* is set,
     which never interrupts a running job (set it from a signal handler).
     Storage errors are reported to *log* and the loop goes on; a job whose
     finishing failed keeps its lease and is requeued when that expires.
@@ -1933,12 +1933,17 @@ def work(
     names = [store["name"] for store in stores]  # numbered where they repeat: local1, local2
     labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
     done = 0
+    next_requeue = [-math.inf] * len(stores)
     while not stop.is_set() and (max_jobs is None or done < max_jobs):
         idle = True
-        for store, label in zip(stores, labels, strict=True):
+        for i, (store, label) in enumerate(zip(stores, labels, strict=True)):
             if stop.is_set() or (max_jobs is not None and done >= max_jobs):
                 break
             try:
+                if time.monotonic() >= next_requeue[i]:  # at start, then every heartbeat
+                    if requeued := requeue_expired(store, display_name):
+                        say(f"{label}: requeued {', '.join(requeued)} (lease expired)")
+                    next_requeue[i] = time.monotonic() + heartbeat
                 claimed = claim_job(
                     store,
                     display_name,

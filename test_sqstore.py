@@ -3375,6 +3375,148 @@ def test_copy_killed_then_resumed_copies_everything_once(tmp_path: Path) -> None
 
 
 # ============================================================================
+# The worker loop: real processes and signals
+# ============================================================================
+EXECUTOR = """
+import os, time
+import sqstore
+
+def run(job, job_id, display_name):
+    with open(os.environ["EXECUTED"], "a") as log:
+        log.write(f"{display_name} {job_id}\\n")
+    spec = job["experiment_0"]
+    if spec.get("fail"):
+        raise ValueError(f"boom in {job_id}")
+    time.sleep(spec.get("sleep", 0))
+    return sqstore.run_simulator(job, job_id, display_name)
+"""
+
+
+def worker(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """``python -m sqstore ... work`` with the test executor importable."""
+    (tmp_path / "lab_executor.py").write_text(EXECUTOR)
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{tmp_path}"}
+    env["EXECUTED"] = str(tmp_path / "executed.log")
+    return subprocess.Popen(
+        [sys.executable, "-m", "sqstore", *args],
+        cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def executed(tmp_path: Path) -> list[str]:
+    log = tmp_path / "executed.log"
+    return log.read_text().split("\n")[:-1] if log.exists() else []
+
+
+def job_with(**options: Any) -> dict[str, Any]:
+    job = copy.deepcopy(JOB)
+    job["experiment_0"].update(options)
+    return job
+
+
+def test_work_serves_storages_in_turn_and_reports_failures(tmp_path: Path) -> None:
+    """Two storages served in turn; an executor's exception is an ERROR status with its text;
+    a dead worker's expired lease is requeued and its job run; --max-jobs ends with exit 0."""
+    one, two = (sqstore.local_storage(tmp_path / name) for name in ("one", "two"))
+    ids: dict[str, list[str]] = {"one": [], "two": []}
+    for store in (one, two):
+        sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    dead = sqstore.upload_job(one, JOB, "sim", "alice")
+    assert sqstore.claim_job(one, "sim", holder="dead", lease_seconds=-1) is not None
+    ids["one"] += [dead, sqstore.upload_job(one, job_with(fail=True), "sim", "alice")]
+    ids["two"] += [sqstore.upload_job(two, JOB, "sim", "bob") for _ in range(2)]
+    for name, store in (("one", one), ("two", two)):
+        for job_id in ids[name]:
+            sqstore.upload_status(store, "sim", "u", job_id)
+    proc = worker(tmp_path, "--storage", str(tmp_path / "one"), "work", "sim",
+                  "lab_executor:run", "--also", f"file://{tmp_path / 'two'}",
+                  "--max-jobs", "4", "--poll", "0.05")  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    order = [line.split()[1] for line in executed(tmp_path)]
+    assert order == [ids["one"][0], ids["two"][0], ids["one"][1], ids["two"][1]]
+    failed = ids["one"][1]
+    status = sqstore.get_status(one, "sim", "u", failed)
+    assert (status.status, status.error_message) == ("ERROR", f"ValueError: boom in {failed}")
+    assert sqstore.get_job(one, "jobs/deleted", failed)["experiment_0"]["fail"] is True
+    for name, store in (("one", one), ("two", two)):
+        for job_id in ids[name]:
+            if job_id != failed:
+                assert sqstore.get_status(store, "sim", "u", job_id).status == "DONE"
+                assert sqstore.get_result(store, "sim", "u", job_id).status == "DONE"
+        assert store["list"]("jobs/leases") == store["list"]("jobs/running") == []
+    assert f"local1 {failed} ERROR" in err and f"local2 {ids['two'][1]} DONE" in err
+    assert f"local1: requeued {dead} (lease expired)" in err
+    assert "finished 4 jobs" in err and out == ""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_work_renews_a_long_lease_and_stops_cleanly_on_a_signal(
+    tmp_path: Path, signum: int
+) -> None:
+    """A job three times longer than its lease is renewed, so a second worker that requeues
+    expired leases never runs it twice; a signal lets the job finish, then exit 0."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    long_job = sqstore.upload_job(store, job_with(sleep=6), "sim", "alice")
+    sqstore.upload_status(store, "sim", "alice", long_job)
+    common = ("--lease", "2", "--heartbeat", "0.2", "--poll", "0.05")
+    first = worker(tmp_path, "--storage", str(root), "work", "sim", "lab_executor:run", *common)
+    deadline = time.monotonic() + 60
+    while not executed(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert executed(tmp_path) == [f"sim {long_job}"]
+    second = worker(tmp_path, "--storage", str(root), "work", "sim", "lab_executor:run", *common)
+    quick = [sqstore.upload_job(store, JOB, "sim", "bob") for _ in range(3)]
+    time.sleep(1)
+    first.send_signal(signum)  # mid-job: the long job still has seconds to go
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert err.index(f"{signal.Signals(signum).name}: stopping") < err.index(f"{long_job} DONE")
+    deadline = time.monotonic() + 60
+    while len(executed(tmp_path)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=120) == 0
+    assert sorted(executed(tmp_path)) == sorted(f"sim {j}" for j in [long_job, *quick])
+    assert sqstore.get_status(store, "sim", "alice", long_job).status == "DONE"
+    assert store["list"]("jobs/leases") == store["list"]("jobs/running") == []
+
+
+def test_work_refuses_a_bad_executor_or_option(tmp_path: Path) -> None:
+    """A missing executor or a non-positive option is one clear line and exit 1."""
+    store = tmp_path / "store"
+    sqstore.upload_config(sqstore.local_storage(store), sqstore.demo_config("sim"), "sim")
+    for args, message in (
+        (["nosuch_module:run"], "No module named 'nosuch_module'"),
+        (["lab_executor"], "module:function"),
+        (["lab_executor:nothing"], "has no attribute 'nothing'"),
+        (["--poll", "0"], "must be positive"),
+    ):
+        proc = worker(tmp_path, "--storage", str(store), "work", "sim", *args)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and err.startswith("sqstore: error: ") and message in err
+
+
+def test_work_function_runs_in_process_until_stopped() -> None:
+    """work() returns the number finished; a set stop event ends an idle loop at once."""
+    store = sqstore.memory_storage()
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for _ in range(3):
+        sqstore.upload_job(store, JOB, "sim", "alice")
+    lines: list[str] = []
+    assert sqstore.work([store], "sim", sqstore.run_simulator, max_jobs=2, log=lines.append) == 2
+    assert len(lines) == 2 and all(" DONE in " in line for line in lines)
+    stop = threading.Event()
+    stop.set()
+    assert sqstore.work([store], "sim", sqstore.run_simulator, stop=stop) == 0
+    assert len(store["list"]("jobs/queued/sim")) == 1
+    with pytest.raises(ValueError, match="at least one store"):
+        sqstore.work([], "sim", sqstore.run_simulator)
+
+
+# ============================================================================
 # CLI and packaging
 # ============================================================================
 def run_cli(
