@@ -26,10 +26,14 @@ the handle first.  Usage::
 Backends: ``memory_storage()`` (in-process), ``local_storage(root)`` (a
 directory), ``mongodb_storage(uri)`` (a MongoDB deployment, through pymongo) and
 ``dropbox_storage(...)`` (a Dropbox app folder, through the official SDK);
-``open_storage(url)`` picks one from a URL.  Claims are exactly-once and
-leased (`claim_jobs`, `requeue_expired`); writes are atomic; names are validated
-before they reach a path or a query; results are signed with Ed25519 in
-sqooler's JWS form or RFC 7515's.  PyNaCl, pymongo and the Dropbox SDK are
+``open_storage(url)`` picks one from a URL.  Layers (``read_only``,
+``with_retry``, ``with_logging``, ``with_metrics``, composed by ``stack``) wrap
+a handle; ``copy_storage`` moves a whole exchange between storages and
+``work`` runs Bob's worker loop (also ``python -m sqstore copy`` / ``work``).
+
+Claims are exactly-once and leased (`claim_jobs`, `requeue_expired`); writes are
+atomic; names are validated before they reach a path or a query; results are
+signed with Ed25519 in sqooler's JWS form or RFC 7515's.  PyNaCl, pymongo and the Dropbox SDK are
 imported only by the functions that need them, so ``import sqstore`` loads
 attrs and cattrs alone.  Python >= 3.10.
 """
@@ -3369,7 +3373,7 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
         stop=stop,
         log=log,
     )
-    log(f"finished {done} jobs")
+    log(f"finished {done} job{'' if done == 1 else 's'}")
     return 0
 
 
