@@ -3076,7 +3076,9 @@ def test_cli_never_prints_a_password_or_token(
         dropbox_env.revoke_refresh_token(False)
     out, err = capsys.readouterr()
     assert "refresh token" in err
-    outputs.append(out + err)
+    outputs += [out + err, repr(sqstore.open_storage("dropbox://"))]
+    layered = sqstore.stack(sqstore.open_storage("dropbox://"), sqstore.with_logging)
+    outputs.append(repr(layered) + str(layered))
     for text in outputs:
         assert secret not in text and dropbox_env.refresh_token not in text
         assert dropbox_env.app_secret not in text
@@ -3591,8 +3593,10 @@ def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
     proc = run_cli(*args, "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
-    assert figures["commands_per_round_trip"] == {"delete": 3, "find": 11, "insert": 6, "update": 1}
+    assert figures["calls_per_round_trip"] == {"delete": 3, "find": 11, "insert": 6, "update": 1}
     assert min(figures["claim_us_10"], figures["claim_us_1000"], figures["claim_us_30"]) > 0
+    for n in (10, 30, 1000):  # lease insert, find + insert + delete, read; list once per pass
+        assert 5 <= figures[f"claim_calls_{n}"] <= 5.5
     assert set(figures["ratios"]) == {"long_queue_claim_per_short"}
     assert sqstore.get_backends(store) == ["keep"]
     with pymongo.MongoClient(uri) as client:
@@ -3604,14 +3608,34 @@ def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
     assert "commands per round trip" in table.stdout and table.returncode == 0
 
 
-def test_cli_bench_shows_progress_on_a_terminal(tmp_path: Path) -> None:
-    """On a terminal, bench shows what it is measuring on stderr and clears the line."""
+def test_cli_bench_on_dropbox_counts_requests_and_cleans_up(
+    dropbox_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sqstore --storage dropbox:// bench` counts HTTP requests per round trip and per claim
+    (18 per round trip, as the lifecycle test counts), and leaves only what was there."""
+    store = sqstore.open_storage("dropbox://")
+    sqstore.upload_config(store, sqstore.demo_config("keep"), "keep")
+    kept = dropbox_env.files()
+    args = ["--storage", "dropbox://", "bench", "--jobs", "2", "--repeats", "1", "--queue", "7"]
+    assert sqstore.main([*args, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["storage"] == "dropbox" and figures["sizes"] == [7, 10]
+    calls = figures["calls_per_round_trip"]
+    assert sum(calls.values()) == 18 and "users/get_current_account" not in calls
+    for n in (7, 10):  # lease upload, move, download; a list page per 3 (the fake's page size)
+        assert 3 <= figures[f"claim_calls_{n}"] <= 4, figures
+    assert dropbox_env.files() == kept
+    assert sqstore.main(args) == 0
+    assert "HTTP requests per round trip" in capsys.readouterr().out
+
+
+def on_terminal(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
+    """Run ``python -m sqstore *args`` with stderr on a pseudo-terminal; return what it wrote."""
     import pty
 
     leader, follower = pty.openpty()
-    args = ["bench", "--jobs", "2", "--repeats", "1", "--queue", "5", "--dir", str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, "-m", "sqstore", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+        [sys.executable, "-m", "sqstore", *args], cwd=cwd, stdout=subprocess.PIPE,
         stderr=follower, env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120,
     )  # fmt: skip
     os.close(follower)
@@ -3625,9 +3649,31 @@ def test_cli_bench_shows_progress_on_a_terminal(tmp_path: Path) -> None:
             break
         seen += chunk
     os.close(leader)
+    return proc, seen
+
+
+def test_cli_bench_shows_progress_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, bench shows what it is measuring on stderr and clears the line."""
+    args = ["bench", "--jobs", "2", "--repeats", "1", "--queue", "5", "--dir", str(tmp_path)]
+    proc, seen = on_terminal(args, tmp_path)
     assert proc.returncode == 0
     assert b"bench: round trips 1/1" in seen and seen.endswith(b"\r\x1b[K")
     assert b"round trip" in proc.stdout
+
+
+def test_cli_copy_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    """copy shows a progress line on a terminal (cleared at the end), none when piped."""
+    store = sqstore.local_storage(tmp_path / "src")
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for _ in range(30):
+        sqstore.upload_job(store, JOB, "sim", "alice")
+    proc, seen = on_terminal(["copy", "src", "dst"], tmp_path)
+    assert proc.returncode == 0
+    assert b"\r\x1b[Kcopy: 20 documents" in seen and seen.endswith(b"\r\x1b[K")
+    assert re.search(rb"jobs\s+30\s+0\s+0\s+0", proc.stdout)
+    piped = run_cli("copy", "src", "dst", cwd=tmp_path)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert re.search(r"jobs\s+0\s+30\s+0\s+0", piped.stdout)
 
 
 def test_cli_keygen(tmp_path: Path) -> None:
