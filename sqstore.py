@@ -769,8 +769,10 @@ def generate_keypair(kid: str, *, seed: bytes | None = None) -> tuple[JWK, JWK]:
     return private, JWK(x=x, key_ops="verify", kid=kid)
 
 
+@functools.lru_cache(maxsize=16)
 def _signer(private_jwk: JWK) -> Callable[[bytes], bytes]:
-    """Derive a private JWK's Ed25519 key once (checking ``x`` against ``d``); return its sign."""
+    """Derive a private JWK's Ed25519 key (checking ``x`` against ``d``) once per process;
+    return its sign: Bob signs every result and status with the same key."""
     from nacl.signing import SigningKey
 
     if private_jwk.key_ops != "sign" or private_jwk.d is None:
