@@ -3317,7 +3317,9 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
 
 
 def _cmd_copy(store: Storage | None, args: argparse.Namespace) -> int:
-    src, dst = open_storage(args.src), open_storage(args.dst)
+    # The source is only read; a lost answer is asked again (an upload finding itself is done).
+    src = stack(open_storage(args.src), read_only, with_retry)
+    dst = with_retry(open_storage(args.dst), ops=("get", "list", "upload"))
     interactive = sys.stderr.isatty()
     seen = 0
 

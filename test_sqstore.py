@@ -3328,6 +3328,7 @@ def test_copy_keeps_what_the_target_has_and_verifies_on_request(tmp_path: Path, 
     forged = json.loads(result_file.read_text())
     forged["payload"]["success"] = False
     result_file.write_text(json.dumps(forged))
+    source_before = tree(src)
     target = sqstore.local_storage(dst)
     sqstore.upload_status(target, "sim", "x", ids["queued"])  # not the source's word
     status_file = dst / "status" / "sim" / f"{ids['queued']}.json"
@@ -3342,6 +3343,7 @@ def test_copy_keeps_what_the_target_has_and_verifies_on_request(tmp_path: Path, 
     again = run_cli("copy", str(src), str(dst), cwd=tmp_path)  # without --verify: copied
     assert again.returncode == 1 and "kept the different" in again.stderr
     assert re.search(r"results\s+1\s+2\s+0\s+0", again.stdout), again.stdout
+    assert tree(src) == source_before  # the source is only read
 
 
 def test_copy_killed_then_resumed_copies_everything_once(tmp_path: Path) -> None:
