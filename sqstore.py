@@ -33,9 +33,9 @@ a handle; ``copy_storage`` moves a whole exchange between storages and
 
 Claims are exactly-once and leased (`claim_jobs`, `requeue_expired`); writes are
 atomic; names are validated before they reach a path or a query; results are
-signed with Ed25519 in sqooler's JWS form or RFC 7515's.  PyNaCl, pymongo and the Dropbox SDK are
-imported only by the functions that need them, so ``import sqstore`` loads
-attrs and cattrs alone.  Python >= 3.10.
+signed with Ed25519 in sqooler's JWS form or RFC 7515's.  PyNaCl, pymongo and
+the Dropbox SDK are imported only by the functions that need them, so
+``import sqstore`` loads attrs and cattrs alone.  Python >= 3.10.
 """
 
 from __future__ import annotations
@@ -1944,10 +1944,15 @@ def work(
     exception's type and text.  While the executor runs, a thread renews the
     lease every third of *lease_seconds*; jobs whose lease expired (their worker
     died) are requeued at the start and then every *heartbeat* seconds.  When
-    no store has a job, waits *poll* seconds.  Returns after *max_jobs* jobs, or once *stop* is set,
-    which never interrupts a running job (set it from a signal handler).
-    Storage errors are reported to *log* and the loop goes on; a job whose
-    finishing failed keeps its lease and is requeued when that expires.
+    no store has a job, waits *poll* seconds.  Returns after *max_jobs* jobs,
+    or once *stop* is set, which never interrupts a running job (set it from a
+    signal handler).  Storage errors are reported to *log* (one line each) and
+    the loop goes on; a job whose finishing failed keeps its lease and is
+    requeued when that expires.
+
+    Raises:
+        ValueError: no store given.
+        InvalidNameError: bad display name.
 
     Returns:
         The number of jobs finished (DONE or ERROR).
@@ -2905,7 +2910,7 @@ def _dropbox_credentials() -> dict[str, str]:
             with open(path, encoding="utf-8") as file:
                 found = json.load(file)
         except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not a JSON object"
+            reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
             raise CredentialsError(f"${_DROPBOX_FILE_ENV}: cannot read {path}: {reason}") from None
         if not isinstance(found, dict):
             raise CredentialsError(f"${_DROPBOX_FILE_ENV}: {path} is not a JSON object")
@@ -2987,7 +2992,7 @@ def _map_ops(
 
 
 def _where(op: str, args: tuple[Any, ...]) -> str:
-    """``path/id`` of a call (``src -> dst/id`` for a move, the folder for a list)."""
+    """``path/id`` of a call (``src/id -> dst`` for a move, the folder for a list)."""
     if op == "move":
         return f"{args[0]}/{args[2]} -> {args[1]}"
     return "/".join(str(a) for a in args[:2])
@@ -3376,6 +3381,15 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     private = _load_jwk(args.key) if args.key else None
     urls = [args.storage, *args.also]
     stores = [store, *(open_storage(url) for url in args.also)]
+    for url, each in zip(urls, stores, strict=True):  # fail now, not once per poll
+        try:
+            signs = get_config(each, args.display_name).sign
+        except NotFoundError as exc:
+            raise _UserError(f"{redact_url(url)} has no backend to serve: {exc}") from None
+        if signs and private is None:
+            raise _UserError(
+                f"backend {args.display_name!r} on {redact_url(url)} signs: give its --key"
+            )
     stop = threading.Event()
 
     def log(line: str) -> None:

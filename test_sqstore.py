@@ -3490,14 +3490,20 @@ def test_work_renews_a_long_lease_and_stops_cleanly_on_a_signal(
 
 
 def test_work_refuses_a_bad_executor_or_option(tmp_path: Path) -> None:
-    """A missing executor or a non-positive option is one clear line and exit 1."""
+    """A missing executor, a non-positive option, a storage without the backend or a signing
+    backend without --key is one clear line and exit 1, before any job is claimed."""
     store = tmp_path / "store"
     sqstore.upload_config(sqstore.local_storage(store), sqstore.demo_config("sim"), "sim")
+    private, _ = sqstore.generate_keypair("k")
+    signs = sqstore.local_storage(tmp_path / "signs")
+    sqstore.upload_config(signs, sqstore.demo_config("sim", sign=True), "sim", private)
     for args, message in (
         (["nosuch_module:run"], "No module named 'nosuch_module'"),
         (["lab_executor"], "module:function"),
         (["lab_executor:nothing"], "has no attribute 'nothing'"),
         (["--poll", "0"], "must be positive"),
+        (["--also", str(tmp_path / "empty")], "empty has no backend to serve"),
+        (["--also", str(tmp_path / "signs")], "signs: give its --key"),
     ):
         proc = worker(tmp_path, "--storage", str(store), "work", "sim", *args)
         _, err = proc.communicate(timeout=120)
