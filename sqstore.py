@@ -2507,8 +2507,10 @@ def mongodb_storage(
     of such a race to another folder can leave a copy in its target.
 
     Give a ``mongodb://`` or ``mongodb+srv://`` URI or a ``pymongo.MongoClient``.
-    *timeout* (seconds) bounds finding a server.  With *create_indexes*, the
-    indexes that find configs and keys are made (idempotently) now.
+    *timeout* (seconds) bounds finding a server and connecting, unless the URI
+    sets ``serverSelectionTimeoutMS`` or ``connectTimeoutMS`` itself.  With
+    *create_indexes*, the indexes that find configs and keys are made
+    (idempotently) now.
 
     Raises:
         SqstoreError: the ``pymongo`` package is not installed.
@@ -2528,11 +2530,13 @@ def mongodb_storage(
     client: Any = uri_or_client
     if isinstance(uri_or_client, str):
         try:
-            client = pymongo.MongoClient(
-                uri_or_client,
-                serverSelectionTimeoutMS=int(timeout * 1000),
-                connectTimeoutMS=int(timeout * 1000),
-            )
+            given = uri_or_client.lower()  # options in the URI win over *timeout*
+            timeouts: dict[str, Any] = {
+                option: int(timeout * 1000)
+                for option in ("serverSelectionTimeoutMS", "connectTimeoutMS")
+                if f"{option.lower()}=" not in given
+            }
+            client = pymongo.MongoClient(uri_or_client, **timeouts)
         except (errors.ConfigurationError, ValueError) as exc:
             password = re.search(r"//[^/@:]*:([^/@]+)@", uri_or_client)
             message = str(exc).replace(password[1], "***") if password else str(exc)
