@@ -773,14 +773,14 @@ def generate_keypair(kid: str, *, seed: bytes | None = None) -> tuple[JWK, JWK]:
 def _signer(private_jwk: JWK) -> Callable[[bytes], bytes]:
     """Derive a private JWK's Ed25519 key (checking ``x`` against ``d``) once per process;
     return its sign: Bob signs every result and status with the same key."""
-    from nacl.signing import SigningKey
+    from nacl.bindings import crypto_sign, crypto_sign_BYTES, crypto_sign_seed_keypair
 
     if private_jwk.key_ops != "sign" or private_jwk.d is None:
         raise BadSignatureError(f"JWK {private_jwk.kid!r} is not a private key for signing")
-    key = SigningKey(_key_bytes(private_jwk, "d"))
-    if bytes(key.verify_key) != _key_bytes(private_jwk, "x"):
+    public, secret = crypto_sign_seed_keypair(_key_bytes(private_jwk, "d"))
+    if public != _key_bytes(private_jwk, "x"):
         raise BadSignatureError(f"JWK {private_jwk.kid!r}: public part x does not match d")
-    return lambda data: key.sign(data).signature
+    return lambda data: crypto_sign(data, secret)[:crypto_sign_BYTES]  # signature + message
 
 
 @functools.lru_cache(maxsize=64)
