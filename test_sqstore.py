@@ -3085,7 +3085,9 @@ def test_cli_never_prints_a_password_or_token(
         assert dropbox_env.app_secret not in text
 
 
-def test_cli_commands_take_a_storage_url(tmp_path: Path, dropbox_env: Any) -> None:
+def test_cli_commands_take_a_storage_url(
+    tmp_path: Path, dropbox_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Every storage command runs on dropbox:// (and memory://) as on a directory."""
     assert sqstore.main(["--storage", "memory://", "demo", "--jobs", "2"]) == 0
     key = tmp_path / "demo.jwk"
@@ -3097,7 +3099,19 @@ def test_cli_commands_take_a_storage_url(tmp_path: Path, dropbox_env: Any) -> No
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SQSTORE_STORAGE", "dropbox://")
         assert sqstore.main(["submit", "sqsim", str(tmp_path / "job.json")]) == 0
-    assert len(store["list"]("Backend_files/Queued_Jobs/sqsim")) == 1
+    (job_id,) = store["list"]("Backend_files/Queued_Jobs/sqsim")
+    job_id = job_id.removeprefix("job-")
+    for args, expected in (
+        (["queue", "sqsim"], job_id),
+        (["backends"], "sqsim"),
+        (["status", "sqsim", job_id], '"INITIALIZING"'),
+        (["result", "sqsim", job_id], '"ERROR"'),  # not run yet
+    ):
+        assert sqstore.main(["--storage", "dropbox://", *args]) == 0
+        assert expected in capsys.readouterr().out
+    statuses = store["list"]("Backend_files/Status/sqsim/None")
+    (demo_job,) = {name.removeprefix("status-") for name in statuses} - {job_id}
+    assert sqstore.main(["--storage", "dropbox://", "verify", "sqsim", demo_job]) == 0
 
 
 def flaky(store: Storage, failures: dict[str, int], *, after: bool = False) -> Storage:
