@@ -2882,11 +2882,11 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    at = rest.rfind("@")  # a password may hold "/", "?" or "@" unescaped: hide too much
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        rest = (f"{user}:***" if colon else "***") + rest[at:]
     netloc, slash, tail = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
     return f"{scheme}://{netloc}{slash}" + _SECRET_QUERY_RE.sub(r"\1***", tail)
 
 

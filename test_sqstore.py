@@ -3053,6 +3053,18 @@ def test_redact_url(url: str, logged: str) -> None:
     assert sqstore.redact_url(url) == logged
 
 
+@given(
+    user=st.text("abcdefgh", min_size=1, max_size=8),
+    password=st.text("0123456789XYZ%-._~!$&'()*+,;=/:@?#", min_size=6, max_size=24),
+    query=st.sampled_from(["", "?authSource=admin", "?tls=true&tlsCertificateKeyFilePassword=p"]),
+)
+def test_redact_url_hides_any_password(user: str, password: str, query: str) -> None:
+    """No password, whatever its characters, survives redact_url."""
+    url = f"mongodb://{user}:{password}@db1:27017,db2/lab{query}"
+    logged = sqstore.redact_url(url)
+    assert password not in logged and logged.startswith(f"mongodb://{user}:***@db1:27017,db2/lab")
+
+
 def test_cli_never_prints_a_password_or_token(
     tmp_path: Path, dropbox_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -3295,6 +3307,71 @@ def test_copy_round_trip_local_mongodb_dropbox_local(
         assert sqstore.get_status(store, "sim", "user1", ids["ERROR"]).status == "ERROR"
         assert sqstore.get_job(store, store["layout"].running, ids["running"]) == JOB
     assert "/Backend_files/Result/sim/None/result-" + ids["DONE"] + ".json" in dropbox_env.files()
+
+
+def recorded(store: Storage) -> tuple[Storage, set[tuple[str, str]]]:
+    """*store* and the set of (folder, id) it holds, kept up to date by a layer."""
+    held: set[tuple[str, str]] = set()
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            out = fn(*args)
+            if op in ("upload", "update"):
+                held.add((args[0], args[1]))
+            elif op == "move":
+                held.discard((args[0], args[2]))
+                held.add((args[1], args[2]))
+            elif op == "delete":
+                held.discard((args[0], args[1]))
+            return out
+
+        return call
+
+    return sqstore._map_ops(store, wrap), held
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=st.sampled_from([sqstore.LOCAL_LAYOUT, sqstore.DROPBOX_LAYOUT]),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["submit", "claim", "done", "error"]),
+            st.sampled_from(["sim", "plain"]),
+            st.sampled_from(["alice", "bob"]),
+        ),
+        max_size=14,
+    ),
+)
+def test_copy_there_and_back_keeps_every_document(
+    first: sqstore.Layout, steps: list[tuple[str, str, str]]
+) -> None:
+    """Whatever state an exchange is in, copying it to the other layout and back gives back
+    every document it holds, and nothing else."""
+    private, public = rfc_keys()
+    src, held = recorded(sqstore.memory_storage(layout=first))
+    sqstore.upload_config(src, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(src, public, "sim")
+    sqstore.upload_config(src, sqstore.demo_config("plain"), "plain")
+    running: dict[str, list[str]] = {"sim": [], "plain": []}
+    for action, dn, user in steps:
+        key = private if dn == "sim" else None
+        if action == "submit":
+            job_id = sqstore.upload_job(src, JOB, dn, user)
+            sqstore.upload_status(src, dn, user, job_id, key)
+        elif action == "claim" and (claimed := sqstore.claim_job(src, dn, key)) is not None:
+            running[dn].append(claimed[0].job_id)
+        elif action in ("done", "error") and running[dn]:
+            job_id = running[dn].pop(0)
+            result = sqstore.run_simulator(JOB, job_id, dn) if action == "done" else None
+            status = sqstore.StatusMsg(job_id, action.upper(), "", "None")
+            sqstore.update_in_database(src, result, status, job_id, dn, key)
+    other = sqstore.DROPBOX_LAYOUT if first == sqstore.LOCAL_LAYOUT else sqstore.LOCAL_LAYOUT
+    middle = sqstore.memory_storage(layout=other)
+    back, back_held = recorded(sqstore.memory_storage(layout=first))
+    there = sqstore.copy_storage(src, middle, verify=True)
+    assert sqstore.copy_storage(middle, back, verify=True) == there
+    assert back_held == held
+    assert {at: back["get"](*at) for at in back_held} == {at: src["get"](*at) for at in held}
 
 
 def test_copy_moves_a_sqooler_lab_from_dropbox_to_mongodb(
