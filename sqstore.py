@@ -2538,8 +2538,9 @@ def mongodb_storage(
             }
             client = pymongo.MongoClient(uri_or_client, **timeouts)
         except (errors.ConfigurationError, ValueError) as exc:
-            password = re.search(r"//[^/@:]*:([^/@]+)@", uri_or_client)
-            message = str(exc).replace(password[1], "***") if password else str(exc)
+            userinfo = uri_or_client.partition("://")[2].rpartition("@")[0]  # see redact_url
+            password = userinfo.partition(":")[2]
+            message = str(exc).replace(password, "***") if password else str(exc)
             raise ValueError(f"mongodb_storage: bad MongoDB URI: {message}") from None
     codecs: Any = CodecOptions(tz_aware=True, tzinfo=timezone.utc)
     keyed = {layout.configs: ("display_name", "payload.display_name"), layout.public_keys: ("kid",)}
