@@ -3986,8 +3986,14 @@ def _parser() -> argparse.ArgumentParser:
         ("--heartbeat", DEFAULT_HEARTBEAT, "seconds between liveness writes and requeues"),
         ("--poll", 1.0, "seconds to wait when every queue is empty"),
     ):
-        work_.add_argument(flag, type=float, default=default, help=f"{text} (default {default:g})")
-    work_.add_argument("--max-jobs", type=int, help="stop after this many jobs")
+        work_.add_argument(
+            flag,
+            type=float,
+            default=default,
+            metavar="SECONDS",
+            help=f"{text} (default {default:g})",
+        )
+    work_.add_argument("--max-jobs", type=int, metavar="N", help="stop after this many jobs")
     command("backends", _cmd_backends, "list backends with their status")
     queue = command("queue", _cmd_queue, "list a backend's queued job ids, oldest first")
     queue.add_argument("display_name")
