@@ -2907,8 +2907,14 @@ def _local_root(url: str) -> str | None:
     return unquote(rest)
 
 
-def _dropbox_credentials() -> dict[str, str]:
-    """The app key, app secret and refresh token, from the environment or the file it names."""
+def _dropbox_credentials(url: str) -> dict[str, str]:
+    """The app key, app secret and refresh token for a ``dropbox://`` URL: from the
+    environment or the file it names, never from the URL, which must be bare."""
+    if url.partition("://")[2].strip("/"):  # whatever is there might be a token: never repeat it
+        raise ValueError(
+            "a dropbox URL is just dropbox:// (the app folder); credentials come from "
+            f"${_DROPBOX_ENV['refresh_token']} and friends, never from the URL"
+        )
     path = os.environ.get(_DROPBOX_FILE_ENV)
     if path:
         try:
@@ -2953,18 +2959,13 @@ def open_storage(url: str) -> Storage:
     root = _local_root(url)
     if root is not None:
         return local_storage(root)
-    scheme, _, rest = url.partition("://")
+    scheme = url.partition("://")[0]
     if scheme == "memory":
         return memory_storage()
     if scheme in ("mongodb", "mongodb+srv"):
         return mongodb_storage(url)
     if scheme == "dropbox":
-        if rest.strip("/"):  # whatever is there might be a token: never repeat it
-            raise ValueError(
-                "a dropbox URL is just dropbox:// (the app folder); credentials come from "
-                f"${_DROPBOX_ENV['refresh_token']} and friends, never from the URL"
-            )
-        credentials = _dropbox_credentials()
+        credentials = _dropbox_credentials(url)
         return dropbox_storage(
             app_key=credentials["app_key"],
             app_secret=credentials["app_secret"],
@@ -3763,16 +3764,16 @@ def _bench_mongodb(uri: str, jobs: int, repeats: int, queue: int, progress: Any)
     return {"storage": "mongodb", **figures}
 
 
-def _bench_dropbox(jobs: int, repeats: int, queue: int, progress: Any) -> Doc:
+def _bench_dropbox(url: str, jobs: int, repeats: int, queue: int, progress: Any) -> Doc:
     """HTTP requests per lifecycle and per claim, round trips and claim cost on Dropbox."""
     import dropbox
     from dropbox import dropbox_client
 
+    credentials = _dropbox_credentials(url)  # before anything is built
     requests_made: list[str] = []
     session = dropbox_client.create_session()
     session.hooks["response"].append(lambda r, *args, **kwargs: requests_made.append(
         r.request.path_url.partition("?")[0].removeprefix("/2/")))  # fmt: skip
-    credentials = _dropbox_credentials()
     client = dropbox.Dropbox(
         app_key=credentials["app_key"],
         app_secret=credentials["app_secret"],
@@ -3877,9 +3878,8 @@ def _cmd_bench(store: Storage | None, args: argparse.Namespace) -> int:
     root = "" if remote else tempfile.mkdtemp(prefix="sqstore-bench-", dir=parent)
     try:
         if args.storage.startswith("dropbox://"):
-            open_storage(args.storage)  # the URL's rules and the credentials, checked first
             queue = 100 if args.queue is None else args.queue
-            figures = _bench_dropbox(args.jobs, args.repeats, queue, progress)
+            figures = _bench_dropbox(args.storage, args.jobs, args.repeats, queue, progress)
         elif remote:
             queue = 10_000 if args.queue is None else args.queue
             figures = _bench_mongodb(args.storage, args.jobs, args.repeats, queue, progress)
