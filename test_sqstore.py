@@ -118,6 +118,12 @@ experiments = st.builds(
 times = st.datetimes(timezones=st.just(sqstore.timezone.utc)).map(
     lambda t: t.replace(microsecond=0)
 )
+backend_fields: dict[str, st.SearchStrategy[Any]] = {  # shared by configs and backend dicts
+    "cold_atom_type": st.sampled_from(["fermion", "boson", "spin", "mixed"]),
+    "wire_order": st.sampled_from(["sequential", "interleaved"]),
+    "gates": st.lists(json_docs, max_size=3).map(tuple),
+    "supported_instructions": st.lists(st.text(max_size=5), max_size=3).map(tuple),
+}
 RECORDS: dict[type, st.SearchStrategy[Any]] = {
     sqstore.StatusMsg: st.builds(sqstore.StatusMsg, job_id=names, status=statuses),
     sqstore.ResultDict: st.builds(
@@ -127,19 +133,11 @@ RECORDS: dict[type, st.SearchStrategy[Any]] = {
         results=st.lists(experiments, max_size=3).map(tuple),
     ),
     sqstore.BackendConfig: st.builds(
-        sqstore.BackendConfig,
-        cold_atom_type=st.sampled_from(["fermion", "boson", "spin", "mixed"]),
-        wire_order=st.sampled_from(["sequential", "interleaved"]),
-        gates=st.lists(json_docs, max_size=3).map(tuple),
-        supported_instructions=st.lists(st.text(max_size=5), max_size=3).map(tuple),
-        last_queue_check=st.none() | times,
+        sqstore.BackendConfig, **backend_fields, last_queue_check=st.none() | times
     ),
     sqstore.BackendDict: st.builds(
         sqstore.BackendDict,
-        cold_atom_type=st.sampled_from(["fermion", "boson", "spin", "mixed"]),
-        wire_order=st.sampled_from(["sequential", "interleaved"]),
-        gates=st.lists(json_docs, max_size=3).map(tuple),
-        supported_instructions=st.lists(st.text(max_size=5), max_size=3).map(tuple),
+        **backend_fields,
         basis_gates=st.lists(st.text(max_size=5), max_size=3).map(tuple),
     ),
     sqstore.BackendStatus: st.builds(sqstore.BackendStatus),
