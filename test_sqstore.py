@@ -1215,6 +1215,28 @@ def _race_worker(root: str, worker: int, ids: list[str], out: str, start: Any) -
     Path(out).write_text(json.dumps(won))
 
 
+def race_processes(
+    tmp_path: Path,
+    target: Callable[..., None],
+    args_of: Callable[[int, str, Any], tuple[Any, ...]],
+    *,
+    count: int = 4,
+    timeout: float = 300,
+) -> list[Any]:
+    """Run *count* spawned processes ``target(*args_of(i, out_file, barrier))`` released together
+    at a barrier; each must exit 0; return the JSON each wrote to its out_file."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(count)
+    outs = [str(tmp_path / f"racer{i}.json") for i in range(count)]
+    procs = [ctx.Process(target=target, args=args_of(i, outs[i], start)) for i in range(count)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout)
+        assert proc.exitcode == 0
+    return [json.loads(Path(out).read_text()) for out in outs]
+
+
 def test_racing_uploads_and_moves_have_one_winner(tmp_path: Path) -> None:
     """Processes racing to create or to move the same ids: exactly one wins each id."""
     root = str(tmp_path / "store")
@@ -1222,18 +1244,9 @@ def test_racing_uploads_and_moves_have_one_winner(tmp_path: Path) -> None:
     ids = [f"d{i:03d}" for i in range(300)]
     for doc_id in ids:
         store["upload"]("race/src", doc_id, {"id": doc_id})
-    ctx = multiprocessing.get_context("spawn")
-    outs = [str(tmp_path / f"r{i}.json") for i in range(4)]
-    start = ctx.Barrier(4)
-    procs = [
-        ctx.Process(target=_race_worker, args=(root, i, ids, outs[i], start)) for i in range(4)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)
-        assert proc.exitcode == 0
-    results = [json.loads(Path(out).read_text()) for out in outs]
+    results = race_processes(
+        tmp_path, _race_worker, lambda i, out, start: (root, i, ids, out, start)
+    )
     for op in ("upload", "move"):
         winners = [doc_id for won in results for doc_id in won[op]]
         assert sorted(winners) == ids, op
@@ -1274,18 +1287,9 @@ def test_four_processes_claim_500_jobs_exactly_once(url: str, tmp_path: Path) ->
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job = {"e": {"instructions": [], "num_wires": 1, "shots": 1, "wire_order": "sequential"}}
     submitted = {sqstore.upload_job(store, job, "sim", "alice") for _ in range(500)}
-    ctx = multiprocessing.get_context("spawn")
-    outs = [str(tmp_path / f"w{i}.json") for i in range(4)]
-    start = ctx.Barrier(4)
-    procs = [
-        ctx.Process(target=_claim_worker, args=(root, f"w{i}", outs[i], start)) for i in range(4)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)
-        assert proc.exitcode == 0
-    per_worker = [json.loads(Path(out).read_text()) for out in outs]
+    per_worker = race_processes(
+        tmp_path, _claim_worker, lambda i, out, start: (root, f"w{i}", out, start)
+    )
     processed = [job_id for done in per_worker for job_id in done]
     assert len(processed) == len(set(processed)) == 500
     assert set(processed) == submitted
@@ -1632,15 +1636,9 @@ def test_mongodb_server_hands_each_document_to_one_racer(
     mongo_reset(uri)
     with pymongo.MongoClient(uri) as client:
         client["jobs"]["race"].insert_many([{"_id": i, "taken": False} for i in range(400)])
-    ctx = multiprocessing.get_context("spawn")
-    start, outs = ctx.Barrier(4), [str(tmp_path / f"r{i}.json") for i in range(4)]
-    procs = [ctx.Process(target=_find_and_modify_racer, args=(uri, o, start)) for o in outs]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(120)
-        assert proc.exitcode == 0
-    results = [json.loads(Path(out).read_text()) for out in outs]
+    results = race_processes(
+        tmp_path, _find_and_modify_racer, lambda i, out, start: (uri, out, start), timeout=120
+    )
     for kind in (0, 1):
         handed = [doc_id for result in results for doc_id in result[kind]]
         assert sorted(handed) == list(range(400))
