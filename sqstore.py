@@ -600,6 +600,13 @@ class Storage(TypedDict):
     folder.  The callables raise `NotFoundError`, `AlreadyExistsError`,
     `InvalidNameError`, `InvalidDocumentError`, `TransientError`,
     `CredentialsError` or `StorageError`, never a backend's own exceptions.
+
+    ``swap(path, id, old, new)`` is compare-and-swap: it replaces the document
+    with *new* (deletes it when *new* is None) only if it is still *old*, and
+    returns whether it did (`NotFoundError` when there is none).  It is atomic
+    against every other ``swap`` and ``upload`` of that document, so a document
+    that is only ever created with ``upload`` and changed with ``swap`` (a
+    lease) has one history that every worker agrees on.
     """
 
     name: str
@@ -610,10 +617,11 @@ class Storage(TypedDict):
     move: Callable[[str, str, str], None]
     delete: Callable[[str, str], None]
     list: Callable[[str], list[str]]
+    swap: Callable[[str, str, Doc, Doc | None], bool]
 
 
-_OPS = ("upload", "update", "get", "move", "delete", "list")
-_WRITES = ("upload", "update", "move", "delete")
+_OPS = ("upload", "update", "get", "move", "delete", "list", "swap")
+_WRITES = ("upload", "update", "move", "delete", "swap")
 _HANDLE_KEYS = frozenset(("name", "layout", *_OPS))
 
 
@@ -2287,6 +2295,20 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
         with lock:
             return sorted(folders.get(path, ()))
 
+    def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
+        where = _checked(path, doc_id)
+        text = None if new is None else _dumps(new, where)
+        with lock:
+            if doc_id not in folders.get(path, {}):
+                raise NotFoundError(f"{where} does not exist")
+            if _loads(folders[path][doc_id], where) != old:
+                return False
+            if text is None:
+                del folders[path][doc_id]
+            else:
+                folders[path][doc_id] = text
+            return True
+
     return Storage(
         name=name,
         layout=layout,
@@ -2296,6 +2318,7 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
         move=move,
         delete=delete,
         list=list_ids,
+        swap=swap,
     )
 
 
@@ -2440,6 +2463,42 @@ def local_storage(
             raise fail(exc, path) from exc
         return sorted(n[:-5] for n in names if n.endswith(".json") and _NAME_RE.fullmatch(n[:-5]))
 
+    def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
+        """Under an exclusive ``flock`` of the folder's ``.sqstore.lock`` (released
+        by the kernel when a holder dies): read, compare, then replace or unlink."""
+        import fcntl
+
+        folder, file, what = where(path, doc_id)
+        data = None if new is None else _dumps(new, what).encode()
+        try:
+            lock = os.open(f"{folder}/.sqstore.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise NotFoundError(f"{what} does not exist") from None
+        except OSError as exc:
+            raise fail(exc, what) from exc
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if get(path, doc_id) != old:
+                return False
+            if data is None:
+                os.unlink(file)
+            else:
+                temp = write_temp(folder, doc_id, data)
+                try:
+                    os.replace(temp, file)
+                except BaseException:
+                    os.unlink(temp)
+                    raise
+            if durable:
+                sync_dir(folder)
+            return True
+        except OSError as exc:
+            if isinstance(exc, SqstoreError):
+                raise
+            raise fail(exc, what) from exc
+        finally:
+            os.close(lock)  # closing the descriptor releases the lock
+
     return Storage(
         name=name,
         layout=layout,
@@ -2449,6 +2508,7 @@ def local_storage(
         move=move,
         delete=delete,
         list=list_ids,
+        swap=swap,
     )
 
 
@@ -2665,6 +2725,20 @@ def mongodb_storage(
         if result.deleted_count == 0:
             raise NotFoundError(f"{path}/{doc_id} does not exist")
 
+    def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
+        """Read the document, then replace or delete it where every stored field
+        still has the value read (one atomic command on the server)."""
+        what, source = f"{path}/{doc_id}", collection(path)
+        body = None if new is None else stored(path, doc_id, new)
+        found = call(what, lambda: source.find_one(key(path, doc_id)))
+        if read(path, doc_id, dict(found) if found is not None else None) != old:
+            return False
+        unchanged = {"$and": [{field: {"$eq": value}} for field, value in found.items()]}
+        if body is None:
+            return bool(call(what, lambda: source.delete_one(unchanged)).deleted_count)
+        del body["_id"]
+        return bool(call(what, lambda: source.replace_one(unchanged, body)).matched_count)
+
     def list_ids(path: str) -> list[str]:
         source = collection(path)
         if path in keyed:
@@ -2689,6 +2763,7 @@ def mongodb_storage(
         move=move,
         delete=delete,
         list=list_ids,
+        swap=swap,
     )
 
 
@@ -2777,21 +2852,31 @@ def dropbox_storage(
 
         return check
 
-    def upload(path: str, doc_id: str, doc: Doc) -> None:
-        file, what = file_of(path, doc_id), f"{path}/{doc_id}"
-        data = _dumps(doc, what).encode()
-
-        def conflict(error: Any) -> SqstoreError | None:
+    def conflict(what: str) -> Callable[[Any], SqstoreError | None]:
+        def check(error: Any) -> SqstoreError | None:
             if error.is_path() and error.get_path().reason.is_conflict():
                 return AlreadyExistsError(f"{what} already exists")
             return None
 
+        return check
+
+    def gone(what: str) -> Callable[[Any], SqstoreError | None]:
+        def check(error: Any) -> SqstoreError | None:
+            if error.is_path_lookup() and error.get_path_lookup().is_not_found():
+                return NotFoundError(f"{what} does not exist")
+            return None
+
+        return check
+
+    def upload(path: str, doc_id: str, doc: Doc) -> None:
+        file, what = file_of(path, doc_id), f"{path}/{doc_id}"
+        data = _dumps(doc, what).encode()
         call(
             what,
             lambda: client.files_upload(
                 data, file, mode=WriteMode.add, strict_conflict=True, mute=True
             ),
-            conflict,
+            conflict(what),
         )
 
     def update(path: str, doc_id: str, doc: Doc) -> None:
@@ -2826,13 +2911,36 @@ def dropbox_storage(
 
     def delete(path: str, doc_id: str) -> None:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
+        call(what, lambda: client.files_delete_v2(file), gone(what))
 
-        def missing(error: Any) -> SqstoreError | None:
-            if error.is_path_lookup() and error.get_path_lookup().is_not_found():
-                return NotFoundError(f"{what} does not exist")
-            return None
-
-        call(what, lambda: client.files_delete_v2(file), missing)
+    def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
+        """Read the document and its ``rev``; write or delete only at that rev."""
+        file, what = file_of(path, doc_id), f"{path}/{doc_id}"
+        data = None if new is None else _dumps(new, what).encode()
+        meta, response = call(what, lambda: client.files_download(file), not_found(what))
+        try:
+            current = response.content
+        finally:
+            response.close()
+        if _loads(current, what) != old:
+            return False
+        try:
+            if data is None:
+                remove = functools.partial(client.files_delete_v2, file, parent_rev=meta.rev)
+                call(what, remove, gone(what))
+            else:
+                write = functools.partial(
+                    client.files_upload,
+                    data,
+                    file,
+                    mode=WriteMode.update(meta.rev),
+                    strict_conflict=True,
+                    mute=True,
+                )
+                call(what, write, conflict(what))
+        except (NotFoundError, AlreadyExistsError):
+            return False  # changed (a new rev) or removed since it was read
+        return True
 
     def list_ids(path: str) -> list[str]:
         folder = f"/{_check_path(path)}"
@@ -2860,6 +2968,7 @@ def dropbox_storage(
         move=move,
         delete=delete,
         list=list_ids,
+        swap=swap,
     )
 
 
@@ -2983,7 +3092,7 @@ def open_storage(url: str) -> Storage:
 Layer = Callable[[Storage], Storage]
 """A function that returns a new handle with some operations wrapped (see `stack`)."""
 
-_RETRY_SAFE = ("get", "list", "update", "upload", "delete")
+_RETRY_SAFE = ("get", "list", "update", "upload", "delete", "swap")
 
 
 def _map_ops(
@@ -3046,7 +3155,8 @@ def with_retry(
     Reads only by default.  Of the writes, ``update`` (a replacement) can be
     repeated as it is; a repeated ``upload`` that finds its own document
     already there counts as done (a different one is still `AlreadyExistsError`);
-    a repeated ``delete`` that finds nothing counts as done.  ``move`` is never
+    a repeated ``delete`` that finds nothing counts as done, and so does a
+    repeated ``swap`` that finds its *new* document (or, deleting, nothing).  ``move`` is never
     retried: it is how racing workers pick one winner, and a retry could not
     tell a move that went through from one that lost.
 
@@ -3062,7 +3172,10 @@ def with_retry(
         def retrying(*args: Any) -> Any:
             for attempt in range(1, attempts + 1):
                 try:
-                    return fn(*args)
+                    done = fn(*args)
+                    if attempt > 1 and op == "swap" and done is False and args[3] is not None:
+                        return store["get"](*args[:2]) == args[3]  # our swap went through?
+                    return done
                 except TransientError:
                     if attempt == attempts:
                         raise
@@ -3072,9 +3185,10 @@ def with_retry(
                         raise
                     return None  # our own earlier attempt went through
                 except NotFoundError:
-                    if attempt == 1 or op != "delete":
+                    gone = op == "delete" or (op == "swap" and args[3] is None)
+                    if attempt == 1 or not gone:
                         raise
-                    return None
+                    return True if op == "swap" else None  # our earlier attempt removed it
             raise AssertionError("unreachable")
 
         return retrying

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import copy
 import datetime
 import functools
@@ -289,6 +290,36 @@ def test_delete(store: Storage) -> None:
         store["get"]("t/a", "x")
     with pytest.raises(sqstore.NotFoundError, match="a/x"):
         store["delete"]("t/a", "x")
+
+
+def test_swap_replaces_or_deletes_only_what_was_read(store: Storage) -> None:
+    """Swap changes a document only if it is still the one given; None deletes it."""
+    store["upload"]("t/a", "x", {"v": 1, "n": [1, {"k": "z"}]})
+    assert store["swap"]("t/a", "x", {"v": 0}, {"v": 9}) is False
+    assert store["get"]("t/a", "x") == {"v": 1, "n": [1, {"k": "z"}]}
+    assert store["swap"]("t/a", "x", {"v": 1, "n": [1, {"k": "z"}]}, {"v": 2}) is True
+    assert store["get"]("t/a", "x") == {"v": 2}
+    assert store["swap"]("t/a", "x", {"v": 1}, None) is False
+    assert store["swap"]("t/a", "x", {"v": 2}, None) is True
+    with pytest.raises(sqstore.NotFoundError, match="a/x"):
+        store["swap"]("t/a", "x", {"v": 2}, None)
+    with pytest.raises(sqstore.NotFoundError, match="never/used/x"):
+        store["swap"]("never/used", "x", {}, {"v": 3})
+    assert store["list"]("t/a") == []
+
+
+def test_racing_swaps_have_one_winner(store: Storage) -> None:
+    """Of several workers swapping the same document from the same value, one wins."""
+    store["upload"]("t/a", "lease", {"holder": "nobody"})
+    wins: list[int] = []
+
+    def body(i: int) -> None:
+        if store["swap"]("t/a", "lease", {"holder": "nobody"}, {"holder": f"w{i}"}):
+            wins.append(i)
+
+    assert race(6, body) == []
+    assert len(wins) == 1
+    assert store["get"]("t/a", "lease") == {"holder": f"w{wins[0]}"}
 
 
 def test_list_is_oldest_first(store: Storage) -> None:
@@ -594,7 +625,7 @@ def test_keys_must_be_what_they_claim() -> None:
 # State machine: every backend agrees with memory_storage()
 # ============================================================================
 class StorageComparison(RuleBasedStateMachine):
-    """Random sequences of the six verbs give the same outcomes on memory and local."""
+    """Random sequences of the seven verbs give the same outcomes on memory and local."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -640,6 +671,13 @@ class StorageComparison(RuleBasedStateMachine):
     @rule(path=paths, doc_id=ids)
     def delete(self, path: str, doc_id: str) -> None:
         self.agree("delete", path, doc_id)
+
+    @rule(path=paths, doc_id=ids, old=json_docs, new=st.none() | json_docs, same=st.booleans())
+    def swap(self, path: str, doc_id: str, old: dict[str, Any], new: Any, same: bool) -> None:
+        if same:  # mostly swap from what is there, so that swaps also succeed
+            with contextlib.suppress(sqstore.SqstoreError):
+                old = self.stores[0]["get"](path, doc_id)
+        self.agree("swap", path, doc_id, old, new)
 
     @invariant()
     def lists_agree(self) -> None:
