@@ -72,6 +72,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_LEASE",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_SKEW",
     "DEFAULT_TIMEOUT",
     "DROPBOX_LAYOUT",
     "JWK",
@@ -173,6 +175,12 @@ DEFAULT_HEARTBEAT = 60.0
 
 DEFAULT_LEASE = 600.0
 """Seconds a claimed job belongs to its worker before it may be requeued."""
+
+DEFAULT_SKEW = 120.0
+"""Seconds past its time at which a lease counts as expired: the clock skew tolerated."""
+
+DEFAULT_MAX_ATTEMPTS = 3
+"""Claims of one job after which a sweep gives it up (its worker died each time)."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}")
 _PATH_RE = re.compile(rf"{_NAME_RE.pattern}(?:/{_NAME_RE.pattern})*")
@@ -465,13 +473,20 @@ class FlatJWS:
 
 @attrs.frozen
 class Lease:
-    """Who holds a claimed job, and until when (Unix seconds)."""
+    """Who holds a claimed job, and until when (Unix seconds).
+
+    ``holder`` is empty once a sweep has requeued the job; ``attempts`` counts
+    its claims; ``finish`` is the final status document while its worker
+    finishes it (so that a sweep can complete a finish whose worker died).
+    """
 
     job_id: str
     display_name: str
     holder: str
     token: str
     expires: float
+    attempts: int = 1
+    finish: Doc | None = None
 
 
 # ============================================================================
@@ -1334,8 +1349,8 @@ def timestamp_queue(
     raw, cfg = _read_config(store, display_name)
     current = now()
     last = cfg.last_queue_check
-    if last is not None and 0 <= current - last.timestamp() < min_interval:
-        return False
+    if last is not None and current - last.timestamp() < min_interval:
+        return False  # fresh enough, or our clock is behind the last writer's: never go back
     stamp = datetime.fromtimestamp(int(current), timezone.utc)
     _write_config(store, raw, attrs.evolve(cfg, last_queue_check=stamp), display_name, private_jwk)
     return True
@@ -1623,22 +1638,80 @@ def _default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _drop_lease(store: Storage, lease: Lease) -> None:
-    """Delete *lease* if it is still the stored one (a narrow, harmless race remains)."""
+def _lease_at(store: Storage, job_id: str) -> tuple[Doc, Lease] | None:
+    """The stored lease of a job, as read (for `swap`) and as a record; None if none.
+
+    Raises:
+        InvalidDocumentError: the lease is not a lease, or names an invalid backend.
+    """
     folder = store["layout"].leases
     try:
-        if store["get"](folder, lease.job_id).get("token") == lease.token:
-            store["delete"](folder, lease.job_id)
-    except (NotFoundError, InvalidDocumentError):
-        pass
-
-
-def _read_lease(store: Storage, job_id: str) -> Lease | None:
-    folder = store["layout"].leases
-    try:
-        return from_doc(store["get"](folder, job_id), Lease, where=f"{folder}/{job_id}")
+        raw = store["get"](folder, job_id)
     except NotFoundError:
         return None
+    lease = from_doc(raw, Lease, where=f"{folder}/{job_id}")
+    if lease.job_id != job_id or _DISPLAY_NAME_RE.fullmatch(lease.display_name) is None:
+        raise InvalidDocumentError(f"{folder}/{job_id}: not the lease of job {job_id}")
+    return raw, lease
+
+
+def _expired(lease: Lease, now: float, skew: float) -> bool:
+    """Whether nobody holds *lease* now: released, or past its time by more than *skew*."""
+    return not lease.holder or now > lease.expires + skew
+
+
+def _job_where(store: Storage, display_name: str, job_id: str) -> str | None:
+    """Which of queued, running, finished or deleted holds a job now (one read each)."""
+    layout = store["layout"]
+    file_id = _fill(layout.job_file, job_id=job_id)
+    for kind in ("running", "queued", "finished", "deleted"):
+        folder = _job_fill(layout, getattr(layout, kind), display_name, job_id)
+        if _exists(store, folder, file_id):
+            return kind
+    return None
+
+
+def _close(
+    store: Storage,
+    lease_at: tuple[Doc, Lease] | None,
+    display_name: str,
+    job_id: str,
+    status_doc: Doc,
+) -> None:
+    """End a job's life: record the final status in its lease, move the job from
+    running to finished (DONE) or deleted (ERROR), write the status, drop the lease.
+
+    Each step is safe to repeat, and a worker that dies after the first leaves a
+    lease that says what is left to do: `requeue_expired` completes it.
+
+    Raises:
+        LeaseLostError: the lease changed since it was read (another worker has the job).
+        NotFoundError: the job is neither running nor where it was to go.
+    """
+    layout = store["layout"]
+    final = payload_of(status_doc).get("status")
+    target = _job_fill(
+        layout, layout.finished if final == "DONE" else layout.deleted, display_name, job_id
+    )
+    file_id = _fill(layout.job_file, job_id=job_id)
+    if lease_at is not None:
+        raw, lease = lease_at
+        intent = to_doc(attrs.evolve(lease, finish=status_doc))
+        if raw != intent:
+            if not store["swap"](layout.leases, job_id, raw, intent):
+                raise LeaseLostError(f"job {job_id}: the lease changed; another worker has it")
+            raw = intent
+    try:
+        store["move"](layout.running, target, file_id)
+    except NotFoundError:
+        if not _exists(store, target, file_id):  # not finished by an earlier run of this step
+            raise NotFoundError(
+                f"job {job_id} is neither in {layout.running} nor in {target}"
+            ) from None
+    _put_status(store, display_name, None, job_id, status_doc)
+    if lease_at is not None:
+        with contextlib.suppress(NotFoundError):  # dropped by a sweep that completed it
+            store["swap"](layout.leases, job_id, raw, None)
 
 
 def claim_jobs(
@@ -1649,19 +1722,22 @@ def claim_jobs(
     holder: str | None = None,
     lease_seconds: float = DEFAULT_LEASE,
     heartbeat: float = DEFAULT_HEARTBEAT,
+    skew: float = DEFAULT_SKEW,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     now: Callable[[], float] = time.time,
 ) -> Iterator[tuple[NextJob, Doc]]:
     """Claim a backend's queued jobs, oldest first, one per ``next()``, until none is left.
 
-    Each claim is exactly-once: a create-only lease document is the token, so of
-    several workers racing for a job one wins and the others move on.  The lease
-    lasts *lease_seconds* from the claim (`renew_lease` extends it);
-    `requeue_expired` returns the jobs of dead workers to the queue.  A job that
-    is not a JSON object is set aside (moved to deleted, with an ERROR status)
-    and the next one is tried.  The queue is listed once per pass, not once per
-    job, so draining a long queue costs the same per job as a short one.
-    ``last_queue_check`` is written at most every *heartbeat* seconds, and each
-    time it is, expired leases of this backend are requeued.
+    Each claim is exactly-once: a create-only lease document (or a `swap` of a
+    lease nobody holds) is the token, so of several workers racing for a job one
+    wins and the others move on.  The lease lasts *lease_seconds* from the claim
+    (`renew_lease` extends it); `requeue_expired` returns the jobs of dead
+    workers to the queue.  A job that cannot be read as a JSON object is set
+    aside (moved to deleted, with an ERROR status) and the next one is tried;
+    any other failure of one queued job skips that job only.  The queue is
+    listed once per pass, not once per job.  ``last_queue_check`` is written at
+    most every *heartbeat* seconds, and each time it is, expired leases of this
+    backend are requeued (see `requeue_expired` for *skew* and *max_attempts*).
 
     Yields:
         ``(NextJob, job)`` for each claimed job.
@@ -1679,7 +1755,15 @@ def claim_jobs(
         nonlocal next_beat
         if now() >= next_beat:
             if timestamp_queue(store, display_name, private_jwk, min_interval=heartbeat, now=now):
-                requeue_expired(store, display_name, now=now)
+                requeue_expired(
+                    store,
+                    display_name,
+                    private_jwk,
+                    now=now,
+                    skew=skew,
+                    max_attempts=max_attempts,
+                    grace=lease_seconds,
+                )
             next_beat = now() + heartbeat
 
     while True:
@@ -1687,7 +1771,18 @@ def claim_jobs(
         found = False
         for file_id in store["list"](queue):
             beat()
-            claimed = _claim_one(store, display_name, queue, file_id, holder, now() + lease_seconds)
+            try:
+                claimed = _claim_one(
+                    store, display_name, queue, file_id, holder, now(), lease_seconds, skew
+                )
+            except (
+                InvalidDocumentError,
+                InvalidNameError,
+                StorageError,
+                NotFoundError,
+                LeaseLostError,
+            ):
+                continue  # this job only: a foreign lease, an odd entry; the next one is tried
             if claimed is not None:
                 found = True
                 yield claimed
@@ -1696,24 +1791,40 @@ def claim_jobs(
 
 
 def _claim_one(
-    store: Storage, display_name: str, queue: str, file_id: str, holder: str, expires: float
+    store: Storage,
+    display_name: str,
+    queue: str,
+    file_id: str,
+    holder: str,
+    now: float,
+    lease_seconds: float,
+    skew: float,
 ) -> tuple[NextJob, Doc] | None:
     layout = store["layout"]
-    job_id = _job_id_of(layout, file_id)
-    lease = Lease(job_id, display_name, holder, os.urandom(8).hex(), expires)
+    job_id = check_name(_job_id_of(layout, file_id), "job_id")
+    fresh = Lease(job_id, display_name, holder, os.urandom(8).hex(), now + lease_seconds)
     try:
-        store["upload"](layout.leases, job_id, to_doc(lease))
+        store["upload"](layout.leases, job_id, to_doc(fresh))
+        lease_at = to_doc(fresh), fresh
     except AlreadyExistsError:
-        return None  # another worker holds it (or died holding it: requeue_expired)
+        found = _lease_at(store, job_id)  # released by a requeue, or its claimer died
+        if found is None or not _expired(found[1], now, skew):
+            return None  # another worker holds it
+        taken = attrs.evolve(fresh, attempts=found[1].attempts + 1)
+        if not store["swap"](layout.leases, job_id, found[0], to_doc(taken)):
+            return None  # another worker took it first
+        lease_at = to_doc(taken), taken
     try:
         store["move"](queue, layout.running, file_id)
-    except NotFoundError:  # taken by a worker that takes no leases
-        _drop_lease(store, lease)
+    except NotFoundError:  # gone meanwhile: taken by a worker that takes no leases
+        with contextlib.suppress(NotFoundError):
+            store["swap"](layout.leases, job_id, lease_at[0], None)
         return None
     try:
         job = get_job(store, layout.running, job_id)
-    except InvalidDocumentError as exc:
-        _set_aside(store, display_name, job_id, file_id, str(exc), lease)
+    except (InvalidDocumentError, StorageError) as exc:
+        status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", str(exc))
+        _close(store, lease_at, display_name, job_id, to_doc(status))
         return None
     return NextJob(job_id, layout.running), job
 
@@ -1726,6 +1837,8 @@ def claim_job(
     holder: str | None = None,
     lease_seconds: float = DEFAULT_LEASE,
     heartbeat: float = DEFAULT_HEARTBEAT,
+    skew: float = DEFAULT_SKEW,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     now: Callable[[], float] = time.time,
 ) -> tuple[NextJob, Doc] | None:
     """Claim the oldest queued job of a backend for this worker, and read it.
@@ -1745,6 +1858,8 @@ def claim_job(
         holder=holder,
         lease_seconds=lease_seconds,
         heartbeat=heartbeat,
+        skew=skew,
+        max_attempts=max_attempts,
         now=now,
     )
     return next(jobs, None)
@@ -1752,16 +1867,6 @@ def claim_job(
 
 def _job_id_of(layout: Layout, file_id: str) -> str:
     return _id_in_file(layout.job_file, file_id) or file_id
-
-
-def _set_aside(
-    store: Storage, display_name: str, job_id: str, file_id: str, why: str, lease: Lease
-) -> None:
-    layout = store["layout"]
-    store["move"](layout.running, _job_fill(layout, layout.deleted, display_name, job_id), file_id)
-    status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", why)
-    _put_status(store, display_name, None, job_id, to_doc(status))
-    _drop_lease(store, lease)
 
 
 def _put_status(
@@ -1819,53 +1924,161 @@ def renew_lease(
     """Extend this worker's lease on a running job by *lease_seconds* from now.
 
     Raises:
-        LeaseLostError: the lease is gone or held by another worker.
+        LeaseLostError: the lease is gone, held by another worker, or changed
+            meanwhile (e.g. requeued by a sweep that found it expired).
     """
     _check_handle(store)
     holder = holder or _default_holder()
-    lease = _read_lease(store, check_name(job_id, "job_id"))
-    if lease is None or lease.holder != holder:
+    found = _lease_at(store, check_name(job_id, "job_id"))
+    if found is None or found[1].holder != holder:
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
-    renewed = attrs.evolve(lease, expires=now() + lease_seconds)
-    store["update"](store["layout"].leases, job_id, to_doc(renewed))
-    return renewed
+    renewed = attrs.evolve(found[1], expires=now() + lease_seconds)
+    try:
+        if store["swap"](store["layout"].leases, job_id, found[0], to_doc(renewed)):
+            return renewed
+    except NotFoundError:
+        pass
+    raise LeaseLostError(f"job {job_id}: the lease changed while {holder!r} renewed it")
 
 
 def requeue_expired(
-    store: Storage, display_name: str | None = None, *, now: Callable[[], float] = time.time
+    store: Storage,
+    display_name: str | None = None,
+    private_jwk: Any = None,
+    *,
+    now: Callable[[], float] = time.time,
+    skew: float = DEFAULT_SKEW,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    grace: float = DEFAULT_LEASE,
 ) -> list[str]:
-    """Return to their queue the running jobs whose lease has expired.
+    """Sweep the leases: return the running jobs of dead workers to their queue.
 
-    Safe to run from any number of workers at once; a job is requeued once.
+    A lease counts as expired *skew* seconds after its time, so a worker whose
+    clock is ahead by less than that requeues no live job.  For each expired
+    lease (of *display_name*'s jobs, or of all): a job whose worker died while
+    finishing it is finished (its lease holds the final status); a job claimed
+    *max_attempts* times already (a poison job that kills its worker) is moved
+    to deleted with an ERROR status; any other running job goes back to its
+    queue.  A running job that has no lease (its lease was garbage, or it was
+    moved there by a program that takes none) gets one that expires after
+    *grace* seconds, and is then requeued like the others if it is still
+    there.  Every step is a `swap` of the lease as read, so of several sweeps
+    and workers acting at once one wins, and a lease that changed meanwhile is
+    left alone.  A document that cannot be read or placed is skipped: it
+    stops nothing else.  Statuses written here are signed when *private_jwk* is
+    given and the backend signs.
 
     Returns:
-        The ids of the requeued jobs, oldest first.
+        The ids of the requeued jobs, in lease order.
     """
     _check_handle(store)
     layout = store["layout"]
-    requeued = []
+    requeued: list[str] = []
     current = now()
-    for job_id in store["list"](layout.leases):
+    leased = store["list"](layout.leases)
+    for job_id in leased:
         try:
-            lease = _read_lease(store, job_id)
-            if lease is not None:
-                _check_display_name(lease.display_name)
-        except (InvalidDocumentError, InvalidNameError):
-            with contextlib.suppress(NotFoundError):  # a torn lease guards nothing
+            if _sweep_lease(
+                store, display_name, private_jwk, job_id, current, skew, max_attempts, grace
+            ):
+                requeued.append(job_id)
+        except InvalidDocumentError:  # garbage in place of a lease: the job has none
+            with contextlib.suppress(SqstoreError):
                 store["delete"](layout.leases, job_id)
-            continue
-        if lease is None or lease.expires > current:
-            continue
-        if display_name is not None and lease.display_name != display_name:
-            continue
-        file_id = _fill(layout.job_file, job_id=job_id)
-        try:
-            store["move"](layout.running, _fill(layout.queued, lease.display_name), file_id)
-            requeued.append(job_id)
-        except (NotFoundError, AlreadyExistsError):
-            pass  # finished, set aside, never moved, or requeued by another worker
-        _drop_lease(store, lease)
+                _adopt(store, display_name, job_id, current + grace)
+        except (InvalidNameError, StorageError, NotFoundError, LeaseLostError):
+            continue  # this lease only
+    held = set(leased)
+    for file_id in store["list"](layout.running):
+        job_id = _job_id_of(layout, file_id)
+        if job_id not in held:
+            with contextlib.suppress(InvalidDocumentError, InvalidNameError, StorageError):
+                _adopt(store, display_name, job_id, current + grace)
     return requeued
+
+
+_ORPHAN = "(no lease)"  # the holder of a lease that a sweep gave to a running job
+
+
+def _adopt(store: Storage, display_name: str | None, job_id: str, expires: float) -> None:
+    """Give a running job without a lease one that expires at *expires*, if its
+    backend can be told: from a dated id, or from where its status is."""
+    layout = store["layout"]
+    check_name(job_id, "job_id")
+    names = [display_name] if display_name is not None else get_backends(store)
+    if layout.job_ids == "dated" and len(parts := job_id.split("-")) == 4:
+        owners = [dn for dn in names if dn == parts[1]]
+    else:
+        owners = [
+            dn
+            for dn in names
+            if _DISPLAY_NAME_RE.fullmatch(dn)
+            and _exists(store, *_status_location(store, dn, None, job_id))
+        ]
+    if len(owners) != 1 or not _exists(
+        store, layout.running, _fill(layout.job_file, job_id=job_id)
+    ):
+        return
+    lease = Lease(job_id, owners[0], _ORPHAN, os.urandom(8).hex(), expires)
+    with contextlib.suppress(AlreadyExistsError):  # claimed or adopted meanwhile
+        store["upload"](layout.leases, job_id, to_doc(lease))
+
+
+def _sweep_lease(
+    store: Storage,
+    display_name: str | None,
+    private_jwk: Any,
+    job_id: str,
+    now: float,
+    skew: float,
+    max_attempts: int,
+    grace: float,
+) -> bool:
+    """Act on one lease (see `requeue_expired`); True if its job was requeued."""
+    layout = store["layout"]
+    found = _lease_at(store, job_id)
+    if found is None:
+        return False
+    raw, lease = found
+    dn = lease.display_name
+    if (display_name is not None and dn != display_name) or not _expired(lease, now, skew):
+        return False
+    where = _job_where(store, dn, job_id)
+    if lease.finish is not None and not (
+        where == "running"
+        and payload_of(lease.finish).get("status") == "DONE"
+        and not _exists(store, *_result_location(store, dn, job_id))
+    ):
+        _close(store, found, dn, job_id, lease.finish)  # its worker died while finishing it
+        return False
+    if where != "running":
+        if where != "queued":  # finished or gone: the lease guards nothing
+            store["swap"](layout.leases, job_id, raw, None)
+        return False  # queued: the next claim takes the lease over
+    if not lease.holder:  # requeued, then moved to running by a program without leases
+        adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
+        store["swap"](layout.leases, job_id, raw, to_doc(adopted))
+        return False
+    if lease.attempts >= max_attempts:
+        why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
+        status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
+        doc = to_doc(status)
+        if private_jwk is not None and (
+            sign := _backend_signer(store, get_config(store, dn), private_jwk)
+        ):
+            doc = sign(doc)
+        _close(store, found, dn, job_id, doc)
+        return False
+    released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
+    if not store["swap"](layout.leases, job_id, raw, to_doc(released)):
+        return False  # another sweep or the worker acted first
+    try:
+        store["move"](
+            layout.running, _fill(layout.queued, dn), _fill(layout.job_file, job_id=job_id)
+        )
+    except (NotFoundError, AlreadyExistsError):
+        return False  # finished or requeued meanwhile
+    return True
 
 
 def update_in_database(
@@ -1883,13 +2096,17 @@ def update_in_database(
     DONE: upload the result (signed when the backend signs) and move the job to
     finished.  ERROR: move the job to deleted.  Then write the status (signed
     when the backend signs and *private_jwk* is given) and, for DONE and ERROR,
-    release the lease (any other status only reports progress).
-    Safe to re-run after a crash at any step.  With *holder*, refuse to finish a
-    job whose lease another worker holds.
+    release the lease (any other status only reports progress).  The job's
+    lease must be this worker's (*holder*, by default this process's
+    ``host:pid``, as `claim_job` takes it); a job without a lease (moved to
+    running by a program that takes none) is finished too.  Before anything
+    moves, the final status is recorded in the lease, so a worker that dies at
+    any later step leaves a job that `requeue_expired` finishes; re-running
+    this step finishes it too.
 
     Raises:
         InvalidDocumentError: DONE without a result, or a malformed status/result.
-        LeaseLostError: *holder* given and the lease is another worker's.
+        LeaseLostError: the lease is another worker's, or changed meanwhile.
         NotFoundError: the job is neither running nor already finished.
     """
     _check_handle(store)
@@ -1898,35 +2115,39 @@ def update_in_database(
     file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
     cfg = get_config(store, display_name)
     sign = _backend_signer(store, cfg, private_jwk)
-    lease = _read_lease(store, job_id)
-    if holder is not None and (lease is None or lease.holder != holder):
+    holder = holder or _default_holder()
+    lease_at = _lease_at(store, job_id)
+    if lease_at is not None and lease_at[1].holder != holder:
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
-    target = {"DONE": layout.finished, "ERROR": layout.deleted}.get(status.status)
-    target = None if target is None else _job_fill(layout, target, display_name, job_id)
-    if (
-        lease is None
-        and not _exists(store, layout.running, file_id)
-        and not (target is not None and _exists(store, target, file_id))  # a re-run after a crash
-    ):
-        raise NotFoundError(f"job {job_id} is neither in {layout.running} nor finished")
+    status_doc = to_doc(status) if sign is None else sign(to_doc(status))
+    if status.status not in ("DONE", "ERROR"):  # progress: the job keeps running and its lease
+        if lease_at is None and not _exists(store, layout.running, file_id):
+            raise NotFoundError(f"job {job_id} is not in {layout.running}")
+        _put_status(store, display_name, None, job_id, status_doc)
+        return
+    if lease_at is None:  # a job without a lease: running, or finished by an earlier run
+        target = layout.finished if status.status == "DONE" else layout.deleted
+        target = _job_fill(layout, target, display_name, job_id)
+        if not _exists(store, layout.running, file_id) and not _exists(store, target, file_id):
+            raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
+    result = None
     if status.status == "DONE":
         if result_dict is None:
             raise InvalidDocumentError(f"job {job_id}: a DONE job needs a result_dict")
+        result = _result_doc(result_dict, cfg, job_id, sign)
+    if lease_at is not None:  # record the final status first: from here on, a sweep can finish
+        raw, lease = lease_at
+        intent = to_doc(attrs.evolve(lease, finish=status_doc))
+        if raw != intent and not store["swap"](layout.leases, job_id, raw, intent):
+            raise LeaseLostError(f"job {job_id}: the lease changed; another worker has it")
+        lease_at = intent, attrs.evolve(lease, finish=status_doc)
+    if result is not None:
         path, doc_id = _result_location(store, display_name, job_id)
-        doc = _result_doc(result_dict, cfg, job_id, sign)
         try:
-            store["upload"](path, doc_id, doc)
+            store["upload"](path, doc_id, result)
         except AlreadyExistsError:  # a re-run after a crash or a requeue: latest wins
-            store["update"](path, doc_id, doc)
-    if target is not None:
-        try:
-            store["move"](layout.running, target, file_id)
-        except NotFoundError:
-            store["get"](target, file_id)  # finished by an earlier run of this step?
-    status_doc = to_doc(status) if sign is None else sign(to_doc(status))
-    _put_status(store, display_name, None, job_id, status_doc)
-    if lease is not None and target is not None:  # a job still running keeps its lease
-        _drop_lease(store, lease)
+            store["update"](path, doc_id, result)
+    _close(store, lease_at, display_name, job_id, status_doc)
 
 
 def work(
@@ -1939,6 +2160,8 @@ def work(
     lease_seconds: float = DEFAULT_LEASE,
     heartbeat: float = DEFAULT_HEARTBEAT,
     poll: float = 1.0,
+    skew: float = DEFAULT_SKEW,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     max_jobs: int | None = None,
     stop: threading.Event | None = None,
     log: Callable[[str], None] | None = None,
@@ -1984,7 +2207,14 @@ def work(
                 break
             try:
                 if time.monotonic() >= next_requeue[i]:  # at start, then every heartbeat
-                    if requeued := requeue_expired(store, display_name):
+                    if requeued := requeue_expired(
+                        store,
+                        display_name,
+                        private_jwk,
+                        skew=skew,
+                        max_attempts=max_attempts,
+                        grace=lease_seconds,
+                    ):
                         say(f"{label}: requeued {', '.join(requeued)} (lease expired)")
                     next_requeue[i] = time.monotonic() + heartbeat
                 claimed = claim_job(
@@ -1994,6 +2224,8 @@ def work(
                     holder=holder,
                     lease_seconds=lease_seconds,
                     heartbeat=heartbeat,
+                    skew=skew,
+                    max_attempts=max_attempts,
                 )
             except SqstoreError as exc:
                 say(f"{label}: cannot claim: {type(exc).__name__}: {exc}")
@@ -2054,22 +2286,43 @@ def _work_one(
         finished.set()
         renewer.join()
     ms = (time.perf_counter() - start) * 1000
-    try:
+    for attempt in range(_FINISH_TRIES):
         try:
             update_in_database(
                 store, result, status, job_id, display_name, private_jwk, holder=holder
             )
-        except InvalidDocumentError as exc:  # the executor's result is not a result
-            status = StatusMsg(job_id, "ERROR", "The executor's result is malformed.", str(exc))
-            update_in_database(
-                store, None, status, job_id, display_name, private_jwk, holder=holder
-            )
-    except SqstoreError as exc:
-        say(f"{label} {job_id}: cannot finish: {type(exc).__name__}: {exc}")
-        return 0
+            break
+        except SqstoreError as exc:
+            if (
+                result is not None
+                and isinstance(exc, InvalidDocumentError)
+                and (malformed := _malformed_result(result))
+            ):  # only the executor's own output turns a job into ERROR
+                result = None
+                status = StatusMsg(
+                    job_id, "ERROR", "The executor's result is malformed.", malformed
+                )
+                continue
+            if attempt + 1 == _FINISH_TRIES or isinstance(exc, (LeaseLostError, NotFoundError)):
+                say(f"{label} {job_id}: cannot finish: {type(exc).__name__}: {exc}")
+                return 0  # the lease expires and the job is requeued
+            say(f"{label} {job_id}: cannot finish yet, trying again: {type(exc).__name__}: {exc}")
+            time.sleep(0.05 * 4**attempt)
     why = f": {status.error_message}" if status.status == "ERROR" else ""
     say(f"{label} {job_id} {status.status} in {ms:.0f} ms{why}")
     return 1
+
+
+_FINISH_TRIES = 4  # a finish that fails for a passing reason (a torn read, a lost connection)
+
+
+def _malformed_result(result: Any) -> str:
+    """Why *result* cannot be stored as a job's result; "" when it can."""
+    try:
+        _json_bytes(to_doc(_coerce(result, ResultDict, "the executor's result")), "the result")
+    except InvalidDocumentError as exc:
+        return str(exc)
+    return ""
 
 
 _COPY_KINDS = ("public_keys", "configs", "jobs", "statuses", "results", "leases")
