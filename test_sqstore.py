@@ -2112,6 +2112,7 @@ class FakeDropbox:
         self._expired: set[str] = set()
         self._revoked = False
         self._faults: list[list[Any]] = []  # [route or "*", remaining, status, retry_after]
+        self._afters: list[list[Any]] = []  # [route or "*", remaining, "503" | "drop" | hook]
         self._counts: dict[str, int] = {}
         self._rev = 0x1_0000_0000
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -2212,6 +2213,7 @@ class FakeDropbox:
             self._entries.clear()
             self._cursors.clear()
             self._faults.clear()
+            self._afters.clear()
 
     def fail_next(
         self, route: str = "*", status: int = 429, count: int = 1, retry_after: int = 0
@@ -2222,12 +2224,30 @@ class FakeDropbox:
         without the ``/2/`` prefix: ``"files/upload"``, ``"/oauth2/token"``. A 429 carries
         ``Retry-After: retry_after``; other statuses get a text body.
         """
-        if route != "*":
-            route = "/" + route.lstrip("/")
-            if not route.startswith(("/2/", "/oauth2/")):
-                route = "/2" + route
         with self._lock:
-            self._faults.append([route, count, status, retry_after])
+            self._faults.append([_route_path(route), count, status, retry_after])
+
+    def lose_next(self, route: str, how: str = "503", count: int = 1) -> None:
+        """Apply the next ``count`` successful requests to ``route``, then lose their answers.
+
+        The request takes effect; instead of its answer the client gets a 503 (``how="503"``)
+        or a connection closed without a word (``how="drop"``). Requests that fail (a route
+        error, a 401) are answered as usual and do not count. ``route`` as in :meth:`fail_next`.
+        """
+        if how not in ("503", "drop"):
+            raise ValueError(f"how must be '503' or 'drop', not {how!r}")
+        with self._lock:
+            self._afters.append([_route_path(route), count, how])
+
+    def after_next(self, route: str, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` once the next successful request to ``route`` took effect.
+
+        The hook runs in the server thread after the request was applied and before it is
+        answered, without the fake's lock, so it may make requests of its own (as another
+        client): a deterministic interleaving between one request and its answer.
+        """
+        with self._lock:
+            self._afters.append([_route_path(route), 1, hook])
 
     def expire_access_tokens(self) -> None:
         """Expire every issued access token: the next call gets 401 ``expired_access_token``."""
@@ -2242,14 +2262,31 @@ class FakeDropbox:
 
     # -- request dispatch (called from handler threads) -----------------------------------------
 
-    def _handle(self, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        """Answer one POST; return status, headers and body."""
+    def _handle(
+        self, path: str, headers: Any, body: bytes
+    ) -> tuple[int, dict[str, str], bytes] | None:
+        """Answer one POST: status, headers and body, or None to hang up without an answer."""
+        answer, after = self._apply(path, headers, body)
+        if after is None:
+            return answer
+        if callable(after):
+            after()
+            return answer
+        if after == "drop":
+            return None
+        return _error_reply(_Reply(503, "injected failure 503 after the request took effect"))
+
+    def _apply(
+        self, path: str, headers: Any, body: bytes
+    ) -> tuple[tuple[int, dict[str, str], bytes], Any]:
+        """Apply one POST; return its answer and what :meth:`lose_next`/:meth:`after_next`
+        asked to do after it (None for nothing)."""
         try:
             with self._lock:
                 self._counts[path] = self._counts.get(path, 0) + 1
                 self._take_fault(path)
                 if path == "/oauth2/token":
-                    return _json_reply(200, self._token(body))
+                    return _json_reply(200, self._token(body)), self._take_after(path)
                 route = self._routes.get(path)
                 if route is None:
                     raise _Reply(404, "Unknown API function: " + path)
@@ -2264,15 +2301,25 @@ class FakeDropbox:
                 if arg.get("autorename"):
                     raise _bad_input("fake_dropbox does not implement autorename")
                 result, payload = route(arg, body)
+                after = self._take_after(path)
         except _Reply as reply:
-            return _error_reply(reply)
+            return _error_reply(reply), None
         except Exception:  # a bug in the fake: a 400 is not retried, and shows the traceback
-            return _error_reply(_bad_input("fake_dropbox failed:\n" + traceback.format_exc()))
+            return _error_reply(_bad_input("fake_dropbox failed:\n" + traceback.format_exc())), None
         if payload is None:
-            return _json_reply(200, result)
+            return _json_reply(200, result), after
         api_result = json.dumps(result)  # ASCII-escaped, as an HTTP header must be
         headers = {"Content-Type": "application/octet-stream", "Dropbox-API-Result": api_result}
-        return 200, headers, payload
+        return (200, headers, payload), after
+
+    def _take_after(self, path: str) -> Any:
+        after = next((a for a in self._afters if a[0] in ("*", path)), None)
+        if after is None:
+            return None
+        after[1] -= 1
+        if after[1] == 0:
+            self._afters.remove(after)
+        return after[2]
 
     def _take_fault(self, path: str) -> None:
         fault = next((f for f in self._faults if f[0] in ("*", path)), None)
@@ -2477,7 +2524,7 @@ class FakeDropbox:
         return self._page(entries, limit), None
 
     def _list_folder_continue(self, arg: dict, body: bytes) -> tuple[Any, None]:
-        if (pending := self._cursors.pop(arg["cursor"], None)) is None:
+        if (pending := self._cursors.get(arg["cursor"])) is None:  # a cursor can be reused
             raise _route_error({".tag": "reset"})
         limit, entries = pending
         return self._page(entries, limit), None
@@ -2487,6 +2534,14 @@ class FakeDropbox:
         cursor = "AAF" + secrets.token_urlsafe(24)
         self._cursors[cursor] = (limit, entries[limit:])  # the final cursor lists nothing
         return {"entries": entries[:limit], "cursor": cursor, "has_more": len(entries) > limit}
+
+
+def _route_path(route: str) -> str:
+    """``"*"``, or a route's URL path: ``files/upload`` and ``/2/files/upload`` are the same."""
+    if route == "*":
+        return route
+    route = "/" + route.lstrip("/")
+    return route if route.startswith(("/2/", "/oauth2/")) else "/2" + route
 
 
 def _json_arg(text: str | None, where: str) -> dict:
@@ -2561,7 +2616,11 @@ def _make_handler(fake: FakeDropbox) -> type[http.server.BaseHTTPRequestHandler]
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             path = urllib.parse.urlsplit(self.path).path
-            status, headers, payload = fake._handle(path, self.headers, body)
+            answer = fake._handle(path, self.headers, body)
+            if answer is None:  # the request took effect; its answer is lost with the connection
+                self.close_connection = True
+                return
+            status, headers, payload = answer
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
