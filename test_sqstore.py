@@ -2803,6 +2803,181 @@ def test_dropbox_racing_moves_have_one_winner(dropbox_fake: Any) -> None:
     assert [type(e) for e in errors] == [sqstore.NotFoundError] * 3, errors
 
 
+def lossy_store(fake: Any, **options: Any) -> tuple[Storage, list[float]]:
+    """A Dropbox store on an emptied fake that records the waits between retries, not waiting."""
+    waits: list[float] = []
+    return dropbox_store(fake, sleep=waits.append, **options), waits
+
+
+def fake_files(fake: Any) -> dict[str, Any]:
+    """The fake's files, parsed: ``path_display -> JSON``."""
+    return {path: json.loads(data) for path, data in fake.files().items()}
+
+
+# verb: (the call, the route whose answer is lost, what the call returns, the files after it)
+LOST_ANSWERS: dict[str, tuple[Callable[[Storage], Any], str, Any, dict[str, Any]]] = {
+    "upload": (
+        lambda s: s["upload"]("f", "b", {"v": 2}),
+        "files/upload",
+        None,
+        {"/f/a.json": {"v": 1}, "/f/b.json": {"v": 2}},
+    ),
+    "update": (
+        lambda s: s["update"]("f", "a", {"v": 2}),
+        "files/upload",
+        None,
+        {"/f/a.json": {"v": 2}},
+    ),
+    "get": (lambda s: s["get"]("f", "a"), "files/download", {"v": 1}, {"/f/a.json": {"v": 1}}),
+    "move": (lambda s: s["move"]("f", "g", "a"), "files/move_v2", None, {"/g/a.json": {"v": 1}}),
+    "delete": (lambda s: s["delete"]("f", "a"), "files/delete_v2", None, {}),
+    "list": (lambda s: s["list"]("f"), "files/list_folder", ["a"], {"/f/a.json": {"v": 1}}),
+    "swap": (
+        lambda s: s["swap"]("f", "a", {"v": 1}, {"v": 2}),
+        "files/upload",
+        True,
+        {"/f/a.json": {"v": 2}},
+    ),
+    "swap-delete": (lambda s: s["swap"]("f", "a", {"v": 1}, None), "files/delete_v2", True, {}),
+}
+
+
+@pytest.mark.parametrize("how", ["503", "drop"])
+@pytest.mark.parametrize("verb", sorted(LOST_ANSWERS))
+def test_dropbox_lost_answer_counts_as_done(dropbox_fake: Any, verb: str, how: str) -> None:
+    """A verb whose request took effect but whose answer was lost (a 503, a dropped
+    connection) returns as if done, after one more request, and leaves the expected files."""
+    store, waits = lossy_store(dropbox_fake)
+    store["upload"]("f", "a", {"v": 1})
+    call, route, returns, files = LOST_ANSWERS[verb]
+    dropbox_fake.lose_next(route, how)
+    dropbox_fake.reset_counts()
+    assert call(store) == returns
+    assert fake_files(dropbox_fake) == files
+    assert dropbox_fake.counts["/2/" + route] == 2  # the lost attempt and one retry
+    assert len(waits) == 1
+
+
+@pytest.mark.parametrize("how", ["503", "drop"])
+def test_dropbox_lost_answer_to_a_page_is_asked_again(dropbox_fake: Any, how: str) -> None:
+    """A listing whose second page's answer is lost asks for that page again and lists all."""
+    store, _ = lossy_store(dropbox_fake)
+    for i in range(7):
+        store["upload"]("f", f"d{i}", {})
+    dropbox_fake.lose_next("files/list_folder/continue", how)
+    assert store["list"]("f") == [f"d{i}" for i in range(7)]
+
+
+def test_dropbox_lost_answers_are_retried_a_bounded_number_of_times(dropbox_fake: Any) -> None:
+    """Answers lost `retries` times are retried; one more loss is a TransientError."""
+    store, waits = lossy_store(dropbox_fake, retries=2)
+    dropbox_fake.lose_next("files/upload", "drop", count=1)
+    dropbox_fake.lose_next("files/download", "503", count=1)
+    store["upload"]("f", "a", {"v": 1})  # the retry's conflict reads the file: lost once more
+    assert fake_files(dropbox_fake) == {"/f/a.json": {"v": 1}} and len(waits) == 2
+    dropbox_fake.lose_next("files/download", "503", count=3)
+    with pytest.raises(sqstore.TransientError, match="f/a"):
+        store["get"]("f", "a")
+    assert len(waits) == 4
+
+
+def test_dropbox_a_given_client_is_not_left_retrying_on_its_own(dropbox_fake: Any) -> None:
+    """A ready client gets the same lost-answer handling: the SDK itself repeats nothing."""
+    dropbox_fake.reset()
+    waits: list[float] = []
+    store = sqstore.dropbox_storage(client=dropbox_fake.client(), sleep=waits.append)
+    store["upload"]("f", "a", {"v": 1})
+    dropbox_fake.lose_next("files/delete_v2", "503")
+    store["delete"]("f", "a")
+    assert dropbox_fake.files() == {} and len(waits) == 1
+
+
+def test_dropbox_first_attempt_conflicts_keep_their_meaning(dropbox_fake: Any) -> None:
+    """Without a lost answer, a conflict or a missing document is still an error (a lost race)."""
+    store, _ = lossy_store(dropbox_fake)
+    store["upload"]("f", "a", {"v": 1})
+    store["upload"]("g", "a", {"v": 1})
+    with pytest.raises(sqstore.AlreadyExistsError):
+        store["upload"]("f", "a", {"v": 1})  # the same bytes, but not from a lost attempt
+    with pytest.raises(sqstore.NotFoundError):
+        store["move"]("h", "g", "a")  # the target exists, but this move never went through
+    with pytest.raises(sqstore.NotFoundError):
+        store["delete"]("h", "a")
+    dropbox_fake.fail_next("files/move_v2", status=429)  # refused, so not applied: a race lost
+    with pytest.raises(sqstore.NotFoundError):
+        store["move"]("h", "g", "a")
+
+
+@pytest.mark.parametrize("how", ["503", "drop"])
+def test_dropbox_claim_and_finish_survive_lost_answers(dropbox_fake: Any, how: str) -> None:
+    """With the answers to the claim's move and upload and the finish's move and upload lost,
+    every job is claimed and run once and ends DONE with its result."""
+    store, _ = lossy_store(dropbox_fake)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    submitted = [sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(3)]
+    for job_id in submitted:
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    ran: list[str] = []
+    for _ in submitted:
+        dropbox_fake.lose_next("files/move_v2", how)
+        dropbox_fake.lose_next("files/upload", how)
+        claimed = sqstore.claim_job(store, "sim")
+        assert claimed is not None
+        nxt, job = claimed
+        ran.append(nxt.job_id)
+        result = sqstore.run_simulator(job, nxt.job_id, "sim")
+        status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
+        dropbox_fake.lose_next("files/move_v2", how)
+        dropbox_fake.lose_next("files/upload", how)
+        sqstore.update_in_database(store, result, status, nxt.job_id, "sim")
+    assert sqstore.claim_job(store, "sim") is None
+    assert sorted(ran) == sorted(submitted)
+    for job_id in submitted:
+        assert sqstore.get_status(store, "sim", "alice", job_id).status == "DONE"
+        result = sqstore.get_result(store, "sim", "alice", job_id)
+        assert result.status == "DONE" and result.results[0].data.memory == ("1",) * 5
+    assert jobs_in(store, "running") == []
+
+
+def test_dropbox_rate_limited_token_refresh_is_retried(dropbox_fake: Any) -> None:
+    """429s on the OAuth token refresh are retried `retries` times, then raise TransientError."""
+    store, waits = lossy_store(dropbox_fake, retries=2)
+    dropbox_fake.fail_next("/oauth2/token", status=429, count=2)
+    store["upload"]("f", "a", {"v": 1})  # the first call refreshes the token
+    assert dropbox_fake.counts == {"/oauth2/token": 3, "/2/files/upload": 1}
+    assert waits == [0, 0]  # as long as Retry-After says
+    fresh = sqstore.dropbox_storage(
+        app_key=dropbox_fake.app_key,
+        app_secret=dropbox_fake.app_secret,
+        refresh_token=dropbox_fake.refresh_token,
+        session=dropbox_fake.session(),
+        retries=2,
+        sleep=waits.append,
+    )
+    dropbox_fake.fail_next("/oauth2/token", status=429, count=3)
+    with pytest.raises(sqstore.TransientError, match="f/a"):
+        fresh["get"]("f", "a")
+    assert fresh["get"]("f", "a") == {"v": 1}
+
+
+@pytest.mark.parametrize("change", ["update", "delete"])
+@pytest.mark.parametrize("new", [{"v": 2}, None], ids=["replace", "delete"])
+def test_dropbox_swap_loses_to_a_change_between_its_read_and_its_write(
+    dropbox_fake: Any, change: str, new: dict[str, Any] | None
+) -> None:
+    """A document changed or removed by another client after swap read it and before swap
+    wrote: swap returns False and the other client's change stands."""
+    store, _ = lossy_store(dropbox_fake)
+    other = sqstore.dropbox_storage(client=dropbox_fake.client())
+    store["upload"]("f", "a", {"v": 1})
+    if change == "update":
+        dropbox_fake.after_next("files/download", lambda: other["update"]("f", "a", {"v": 9}))
+    else:
+        dropbox_fake.after_next("files/download", lambda: other["delete"]("f", "a"))
+    assert store["swap"]("f", "a", {"v": 1}, new) is False
+    assert fake_files(dropbox_fake) == ({"/f/a.json": {"v": 9}} if change == "update" else {})
+
+
 @pytest.fixture
 def sqooler_dropbox(dropbox_fake: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """sqooler 0.9's unmodified Dropbox provider, its SDK sessions aimed at the fake."""
