@@ -3030,6 +3030,7 @@ def dropbox_storage(
     name: str = "dropbox",
     layout: Layout = DROPBOX_LAYOUT,
     retries: int = 3,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Storage:
     """Return a store in a Dropbox app folder, in sqooler's Dropbox layout.
 
@@ -3039,15 +3040,30 @@ def dropbox_storage(
     (``update`` is two: it checks that the file exists, then overwrites it; as
     on a local disk, the last of several writers wins).
     ``upload`` adds with ``strict_conflict``, ``move`` is ``files_move_v2`` so
-    that one of several racing movers wins, ``list`` follows every page.  Rate
-    limits and server errors are retried *retries* times, then raise
-    `TransientError`; refused credentials raise `CredentialsError`.
+    that one of several racing movers wins, ``list`` follows every page.
+
+    Rate limits (429, the token refresh's too), server errors (5xx) and broken
+    connections are retried here, not by the SDK, *retries* times, waiting as
+    long as ``Retry-After`` says or 0.25 s x 1, 2, 4, ... (through *sleep*), then
+    raise `TransientError`; refused credentials raise `CredentialsError`.  A 5xx
+    or a broken connection may come after the request took effect, so a retry
+    that finds its own effect already there counts as done: an ``upload`` that
+    conflicts with identical bytes, a ``delete`` or a deleting ``swap`` that
+    finds nothing, a ``move`` whose source is gone and whose target exists, a
+    ``swap`` whose new bytes are there (``update`` can simply be repeated).  On
+    a first attempt, a conflict or a missing document keeps its meaning: a
+    race lost.  What remains: if the lost attempt had *not* taken effect and
+    another client did the same in between (moved the same job to the same
+    place, uploaded the same bytes, deleted the document), the retry takes the
+    other client's work for its own.
 
     Raises:
         SqstoreError: the ``dropbox`` package is not installed.
-        ValueError: neither credentials nor a client were given.
+        ValueError: neither credentials nor a client were given, or *retries* < 0.
     """
     _check_store_name(name)
+    if retries < 0:
+        raise ValueError(f"retries must be at least 0, not {retries}")
     try:
         import dropbox
         import requests
@@ -3055,6 +3071,7 @@ def dropbox_storage(
         from dropbox.files import WriteMode
     except ImportError as exc:
         raise SqstoreError("dropbox_storage needs: pip install 'sqstore[dropbox]'") from exc
+    # The SDK must repeat nothing itself: only here is it known that an answer was lost.
     if client is None:
         given = {"app_key": app_key, "app_secret": app_secret, "refresh_token": refresh_token}
         if missing := [key for key, value in given.items() if not value]:
@@ -3064,37 +3081,62 @@ def dropbox_storage(
             app_secret=app_secret,
             oauth2_refresh_token=refresh_token,
             session=session,
-            max_retries_on_error=retries,
-            max_retries_on_rate_limit=retries,
+            max_retries_on_error=0,
+            max_retries_on_rate_limit=0,
         )
-    elif getattr(client, "_max_retries_on_rate_limit", 0) is None:  # the SDK retries forever
-        client = client.clone(max_retries_on_rate_limit=retries)
+    else:  # clone() takes 0 for "keep the client's setting"; -1 means "never" just as well
+        client = client.clone(max_retries_on_error=-1, max_retries_on_rate_limit=-1)
     configs = layout.configs
+    lost_answer = (
+        dbx.InternalServerError,
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+    )
 
     def file_of(path: str, doc_id: str) -> str:
         if path == configs:  # sqooler keeps each config in a folder of its own
             return f"/{_checked(path, doc_id)}/config.json"
         return f"/{_checked(path, doc_id)}.json"
 
-    def call(what: str, request: Callable[[], Any], api_error: Callable[[Any], Any]) -> Any:
-        try:
-            return request()
-        except dbx.ApiError as exc:
-            mapped = api_error(exc.error)
-            if mapped is None:
-                raise StorageError(f"{what}: Dropbox said {exc.error}") from exc
-            raise mapped from exc
-        except dbx.AuthError as exc:
-            raise CredentialsError(
-                f"{what}: Dropbox refused the credentials ({exc.error}): check the app key, "
-                "app secret and refresh token, and the app's files.content scopes"
-            ) from exc
-        except (dbx.RateLimitError, dbx.InternalServerError) as exc:
-            raise TransientError(f"{what}: Dropbox is busy ({type(exc).__name__})") from exc
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TransientError(f"{what}: cannot reach Dropbox ({exc})") from exc
-        except (dbx.DropboxException, requests.RequestException) as exc:
-            raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    def call(
+        what: str,
+        request: Callable[[], Any],
+        api_error: Callable[[Any], Any],
+        done: Callable[[Any], bool] | None = None,
+    ) -> Any:
+        """``request()``, retried; a route error goes to *api_error* to be translated,
+        but first, once an answer may have been lost, to *done*: True if it is the
+        lost attempt's own effect (then the call returns None)."""
+        lost = False  # an earlier attempt may have taken effect
+        failure: Exception | None = None
+        for attempt in range(retries + 1):
+            if attempt:
+                wait = failure.backoff if isinstance(failure, dbx.RateLimitError) else None
+                sleep(0.25 * 2 ** (attempt - 1) if wait is None else wait)
+            try:
+                return request()
+            except dbx.ApiError as exc:
+                if lost and done is not None and done(exc.error):
+                    return None
+                mapped = api_error(exc.error)
+                if mapped is None:
+                    raise StorageError(f"{what}: Dropbox said {exc.error}") from exc
+                raise mapped from exc
+            except dbx.AuthError as exc:
+                raise CredentialsError(
+                    f"{what}: Dropbox refused the credentials ({exc.error}): check the app "
+                    "key, app secret and refresh token, and the app's files.content scopes"
+                ) from exc
+            except dbx.RateLimitError as exc:  # refused, so not applied
+                failure = exc
+            except lost_answer as exc:
+                failure, lost = exc, lost or not isinstance(exc, requests.ConnectTimeout)
+            except (dbx.DropboxException, requests.RequestException) as exc:
+                raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(failure, dbx.DropboxException):
+            raise TransientError(f"{what}: Dropbox is busy ({type(failure).__name__})") from failure
+        raise TransientError(f"{what}: cannot reach Dropbox ({failure})") from failure
 
     def not_found(what: str) -> Callable[[Any], SqstoreError | None]:
         def check(error: Any) -> SqstoreError | None:
@@ -3121,16 +3163,34 @@ def dropbox_storage(
 
         return check
 
+    def download(file: str, what: str) -> tuple[Any, bytes]:
+        """The file's metadata and bytes (NotFoundError if absent)."""
+
+        def fetch() -> tuple[Any, bytes]:
+            meta, response = client.files_download(file)
+            with contextlib.closing(response):
+                return meta, response.content
+
+        return cast(tuple[Any, bytes], call(what, fetch, not_found(what)))
+
+    def holds(file: str, what: str, data: bytes | None) -> bool:
+        """Whether *file* now holds *data* (None: whether it is absent)."""
+        try:
+            return download(file, what)[1] == data
+        except NotFoundError:
+            return data is None
+
     def upload(path: str, doc_id: str, doc: Doc) -> None:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
         data = _dumps(doc, what).encode()
-        call(
-            what,
-            lambda: client.files_upload(
-                data, file, mode=WriteMode.add, strict_conflict=True, mute=True
-            ),
-            conflict(what),
+
+        def ours(error: Any) -> bool:  # a conflict with our own bytes: the lost attempt
+            return conflict(what)(error) is not None and holds(file, what, data)
+
+        add = functools.partial(
+            client.files_upload, data, file, mode=WriteMode.add, strict_conflict=True, mute=True
         )
+        call(what, add, conflict(what), ours)
 
     def update(path: str, doc_id: str, doc: Doc) -> None:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
@@ -3139,16 +3199,11 @@ def dropbox_storage(
         overwrite = functools.partial(
             client.files_upload, data, file, mode=WriteMode.overwrite, mute=True
         )
-        call(what, overwrite, lambda error: None)
+        call(what, overwrite, lambda error: None)  # repeating an overwrite is harmless
 
     def get(path: str, doc_id: str) -> Doc:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
-        _, response = call(what, lambda: client.files_download(file), not_found(what))
-        try:
-            data = response.content
-        finally:
-            response.close()
-        return _loads(data, what)
+        return _loads(download(file, what)[1], what)
 
     def move(src: str, dst: str, doc_id: str) -> None:
         source, target = file_of(src, doc_id), file_of(dst, doc_id)
@@ -3160,27 +3215,39 @@ def dropbox_storage(
                 return AlreadyExistsError(f"{dst}/{doc_id} already exists")
             return None
 
-        call(f"{src}/{doc_id}", lambda: client.files_move_v2(source, target), lost)
+        def ours(error: Any) -> bool:  # the source gone and the target there: the lost attempt
+            if not (error.is_from_lookup() and error.get_from_lookup().is_not_found()):
+                return False
+            try:
+                there = f"{dst}/{doc_id}"
+                call(there, lambda: client.files_get_metadata(target), not_found(there))
+            except NotFoundError:
+                return False
+            return True
+
+        call(f"{src}/{doc_id}", lambda: client.files_move_v2(source, target), lost, ours)
 
     def delete(path: str, doc_id: str) -> None:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
-        call(what, lambda: client.files_delete_v2(file), gone(what))
+        remove = functools.partial(client.files_delete_v2, file)
+        call(what, remove, gone(what), lambda error: gone(what)(error) is not None)
 
     def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
         """Read the document and its ``rev``; write or delete only at that rev."""
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
         data = None if new is None else _dumps(new, what).encode()
-        meta, response = call(what, lambda: client.files_download(file), not_found(what))
-        try:
-            current = response.content
-        finally:
-            response.close()
+        meta, current = download(file, what)
         if _loads(current, what) != old:
             return False
+
+        def ours(error: Any) -> bool:  # our lost attempt wrote or deleted it
+            refused = conflict(what) if data is not None else gone(what)
+            return refused(error) is not None and holds(file, what, data)
+
         try:
             if data is None:
                 remove = functools.partial(client.files_delete_v2, file, parent_rev=meta.rev)
-                call(what, remove, gone(what))
+                call(what, remove, gone(what), ours)
             else:
                 write = functools.partial(
                     client.files_upload,
@@ -3190,7 +3257,7 @@ def dropbox_storage(
                     strict_conflict=True,
                     mute=True,
                 )
-                call(what, write, conflict(what))
+                call(what, write, conflict(what), ours)
         except (NotFoundError, AlreadyExistsError):
             return False  # changed (a new rev) or removed since it was read
         return True

@@ -2116,6 +2116,7 @@ class FakeDropbox:
         self._expired: set[str] = set()
         self._revoked = False
         self._faults: list[list[Any]] = []  # [route or "*", remaining, status, retry_after]
+        self._afters: list[list[Any]] = []  # [route or "*", remaining, "503" | "drop" | hook]
         self._counts: dict[str, int] = {}
         self._rev = 0x1_0000_0000
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -2216,6 +2217,7 @@ class FakeDropbox:
             self._entries.clear()
             self._cursors.clear()
             self._faults.clear()
+            self._afters.clear()
 
     def fail_next(
         self, route: str = "*", status: int = 429, count: int = 1, retry_after: int = 0
@@ -2226,12 +2228,30 @@ class FakeDropbox:
         without the ``/2/`` prefix: ``"files/upload"``, ``"/oauth2/token"``. A 429 carries
         ``Retry-After: retry_after``; other statuses get a text body.
         """
-        if route != "*":
-            route = "/" + route.lstrip("/")
-            if not route.startswith(("/2/", "/oauth2/")):
-                route = "/2" + route
         with self._lock:
-            self._faults.append([route, count, status, retry_after])
+            self._faults.append([_route_path(route), count, status, retry_after])
+
+    def lose_next(self, route: str, how: str = "503", count: int = 1) -> None:
+        """Apply the next ``count`` successful requests to ``route``, then lose their answers.
+
+        The request takes effect; instead of its answer the client gets a 503 (``how="503"``)
+        or a connection closed without a word (``how="drop"``). Requests that fail (a route
+        error, a 401) are answered as usual and do not count. ``route`` as in :meth:`fail_next`.
+        """
+        if how not in ("503", "drop"):
+            raise ValueError(f"how must be '503' or 'drop', not {how!r}")
+        with self._lock:
+            self._afters.append([_route_path(route), count, how])
+
+    def after_next(self, route: str, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` once the next successful request to ``route`` took effect.
+
+        The hook runs in the server thread after the request was applied and before it is
+        answered, without the fake's lock, so it may make requests of its own (as another
+        client): a deterministic interleaving between one request and its answer.
+        """
+        with self._lock:
+            self._afters.append([_route_path(route), 1, hook])
 
     def expire_access_tokens(self) -> None:
         """Expire every issued access token: the next call gets 401 ``expired_access_token``."""
@@ -2246,14 +2266,31 @@ class FakeDropbox:
 
     # -- request dispatch (called from handler threads) -----------------------------------------
 
-    def _handle(self, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        """Answer one POST; return status, headers and body."""
+    def _handle(
+        self, path: str, headers: Any, body: bytes
+    ) -> tuple[int, dict[str, str], bytes] | None:
+        """Answer one POST: status, headers and body, or None to hang up without an answer."""
+        answer, after = self._apply(path, headers, body)
+        if after is None:
+            return answer
+        if callable(after):
+            after()
+            return answer
+        if after == "drop":
+            return None
+        return _error_reply(_Reply(503, "injected failure 503 after the request took effect"))
+
+    def _apply(
+        self, path: str, headers: Any, body: bytes
+    ) -> tuple[tuple[int, dict[str, str], bytes], Any]:
+        """Apply one POST; return its answer and what :meth:`lose_next`/:meth:`after_next`
+        asked to do after it (None for nothing)."""
         try:
             with self._lock:
                 self._counts[path] = self._counts.get(path, 0) + 1
                 self._take_fault(path)
                 if path == "/oauth2/token":
-                    return _json_reply(200, self._token(body))
+                    return _json_reply(200, self._token(body)), self._take_after(path)
                 route = self._routes.get(path)
                 if route is None:
                     raise _Reply(404, "Unknown API function: " + path)
@@ -2268,15 +2305,25 @@ class FakeDropbox:
                 if arg.get("autorename"):
                     raise _bad_input("fake_dropbox does not implement autorename")
                 result, payload = route(arg, body)
+                after = self._take_after(path)
         except _Reply as reply:
-            return _error_reply(reply)
+            return _error_reply(reply), None
         except Exception:  # a bug in the fake: a 400 is not retried, and shows the traceback
-            return _error_reply(_bad_input("fake_dropbox failed:\n" + traceback.format_exc()))
+            return _error_reply(_bad_input("fake_dropbox failed:\n" + traceback.format_exc())), None
         if payload is None:
-            return _json_reply(200, result)
+            return _json_reply(200, result), after
         api_result = json.dumps(result)  # ASCII-escaped, as an HTTP header must be
         headers = {"Content-Type": "application/octet-stream", "Dropbox-API-Result": api_result}
-        return 200, headers, payload
+        return (200, headers, payload), after
+
+    def _take_after(self, path: str) -> Any:
+        after = next((a for a in self._afters if a[0] in ("*", path)), None)
+        if after is None:
+            return None
+        after[1] -= 1
+        if after[1] == 0:
+            self._afters.remove(after)
+        return after[2]
 
     def _take_fault(self, path: str) -> None:
         fault = next((f for f in self._faults if f[0] in ("*", path)), None)
@@ -2481,7 +2528,7 @@ class FakeDropbox:
         return self._page(entries, limit), None
 
     def _list_folder_continue(self, arg: dict, body: bytes) -> tuple[Any, None]:
-        if (pending := self._cursors.pop(arg["cursor"], None)) is None:
+        if (pending := self._cursors.get(arg["cursor"])) is None:  # a cursor can be reused
             raise _route_error({".tag": "reset"})
         limit, entries = pending
         return self._page(entries, limit), None
@@ -2491,6 +2538,14 @@ class FakeDropbox:
         cursor = "AAF" + secrets.token_urlsafe(24)
         self._cursors[cursor] = (limit, entries[limit:])  # the final cursor lists nothing
         return {"entries": entries[:limit], "cursor": cursor, "has_more": len(entries) > limit}
+
+
+def _route_path(route: str) -> str:
+    """``"*"``, or a route's URL path: ``files/upload`` and ``/2/files/upload`` are the same."""
+    if route == "*":
+        return route
+    route = "/" + route.lstrip("/")
+    return route if route.startswith(("/2/", "/oauth2/")) else "/2" + route
 
 
 def _json_arg(text: str | None, where: str) -> dict:
@@ -2565,7 +2620,11 @@ def _make_handler(fake: FakeDropbox) -> type[http.server.BaseHTTPRequestHandler]
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             path = urllib.parse.urlsplit(self.path).path
-            status, headers, payload = fake._handle(path, self.headers, body)
+            answer = fake._handle(path, self.headers, body)
+            if answer is None:  # the request took effect; its answer is lost with the connection
+                self.close_connection = True
+                return
+            status, headers, payload = answer
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -2746,6 +2805,181 @@ def test_dropbox_racing_moves_have_one_winner(dropbox_fake: Any) -> None:
 
     errors = race(4, mover)
     assert [type(e) for e in errors] == [sqstore.NotFoundError] * 3, errors
+
+
+def lossy_store(fake: Any, **options: Any) -> tuple[Storage, list[float]]:
+    """A Dropbox store on an emptied fake that records the waits between retries, not waiting."""
+    waits: list[float] = []
+    return dropbox_store(fake, sleep=waits.append, **options), waits
+
+
+def fake_files(fake: Any) -> dict[str, Any]:
+    """The fake's files, parsed: ``path_display -> JSON``."""
+    return {path: json.loads(data) for path, data in fake.files().items()}
+
+
+# verb: (the call, the route whose answer is lost, what the call returns, the files after it)
+LOST_ANSWERS: dict[str, tuple[Callable[[Storage], Any], str, Any, dict[str, Any]]] = {
+    "upload": (
+        lambda s: s["upload"]("f", "b", {"v": 2}),
+        "files/upload",
+        None,
+        {"/f/a.json": {"v": 1}, "/f/b.json": {"v": 2}},
+    ),
+    "update": (
+        lambda s: s["update"]("f", "a", {"v": 2}),
+        "files/upload",
+        None,
+        {"/f/a.json": {"v": 2}},
+    ),
+    "get": (lambda s: s["get"]("f", "a"), "files/download", {"v": 1}, {"/f/a.json": {"v": 1}}),
+    "move": (lambda s: s["move"]("f", "g", "a"), "files/move_v2", None, {"/g/a.json": {"v": 1}}),
+    "delete": (lambda s: s["delete"]("f", "a"), "files/delete_v2", None, {}),
+    "list": (lambda s: s["list"]("f"), "files/list_folder", ["a"], {"/f/a.json": {"v": 1}}),
+    "swap": (
+        lambda s: s["swap"]("f", "a", {"v": 1}, {"v": 2}),
+        "files/upload",
+        True,
+        {"/f/a.json": {"v": 2}},
+    ),
+    "swap-delete": (lambda s: s["swap"]("f", "a", {"v": 1}, None), "files/delete_v2", True, {}),
+}
+
+
+@pytest.mark.parametrize("how", ["503", "drop"])
+@pytest.mark.parametrize("verb", sorted(LOST_ANSWERS))
+def test_dropbox_lost_answer_counts_as_done(dropbox_fake: Any, verb: str, how: str) -> None:
+    """A verb whose request took effect but whose answer was lost (a 503, a dropped
+    connection) returns as if done, after one more request, and leaves the expected files."""
+    store, waits = lossy_store(dropbox_fake)
+    store["upload"]("f", "a", {"v": 1})
+    call, route, returns, files = LOST_ANSWERS[verb]
+    dropbox_fake.lose_next(route, how)
+    dropbox_fake.reset_counts()
+    assert call(store) == returns
+    assert fake_files(dropbox_fake) == files
+    assert dropbox_fake.counts["/2/" + route] == 2  # the lost attempt and one retry
+    assert len(waits) == 1
+
+
+@pytest.mark.parametrize("how", ["503", "drop"])
+def test_dropbox_lost_answer_to_a_page_is_asked_again(dropbox_fake: Any, how: str) -> None:
+    """A listing whose second page's answer is lost asks for that page again and lists all."""
+    store, _ = lossy_store(dropbox_fake)
+    for i in range(7):
+        store["upload"]("f", f"d{i}", {})
+    dropbox_fake.lose_next("files/list_folder/continue", how)
+    assert store["list"]("f") == [f"d{i}" for i in range(7)]
+
+
+def test_dropbox_lost_answers_are_retried_a_bounded_number_of_times(dropbox_fake: Any) -> None:
+    """Answers lost `retries` times are retried; one more loss is a TransientError."""
+    store, waits = lossy_store(dropbox_fake, retries=2)
+    dropbox_fake.lose_next("files/upload", "drop", count=1)
+    dropbox_fake.lose_next("files/download", "503", count=1)
+    store["upload"]("f", "a", {"v": 1})  # the retry's conflict reads the file: lost once more
+    assert fake_files(dropbox_fake) == {"/f/a.json": {"v": 1}} and len(waits) == 2
+    dropbox_fake.lose_next("files/download", "503", count=3)
+    with pytest.raises(sqstore.TransientError, match="f/a"):
+        store["get"]("f", "a")
+    assert len(waits) == 4
+
+
+def test_dropbox_a_given_client_is_not_left_retrying_on_its_own(dropbox_fake: Any) -> None:
+    """A ready client gets the same lost-answer handling: the SDK itself repeats nothing."""
+    dropbox_fake.reset()
+    waits: list[float] = []
+    store = sqstore.dropbox_storage(client=dropbox_fake.client(), sleep=waits.append)
+    store["upload"]("f", "a", {"v": 1})
+    dropbox_fake.lose_next("files/delete_v2", "503")
+    store["delete"]("f", "a")
+    assert dropbox_fake.files() == {} and len(waits) == 1
+
+
+def test_dropbox_first_attempt_conflicts_keep_their_meaning(dropbox_fake: Any) -> None:
+    """Without a lost answer, a conflict or a missing document is still an error (a lost race)."""
+    store, _ = lossy_store(dropbox_fake)
+    store["upload"]("f", "a", {"v": 1})
+    store["upload"]("g", "a", {"v": 1})
+    with pytest.raises(sqstore.AlreadyExistsError):
+        store["upload"]("f", "a", {"v": 1})  # the same bytes, but not from a lost attempt
+    with pytest.raises(sqstore.NotFoundError):
+        store["move"]("h", "g", "a")  # the target exists, but this move never went through
+    with pytest.raises(sqstore.NotFoundError):
+        store["delete"]("h", "a")
+    dropbox_fake.fail_next("files/move_v2", status=429)  # refused, so not applied: a race lost
+    with pytest.raises(sqstore.NotFoundError):
+        store["move"]("h", "g", "a")
+
+
+@pytest.mark.parametrize("how", ["503", "drop"])
+def test_dropbox_claim_and_finish_survive_lost_answers(dropbox_fake: Any, how: str) -> None:
+    """With the answers to the claim's move and upload and the finish's move and upload lost,
+    every job is claimed and run once and ends DONE with its result."""
+    store, _ = lossy_store(dropbox_fake)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    submitted = [sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(3)]
+    for job_id in submitted:
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    ran: list[str] = []
+    for _ in submitted:
+        dropbox_fake.lose_next("files/move_v2", how)
+        dropbox_fake.lose_next("files/upload", how)
+        claimed = sqstore.claim_job(store, "sim")
+        assert claimed is not None
+        nxt, job = claimed
+        ran.append(nxt.job_id)
+        result = sqstore.run_simulator(job, nxt.job_id, "sim")
+        status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
+        dropbox_fake.lose_next("files/move_v2", how)
+        dropbox_fake.lose_next("files/upload", how)
+        sqstore.update_in_database(store, result, status, nxt.job_id, "sim")
+    assert sqstore.claim_job(store, "sim") is None
+    assert sorted(ran) == sorted(submitted)
+    for job_id in submitted:
+        assert sqstore.get_status(store, "sim", "alice", job_id).status == "DONE"
+        result = sqstore.get_result(store, "sim", "alice", job_id)
+        assert result.status == "DONE" and result.results[0].data.memory == ("1",) * 5
+    assert jobs_in(store, "running") == []
+
+
+def test_dropbox_rate_limited_token_refresh_is_retried(dropbox_fake: Any) -> None:
+    """429s on the OAuth token refresh are retried `retries` times, then raise TransientError."""
+    store, waits = lossy_store(dropbox_fake, retries=2)
+    dropbox_fake.fail_next("/oauth2/token", status=429, count=2)
+    store["upload"]("f", "a", {"v": 1})  # the first call refreshes the token
+    assert dropbox_fake.counts == {"/oauth2/token": 3, "/2/files/upload": 1}
+    assert waits == [0, 0]  # as long as Retry-After says
+    fresh = sqstore.dropbox_storage(
+        app_key=dropbox_fake.app_key,
+        app_secret=dropbox_fake.app_secret,
+        refresh_token=dropbox_fake.refresh_token,
+        session=dropbox_fake.session(),
+        retries=2,
+        sleep=waits.append,
+    )
+    dropbox_fake.fail_next("/oauth2/token", status=429, count=3)
+    with pytest.raises(sqstore.TransientError, match="f/a"):
+        fresh["get"]("f", "a")
+    assert fresh["get"]("f", "a") == {"v": 1}
+
+
+@pytest.mark.parametrize("change", ["update", "delete"])
+@pytest.mark.parametrize("new", [{"v": 2}, None], ids=["replace", "delete"])
+def test_dropbox_swap_loses_to_a_change_between_its_read_and_its_write(
+    dropbox_fake: Any, change: str, new: dict[str, Any] | None
+) -> None:
+    """A document changed or removed by another client after swap read it and before swap
+    wrote: swap returns False and the other client's change stands."""
+    store, _ = lossy_store(dropbox_fake)
+    other = sqstore.dropbox_storage(client=dropbox_fake.client())
+    store["upload"]("f", "a", {"v": 1})
+    if change == "update":
+        dropbox_fake.after_next("files/download", lambda: other["update"]("f", "a", {"v": 9}))
+    else:
+        dropbox_fake.after_next("files/download", lambda: other["delete"]("f", "a"))
+    assert store["swap"]("f", "a", {"v": 1}, new) is False
+    assert fake_files(dropbox_fake) == ({"/f/a.json": {"v": 9}} if change == "update" else {})
 
 
 @pytest.fixture
