@@ -1808,8 +1808,8 @@ def _claim_one(
         lease_at = to_doc(fresh), fresh
     except AlreadyExistsError:
         found = _lease_at(store, job_id)  # released by a requeue, or its claimer died
-        if found is None or not _expired(found[1], now, skew):
-            return None  # another worker holds it
+        if found is None or not (_expired(found[1], now, skew) or found[1].holder == _ORPHAN):
+            return None  # another worker holds it (an adopted job back in the queue has none)
         taken = attrs.evolve(fresh, attempts=found[1].attempts + 1)
         if not store["swap"](layout.leases, job_id, found[0], to_doc(taken)):
             return None  # another worker took it first
@@ -1972,6 +1972,8 @@ def requeue_expired(
         The ids of the requeued jobs, in lease order.
     """
     _check_handle(store)
+    if display_name is not None:
+        _check_display_name(display_name)
     layout = store["layout"]
     requeued: list[str] = []
     current = now()
@@ -3815,8 +3817,15 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     import signal
 
     assert store is not None
-    if min(args.lease, args.heartbeat, args.poll) <= 0 or (args.max_jobs or 1) < 1:
-        raise _UserError("--lease, --heartbeat, --poll and --max-jobs must be positive")
+    if (
+        min(args.lease, args.heartbeat, args.poll, args.max_attempts) <= 0
+        or (args.max_jobs or 1) < 1
+    ):
+        raise _UserError(
+            "--lease, --heartbeat, --poll, --max-jobs and --max-attempts must be positive"
+        )
+    if args.skew < 0:
+        raise _UserError("--skew must not be negative")
     executor = _load_executor(args.executor)
     private = _load_jwk(args.key) if args.key else None
     urls = [args.storage, *args.also]
@@ -3851,6 +3860,8 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
         lease_seconds=args.lease,
         heartbeat=args.heartbeat,
         poll=args.poll,
+        skew=args.skew,
+        max_attempts=args.max_attempts,
         max_jobs=args.max_jobs,
         stop=stop,
         log=log,
@@ -4419,6 +4430,7 @@ def _parser() -> argparse.ArgumentParser:
         ("--lease", DEFAULT_LEASE, "seconds a claim lasts unless renewed"),
         ("--heartbeat", DEFAULT_HEARTBEAT, "seconds between liveness writes and requeues"),
         ("--poll", 1.0, "seconds to wait when every queue is empty"),
+        ("--skew", DEFAULT_SKEW, "seconds of clock difference between workers tolerated"),
     ):
         work_.add_argument(
             flag,
@@ -4428,6 +4440,11 @@ def _parser() -> argparse.ArgumentParser:
             help=f"{text} (default {default:g})",
         )
     work_.add_argument("--max-jobs", type=int, metavar="N", help="stop after this many jobs")
+    work_.add_argument(
+        "--max-attempts", type=int, metavar="N", default=DEFAULT_MAX_ATTEMPTS,
+        help="claims after which a job whose worker keeps dying is given up "
+        f"(default {DEFAULT_MAX_ATTEMPTS})",
+    )  # fmt: skip
     command("backends", _cmd_backends, "list backends with their status")
     queue = command("queue", _cmd_queue, "list a backend's queued job ids, oldest first")
     queue.add_argument("display_name")

@@ -3895,6 +3895,323 @@ def test_work_function_runs_in_process_until_stopped() -> None:
 
 
 # ============================================================================
+# Faults, races and hostile input: each guarantee attacked
+# ============================================================================
+T0 = 1_800_000_000.0
+DONE_STATUS = "The job is done."
+
+
+def paused_at(store: Storage, index: int, meanwhile: Callable[[], None]) -> Storage:
+    """*store* whose *index*-th call (counting from 1) first lets *meanwhile* act: another
+    worker running between two of this worker's storage calls, deterministically."""
+    calls = [0]
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == index:
+                meanwhile()
+            return fn(*args)
+
+        return call
+
+    return sqstore._map_ops(store, wrap)
+
+
+def done_once(store: Storage, job_id: str, display_name: str = "sim") -> None:
+    """The job ended DONE with its result, and sits in finished only: no lease, no copy."""
+    assert sqstore.get_status(store, display_name, "alice", job_id).status == "DONE"
+    assert sqstore.get_result(store, display_name, "alice", job_id).status == "DONE"
+    assert job_id in jobs_in(store, "finished", job_id)
+    for kind in ("queued", "running", "deleted", "leases"):
+        assert job_id not in jobs_in(store, kind), kind
+
+
+def finish_as(store: Storage, job_id: str, job: Any, holder: str, key: Any = None) -> None:
+    result = sqstore.run_simulator(job, job_id, "sim")
+    status = sqstore.StatusMsg(job_id, "DONE", DONE_STATUS, "None")
+    sqstore.update_in_database(store, result, status, job_id, "sim", key, holder=holder)
+
+
+@pytest.mark.parametrize("second", ["sweep and claim", "claim only"])
+def test_a_sweep_paused_at_each_step_never_takes_a_live_job(store: Storage, second: str) -> None:
+    """A sweep paused between any two of its storage calls, while another sweep requeues the
+    dead worker's job and a live worker claims it, leaves that claim alone: the live worker
+    renews and finishes the job, and it runs once."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    live: dict[str, Any] = {}
+
+    def meanwhile() -> None:
+        if second == "sweep and claim":
+            sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0)
+        live["claim"] = sqstore.claim_job(store, "sim", holder="live", now=lambda: T0 + 10)
+
+    for index in range(1, 40):
+        live.clear()
+        job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+        sqstore.upload_status(store, "sim", "alice", job_id)
+        assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+        sqstore.requeue_expired(paused_at(store, index, meanwhile), now=lambda: T0 + 10, skew=0)
+        runs = 0
+        if live.get("claim"):
+            sqstore.renew_lease(store, job_id, holder="live", now=lambda: T0 + 11)
+            finish_as(store, job_id, live["claim"][1], "live")
+            runs += 1
+        while (got := sqstore.claim_job(store, "sim", holder="z", now=lambda: T0 + 20)) is not None:
+            finish_as(store, got[0].job_id, got[1], "z")
+            runs += 1
+        assert runs == 1, f"paused at call {index}"
+        done_once(store, job_id)
+        if not live:
+            break  # the sweep made fewer calls than index: every pause point was tried
+    assert not live, "the sweep should make fewer than 40 calls"
+
+
+KILL_AT_WRITE = """
+import json, os, signal, sys
+import sqstore
+
+store = sqstore.open_storage(sys.argv[1])
+kill_at = int(sys.argv[2])
+key = sqstore.from_doc(json.loads(sys.argv[3]), sqstore.JWK)
+writes = [0]
+
+def wrap(op, fn):
+    def call(*args):
+        out = fn(*args)
+        writes[0] += 1
+        if writes[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return call
+
+store = sqstore._map_ops(store, wrap, ("upload", "update", "move", "delete", "swap"))
+nxt, job = sqstore.claim_job(store, "sim", key, holder="doomed", lease_seconds=1, heartbeat=0)
+result = sqstore.run_simulator(job, nxt.job_id, "sim")
+done = sqstore.StatusMsg(nxt.job_id, "DONE", "The job is done.", "None")
+sqstore.update_in_database(store, result, done, nxt.job_id, "sim", key, holder="doomed")
+print(writes[0], flush=True)
+"""
+
+
+def test_sigkill_at_each_write_of_a_signed_life_is_recovered(url: str) -> None:
+    """A worker SIGKILLed right after each storage write of a signed claim and finish: the
+    sweep and a second worker finish every job exactly once, with a verified result and a
+    DONE status, and no document is torn; the config still verifies."""
+    private, public = sqstore.generate_keypair("bobkey")
+    store = sqstore.open_storage(url)
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    key_text = json.dumps(sqstore.to_doc(private))
+    kill_at, total = 1, None
+    while total is None or kill_at <= total:
+        job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+        sqstore.upload_status(store, "sim", "alice", job_id, private)
+        proc = subprocess.run(
+            [sys.executable, "-c", KILL_AT_WRITE, url, str(kill_at), key_text],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            total = int(proc.stdout)  # the writes of a whole life: each was a kill point
+        else:
+            assert proc.returncode == -signal.SIGKILL, proc.stderr
+        sqstore.requeue_expired(store, "sim", private, now=an_hour_later, skew=0)
+        while (got := sqstore.claim_job(store, "sim", private, now=an_hour_later)) is not None:
+            finish_as(store, got[0].job_id, got[1], sqstore._default_holder(), private)
+        try:
+            done_once(store, job_id)
+        except AssertionError as exc:
+            raise AssertionError(f"killed after write {kill_at}") from exc
+        assert sqstore.verify_result(store, "sim", job_id)
+        raw_status = store["get"](*place(store, "status", job_id))
+        assert sqstore.verify_doc(raw_status, [public])["status"] == "DONE"
+        kill_at += 1
+    assert total is not None and total >= 7  # lease, move, intent, result, move, status, drop
+    raw_config = store["get"]("backends/configs", "sim")
+    assert sqstore.verify_doc(raw_config, [public])["display_name"] == "sim"
+    if "://" not in url:
+        for path in Path(url).rglob("*.json"):
+            json.loads(path.read_text())
+
+
+def an_hour_later() -> float:
+    """A clock at which every lease a test's worker took has long run out."""
+    return time.time() + 3600
+
+
+def test_running_jobs_without_a_usable_lease_are_adopted_then_requeued(store: Storage) -> None:
+    """A running job whose lease is garbage, or that has none (moved there by a program that
+    takes no leases), is given a lease by the sweep and requeued when that expires."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    ids = [sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(3)]
+    for job_id in ids:
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    for holder in ("a", "b"):
+        assert sqstore.claim_job(store, "sim", holder=holder, now=lambda: T0)
+    leases = folder(store, "leases")
+    store["update"](leases, ids[0], {"torn": "not a lease"})
+    store["delete"](leases, ids[1])
+    queue = folder(store, "queued")
+    store["move"](queue, folder(store, "running"), doc_id(store, "queued", ids[2]))
+    assert sqstore.requeue_expired(store, now=lambda: T0, grace=30) == []
+    adopted = [sqstore.from_doc(store["get"](leases, j), sqstore.Lease) for j in ids]
+    assert [(lease.holder, lease.expires) for lease in adopted] == [("(no lease)", T0 + 30)] * 3
+    assert sqstore.requeue_expired(store, now=lambda: T0 + 29, skew=0) == []
+    assert sqstore.requeue_expired(store, now=lambda: T0 + 31, skew=0) == ids
+    assert finish(store, "sim") == ids
+    for job_id in ids:
+        done_once(store, job_id)
+
+
+def test_a_job_that_kills_its_worker_is_given_up(tmp_path: Path) -> None:
+    """A poison job (its executor dies by SIGKILL every time) goes to deleted with an ERROR
+    status after max_attempts claims, and the job queued behind it still runs."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    poison = sqstore.upload_job(store, job_with(die=True), "sim", "alice")
+    healthy = sqstore.upload_job(store, JOB, "sim", "alice")
+    for job_id in (poison, healthy):
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    (tmp_path / "dying.py").write_text(
+        "import os, signal, sqstore\n"
+        "def run(job, job_id, display_name):\n"
+        "    if job['experiment_0'].get('die'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return sqstore.run_simulator(job, job_id, display_name)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{tmp_path}"}
+    deaths = 0
+    while True:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sqstore", "--storage", str(root), "work", "sim",
+             "dying:run", "--lease", "0.3", "--skew", "0", "--max-jobs", "1", "--poll", "0.05",
+             "--max-attempts", "3"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        deaths += 1
+        assert deaths <= 3
+        time.sleep(0.4)  # the dead worker's lease runs out
+    assert deaths == 3
+    status = sqstore.get_status(store, "sim", "alice", poison)
+    assert status.status == "ERROR" and "3 times" in status.error_message
+    assert jobs_in(store, "deleted") == [poison]
+    assert jobs_in(store, "queued") == jobs_in(store, "running") == []
+    done_once(store, healthy)
+
+
+def test_a_finisher_without_the_lease_cannot_overwrite_the_holder(store: Storage) -> None:
+    """update_in_database checks the lease by default: a worker whose lease expired and was
+    taken over cannot finish the job, even without naming a holder; the new holder can."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.upload_status(store, "sim", "alice", job_id)
+    first = sqstore.claim_job(store, "sim", lease_seconds=1, now=lambda: T0)  # this process
+    assert first is not None
+    assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == [job_id]
+    second = sqstore.claim_job(store, "sim", holder="new", now=lambda: T0 + 10)
+    assert second is not None
+    stale = attrs.evolve(sqstore.run_simulator(JOB, job_id, "sim"), header={"by": "stale"})
+    done = sqstore.StatusMsg(job_id, "DONE", DONE_STATUS, "None")
+    with pytest.raises(sqstore.LeaseLostError):
+        sqstore.update_in_database(store, stale, done, job_id, "sim")
+    assert jobs_in(store, "running") == [job_id]
+    fresh = attrs.evolve(sqstore.run_simulator(JOB, job_id, "sim"), header={"by": "new"})
+    sqstore.update_in_database(store, fresh, done, job_id, "sim", holder="new")
+    assert sqstore.get_result(store, "sim", "alice", job_id).header == {"by": "new"}
+    done_once(store, job_id)
+
+
+def test_clocks_that_disagree(store: Storage) -> None:
+    """A sweeper whose clock is ahead by less than the tolerated skew requeues no live job;
+    one behind never moves last_queue_check backwards."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    assert sqstore.claim_job(store, "sim", holder="w", lease_seconds=60, now=lambda: T0)
+    hour_ahead = T0 + 3600
+    assert sqstore.requeue_expired(store, now=lambda: hour_ahead, skew=3700) == []
+    assert sqstore.requeue_expired(store, now=lambda: T0 + 60 + sqstore.DEFAULT_SKEW) == []
+    assert jobs_in(store, "running") == [job_id]
+    after = T0 + 61 + sqstore.DEFAULT_SKEW
+    assert sqstore.requeue_expired(store, now=lambda: after) == [job_id]
+    assert sqstore.timestamp_queue(store, "sim", now=lambda: T0 + 100)
+    assert not sqstore.timestamp_queue(store, "sim", now=lambda: T0 + 100 - 3600)
+    last = sqstore.get_config(store, "sim").last_queue_check
+    assert last is not None and last.timestamp() == T0 + 100
+
+
+def torn_once(store: Storage, path: str, times: int) -> tuple[Storage, list[int]]:
+    """*store* whose next *times* reads under *path*, once armed, see a half-written file, as
+    a reader does while sqooler rewrites a document in place."""
+    armed = [0]
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if op == "get" and args[0] == path and armed[0] > 0:
+                armed[0] -= 1
+                raise sqstore.InvalidDocumentError(f"{path}/{args[1]}: not valid JSON (torn)")
+            return fn(*args)
+
+        return call
+
+    return sqstore._map_ops(store, wrap), armed
+
+
+def test_work_never_turns_a_storage_hiccup_into_an_error_status(tmp_path: Path) -> None:
+    """A torn config read while work() finishes a successful job does not mark it ERROR: the
+    finish is tried again and the job ends DONE; a malformed result still ends ERROR."""
+    store = sqstore.local_storage(tmp_path)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    good = sqstore.upload_job(store, JOB, "sim", "alice")
+    bad = sqstore.upload_job(store, job_with(bad_result=True), "sim", "alice")
+    for job_id in (good, bad):
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    torn, armed = torn_once(store, "backends/configs", 0)
+
+    def executor(job: Any, job_id: str, display_name: str) -> Any:
+        armed[0] = 3  # the finish's config reads meet a rewrite in progress
+        if job["experiment_0"].get("bad_result"):
+            return {"not": "a result"}
+        return sqstore.run_simulator(job, job_id, display_name)
+
+    lines: list[str] = []
+    assert sqstore.work([torn], "sim", executor, max_jobs=2, log=lines.append) == 2
+    done_once(store, good)
+    status = sqstore.get_status(store, "sim", "alice", bad)
+    assert (status.status, status.detail) == ("ERROR", "The executor's result is malformed.")
+    assert any("trying again" in line for line in lines)
+
+
+def test_odd_entries_stop_neither_the_sweep_nor_the_claims(local: Storage, tmp_path: Path) -> None:
+    """A directory or garbage where a lease should be does not stop the sweep; a queued job
+    that is a directory or not JSON is set aside with an ERROR status and the queue flows."""
+    root = tmp_path / "store"
+    sqstore.upload_config(local, sqstore.demo_config("sim"), "sim")
+    odd = [sqstore.create_job_id(local, "sim", "alice") for _ in range(2)]
+    (root / "jobs/queued/sim").mkdir(parents=True)
+    (root / f"jobs/queued/sim/{odd[0]}.json").mkdir()
+    (root / f"jobs/queued/sim/{odd[1]}.json").write_text('{"torn": ')
+    dead = sqstore.upload_job(local, JOB, "sim", "alice")
+    (root / "jobs/leases").mkdir(parents=True)
+    (root / "jobs/leases/0.json").mkdir()
+    (root / "jobs/leases/00garbage.json").write_text("[1, 2")
+    with contextlib.suppress(StopIteration):  # the odd jobs are set aside; dead's is claimed
+        got = sqstore.claim_job(local, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+        assert got is not None and got[0].job_id == dead
+    assert sorted(jobs_in(local, "deleted")) == sorted(odd)
+    for job_id in odd:
+        status = sqstore.get_status(local, "sim", "alice", job_id)
+        assert status.status == "ERROR" and job_id in status.error_message
+    assert sqstore.requeue_expired(local, now=lambda: T0 + 10, skew=0) == [dead]
+    last = sqstore.upload_job(local, JOB, "sim", "alice")
+    assert finish(local, "sim") == [dead, last]
+
+
+# ============================================================================
 # CLI and packaging
 # ============================================================================
 def run_cli(
