@@ -2323,6 +2323,9 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
     )
 
 
+_TEMP_RE = re.compile(rf"\.{_NAME_RE.pattern}\.[0-9]+\.[0-9a-f]{{8}}\.tmp")
+"""A temporary file of local_storage: ``.<id>.<pid>.<8 hex>.tmp``."""
+_STALE_TEMP_SECONDS = 3600.0  # a temporary file this old has no live writer: list removes it
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not block a read
 
@@ -2348,7 +2351,8 @@ def local_storage(
     planted in the tree makes the call fail with a `StorageError` naming it.
     ``move`` and ``delete`` act on a document that is a link, never on its
     target, so such an entry can be set aside.  A write that does not fit on the
-    disk raises `StorageError` and leaves the old document.
+    disk raises `StorageError` and leaves the old document.  ``list`` removes the
+    temporary files of killed writers once they are an hour old.
     """
     _check_store_name(name)
     base = os.fspath(root)
@@ -2562,12 +2566,26 @@ def local_storage(
         except OSError as exc:
             raise fail(exc, what) from exc
 
+    def sweep(folder: int, temp: str) -> None:
+        """Remove the temporary file *temp* if it is so old that no writer is left."""
+        try:
+            info = os.stat(temp, dir_fd=folder, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > _STALE_TEMP_SECONDS:
+                os.unlink(temp, dir_fd=folder)
+        except OSError:
+            pass  # removed by another lister, or a read-only storage: nothing to do
+
     def list_ids(path: str) -> list[str]:
         try:
             folder = open_folder(_check_path(path), path)
             try:
-                names = os.listdir(folder)
-                ids = [n[:-5] for n in names if n.endswith(".json") and _NAME_RE.fullmatch(n[:-5])]
+                ids = []
+                for entry in os.listdir(folder):
+                    if entry.endswith(".json"):
+                        if _NAME_RE.fullmatch(entry[:-5]):
+                            ids.append(entry[:-5])
+                    elif entry.endswith(".tmp") and _TEMP_RE.fullmatch(entry):
+                        sweep(folder, entry)
             finally:
                 os.close(folder)
         except FileNotFoundError:

@@ -1394,6 +1394,41 @@ def test_local_folder_or_fifo_where_a_document_should_be(tmp_path: Path) -> None
         watchdog.cancel()
 
 
+ORPHAN_WRITER = """
+import resource, signal, sys, sqstore
+store = sqstore.local_storage(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; let it kill, as a crash
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+store["upload"]("docs", "big", {"pad": "x" * 100_000})
+"""
+
+
+def test_local_orphaned_temp_files_are_never_listed_and_old_ones_are_swept(
+    tmp_path: Path,
+) -> None:
+    """A writer killed mid-write leaves a temporary file that is never listed as a document;
+    list removes such files once they are an hour old and keeps recent ones."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    store["upload"]("docs", "kept", {"v": 1})
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", ORPHAN_WRITER, str(root)], env=env)
+        assert proc.returncode == -signal.SIGXFSZ
+    orphans = sorted(p for p in (root / "docs").iterdir() if p.name.endswith(".tmp"))
+    assert len(orphans) == 2 and all(p.name.startswith(".big.") for p in orphans)
+    foreign = root / "docs" / ".notes.tmp"
+    foreign.write_text("not ours")
+    assert store["list"]("docs") == ["kept"]
+    assert all(p.exists() for p in orphans)  # a recent one may belong to a live writer
+    hour_ago = time.time() - 3700
+    for path in (orphans[0], foreign):
+        os.utime(path, (hour_ago, hour_ago))
+    assert store["list"]("docs") == ["kept"]
+    assert not orphans[0].exists() and orphans[1].exists() and foreign.exists()
+    assert store["get"]("docs", "kept") == {"v": 1}
+
+
 def _race_worker(root: str, worker: int, ids: list[str], out: str, start: Any) -> None:
     store = sqstore.local_storage(root)
     start.wait()  # every process is up before any races
