@@ -52,6 +52,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -2577,6 +2578,13 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
     )
 
 
+_TEMP_RE = re.compile(rf"\.{_NAME_RE.pattern}\.[0-9]+\.[0-9a-f]{{8}}\.tmp")
+"""A temporary file of local_storage: ``.<id>.<pid>.<8 hex>.tmp``."""
+_STALE_TEMP_SECONDS = 3600.0  # a temporary file this old has no live writer: list removes it
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not block a read
+
+
 def local_storage(
     root: str | os.PathLike[str],
     name: str = "local",
@@ -2592,167 +2600,294 @@ def local_storage(
     several racing movers exactly one wins.  ``list`` sorts ids, which for
     sqstore's ids is the order of creation.  With *durable*, files and folders
     are fsynced, so a power loss cannot lose a write that returned.
+
+    No symbolic link below *root* is ever followed (*root* itself may be one):
+    each folder is opened relative to its parent with ``O_NOFOLLOW``, so a link
+    planted in the tree makes the call fail with a `StorageError` naming it.
+    ``move`` and ``delete`` act on a document that is a link, never on its
+    target, so such an entry can be set aside.  A write that does not fit on the
+    disk raises `StorageError` and leaves the old document.  ``list`` removes the
+    temporary files of killed writers once they are an hour old.
     """
     _check_store_name(name)
     base = os.fspath(root)
 
-    def where(path: str, doc_id: str) -> tuple[str, str, str]:
-        """(folder, file, 'path/id' for messages), after validating path and id."""
-        what = _checked(path, doc_id)
-        return f"{base}/{path}", f"{base}/{what}.json", what
+    def where(path: str, doc_id: str) -> tuple[str, str]:
+        """(file name, 'path/id' for messages), after validating path and id."""
+        return f"{doc_id}.json", _checked(path, doc_id)
 
     def fail(exc: OSError, what: str) -> SqstoreError:
         if exc.errno == errno.ENOENT:
             return NotFoundError(f"{what} does not exist")
         if exc.errno == errno.EEXIST:
             return AlreadyExistsError(f"{what} already exists")
+        if exc.errno == errno.ENOSPC:
+            return StorageError(f"{what}: no space left on device")
+        if exc.errno == errno.EDQUOT:
+            return StorageError(f"{what}: no space left on device (disk quota exceeded)")
         return StorageError(f"{what}: {exc.strerror or exc}")
 
-    def sync_dir(folder: str) -> None:
-        fd = os.open(folder, os.O_RDONLY)
+    def symlink(what: str, link: str) -> StorageError:
+        return StorageError(
+            f"{what}: {link} is a symlink: sqstore never follows links inside its root"
+        )
+
+    def open_folder(path: str, what: str, create: bool = False) -> int:
+        """Open ``<root>/<path>`` one name at a time, never following a link;
+        with *create*, make the folders that are missing."""
         try:
-            os.fsync(fd)
+            fd = os.open(base, _FOLDER_FLAGS)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.makedirs(base, exist_ok=True)
+            fd = os.open(base, _FOLDER_FLAGS)
+        try:
+            parts = path.split("/")
+            for i, part in enumerate(parts):
+                try:
+                    sub = os.open(part, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=fd)
+                        if durable:
+                            os.fsync(fd)
+                    sub = os.open(part, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:  # Linux says ENOTDIR for a link, BSD EMLINK
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.EMLINK) and stat.S_ISLNK(
+                        os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
+                    ):
+                        raise symlink(what, "/".join(parts[: i + 1])) from None
+                    raise
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def exists(folder: int, name: str) -> bool:
+        """Whether *name* is in *folder* (a link counts, whatever it points to)."""
+        try:
+            os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def read(folder: int, name: str, path: str, what: str) -> bytes:
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise symlink(what, f"{path}/{name}") from None
+            raise
+        try:
+            size = os.fstat(fd)
+            if not stat.S_ISREG(size.st_mode):
+                raise StorageError(f"{what}: {path}/{name} is not a regular file")
+            chunks = [os.read(fd, size.st_size + 1)]
+            while chunks[-1]:
+                chunks.append(os.read(fd, 65536))
         finally:
             os.close(fd)
+        return b"".join(chunks)
 
-    def write_temp(folder: str, doc_id: str, data: bytes) -> str:
-        temp = f"{folder}/.{doc_id}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    def write_temp(folder: int, doc_id: str, data: bytes) -> str:
+        """Write *data* to a new temporary file in *folder*; return its name."""
+        temp = f".{doc_id}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        fd = os.open(temp, flags, 0o644, dir_fd=folder)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, data)
+            written = os.write(fd, data)
+            while written < len(data):  # a short write: the disk is (nearly) full
+                more = os.write(fd, data[written:])
+                if not more:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += more
             if durable:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            os.unlink(temp)
+            os.unlink(temp, dir_fd=folder)
             raise
         os.close(fd)
         return temp
 
+    def replace(folder: int, doc_id: str, name: str, data: bytes) -> None:
+        temp = write_temp(folder, doc_id, data)
+        try:
+            os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            os.unlink(temp, dir_fd=folder)
+            raise
+        if durable:
+            os.fsync(folder)
+
     def upload(path: str, doc_id: str, doc: Doc) -> None:
-        folder, file, what = where(path, doc_id)
+        file, what = where(path, doc_id)
         data = _dumps(doc, what).encode()
         try:
-            temp = write_temp(folder, doc_id, data)
+            folder = open_folder(path, what, create=True)
             try:
-                os.link(temp, file)
+                temp = write_temp(folder, doc_id, data)
+                try:
+                    os.link(temp, file, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+                finally:
+                    os.unlink(temp, dir_fd=folder)
+                if durable:
+                    os.fsync(folder)
             finally:
-                os.unlink(temp)
-            if durable:
-                sync_dir(folder)
+                os.close(folder)
+        except SqstoreError:
+            raise
         except OSError as exc:
             raise fail(exc, what) from exc
 
     def update(path: str, doc_id: str, doc: Doc) -> None:
-        folder, file, what = where(path, doc_id)
+        file, what = where(path, doc_id)
         data = _dumps(doc, what).encode()
         try:
-            if not os.path.exists(file):
-                raise NotFoundError(f"{what} does not exist")
-            temp = write_temp(folder, doc_id, data)
+            folder = open_folder(path, what)
             try:
-                os.replace(temp, file)
-            except BaseException:
-                os.unlink(temp)
-                raise
-            if durable:
-                sync_dir(folder)
+                info = os.stat(file, dir_fd=folder, follow_symlinks=False)
+                if stat.S_ISLNK(info.st_mode):
+                    raise symlink(what, f"{path}/{file}")
+                replace(folder, doc_id, file, data)
+            finally:
+                os.close(folder)
+        except SqstoreError:
+            raise
         except OSError as exc:
-            if isinstance(exc, SqstoreError):
-                raise
             raise fail(exc, what) from exc
 
     def get(path: str, doc_id: str) -> Doc:
-        _, file, what = where(path, doc_id)
+        file, what = where(path, doc_id)
         try:
-            with open(file, "rb") as handle:
-                data = handle.read()
+            folder = open_folder(path, what)
+            try:
+                data = read(folder, file, path, what)
+            finally:
+                os.close(folder)
+        except SqstoreError:
+            raise
         except OSError as exc:
             raise fail(exc, what) from exc
         return _loads(data, what)
 
     def move(src: str, dst: str, doc_id: str) -> None:
-        source_folder, source, what = where(src, doc_id)
-        folder, target, _ = where(dst, doc_id)
+        file, what = where(src, doc_id)
+        _, target_what = where(dst, doc_id)
         try:
-            if os.path.lexists(target):
-                if not os.path.lexists(source):
-                    raise NotFoundError(f"{what} does not exist")
-                raise AlreadyExistsError(f"{dst}/{doc_id} already exists")
+            source = open_folder(src, what)
             try:
-                os.rename(source, target)
-            except FileNotFoundError:
-                if not os.path.isdir(folder) and os.path.exists(source):
-                    os.makedirs(folder, exist_ok=True)
-                    os.rename(source, target)
-                else:
-                    raise
-            if durable:
-                sync_dir(folder)
-                sync_dir(source_folder)
+                try:
+                    target = open_folder(dst, target_what)
+                except FileNotFoundError:
+                    if not exists(source, file):
+                        raise NotFoundError(f"{what} does not exist") from None
+                    target = open_folder(dst, target_what, create=True)
+                try:
+                    if exists(target, file):
+                        if not exists(source, file):
+                            raise NotFoundError(f"{what} does not exist")
+                        raise AlreadyExistsError(f"{target_what} already exists")
+                    os.rename(file, file, src_dir_fd=source, dst_dir_fd=target)
+                    if durable:
+                        os.fsync(target)
+                        os.fsync(source)
+                finally:
+                    os.close(target)
+            finally:
+                os.close(source)
+        except SqstoreError:
+            raise
         except OSError as exc:
-            if isinstance(exc, SqstoreError):
-                raise
             raise fail(exc, what) from exc
 
     def delete(path: str, doc_id: str) -> None:
-        folder, file, what = where(path, doc_id)
+        file, what = where(path, doc_id)
         try:
-            os.unlink(file)
-            if durable:
-                sync_dir(folder)
+            folder = open_folder(path, what)
+            try:
+                os.unlink(file, dir_fd=folder)
+                if durable:
+                    os.fsync(folder)
+            finally:
+                os.close(folder)
+        except SqstoreError:
+            raise
         except OSError as exc:
             raise fail(exc, what) from exc
 
-    def list_ids(path: str) -> list[str]:
-        folder = f"{base}/{_check_path(path)}"
+    def sweep(folder: int, temp: str) -> None:
+        """Remove the temporary file *temp* if it is so old that no writer is left."""
         try:
-            names = os.listdir(folder)
+            info = os.stat(temp, dir_fd=folder, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > _STALE_TEMP_SECONDS:
+                os.unlink(temp, dir_fd=folder)
+        except OSError:
+            pass  # removed by another lister, or a read-only storage: nothing to do
+
+    def list_ids(path: str) -> list[str]:
+        try:
+            folder = open_folder(_check_path(path), path)
+            try:
+                ids = []
+                for entry in os.listdir(folder):
+                    if entry.endswith(".json"):
+                        if _NAME_RE.fullmatch(entry[:-5]):
+                            ids.append(entry[:-5])
+                    elif entry.endswith(".tmp") and _TEMP_RE.fullmatch(entry):
+                        sweep(folder, entry)
+            finally:
+                os.close(folder)
         except FileNotFoundError:
             return []
+        except SqstoreError:
+            raise
         except OSError as exc:
             raise fail(exc, path) from exc
-        return sorted(n[:-5] for n in names if n.endswith(".json") and _NAME_RE.fullmatch(n[:-5]))
+        ids.sort()
+        return ids
 
     def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
         """Under an exclusive ``flock`` of the folder's ``.sqstore.lock`` (released
         by the kernel when a holder dies): read, compare, then replace or unlink."""
         import fcntl
 
-        folder, file, what = where(path, doc_id)
+        file, what = where(path, doc_id)
         data = None if new is None else _dumps(new, what).encode()
         try:
-            lock = os.open(f"{folder}/.sqstore.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:
-            raise NotFoundError(f"{what} does not exist") from None
-        except OSError as exc:
-            raise fail(exc, what) from exc
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if get(path, doc_id) != old:
-                return False
-            if data is None:
-                os.unlink(file)
-            else:
-                temp = write_temp(folder, doc_id, data)
+            folder = open_folder(path, what)
+            try:
+                lock_flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
                 try:
-                    os.replace(temp, file)
-                except BaseException:
-                    os.unlink(temp)
+                    lock = os.open(".sqstore.lock", lock_flags, 0o644, dir_fd=folder)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.EMLINK):
+                        raise symlink(what, f"{path}/.sqstore.lock") from None
                     raise
-            if durable:
-                sync_dir(folder)
-            return True
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if _loads(read(folder, file, path, what), what) != old:
+                        return False
+                    if data is None:
+                        os.unlink(file, dir_fd=folder)
+                        if durable:
+                            os.fsync(folder)
+                    else:
+                        replace(folder, doc_id, file, data)
+                    return True
+                finally:
+                    os.close(lock)  # closing the descriptor releases the lock
+            finally:
+                os.close(folder)
+        except SqstoreError:
+            raise
         except OSError as exc:
-            if isinstance(exc, SqstoreError):
-                raise
             raise fail(exc, what) from exc
-        finally:
-            os.close(lock)  # closing the descriptor releases the lock
 
     return Storage(
         name=name,

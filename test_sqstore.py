@@ -1238,6 +1238,201 @@ def test_local_storage_errors_name_the_path(tmp_path: Path) -> None:
         store["upload"]("f", "x", {})
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 2 MiB tmpfs mounted for this test (root only; CI runs as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a small tmpfs needs root")
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]
+    proc = subprocess.run(mount, capture_output=True, text=True)
+    if proc.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_local_full_disk_fails_cleanly_and_keeps_every_document(small_disk: Path) -> None:
+    """On a full disk upload, update and swap raise StorageError "no space left" naming the
+    path, and leave every old document intact and no temporary file behind."""
+    root = small_disk / "store"
+    store = sqstore.local_storage(root)
+    old = {"old": "x" * 100}
+    store["upload"]("docs", "kept", old)
+    store["upload"]("docs", "hot", old)
+    assert store["swap"]("docs", "hot", old, old)  # makes the folder's lock file
+    stats = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 8192))
+    before = tree(root)
+    big = {"pad": "x" * 30_000}
+    calls: dict[str, Callable[[], object]] = {
+        "docs/new": lambda: store["upload"]("docs", "new", big),
+        "docs/hot": lambda: store["update"]("docs", "hot", big),
+        "docs/kept": lambda: store["swap"]("docs", "kept", old, big),
+        "fresh/folder/new": lambda: store["upload"]("fresh/folder", "new", big),
+    }
+    for what, call in calls.items():
+        with pytest.raises(sqstore.StorageError, match=rf"(?i){what}\b.*no space left"):
+            call()
+        assert tree(root) == before, what
+    assert store["get"]("docs", "hot") == store["get"]("docs", "kept") == old
+    assert store["list"]("docs") == ["hot", "kept"]
+    store["update"]("docs", "hot", {"small": 1})  # what fits is still written
+    assert store["get"]("docs", "hot") == {"small": 1}
+
+
+OUTSIDE: dict[str, dict[str, Any]] = {"settings": {"theme": "dark"}, "j1": {"job": 1}}
+
+
+@pytest.mark.parametrize(
+    ("link", "path"),
+    [
+        ("results/sim", "results/sim"),
+        ("status/sim", "status/sim"),
+        ("jobs/leases", "jobs/leases"),
+        ("jobs/finished/sim", "jobs/finished/sim"),
+        ("jobs", "jobs/finished/sim"),
+    ],
+)
+def test_local_never_follows_a_folder_symlink(tmp_path: Path, link: str, path: str) -> None:
+    """A folder below the root that is a symlink is refused by every verb with a StorageError
+    naming it, and nothing outside the root is read, written or removed."""
+    root, outside = tmp_path / "store", tmp_path / "outside"
+    docs = outside / os.path.relpath(path, link)
+    docs.mkdir(parents=True)
+    for name, doc in OUTSIDE.items():
+        (docs / f"{name}.json").write_text(json.dumps(doc))
+    before = tree(outside)
+    (root / link).parent.mkdir(parents=True, exist_ok=True)
+    (root / link).symlink_to(outside, target_is_directory=True)
+    store = sqstore.local_storage(root)
+    store["upload"]("inside", "j1", {"inside": 1})
+    calls: list[Callable[[], object]] = [
+        lambda: store["upload"](path, "settings", {"theme": "hacked"}),
+        lambda: store["upload"](path, "new", {}),
+        lambda: store["update"](path, "settings", {"theme": "hacked"}),
+        lambda: store["get"](path, "j1"),
+        lambda: store["list"](path),
+        lambda: store["delete"](path, "j1"),
+        lambda: store["move"](path, "inside2", "j1"),
+        lambda: store["move"]("inside", path, "j1"),
+        lambda: store["swap"](path, "j1", OUTSIDE["j1"], {"job": 2}),
+        lambda: store["swap"](path, "j1", OUTSIDE["j1"], None),
+    ]
+    for i, call in enumerate(calls):
+        with pytest.raises(sqstore.StorageError, match=rf"\b{link} is a symlink"):
+            call()
+        assert tree(outside) == before, i
+    assert store["get"]("inside", "j1") == {"inside": 1}
+    assert store["list"]("inside2") == []
+
+
+def test_local_never_reads_through_a_document_symlink(tmp_path: Path) -> None:
+    """A document that is a symlink is listed but never read through: get, update and swap
+    raise StorageError naming it; move and delete act on the link, never on its target."""
+    root, secret = tmp_path / "store", tmp_path / "secret.json"
+    secret.write_text(json.dumps({"secret": 1}))
+    store = sqstore.local_storage(root)
+    queue = root / "jobs" / "queued" / "sim"
+    queue.mkdir(parents=True)
+    (queue / "j1.json").symlink_to(secret)
+    (queue / "gone.json").symlink_to(tmp_path / "missing.json")
+    assert store["list"]("jobs/queued/sim") == ["gone", "j1"]
+    for doc_id in ("j1", "gone"):
+        symlink = rf"jobs/queued/sim/{doc_id}\.json is a symlink"
+        for verb, args in [
+            ("get", ()),
+            ("update", ({"x": 1},)),
+            ("swap", ({"secret": 1}, {"x": 1})),
+            ("swap", ({"secret": 1}, None)),
+        ]:
+            with pytest.raises(sqstore.StorageError, match=symlink):
+                store[verb]("jobs/queued/sim", doc_id, *args)
+        with pytest.raises(sqstore.AlreadyExistsError):
+            store["upload"]("jobs/queued/sim", doc_id, {"x": 1})
+    store["move"]("jobs/queued/sim", "jobs/deleted", "j1")
+    assert (root / "jobs" / "deleted" / "j1.json").is_symlink()
+    store["delete"]("jobs/deleted", "j1")
+    store["delete"]("jobs/queued/sim", "gone")
+    assert json.loads(secret.read_text()) == {"secret": 1}
+    assert sorted(os.listdir(tmp_path)) == ["secret.json", "store"]
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_local_root_may_be_a_symlink(tmp_path: Path, durable: bool) -> None:
+    """The root itself may be a symlink given by the user: every verb works through it."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "root").symlink_to(tmp_path / "real", target_is_directory=True)
+    store = sqstore.local_storage(tmp_path / "root", durable=durable)
+    store["upload"]("a/b", "x", {"v": 1})
+    store["update"]("a/b", "x", {"v": 2})
+    assert store["swap"]("a/b", "x", {"v": 2}, {"v": 3})
+    store["move"]("a/b", "c", "x")
+    assert store["list"]("c") == ["x"] and store["get"]("c", "x") == {"v": 3}
+    store["delete"]("c", "x")
+    assert store["list"]("c") == [] and (tmp_path / "real" / "a" / "b").is_dir()
+
+
+def test_local_folder_or_fifo_where_a_document_should_be(tmp_path: Path) -> None:
+    """A folder, a FIFO or an unreadable file named <id>.json is listed, and get raises a
+    StorageError naming it (never hangs on a FIFO)."""
+    store = sqstore.local_storage(tmp_path / "store")
+    folder = tmp_path / "store" / "results" / "sim"
+    (folder / "d.json").mkdir(parents=True)
+    os.mkfifo(folder / "p.json")
+    (folder / "u.json").write_text("{}")
+    os.chmod(folder / "u.json", 0)
+    unreadable = ["u"] if os.geteuid() != 0 else []
+    assert store["list"]("results/sim") == ["d", "p", "u"]
+    # If get blocks on the FIFO, this unblocks it (a reader then sees end of file).
+    watchdog = threading.Timer(30, lambda: os.close(os.open(folder / "p.json", os.O_WRONLY)))
+    watchdog.start()
+    try:
+        for doc_id in ["d", "p", *unreadable]:
+            with pytest.raises(sqstore.StorageError, match=rf"results/sim/{doc_id}\b"):
+                store["get"]("results/sim", doc_id)
+    finally:
+        watchdog.cancel()
+
+
+ORPHAN_WRITER = """
+import resource, signal, sys, sqstore
+store = sqstore.local_storage(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; let it kill, as a crash
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+store["upload"]("docs", "big", {"pad": "x" * 100_000})
+"""
+
+
+def test_local_orphaned_temp_files_are_never_listed_and_old_ones_are_swept(
+    tmp_path: Path,
+) -> None:
+    """A writer killed mid-write leaves a temporary file that is never listed as a document;
+    list removes such files once they are an hour old and keeps recent ones."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    store["upload"]("docs", "kept", {"v": 1})
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", ORPHAN_WRITER, str(root)], env=env)
+        assert proc.returncode == -signal.SIGXFSZ
+    orphans = sorted(p for p in (root / "docs").iterdir() if p.name.endswith(".tmp"))
+    assert len(orphans) == 2 and all(p.name.startswith(".big.") for p in orphans)
+    foreign = root / "docs" / ".notes.tmp"
+    foreign.write_text("not ours")
+    assert store["list"]("docs") == ["kept"]
+    assert all(p.exists() for p in orphans)  # a recent one may belong to a live writer
+    hour_ago = time.time() - 3700
+    for path in (orphans[0], foreign):
+        os.utime(path, (hour_ago, hour_ago))
+    assert store["list"]("docs") == ["kept"]
+    assert not orphans[0].exists() and orphans[1].exists() and foreign.exists()
+    assert store["get"]("docs", "kept") == {"v": 1}
+
+
 def _race_worker(root: str, worker: int, ids: list[str], out: str, start: Any) -> None:
     store = sqstore.local_storage(root)
     start.wait()  # every process is up before any races
