@@ -503,16 +503,16 @@ def _parse_datetime(value: Any, _: Any) -> datetime:
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:
-            raise ValueError(f"not an ISO 8601 time: {value!r}") from None
+            raise ValueError(f"not an ISO 8601 time: {value[:40]!r}") from None
     else:
-        raise ValueError(f"not an ISO 8601 time: {value!r}")
+        raise ValueError(f"not an ISO 8601 time: a {type(value).__name__}")
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _structure_object(value: Any, _: Any) -> Doc:
     """A JSON object from json.loads is already a Doc: check it, do not copy it."""
     if not isinstance(value, dict):
-        raise ValueError(f"not a JSON object: {value!r}")
+        raise ValueError(f"not a JSON object: a {type(value).__name__}")
     return value
 
 
@@ -521,7 +521,7 @@ def _tuple_of(kind: type, what: str) -> Callable[[Any, Any], tuple[Any, ...]]:
 
     def structure(value: Any, _: Any) -> tuple[Any, ...]:
         if not isinstance(value, (list, tuple)) or not set(map(type, value)) <= {kind}:
-            raise ValueError(f"not a list of {what}: {value!r:.80}")
+            raise ValueError(f"not a list of {what}")
         return tuple(value)
 
     return structure
@@ -547,17 +547,35 @@ _converter = _make_converter()
 def to_doc(record: Any) -> Doc:
     """Return the JSON document of *record*, as sqooler writes it.
 
+    Raises:
+        InvalidDocumentError: a value in *record* is nested too deeply to convert.
+
     >>> to_doc(StatusMsg("j1", "DONE", "ok", "None"))
     {'job_id': 'j1', 'status': 'DONE', 'detail': 'ok', 'error_message': 'None'}
     """
-    doc: Doc = _converter.unstructure(record)
+    try:
+        doc: Doc = _converter.unstructure(record)
+    except RecursionError:
+        raise InvalidDocumentError(
+            f"a {type(record).__name__} nested too deeply to convert"
+        ) from None
     return doc
 
 
-def _error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException, *, secret: bool = False) -> str:
+    """What is wrong, field by field; with *secret*, only where (never a value or a key)."""
     if isinstance(exc, cattrs.BaseValidationError):
-        return "; ".join(cattrs.transform_error(exc, format_exception=_format_exception))
-    return str(exc)
+        fmt = _format_secret_exception if secret else _format_exception
+        return "; ".join(cattrs.transform_error(exc, format_exception=fmt))
+    return "invalid value" if secret else str(exc)
+
+
+def _format_secret_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"{len(exc.extra_fields)} unknown field(s)"
+    return "invalid value"
 
 
 def _format_exception(exc: BaseException, type_: Any) -> str:
@@ -586,21 +604,32 @@ def from_doc(doc: Any, cls: type[T], *, where: str = "") -> T:
     """
     try:
         return _converter.structure(doc, cls)
-    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
-        prefix = f"{where}: " if where else ""
-        raise InvalidDocumentError(
-            f"{prefix}not a valid {cls.__name__}: {_error_text(exc)}"
-        ) from exc
+    except (cattrs.BaseValidationError, ValueError, TypeError, RecursionError) as exc:
+        error: BaseException = exc
+    prefix = f"{where}: " if where else ""
+    secret = cls in _SECRET_RECORDS
+    message = f"{prefix}not a valid {cls.__name__}: {_error_text(error, secret=secret)}"
+    if secret:  # raised outside the except clause: the chain must not carry the key either
+        raise InvalidDocumentError(message)
+    raise InvalidDocumentError(message) from error
+
+
+_SECRET_RECORDS: tuple[type, ...] = (JWK,)  # their values are never shown in an error
 
 
 def _coerce(value: Any, cls: type[T], what: str) -> T:
-    """Accept a record, a plain dict, or a pydantic model with the same fields."""
+    """Accept a record, a plain dict, or a pydantic model with the same fields.
+
+    A rejected value is named by its type only: it may be a private key.
+    """
     if isinstance(value, cls):
         return value
     if hasattr(value, "model_dump"):  # sqooler's pydantic models
         value = value.model_dump(mode="json")
     if not isinstance(value, Mapping):
-        raise InvalidDocumentError(f"{what} must be a {cls.__name__} or a dict, not {value!r}")
+        raise InvalidDocumentError(
+            f"{what} must be a {cls.__name__} or a dict, not a {type(value).__name__}"
+        )
     return from_doc(dict(value), cls, where=what)
 
 
@@ -859,6 +888,36 @@ def _json_bytes(doc: Any, what: str) -> bytes:
         return _JSON.encode(doc).encode()
     except (TypeError, ValueError) as exc:
         raise InvalidDocumentError(f"{what} is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise InvalidDocumentError(f"{what} is nested too deeply") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _parse_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON text as strictly as it is written: no NaN or Infinity, bounded nesting.
+
+    Raises:
+        InvalidDocumentError: not JSON, a non-finite number, or nested too deeply.
+
+    >>> _parse_json('[1, NaN]', "doc")
+    Traceback (most recent call last):
+    ...
+    sqstore.InvalidDocumentError: doc: not valid JSON (NaN is not a JSON number)
+    """
+    try:
+        if not isinstance(text, str):  # as json.loads decodes bytes
+            text = text.decode(json.detect_encoding(text), "surrogatepass")
+        return _JSON_DECODER.decode(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidDocumentError(f"{what}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidDocumentError(f"{what}: nested too deeply to read") from None
 
 
 def _sqooler_signing_input(header: JWSHeader, body: bytes) -> bytes:
@@ -942,11 +1001,8 @@ def _open_signed(doc: Mapping[str, Any]) -> tuple[JWSDoc | FlatJWS, Doc, Doc]:
         jws = from_doc(dict(doc), JWSDoc)
         return jws, jws.payload, to_doc(jws.header)
     flat = from_doc(dict(doc), FlatJWS)
-    try:
-        header = json.loads(_b64url_decode(flat.protected, "protected"))
-        payload = json.loads(_b64url_decode(flat.payload, "payload"))
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidDocumentError("the JWS header or payload is not JSON") from None
+    header = _parse_json(_b64url_decode(flat.protected, "protected"), "the JWS header")
+    payload = _parse_json(_b64url_decode(flat.payload, "payload"), "the JWS payload")
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise InvalidDocumentError("the JWS header and payload must be JSON objects")
     return flat, payload, {**flat.header, **header}
@@ -982,8 +1038,9 @@ def payload_of(doc: Mapping[str, Any]) -> Doc:
 def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[JWK | Mapping[str, Any]]) -> Doc:
     """Return the payload of *doc* if one of *public_jwks* verifies its signature.
 
-    Keys whose ``kid`` differs from the document's are tried only when no key
-    matches it.  Verification is PyNaCl's, never a comparison of strings.
+    When the header names a ``kid``, only the keys with that kid are tried (none
+    listed: it does not verify); a header without one is tried with every key.
+    Verification is PyNaCl's, never a comparison of strings.
 
     Raises:
         BadSignatureError: *doc* is unsigned, or no key verifies it (``payload`` set).
@@ -996,7 +1053,8 @@ def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[JWK | Mapping[str, 
     if header.get("alg") != "EdDSA" or header.get("crit"):
         raise BadSignatureError(f"unsupported JWS header {header!r}", payload)
     keys = [_coerce(k, JWK, "public_jwk") for k in public_jwks]
-    keys.sort(key=lambda k: k.kid != kid)
+    if kid is not None:
+        keys = [key for key in keys if key.kid == kid]
     signing_input, signature = _signing_input(envelope)
     if any(_ed25519_verify(key, signing_input, signature) for key in keys):
         return payload
@@ -1175,11 +1233,42 @@ def _doc_signer(store: Storage, private_jwk: Any) -> Callable[[Doc], Doc]:
     return lambda doc: _sign_payload(doc, key.kid, sign, fmt)
 
 
+def _check_signing_key(store: Storage, cfg: BackendConfig, private_jwk: Any) -> JWK:
+    """Return *private_jwk* if it is the backend's signing key, else raise `BadSignatureError`.
+
+    The key's kid must be the one the config names (when it names one), and if a
+    public key is published under that kid, the key's public half must be it:
+    otherwise what it signs could be verified by no one.  Before the key is
+    published, the kid alone is checked.  One read (the published key) per call.
+    """
+    key = _coerce(private_jwk, JWK, "private_jwk")
+    public = public_from_private(key)
+    if cfg.kid is not None and key.kid != cfg.kid:
+        raise BadSignatureError(
+            f"JWK kid {key.kid!r} is not the kid {cfg.kid!r} of backend {cfg.display_name!r}"
+        )
+    try:
+        published = get_public_key_from_kid(store, key.kid)
+    except NotFoundError:
+        return key
+    if _key_bytes(published, "x") != _key_bytes(public, "x"):
+        raise BadSignatureError(
+            f"JWK {key.kid!r} is not the key published for backend {cfg.display_name!r}"
+        )
+    return key
+
+
 def _backend_signer(
     store: Storage, cfg: BackendConfig, private_jwk: Any
 ) -> Callable[[Doc], Doc] | None:
-    """How Bob signs for a backend: with *private_jwk* when its config says it signs."""
-    return _doc_signer(store, private_jwk) if cfg.sign and private_jwk is not None else None
+    """How Bob signs for a backend: with *private_jwk* when its config says it signs.
+
+    Raises:
+        BadSignatureError: the backend signs and *private_jwk* is not its key.
+    """
+    if not cfg.sign or private_jwk is None:
+        return None
+    return _doc_signer(store, _check_signing_key(store, cfg, private_jwk))
 
 
 def _config_doc(store: Storage, config: Any, display_name: str, private_jwk: Any) -> Doc:
@@ -1252,6 +1341,8 @@ def _write_config(
                 f"{path}/{doc_id} was signed with another key than {public.kid!r}"
             ) from None
         config = attrs.evolve(_coerce(config, BackendConfig, "config_dict"), sign=True)
+    if private_jwk is not None and _coerce(config, BackendConfig, "config_dict").sign:
+        _check_signing_key(store, _parse(old, BackendConfig, f"{path}/{doc_id}"), private_jwk)
     store["update"](path, doc_id, _config_doc(store, config, display_name, private_jwk))
 
 
@@ -1544,9 +1635,11 @@ def verify_result(
 ) -> bool:
     """Return whether a job's result carries a valid signature of the backend's key.
 
-    An unsigned or tampered result gives False.  The key is the one the
-    backend's config names, read each time; a frontend that checks many results
-    can fetch it once with `get_public_key` and pass it as *public_jwk*.
+    An unsigned or tampered result gives False, and so does a genuine result of
+    another job or backend put in this one's place: the signed payload must name
+    *job_id* (and *display_name*, where it names a backend).  The key is the one
+    the backend's config names, read each time; a frontend that checks many
+    results can fetch it once with `get_public_key` and pass it as *public_jwk*.
 
     Raises:
         NotFoundError: no such result, or the backend or its public key is missing.
@@ -1560,10 +1653,12 @@ def verify_result(
     else:
         key = _coerce(public_jwk, JWK, "public_jwk")
     try:
-        verify_doc(raw, [key])
+        payload = verify_doc(raw, [key])
     except (BadSignatureError, InvalidDocumentError):
         return False
-    return True
+    return payload.get("job_id") == job_id and payload.get("display_name", display_name) == (
+        display_name
+    )
 
 
 def upload_public_key(store: Storage, public_jwk: Any, display_name: str) -> None:
@@ -2187,6 +2282,8 @@ def work(
     Raises:
         ValueError: no store given.
         InvalidNameError: bad display name.
+        BadSignatureError: a backend signs and *private_jwk* is not its key
+            (checked at the start, before any job is claimed).
 
     Returns:
         The number of jobs finished (DONE or ERROR).
@@ -2196,6 +2293,12 @@ def work(
     for store in stores:
         _check_handle(store)
     _check_display_name(display_name)
+    for store in stores if private_jwk is not None else ():  # a wrong key fails now
+        try:
+            cfg = get_config(store, display_name)
+        except SqstoreError:
+            continue  # no config (yet), or unreadable: the loop reports it
+        _backend_signer(store, cfg, private_jwk)
     stop = stop or threading.Event()
     holder = holder or _default_holder()
     say = log or (lambda line: None)
@@ -2357,8 +2460,11 @@ def copy_storage(
     *dst* is overwritten: a document already there and equal counts as
     ``present``, a different one as a ``conflict`` (left as it is), so an
     interrupted copy is finished by running it again.  With *verify*, a signed
-    document whose signature no public key of *src* verifies is ``rejected``,
-    as is one that cannot be read.  *warn* is told of each conflict and
+    document is ``rejected`` unless its own backend's key verifies it: the key
+    *src* publishes under the kid of that backend's config (a config whose own
+    signature fails gives its backend no key); a signed document of no backend
+    (a running or deleted job, a lease) needs the key its header names.  So is
+    one that cannot be read.  *warn* is told of each conflict and
     rejection, *progress* gets the counts after each document.
 
     Finished jobs and results in a layout whose folders carry the username
@@ -2389,12 +2495,14 @@ def copy_storage(
         if progress is not None:
             progress(counts)
 
-    def one(kind: str, src_at: tuple[str, str], dst_at: tuple[str, str]) -> Doc | None:
+    def one(
+        kind: str, src_at: tuple[str, str], dst_at: tuple[str, str], dn: str | None = None
+    ) -> Doc | None:
         where = "/".join(src_at)
         try:
             doc = src["get"](*src_at)
             if verify and is_signed(doc):
-                verify_doc(doc, keys)
+                verify_doc(doc, keys if dn is None else keys_of.get(dn, []))
         except NotFoundError:
             return None
         except (InvalidDocumentError, BadSignatureError) as exc:
@@ -2411,6 +2519,20 @@ def copy_storage(
         tell(kind, "copied")
         return doc
 
+    def backend_keys(src_at: tuple[str, str]) -> list[Doc]:
+        """The published key of the kid a config names, if the config is unsigned or its
+        own signature verifies with it; else none."""
+        try:
+            doc = src["get"](*src_at)
+            kid = payload_of(doc).get("kid")
+            own = [key for key in keys if key.get("kid") == kid and kid is not None]
+            if is_signed(doc):
+                verify_doc(doc, own)
+        except (NotFoundError, InvalidDocumentError, BadSignatureError):
+            return []
+        return own
+
+    keys_of: dict[str, list[Doc]] = {}  # a backend's own key, for its documents
     for kid in src["list"](src_layout.public_keys):
         doc = one("public_keys", (src_layout.public_keys, kid), (dst_layout.public_keys, kid))
         keys += [doc] if doc is not None else []
@@ -2422,7 +2544,8 @@ def copy_storage(
             tell("configs", "rejected", f"{src_layout.configs}/{dn}: not copied: {exc}")
             continue
         display_names.append(dn)
-        one("configs", src_at, _config_location(dst, dn))
+        keys_of[dn] = backend_keys(src_at) if verify else []
+        one("configs", src_at, _config_location(dst, dn), dn)
 
     def copy_folder(
         kind: str, folder: str, file: str, dn: str, ids: Sequence[str] | None
@@ -2444,6 +2567,7 @@ def copy_storage(
                 kind,
                 (src_at, _fill(src_file, job_id=job_id)),
                 (dst_at, _fill(dst_file, job_id=job_id)),
+                dn or None,
             )
         return list(ids)
 
@@ -2484,13 +2608,12 @@ def _dumps(doc: Any, where: str) -> str:
         return json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidDocumentError(f"{where}: not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise InvalidDocumentError(f"{where}: nested too deeply to write") from None
 
 
 def _loads(text: str | bytes, where: str) -> Doc:
-    try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidDocumentError(f"{where}: not valid JSON ({exc})") from None
+    doc = _parse_json(text, where)
     if not isinstance(doc, dict):
         raise InvalidDocumentError(f"{where}: not a JSON object")
     return doc
@@ -2907,11 +3030,31 @@ _MONGO_NAME_FIELD = "_sqstore_name"  # names a keyed document that carries no na
 
 
 def _plain(value: Any, where: str) -> Any:
-    """A BSON value as JSON: dates as ISO text (UTC), bytes as ASCII text."""
+    """A BSON value as JSON: dates as ISO text (UTC), bytes as ASCII text.
+
+    Raises:
+        InvalidDocumentError: a value JSON cannot hold (NaN, infinities, other BSON
+            types), or nesting too deep to read, as on every other backend.
+    """
+    try:
+        return _plain_value(value, where)
+    except RecursionError:
+        raise InvalidDocumentError(f"{where}: nested too deeply to read") from None
+
+
+def _plain_value(value: Any, where: str) -> Any:
     if isinstance(value, dict):
-        return {key: _plain(item, where) for key, item in value.items()}
+        plain = {}
+        for key, item in value.items():  # a loop, not a comprehension: one frame per level
+            plain[key] = _plain_value(item, where)
+        return plain
     if isinstance(value, list):
-        return [_plain(item, where) for item in value]
+        items = []
+        for item in value:
+            items.append(_plain_value(item, where))
+        return items
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidDocumentError(f"{where}: {value} is not a JSON number")
     if value is None or isinstance(value, (str, int, float)):
         return value
     if isinstance(value, datetime):
@@ -2973,7 +3116,7 @@ def mongodb_storage(
         import pymongo
         from bson import ObjectId
         from bson.codec_options import CodecOptions
-        from bson.errors import InvalidDocument
+        from bson.errors import InvalidBSON, InvalidDocument
         from pymongo import errors
     except ImportError as exc:
         raise SqstoreError("mongodb_storage needs: pip install 'sqstore[mongodb]'") from exc
@@ -3045,6 +3188,8 @@ def mongodb_storage(
             ) from exc
         except (InvalidDocument, OverflowError) as exc:
             raise InvalidDocumentError(f"{what}: MongoDB cannot store it: {exc}") from exc
+        except (InvalidBSON, RecursionError) as exc:  # e.g. nested too deeply to decode
+            raise InvalidDocumentError(f"{what}: cannot read it: {exc}") from exc
         except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
             raise TransientError(
                 f"{what}: cannot reach MongoDB or it timed out ({type(exc).__name__})"
@@ -3731,7 +3876,7 @@ def _load_jwk(path: str) -> JWK:
         except (InvalidDocumentError, UnicodeDecodeError):
             raise _UserError(f"{path}: neither a JSON JWK nor a base64 one") from None
     try:
-        return _coerce(json.loads(text), JWK, path)
+        return _coerce(_parse_json(text, path), JWK, path)
     except ValueError as exc:
         raise _UserError(f"{path}: not a JWK: {exc}") from None
 
@@ -3967,13 +4112,17 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     stores = [store, *(open_storage(url) for url in args.also)]
     for url, each in zip(urls, stores, strict=True):  # fail now, not once per poll
         try:
-            signs = get_config(each, args.display_name).sign
+            cfg = get_config(each, args.display_name)
         except NotFoundError as exc:
             raise _UserError(f"{redact_url(url)} has no backend to serve: {exc}") from None
-        if signs and private is None:
+        if cfg.sign and private is None:
             raise _UserError(
                 f"backend {args.display_name!r} on {redact_url(url)} signs: give its --key"
             )
+        try:
+            _backend_signer(each, cfg, private)
+        except BadSignatureError as exc:
+            raise _UserError(f"{args.key}: not the key of {redact_url(url)}: {exc}") from None
     stop = threading.Event()
 
     def log(line: str) -> None:

@@ -621,6 +621,427 @@ def test_keys_must_be_what_they_claim() -> None:
     assert private.d is not None and private.d not in repr(private)
 
 
+# Keys that are not the backend's, replayed results, secrets in messages, recursion bombs, NaN.
+WRONG_KEYS: dict[str, Callable[[sqstore.JWK], sqstore.JWK]] = {
+    "same kid, other key": lambda private: sqstore.generate_keypair(private.kid)[0],
+    "other kid, other key": lambda private: sqstore.generate_keypair("otherkid")[0],
+    "other kid, same key": lambda private: attrs.evolve(private, kid="otherkid"),
+}
+SNAPSHOT_KINDS = (
+    "configs", "public_keys", "queued", "running", "finished", "deleted", "results", "status",
+    "leases",
+)  # fmt: skip
+
+
+def snapshot(store: Storage, job_id: str) -> dict[str, dict[str, Any]]:
+    """Every document in the folders that a finish or a config write of *job_id* touches."""
+    found = {}
+    for kind in SNAPSHOT_KINDS:
+        path = folder(store, kind, job_id)
+        found[kind] = {name: store["get"](path, name) for name in store["list"](path)}
+    return found
+
+
+@pytest.mark.parametrize("wrong", sorted(WRONG_KEYS))
+def test_a_key_that_is_not_the_backends_signs_nothing(
+    signed: Storage, keys: Any, wrong: str
+) -> None:
+    """A private key whose public half is not the key published under the backend's kid is
+    refused by every signing operation (BadSignatureError) before anything is written."""
+    private, _ = keys
+    other = WRONG_KEYS[wrong](private)
+    job_id = sqstore.upload_job(signed, JOB, "sim", "alice")
+    _, job = sqstore.claim_job(signed, "sim", private) or pytest.fail("no job")
+    result = sqstore.run_simulator(job, job_id, "sim")
+    done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
+    cfg = sqstore.get_config(signed, "sim")
+    before = snapshot(signed, job_id)
+    for call in (
+        lambda: sqstore.update_in_database(signed, result, done, job_id, "sim", other),
+        lambda: sqstore.upload_result(signed, result, "sim", job_id, other),
+        lambda: sqstore.upload_status(signed, "sim", "alice", job_id, other),
+        lambda: sqstore.update_config(signed, attrs.evolve(cfg, max_shots=1), "sim", other),
+        lambda: sqstore.timestamp_queue(signed, "sim", other),
+    ):
+        with pytest.raises(sqstore.BadSignatureError):
+            call()
+        assert snapshot(signed, job_id) == before
+    sqstore.update_in_database(signed, result, done, job_id, "sim", private)
+    assert sqstore.verify_result(signed, "sim", job_id)
+
+
+def test_before_its_key_is_published_a_backend_signs_only_with_its_kid(store: Storage) -> None:
+    """A signing backend whose key is not published yet takes only a key with its config's
+    kid; once the key is published, only that key."""
+    private, public = sqstore.generate_keypair("bobkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    job_id = sqstore.create_job_id(store, "sim", "alice")
+    result = sqstore.run_simulator(JOB, job_id, "sim")
+    stranger = sqstore.generate_keypair("otherkid")[0]
+    with pytest.raises(sqstore.BadSignatureError, match="otherkid"):
+        sqstore.upload_result(store, result, "sim", job_id, stranger)
+    assert jobs_in(store, "results", job_id) == []
+    assert sqstore.upload_result(store, result, "sim", job_id, private)
+    sqstore.upload_public_key(store, public, "sim")
+    assert sqstore.verify_result(store, "sim", job_id)
+    with pytest.raises(sqstore.BadSignatureError):
+        sqstore.upload_status(store, "sim", "alice", job_id, sqstore.generate_keypair("bobkey")[0])
+
+
+@pytest.mark.parametrize("wrong", sorted(WRONG_KEYS))
+def test_work_refuses_a_key_that_is_not_the_backends(
+    signed: Storage, keys: Any, wrong: str
+) -> None:
+    """work() with a key that is not the backend's raises BadSignatureError before it claims
+    anything: the job stays queued."""
+    private, _ = keys
+    job_id = sqstore.upload_job(signed, JOB, "sim", "alice")
+    before = snapshot(signed, job_id)
+    stop = threading.Event()
+    with pytest.raises(sqstore.BadSignatureError):
+        sqstore.work(
+            [signed], "sim", sqstore.run_simulator, WRONG_KEYS[wrong](private),
+            max_jobs=1, poll=0.01, stop=stop, log=lambda line: stop.set(),
+        )  # fmt: skip
+    assert snapshot(signed, job_id) == before
+
+
+def test_a_result_verifies_only_as_its_own_jobs(signed: Storage, keys: Any) -> None:
+    """A genuine signed result put in another job's place, or naming another backend, does
+    not verify there, with the stored key or a given one."""
+    private, public = keys
+    first, second = (sqstore.upload_job(signed, JOB, "sim", "alice") for _ in range(2))
+    finish(signed, "sim", private)
+    assert sqstore.verify_result(signed, "sim", first)
+    replayed = signed["get"](*place(signed, "results", second))
+    signed["update"](*place(signed, "results", first), replayed)
+    assert not sqstore.verify_result(signed, "sim", first)
+    assert not sqstore.verify_result(signed, "sim", first, public_jwk=public)
+    assert sqstore.verify_result(signed, "sim", second)
+    foreign = attrs.evolve(sqstore.run_simulator(JOB, first, "sim"), display_name="other")
+    fmt = signed["layout"].signature_format
+    signed["update"](
+        *place(signed, "results", first),
+        sqstore.sign_doc(sqstore.to_doc(foreign), private, fmt=fmt),
+    )
+    assert not sqstore.verify_result(signed, "sim", first)
+    own = sqstore.run_simulator(JOB, first, "sim")
+    signed["update"](
+        *place(signed, "results", first), sqstore.sign_doc(sqstore.to_doc(own), private, fmt=fmt)
+    )
+    assert sqstore.verify_result(signed, "sim", first)
+
+
+@pytest.mark.parametrize("fmt", ["sqooler", "rfc7515"])
+def test_a_document_verifies_only_with_the_key_its_header_names(fmt: str) -> None:
+    """When the header names a kid, only the listed keys with that kid are tried."""
+    a_private, a_public = sqstore.generate_keypair("a")
+    b_private, b_public = sqstore.generate_keypair("b")
+    forged = sqstore.sign_doc({"v": 1}, attrs.evolve(b_private, kid="a"), fmt=fmt)
+    with pytest.raises(sqstore.BadSignatureError, match="'a'"):
+        sqstore.verify_doc(forged, [a_public, b_public])
+    by_b = sqstore.sign_doc({"v": 1}, b_private, fmt=fmt)
+    with pytest.raises(sqstore.BadSignatureError, match="'b'"):
+        sqstore.verify_doc(by_b, [a_public, attrs.evolve(b_public, kid="c")])
+    assert sqstore.verify_doc(by_b, [a_public, b_public]) == {"v": 1}
+    assert sqstore.verify_doc(sqstore.sign_doc({"v": 1}, a_private, fmt=fmt), [a_public]) == {
+        "v": 1
+    }
+
+
+def test_a_header_without_a_kid_is_tried_with_every_key() -> None:
+    """A flattened JWS whose header names no kid verifies with any listed key that signed it."""
+    _, a_public = sqstore.generate_keypair("a")
+    b_private, b_public = sqstore.generate_keypair("b")
+    protected, payload = _b64(b'{"alg":"EdDSA"}'), _b64(b'{"v": 1}')
+    signature = sqstore._signer(b_private)(f"{protected}.{payload}".encode())
+    anonymous = {"protected": protected, "payload": payload, "signature": _b64(signature)}
+    assert sqstore.verify_doc(anonymous, [a_public, b_public]) == {"v": 1}
+    with pytest.raises(sqstore.BadSignatureError, match="None"):
+        sqstore.verify_doc(anonymous, [a_public])
+
+
+def test_copy_verify_checks_a_document_with_its_own_backends_key(tmp_path: Path) -> None:
+    """copy --verify rejects a config, status or result of one backend signed with another
+    backend's published key, and copies what each backend's own key signed."""
+    src = sqstore.local_storage(tmp_path / "src")
+    dst = sqstore.local_storage(tmp_path / "dst")
+    a_private, a_public = sqstore.generate_keypair("akey")
+    b_private, b_public = sqstore.generate_keypair("bkey")
+    for dn, private, public in (("alpha", a_private, a_public), ("beta", b_private, b_public)):
+        sqstore.upload_config(src, sqstore.demo_config(dn, sign=True), dn, private)
+        sqstore.upload_public_key(src, public, dn)
+        sqstore.upload_job(src, JOB, dn, "alice")
+        finish(src, dn, private)
+    job_id = sqstore.create_job_id(src, "alpha", "alice")
+    by_b = functools.partial(sqstore.sign_doc, private_jwk=b_private)
+    src["upload"](
+        "results/alpha", job_id, by_b(sqstore.to_doc(sqstore.run_simulator(JOB, job_id, "alpha")))
+    )
+    src["upload"](
+        "status/alpha", job_id, by_b(sqstore.to_doc(sqstore.StatusMsg(job_id, "DONE", "", "")))
+    )
+    gamma = sqstore.to_doc(attrs.evolve(sqstore.demo_config("gamma", sign=True), kid="akey"))
+    src["upload"]("backends/configs", "gamma", by_b(gamma))
+    warnings: list[str] = []
+    counts = sqstore.copy_storage(src, dst, verify=True, warn=warnings.append)
+    assert counts["results"] == {"copied": 2, "present": 0, "conflicts": 0, "rejected": 1}
+    assert counts["statuses"] == {"copied": 2, "present": 0, "conflicts": 0, "rejected": 1}
+    assert counts["configs"] == {"copied": 2, "present": 0, "conflicts": 0, "rejected": 1}
+    assert dst["list"]("results/alpha") == [r for r in src["list"]("results/alpha") if r != job_id]
+    assert len(warnings) == 3 and all("not copied" in w for w in warnings)
+
+
+def chained_text(exc: BaseException) -> str:
+    """str and repr of *exc* and of every exception chained to it or grouped in it."""
+    texts, seen, todo = [], set(), [exc]
+    while todo:
+        each = todo.pop()
+        if each is None or id(each) in seen:
+            continue
+        seen.add(id(each))
+        texts += [str(each), repr(each), repr(each.args)]
+        todo += [each.__cause__, each.__context__, *getattr(each, "exceptions", ())]
+    return "\n".join(texts)
+
+
+def test_no_error_shows_a_private_key() -> None:
+    """A private JWK given as JSON text, bytes, a list, or a dict with a bad field is refused
+    without its d in any message, repr or chained exception."""
+    private, public = sqstore.generate_keypair("bobkey")
+    assert private.d is not None
+    secret = private.d.rstrip("=")[:12]
+    doc = sqstore.to_doc(private)
+    store = sqstore.memory_storage()
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.claim_job(store, "sim", private)
+    result = sqstore.run_simulator(JOB, job_id, "sim")
+    done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
+    signed_doc = sqstore.sign_doc({"v": 1}, private)
+    cfg = sqstore.demo_config("sim", sign=True)
+
+    def work_once(key: Any) -> int:
+        stop = threading.Event()
+        return sqstore.work(
+            [store], "sim", sqstore.run_simulator, key,
+            max_jobs=1, poll=0.01, stop=stop, log=lambda line: stop.set(),
+        )  # fmt: skip
+
+    bad_keys = {
+        "json text": json.dumps(doc),
+        "bytes": json.dumps(doc).encode(),
+        "list": [doc],
+        "secret in key_ops": {**doc, "key_ops": private.d},
+        "secret in kty": {**doc, "kty": private.d},
+        "secret as a field name": {**doc, private.d: 1},
+        "bad x": {**doc, "x": 5},
+        "short d": {**doc, "d": private.d[:-8]},
+        "d not text": {**doc, "d": 5},
+    }
+    calls: dict[str, Callable[[Any], Any]] = {
+        "sign_doc": lambda key: sqstore.sign_doc({"v": 1}, key),
+        "public_from_private": sqstore.public_from_private,
+        "jwk_thumbprint": sqstore.jwk_thumbprint,
+        "verify_doc": lambda key: sqstore.verify_doc(signed_doc, [key]),
+        "upload_config": lambda key: sqstore.upload_config(store, cfg, "other", key),
+        "update_config": lambda key: sqstore.update_config(store, cfg, "sim", key),
+        "update_in_database": lambda key: sqstore.update_in_database(
+            store, result, done, job_id, "sim", key
+        ),
+        "upload_result": lambda key: sqstore.upload_result(store, result, "sim", job_id, key),
+        "upload_status": lambda key: sqstore.upload_status(store, "sim", "bob", job_id, key),
+        "upload_public_key": lambda key: sqstore.upload_public_key(store, key, "sim"),
+        "verify_result": lambda key: sqstore.verify_result(store, "sim", job_id, public_jwk=key),
+        "timestamp_queue": lambda key: sqstore.timestamp_queue(store, "sim", key),
+        "work": work_once,
+    }
+    no_d_needed = {"verify_doc", "verify_result", "jwk_thumbprint"}
+    for call_name, call in calls.items():
+        for key_name, key in bad_keys.items():
+            try:
+                call(key)
+            except sqstore.SqstoreError as exc:
+                assert secret not in chained_text(exc), (call_name, key_name)
+            else:  # only a key's d may be bad where d is not used
+                assert call_name in no_d_needed and "d" in key_name.split(), (call_name, key_name)
+
+
+def nested(depth: int) -> list[Any]:
+    """A list nested *depth* deep, built without recursion."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BOMB = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+def mongo_bomb(depth: int) -> Callable[[Any], Any]:
+    """A raw BSON document with the given ``_id`` and a field nested *depth* documents deep."""
+    import struct
+
+    import bson
+    from bson.raw_bson import RawBSONDocument
+
+    def build(doc_id: Any) -> Any:
+        inner = b"\x05\x00\x00\x00\x00"
+        for _ in range(depth):
+            body = b"\x03a\x00" + inner + b"\x00"
+            inner = struct.pack("<i", len(body) + 4) + body
+        body = bson.encode({"_id": doc_id})[4:-1] + b"\x03a\x00" + inner + b"\x00"
+        return RawBSONDocument(struct.pack("<i", len(body) + 4) + body)
+
+    return build
+
+
+def plant(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    store: Storage,
+    at: tuple[str, str],
+    text: bytes,
+    bson_of: Callable[[Any], Any],
+) -> bool:
+    """Store *text* (or, on MongoDB, ``bson_of(_id)``) at *at* behind the backend's back.
+
+    Returns False on the memory backend, which keeps only what its own writes let in."""
+    if store["name"] == "memory":
+        return False
+    path, doc_id = at
+    if store["name"] == "local":
+        (tmp_path / "store" / path).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "store" / path / f"{doc_id}.json").write_bytes(text)
+        return True
+    marker = {"marker": secrets.token_hex(8)}
+    try:
+        store["upload"](path, doc_id, marker)
+    except sqstore.AlreadyExistsError:
+        store["update"](path, doc_id, marker)
+    if store["name"] == "dropbox":
+        from dropbox.files import WriteMode
+
+        fake = request.getfixturevalue("dropbox_fake")
+        (file,) = (f for f, data in fake.files().items() if data == json.dumps(marker).encode())
+        fake.client().files_upload(text, file, mode=WriteMode.overwrite)
+        return True
+    import pymongo
+
+    uri = mongo_uri(request.getfixturevalue("mongodb_server"))
+    with pymongo.MongoClient(uri) as client:
+        database, *rest = path.split("/")
+        collection = client[database][".".join(rest)]
+        found = collection.find_one(marker)
+        collection.delete_one({"_id": found["_id"]})
+        collection.insert_one(bson_of(found["_id"]))
+    return True
+
+
+@contextlib.contextmanager
+def shallow_stack(store: Storage, room: int = 100) -> Any:
+    """On MongoDB, lower the recursion limit to *room* frames above the caller's, so that a
+    document 150 levels deep is too deep to read (the test server cannot store a deeper one:
+    a few hundred levels overflow its Java stack)."""
+    import inspect
+
+    old = sys.getrecursionlimit()
+    if store["name"] == "mongodb":
+        sys.setrecursionlimit(len(inspect.stack(0)) + room)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def test_recursion_bombs_are_refused_on_write(store: Storage) -> None:
+    """A 100,000-deep value is an InvalidDocumentError naming the path from every write."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    bomb = {"a": nested(100_000)}
+    job_id = sqstore.create_job_id(store, "sim", "alice")
+    path, name = place(store, "status", job_id)
+    for verb in ("upload", "update"):
+        with pytest.raises(sqstore.InvalidDocumentError, match=f"{path}/{name}"):
+            store[verb](path, name, bomb)  # type: ignore[literal-required]
+    with pytest.raises(sqstore.InvalidDocumentError):
+        sqstore.upload_job(store, bomb, "sim", "alice")
+    result = sqstore.to_doc(sqstore.run_simulator(JOB, job_id, "sim"))
+    with pytest.raises(sqstore.InvalidDocumentError):
+        sqstore.upload_result(store, {**result, "header": bomb}, "sim", job_id)
+    with pytest.raises(sqstore.InvalidDocumentError):
+        sqstore.sign_doc(bomb, sqstore.generate_keypair("k")[0])
+    with pytest.raises(sqstore.InvalidDocumentError):
+        sqstore.to_doc(sqstore.from_doc({**result, "header": bomb}, sqstore.ResultDict))
+    assert jobs_in(store, "queued") == jobs_in(store, "results", job_id) == []
+
+
+def test_recursion_bombs_are_refused_on_read(
+    request: pytest.FixtureRequest, tmp_path: Path, store: Storage
+) -> None:
+    """A stored job, status, result or config nested too deep to parse reads as
+    InvalidDocumentError naming its path (never RecursionError); a claim sets the job aside."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    planted = [place(store, kind, job_id) for kind in ("queued", "status", "results")] + [
+        (folder(store, "configs", display_name="bomb"), doc_id(store, "configs", "", "bomb"))
+    ]
+    if not all([plant(request, tmp_path, store, at, BOMB, mongo_bomb(150)) for at in planted]):
+        return  # memory: its writes refuse a bomb (test_recursion_bombs_are_refused_on_write)
+    queued, status, results, config = ("/".join(at) for at in planted)
+    with shallow_stack(store):
+        with pytest.raises(sqstore.InvalidDocumentError, match=queued):
+            sqstore.get_job(store, planted[0][0], job_id)
+        with pytest.raises(sqstore.InvalidDocumentError, match=status):
+            sqstore.get_status(store, "sim", "alice", job_id)
+        with pytest.raises(sqstore.InvalidDocumentError, match=results):
+            sqstore.get_result(store, "sim", "alice", job_id)
+        with pytest.raises(sqstore.InvalidDocumentError, match=results):
+            sqstore.verify_result(store, "sim", job_id, public_jwk=sqstore.generate_keypair("k")[1])
+        with pytest.raises(sqstore.InvalidDocumentError, match=config):
+            sqstore.get_config(store, "bomb")
+        # refused, or set aside: never handed to an executor, never a RecursionError
+        with contextlib.suppress(sqstore.InvalidDocumentError):
+            assert sqstore.claim_job(store, "sim") is None
+
+
+def test_signed_payload_bombs_are_refused() -> None:
+    """A flattened JWS whose payload or header is a recursion bomb is an InvalidDocumentError
+    for payload_of and verify_doc."""
+    private, public = sqstore.generate_keypair("k")
+    good = sqstore.sign_doc({"v": 1}, private, fmt="rfc7515")
+    for field in ("payload", "protected"):
+        bad = {**good, field: _b64(BOMB)}
+        with pytest.raises(sqstore.InvalidDocumentError):
+            sqstore.payload_of(bad)
+        with pytest.raises(sqstore.InvalidDocumentError):
+            sqstore.verify_doc(bad, [public])
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused_on_read(
+    request: pytest.FixtureRequest, tmp_path: Path, store: Storage, constant: str
+) -> None:
+    """NaN and infinities, refused on write, are refused on read too (InvalidDocumentError
+    naming the path), so they never reach an executor."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    with pytest.raises(sqstore.InvalidDocumentError):
+        sqstore.upload_job(store, {"shots": float(constant.lower())}, "sim", "alice")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    at = place(store, "queued", job_id)
+    text = f'{{"experiment_0": {{"shots": {constant}}}}}'.encode()
+    bson_of = lambda _id: {"_id": _id, "shots": float(constant.lower())}  # noqa: E731
+    if not plant(request, tmp_path, store, at, text, bson_of):
+        return
+    with pytest.raises(sqstore.InvalidDocumentError, match="/".join(at)):
+        store["get"](*at)
+    with contextlib.suppress(sqstore.InvalidDocumentError):
+        assert sqstore.claim_job(store, "sim") is None
+    signed = sqstore.sign_doc({"v": 1}, sqstore.generate_keypair("k")[0], fmt="rfc7515")
+    with pytest.raises(sqstore.InvalidDocumentError):
+        sqstore.payload_of({**signed, "payload": _b64(f'{{"v": {constant}}}'.encode())})
+
+
 # ============================================================================
 # State machine: every backend agrees with memory_storage()
 # ============================================================================
@@ -4649,6 +5070,88 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     help_ = run_cli("--help", cwd=tmp_path)
     assert help_.returncode == 0 and "demo" in help_.stdout
     assert run_cli("--version", cwd=tmp_path).stdout.strip() == f"sqstore {sqstore.__version__}"
+
+
+def test_cli_work_refuses_a_key_that_is_not_the_backends(tmp_path: Path) -> None:
+    """`sqstore work --key` with a key that is not the backend's published one exits 1 with
+    one 'sqstore: error:' line and no traceback; the job stays queued, nothing is written."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    private, public = sqstore.generate_keypair("bobkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    before = tree(root)
+    for wrong in sorted(WRONG_KEYS):
+        (tmp_path / "wrong.jwk").write_text(json.dumps(sqstore.to_doc(WRONG_KEYS[wrong](private))))
+        proc = worker(tmp_path, "--storage", str(root), "work", "sim", "lab_executor:run",
+                      "--key", "wrong.jwk", "--max-jobs", "1", "--poll", "0.05")  # fmt: skip
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"{wrong}: the worker ran on with a key that is not the backend's: {err}")
+        assert proc.returncode == 1, (wrong, err)
+        assert err.startswith("sqstore: error: ") and err.count("\n") == 1, (wrong, err)
+        assert tree(root) == before, wrong
+    assert executed(tmp_path) == []
+    assert store["list"]("jobs/queued/sim") == [job_id]
+
+
+def test_cli_reports_recursion_bombs_and_non_finite_numbers_in_one_line(tmp_path: Path) -> None:
+    """A job file, status or result nested 100,000 deep (or holding NaN) is one
+    'sqstore: error:' line naming the file, never a traceback; `work` sets such a job aside."""
+    data = tmp_path / "data"
+    store = sqstore.local_storage(data)
+    private, public = sqstore.generate_keypair("bobkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    job_id = sqstore.create_job_id(store, "sim", "alice")
+    (data / "status" / "sim").mkdir(parents=True)
+    (data / "status" / "sim" / f"{job_id}.json").write_bytes(BOMB)
+    (data / "results" / "sim").mkdir(parents=True)
+    (data / "results" / "sim" / f"{job_id}.json").write_bytes(BOMB)
+    (tmp_path / "bomb.json").write_bytes(BOMB)
+    (tmp_path / "nan.json").write_text('{"experiment_0": {"shots": NaN}}')
+    for args, where in (
+        (["submit", "sim", "bomb.json"], "bomb.json"),
+        (["submit", "sim", "nan.json"], "nan.json"),
+        (["status", "sim", job_id], f"status/sim/{job_id}"),
+        (["result", "sim", job_id], f"results/sim/{job_id}"),
+        (["verify", "sim", job_id], f"results/sim/{job_id}"),
+    ):
+        proc = run_cli("--storage", str(data), *args, cwd=tmp_path)
+        assert proc.returncode == 1, (args, proc.stderr[-500:])
+        assert proc.stderr.startswith("sqstore: error: ") and where in proc.stderr, args
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, args
+    bad = sqstore.create_job_id(store, "sim", "alice")
+    (data / "jobs" / "queued" / "sim").mkdir(parents=True)
+    (data / "jobs" / "queued" / "sim" / f"{bad}.json").write_bytes(BOMB)
+    good = sqstore.upload_job(store, JOB, "sim", "alice")
+    (tmp_path / "bob.jwk").write_text(json.dumps(sqstore.to_doc(private)))
+    proc = worker(tmp_path, "--storage", str(data), "work", "sim", "lab_executor:run",
+                  "--key", "bob.jwk", "--max-jobs", "1", "--poll", "0.05")  # fmt: skip
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert executed(tmp_path) == [f"sim {good}"]
+    assert sqstore.get_status(store, "sim", "alice", bad).status == "ERROR"
+
+
+def test_cli_key_errors_never_show_the_key(tmp_path: Path) -> None:
+    """A key file that is not a JWK is one error line that does not repeat the key."""
+    private, _ = sqstore.generate_keypair("bobkey")
+    assert private.d is not None
+    data = tmp_path / "data"
+    sqstore.upload_config(sqstore.local_storage(data), sqstore.demo_config("sim"), "sim")
+    doc = sqstore.to_doc(private)
+    for bad in ([doc], {**doc, "kty": private.d}, {**doc, private.d: 1}, json.dumps(doc)):
+        (tmp_path / "bad.jwk").write_text(json.dumps(bad))
+        proc = worker(tmp_path, "--storage", str(data), "work", "sim", "lab_executor:run",
+                      "--key", "bad.jwk", "--max-jobs", "1")  # fmt: skip
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and err.startswith("sqstore: error: bad.jwk"), err
+        assert private.d.rstrip("=")[:12] not in err and err.count("\n") == 1, err
 
 
 def test_readme_quickstart_runs(tmp_path: Path) -> None:
