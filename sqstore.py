@@ -214,7 +214,13 @@ class AlreadyExistsError(SqstoreError, FileExistsError):
 
 
 class InvalidDocumentError(SqstoreError, ValueError):
-    """A stored or given document is not valid JSON or not of the expected shape."""
+    """A stored or given document is not valid JSON or not of the expected shape.
+
+    ``partial`` is true when the text is not JSON at all, as a document looks
+    while another program rewrites it in place: reading it again may succeed.
+    """
+
+    partial: bool = False
 
 
 class InvalidNameError(SqstoreError, ValueError):
@@ -915,7 +921,9 @@ def _parse_json(text: str | bytes, what: str) -> Any:
             text = text.decode(json.detect_encoding(text), "surrogatepass")
         return _JSON_DECODER.decode(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidDocumentError(f"{what}: not valid JSON ({exc})") from None
+        error = InvalidDocumentError(f"{what}: not valid JSON ({exc})")
+        error.partial = isinstance(exc, json.JSONDecodeError)  # not a refused NaN
+        raise error from None
     except RecursionError:
         raise InvalidDocumentError(f"{what}: nested too deeply to read") from None
 
@@ -1187,8 +1195,23 @@ def run_simulator(job: Doc, job_id: str, display_name: str) -> ResultDict:
 # ============================================================================
 
 
+_REREAD_PAUSES = (0.005, 0.02, 0.08)  # seconds before reading a half-written document again
+
+
 def _read(store: Storage, path: str, doc_id: str) -> Doc:
-    doc = store["get"](path, doc_id)
+    """Get a document, reading again a few times while it is not JSON yet: a program
+    that rewrites files in place (sqooler's local backend does, for every config and
+    status) leaves a half-written one for an instant."""
+    for pause in _REREAD_PAUSES:
+        try:
+            doc = store["get"](path, doc_id)
+            break
+        except InvalidDocumentError as exc:
+            if not exc.partial:
+                raise
+            time.sleep(pause)
+    else:
+        doc = store["get"](path, doc_id)
     if not isinstance(doc, dict):
         raise InvalidDocumentError(f"{path}/{doc_id}: not a JSON object")
     return doc

@@ -4802,6 +4802,42 @@ def test_work_never_turns_a_storage_hiccup_into_an_error_status(tmp_path: Path) 
     assert any("trying again" in line for line in lines)
 
 
+IN_PLACE_WRITER = """
+import sys, time
+path, text = sys.argv[1], open(sys.argv[1]).read()
+half = len(text) // 2
+print("ready", flush=True)
+while True:  # as sqooler's local backend writes: truncate, then write, here in two steps
+    with open(path, "w") as file:
+        file.write(text[:half])
+        file.flush()
+        time.sleep(0.001)
+        file.write(text[half:])
+    time.sleep(0.03)
+"""
+
+
+def test_reads_outlast_a_program_that_rewrites_documents_in_place(
+    local: Storage, tmp_path: Path
+) -> None:
+    """While another process keeps rewriting a config in place (truncate, then write), every
+    read of it succeeds: a half-written document is read again, not reported."""
+    sqstore.upload_config(local, sqstore.demo_config("sim"), "sim")
+    root = tmp_path / "store"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", IN_PLACE_WRITER, str(root / "backends/configs/sim.json")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        for _ in range(200):
+            assert sqstore.get_config(local, "sim").display_name == "sim"
+            time.sleep(0.002)
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_odd_entries_stop_neither_the_sweep_nor_the_claims(local: Storage, tmp_path: Path) -> None:
     """A directory or garbage where a lease should be does not stop the sweep; a queued job
     that is a directory or not JSON is set aside with an ERROR status and the queue flows."""
