@@ -3468,6 +3468,13 @@ def dropbox_storage(
 
         return check
 
+    seen: dict[str, tuple[str, bytes]] = {}  # file -> (rev, bytes) as this handle last saw it
+
+    def remember(file: str, meta: Any, data: bytes) -> None:
+        if len(seen) >= 4096:
+            seen.clear()
+        seen[file] = meta.rev, data
+
     def download(file: str, what: str) -> tuple[Any, bytes]:
         """The file's metadata and bytes (NotFoundError if absent)."""
 
@@ -3476,7 +3483,9 @@ def dropbox_storage(
             with contextlib.closing(response):
                 return meta, response.content
 
-        return cast(tuple[Any, bytes], call(what, fetch, not_found(what)))
+        meta, data = cast(tuple[Any, bytes], call(what, fetch, not_found(what)))
+        remember(file, meta, data)
+        return meta, data
 
     def holds(file: str, what: str, data: bytes | None) -> bool:
         """Whether *file* now holds *data* (None: whether it is absent)."""
@@ -3495,7 +3504,8 @@ def dropbox_storage(
         add = functools.partial(
             client.files_upload, data, file, mode=WriteMode.add, strict_conflict=True, mute=True
         )
-        call(what, add, conflict(what), ours)
+        if (meta := call(what, add, conflict(what), ours)) is not None:
+            remember(file, meta, data)
 
     def update(path: str, doc_id: str, doc: Doc) -> None:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
@@ -3538,34 +3548,47 @@ def dropbox_storage(
         call(what, remove, gone(what), lambda error: gone(what)(error) is not None)
 
     def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
-        """Read the document and its ``rev``; write or delete only at that rev."""
+        """Write or delete only at the ``rev`` at which the document was *old*: the rev
+        this handle last saw it at, if it was *old* then (no request), else read now."""
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
         data = None if new is None else _dumps(new, what).encode()
-        meta, current = download(file, what)
-        if _loads(current, what) != old:
-            return False
 
         def ours(error: Any) -> bool:  # our lost attempt wrote or deleted it
             refused = conflict(what) if data is not None else gone(what)
             return refused(error) is not None and holds(file, what, data)
 
-        try:
-            if data is None:
-                remove = functools.partial(client.files_delete_v2, file, parent_rev=meta.rev)
-                call(what, remove, gone(what), ours)
+        known = seen.get(file)
+        for fresh in (False, True) if known is not None else (True,):
+            if fresh:
+                meta, current = download(file, what)
+                rev = meta.rev
             else:
-                write = functools.partial(
-                    client.files_upload,
-                    data,
-                    file,
-                    mode=WriteMode.update(meta.rev),
-                    strict_conflict=True,
-                    mute=True,
-                )
-                call(what, write, conflict(what), ours)
-        except (NotFoundError, AlreadyExistsError):
-            return False  # changed (a new rev) or removed since it was read
-        return True
+                rev, current = cast(tuple[str, bytes], known)
+            if _loads(current, what) != old:
+                if fresh:
+                    return False
+                continue
+            try:
+                if data is None:
+                    remove = functools.partial(client.files_delete_v2, file, parent_rev=rev)
+                    call(what, remove, gone(what), ours)
+                    seen.pop(file, None)
+                else:
+                    write = functools.partial(
+                        client.files_upload,
+                        data,
+                        file,
+                        mode=WriteMode.update(rev),
+                        strict_conflict=True,
+                        mute=True,
+                    )
+                    if (meta := call(what, write, conflict(what), ours)) is not None:
+                        remember(file, meta, data)
+                return True
+            except (NotFoundError, AlreadyExistsError):
+                if fresh:
+                    return False  # changed (a new rev) or removed since it was read
+        return False
 
     def list_ids(path: str) -> list[str]:
         folder = f"/{_check_path(path)}"

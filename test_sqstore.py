@@ -3589,13 +3589,30 @@ def test_dropbox_swap_loses_to_a_change_between_its_read_and_its_write(
     wrote: swap returns False and the other client's change stands."""
     store, _ = lossy_store(dropbox_fake)
     other = sqstore.dropbox_storage(client=dropbox_fake.client())
+
+    def act() -> None:
+        if change == "update":
+            other["update"]("f", "a", {"v": 9})
+        else:
+            other["delete"]("f", "a")
+
+    expected = {"/f/a.json": {"v": 9}} if change == "update" else {}
     store["upload"]("f", "a", {"v": 1})
+    fresh = sqstore.dropbox_storage(client=dropbox_fake.client())  # has never seen the file
+    dropbox_fake.after_next("files/download", act)
+    assert fresh["swap"]("f", "a", {"v": 1}, new) is False
+    assert fake_files(dropbox_fake) == expected
+    other["upload"]("f", "a", {"v": 1}) if change == "delete" else other["update"](
+        "f", "a", {"v": 1}
+    )
+    store["get"]("f", "a")  # the store now knows the file at its current rev
+    act()  # changed after the store saw it: the rev it knows is stale
     if change == "update":
-        dropbox_fake.after_next("files/download", lambda: other["update"]("f", "a", {"v": 9}))
+        assert store["swap"]("f", "a", {"v": 1}, new) is False
     else:
-        dropbox_fake.after_next("files/download", lambda: other["delete"]("f", "a"))
-    assert store["swap"]("f", "a", {"v": 1}, new) is False
-    assert fake_files(dropbox_fake) == ({"/f/a.json": {"v": 9}} if change == "update" else {})
+        with pytest.raises(sqstore.NotFoundError):  # gone before swap began
+            store["swap"]("f", "a", {"v": 1}, new)
+    assert fake_files(dropbox_fake) == expected
 
 
 @pytest.fixture
