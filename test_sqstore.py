@@ -1912,6 +1912,135 @@ def test_mongodb_server_killed_mid_run_loses_and_repeats_nothing(mongodb_server:
     print(f"jobs recovered after the kill: {len(recovered)}")
 
 
+def _mixed_worker(kind: str, where: str, i: int, out: str, start: Any) -> None:
+    """Drain queue ``mix`` as sqooler 0.9 (``kind`` "sqooler") or as sqstore; write what ran."""
+    import warnings
+
+    ran: list[str] = []
+    losses: list[str] = []
+    plain: list[bool] = []
+    stale: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sqooler.schemes import ResultDict as SqoolerResult
+        from sqooler.schemes import StatusMsgDict
+    if kind == "sqstore":
+        store = (
+            sqstore.mongodb_storage(where)
+            if where.startswith("mongodb")
+            else sqstore.local_storage(where)
+        )
+        start.wait()
+        while (claimed := sqstore.claim_job(store, "mix", holder=f"{kind}{i}")) is not None:
+            nxt, job = claimed
+            ran.append(nxt.job_id)
+            result = sqstore.run_simulator(job, nxt.job_id, "mix")
+            status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
+            sqstore.update_in_database(
+                store, result, status, nxt.job_id, "mix", holder=f"{kind}{i}"
+            )
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if where.startswith("mongodb"):
+                import pymongo
+                import sqooler.storage_providers.mongodb as sqooler_mongodb
+                from sqooler.schemes import MongodbLoginInformation
+
+                sqooler_mongodb.MongoClient = lambda *a, **k: pymongo.MongoClient(where)  # type: ignore[assignment,misc]
+                login: Any = MongodbLoginInformation(
+                    mongodb_username="u", mongodb_password="p", mongodb_database_url="test"
+                )
+                provider: Any = sqooler_mongodb.MongodbProviderExtended(login, name="mongodb")
+            else:
+                from sqooler.schemes import LocalLoginInformation
+                from sqooler.storage_providers.local import LocalProviderExtended
+
+                provider = LocalProviderExtended(LocalLoginInformation(base_path=where), "local")
+        peek = (
+            sqstore.mongodb_storage(where)
+            if where.startswith("mongodb")
+            else sqstore.local_storage(where)
+        )
+        start.wait()
+        while True:
+            try:
+                nxt = provider.get_next_job_in_queue("mix")
+            except (
+                Exception
+            ) as exc:  # a mover that lost the race: counted, as sqooler's own loop would
+                losses.append(type(exc).__name__)
+                continue
+            if nxt.job_id == "None":
+                if not peek["list"]("jobs/queued/mix"):
+                    break
+                continue
+            ran.append(nxt.job_id)
+            job = provider.get_job(storage_path=nxt.job_json_path, job_id=nxt.job_id)
+            plain.append(set(job) == set(JOB))
+            result = sqstore.to_doc(sqstore.run_simulator(job, nxt.job_id, "mix"))
+            status = StatusMsgDict(
+                job_id=nxt.job_id, status="DONE", detail="ok", error_message="None"
+            )
+            try:
+                provider.update_in_database(SqoolerResult(**result), status, nxt.job_id, "mix")
+            except FileExistsError:  # its result exists: a stale re-insert, see the test
+                stale.append(nxt.job_id)
+    Path(out).write_text(
+        json.dumps({"ran": ran, "losses": losses, "plain": all(plain), "stale": stale})
+    )
+
+
+TORN_CONFIG = pytest.mark.xfail(
+    reason="local_storage reads a config sqooler 0.9 is rewriting in place (truncate, write) "
+    "and raises InvalidDocumentError on the torn file",
+    raises=AssertionError,
+    strict=False,
+)
+
+
+@pytest.mark.parametrize("where", ["mongodb", pytest.param("local", marks=TORN_CONFIG)])
+def test_sqooler_and_sqstore_workers_share_a_queue_without_losing_jobs(
+    where: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Two sqooler 0.9 and two sqstore worker processes drain one queue: each job runs once.
+
+    Except sqooler's own stale re-inserts: a sqooler mover reads the queued job, stalls, and
+    inserts it into running again after another worker ran and finished it; it then finds
+    the result there (FileExistsError) and leaves the copy in running.  sqooler alone does
+    the same; such a job ran twice, and the test lists it.
+    """
+    pytest.importorskip("sqooler")
+    if where == "mongodb":
+        uri = mongo_uri(request.getfixturevalue("mongodb_server"))
+        store, place = mongo_store(uri), uri
+    else:
+        place = str(tmp_path / "store")
+        store = sqstore.local_storage(place)
+    sqstore.upload_config(store, sqstore.demo_config("mix"), "mix")
+    submitted = []
+    for _ in range(300):
+        job_id = sqstore.upload_job(store, JOB, "mix", "alice")
+        sqstore.upload_status(store, "mix", "alice", job_id)
+        submitted.append(job_id)
+    kinds = ["sqooler", "sqstore", "sqooler", "sqstore"]
+    results = race_processes(
+        tmp_path, _mixed_worker, lambda i, out, start: (kinds[i], place, i, out, start)
+    )
+    ran = [job_id for result in results for job_id in result["ran"]]
+    stale = {job_id for result in results for job_id in result["stale"]}
+    lost = set(submitted) - set(ran)
+    twice = {job_id for job_id in ran if ran.count(job_id) > 1} - stale
+    assert not lost and not twice, f"{len(lost)} jobs never ran, {len(twice)} ran twice"
+    assert all(result["plain"] for result in results), "sqooler read a job with a foreign field"
+    assert store["list"]("jobs/queued/mix") == []
+    assert set(store["list"]("jobs/running")) == stale
+    for job_id in submitted:
+        assert sqstore.get_status(store, "mix", "alice", job_id).status == "DONE"
+    print(f"sqooler's own stale re-inserts (its find, delete, insert): {len(stale)}")
+    print("sqooler movers that lost a race:", sum(len(r["losses"]) for r in results))
+
+
 # ============================================================================
 # A fake Dropbox API v2 over TLS on 127.0.0.1, for the unmodified dropbox SDK
 # ============================================================================
