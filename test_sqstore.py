@@ -2041,6 +2041,150 @@ def test_sqooler_and_sqstore_workers_share_a_queue_without_losing_jobs(
     print("sqooler movers that lost a race:", sum(len(r["losses"]) for r in results))
 
 
+def _read_message(sock: socket.socket) -> bytes | None:
+    """One MongoDB wire message from *sock*, or None when the peer closed."""
+    data = b""
+    while len(data) < 4 or len(data) < int.from_bytes(data[:4], "little"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _command_name(message: bytes) -> str:
+    """The command an OP_MSG carries (the first key of its body); "" for anything else."""
+    import bson
+
+    if int.from_bytes(message[12:16], "little") != 2013 or message[20] != 0:
+        return ""
+    size = int.from_bytes(message[21:25], "little")
+    return next(iter(bson.decode(message[21 : 21 + size])), "")
+
+
+class LosingProxy:
+    """A TCP proxy to a MongoDB server that can lose answers: for the next command named
+    in `lose`, it forwards the command, waits for the server's answer, then closes the
+    client's connection instead of passing the answer on."""
+
+    def __init__(self, upstream: str) -> None:
+        address = urllib.parse.urlsplit(upstream)
+        self.upstream = (address.hostname or "127.0.0.1", address.port or 27017)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"mongodb://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.lose: list[str] = []
+        self.lost: list[str] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        with client, socket.create_connection(self.upstream) as server:
+            while (request := _read_message(client)) is not None:
+                server.sendall(request)
+                if int.from_bytes(request[12:16], "little") == 2013 and request[16] & 2:
+                    continue  # moreToCome: no answer
+                if (answer := _read_message(server)) is None:
+                    return
+                name = _command_name(request)
+                with self.lock:
+                    if name in self.lose:
+                        self.lose.remove(name)
+                        self.lost.append(name)
+                        return  # the server acted; the client never hears of it
+                client.sendall(answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def lossy(mongodb_server: Any) -> Any:
+    """A MongoDB store that talks to the test server through a `LosingProxy`."""
+    mongo_reset(mongo_uri(mongodb_server))
+    proxy = LosingProxy(mongo_uri(mongodb_server))
+    try:
+        yield proxy, sqstore.mongodb_storage(proxy.uri)
+    finally:
+        proxy.close()
+
+
+LOST_ANSWERS = {
+    "upload": ("insert", lambda s: s["upload"]("jobs/a", "0" * 24, {"v": 2}), {"v": 2}, None),
+    "update": ("update", lambda s: s["update"]("jobs/a", "0" * 24, {"v": 2}), {"v": 2}, None),
+    "delete": ("delete", lambda s: s["delete"]("jobs/a", "0" * 24), None, None),
+    "swap": ("update", lambda s: s["swap"]("jobs/a", "0" * 24, {"v": 1}, {"v": 2}), {"v": 2}, None),
+    "swap-delete": ("delete", lambda s: s["swap"]("jobs/a", "0" * 24, {"v": 1}, None), None, None),
+    "move-find": ("find", lambda s: s["move"]("jobs/a", "jobs/b", "0" * 24), None, {"v": 1}),
+    "move-insert": ("insert", lambda s: s["move"]("jobs/a", "jobs/b", "0" * 24), None, {"v": 1}),
+    "move-delete": ("delete", lambda s: s["move"]("jobs/a", "jobs/b", "0" * 24), None, {"v": 1}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOST_ANSWERS))
+def test_mongodb_lost_answer_counts_as_done(case: str, lossy: Any) -> None:
+    """A write the server applied but whose answer was lost returns as done, state intact."""
+    proxy, store = lossy
+    command, verb, in_a, in_b = LOST_ANSWERS[case]
+    if case != "upload":
+        store["upload"]("jobs/a", "0" * 24, {"v": 1})
+    proxy.lose.append(command)
+    assert verb(store) in (None, True)
+    assert proxy.lost == [command], "the proxy lost no answer"
+    assert store["list"]("jobs/a") == ([] if in_a is None else ["0" * 24])
+    if in_a is not None:
+        assert store["get"]("jobs/a", "0" * 24) == in_a
+    assert store["list"]("jobs/b") == ([] if in_b is None else ["0" * 24])
+    if in_b is not None:
+        assert store["get"]("jobs/b", "0" * 24) == in_b
+
+
+def test_mongodb_lost_answers_in_claim_and_finish_run_each_job_once(lossy: Any) -> None:
+    """Answers lost in the lease insert, the claim's move and the finish: each job runs once."""
+    proxy, store = lossy
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    steps = [
+        ("claim", "insert"),  # the lease
+        ("claim", "find"),
+        ("claim", "delete"),  # the move's delete
+        ("finish", "insert"),  # the result
+        ("finish", "delete"),  # the move's delete
+        ("finish", "update"),  # the status
+    ]
+    submitted, ran = [], []
+    for step, command in steps:
+        job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+        sqstore.upload_status(store, "sim", "alice", job_id)
+        submitted.append(job_id)
+        proxy.lost.clear()
+        if step == "claim":
+            proxy.lose.append(command)
+        claimed = sqstore.claim_job(store, "sim")
+        assert claimed is not None
+        nxt, job = claimed
+        ran.append(nxt.job_id)
+        if step == "finish":
+            proxy.lose.append(command)
+        result = sqstore.run_simulator(job, nxt.job_id, "sim")
+        status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
+        sqstore.update_in_database(store, result, status, nxt.job_id, "sim")
+        assert proxy.lost == [command], f"{step}: no {command} answer was lost"
+    assert sqstore.claim_job(store, "sim") is None
+    assert ran == submitted
+    assert sorted(store["list"]("jobs/finished/sim")) == sorted(submitted)
+    assert store["list"]("jobs/running") == store["list"]("jobs/leases") == []
+    for job_id in submitted:
+        assert sqstore.get_status(store, "sim", "alice", job_id).status == "DONE"
+        assert sqstore.get_result(store, "sim", "alice", job_id).success
+
+
 # ============================================================================
 # A fake Dropbox API v2 over TLS on 127.0.0.1, for the unmodified dropbox SDK
 # ============================================================================
