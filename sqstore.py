@@ -3105,6 +3105,7 @@ def mongodb_storage(
     layout: Layout = LOCAL_LAYOUT,
     timeout: float = 10.0,
     create_indexes: bool = True,
+    retries: int = 3,
 ) -> Storage:
     """Return a store in a MongoDB deployment, in sqooler's MongoDB layout.
 
@@ -3117,10 +3118,29 @@ def mongodb_storage(
     the name, so two racing uploads cannot both create one.
 
     Needs no transactions: ``upload`` is an insert (a duplicate ``_id`` fails),
-    and ``move`` inserts into the target, then deletes the source; the delete
-    decides which of several racing movers wins, and a move interrupted between
-    the two steps is finished by the next move of the same document.  A loser
-    of such a race to another folder can leave a copy in its target.
+    and ``move`` reads the source, inserts it into the target, then deletes the
+    source.  Who wins a race to move one document:
+
+    - the insert succeeds and the delete deletes: this mover;
+    - the insert finds the same document there already (left by a move that
+      stopped half-way, or by a racer): the delete decides; if it finds nothing,
+      `NotFoundError`, and the copy is left to the one who made it;
+    - the insert succeeds and the delete finds nothing: into the running folder
+      (a claim), this mover, because the other was a sqooler 0.9 mover, which
+      finds, deletes, then inserts, so its insert into running is bound to fail
+      (sqstore's claims never race each other: the lease decides first), unless
+      the job has a result already: then the sqooler mover won, ran the job and
+      moved it on before this insert, which was of a stale copy, and the copy is
+      deleted again; into any other folder, `NotFoundError`, and this mover's
+      copy stays behind.
+
+    A command whose answer is lost (the connection fails after the server may
+    have acted) is sent again, up to *retries* times, then `TransientError`; a
+    write that finds its own effect already applied counts as done: an upload
+    that finds the same document there, a delete (and a move's delete) that
+    finds nothing, an update (a replacement) in any case, a swap that finds the
+    new document (or nothing, for a delete); a move's insert that finds the same
+    document there lets the delete decide, as above.
 
     Give a ``mongodb://`` or ``mongodb+srv://`` URI or a ``pymongo.MongoClient``.
     *timeout* (seconds) bounds finding a server and connecting, unless the URI
@@ -3230,6 +3250,17 @@ def mongodb_storage(
         except errors.PyMongoError as exc:
             raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
+    def send(request: Callable[[], T], again: Callable[[], T] | None = None) -> T:
+        """*request*; after a failed connection, *again* (or *request*) up to *retries* times."""
+        for attempt in range(retries + 1):
+            try:
+                return request() if attempt == 0 or again is None else again()
+            except errors.ConnectionFailure:
+                if attempt == retries:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def read(path: str, doc_id: str, found: Any) -> Doc:
         what = f"{path}/{doc_id}"
         if found is None:
@@ -3242,45 +3273,94 @@ def mongodb_storage(
     def upload(path: str, doc_id: str, doc: Doc) -> None:
         what, query, body = f"{path}/{doc_id}", key(path, doc_id), stored(path, doc_id, doc)
         target = collection(path)
-        if path in keyed and call(what, lambda: target.find_one(query, {"_id": 1})):
+        if path in keyed and call(what, lambda: send(lambda: target.find_one(query, {"_id": 1}))):
             raise AlreadyExistsError(f"{what} already exists")  # written by sqooler
-        call(what, lambda: target.insert_one(body))
+
+        def again() -> None:  # the first insert may have been applied
+            try:
+                target.insert_one(body)
+            except errors.DuplicateKeyError:
+                if target.find_one({"_id": body["_id"]}) != body:
+                    raise
+
+        call(what, lambda: send(lambda: target.insert_one(body) and None, again))
 
     def update(path: str, doc_id: str, doc: Doc) -> None:
         what, query, body = f"{path}/{doc_id}", key(path, doc_id), stored(path, doc_id, doc)
         del body["_id"]  # a replacement keeps the stored _id (sqooler's random one too)
-        result = call(what, lambda: collection(path).replace_one(query, body))
+        result = call(what, lambda: send(lambda: collection(path).replace_one(query, body)))
         if result.matched_count == 0:
             raise NotFoundError(f"{what} does not exist")
 
     def get(path: str, doc_id: str) -> Doc:
         query = key(path, doc_id)
-        return read(
-            path, doc_id, call(f"{path}/{doc_id}", lambda: collection(path).find_one(query))
-        )
+        found = call(f"{path}/{doc_id}", lambda: send(lambda: collection(path).find_one(query)))
+        return read(path, doc_id, found)
+
+    def ran_already(src: str, doc_id: str) -> bool:
+        """Whether the job of *doc_id*, claimed from queue *src*, has a result already."""
+        prefix, _, suffix = layout.queued.partition("{display_name}")
+        if "{username}" in layout.results or not (
+            src.startswith(prefix) and src.endswith(suffix) and len(src) > len(prefix + suffix)
+        ):
+            return False
+        display_name = src[len(prefix) : len(src) - len(suffix)]
+        job_id = _id_in_file(layout.job_file, doc_id) or doc_id
+        path = _fill(layout.results, display_name=display_name)
+        result_id = _fill(layout.result_file, display_name=display_name, job_id=job_id)
+        query = key(path, result_id)
+        return send(lambda: collection(path).find_one(query, {"_id": 1})) is not None
 
     def move(src: str, dst: str, doc_id: str) -> None:
         what, query = f"{src}/{doc_id}", key(src, doc_id)
         source, target = collection(src), collection(dst)
-        found = call(what, lambda: source.find_one(query))
+        found = call(what, lambda: send(lambda: source.find_one(query)))
         if found is None:
             raise NotFoundError(f"{what} does not exist")
         source_id = found.pop("_id")
         body = {"_id": new_id(dst, doc_id), **found}
-        try:
-            call(f"{dst}/{doc_id}", lambda: target.insert_one(body))
-        except AlreadyExistsError:
-            there = call(f"{dst}/{doc_id}", lambda: target.find_one(key(dst, doc_id)))
-            if there is None or {**there, "_id": body["_id"]} != body:
-                raise
-            # the same document: left by a move that stopped half-way, or by a racer
-        if call(what, lambda: source.delete_one({"_id": source_id})).deleted_count == 0:
-            raise NotFoundError(f"{what} does not exist")  # another mover won
+        drop = functools.partial(source.delete_one, {"_id": source_id})
+        for _ in range(2):
+            try:
+                call(f"{dst}/{doc_id}", lambda: send(lambda: target.insert_one(body) and None))
+                inserted = True
+                break
+            except AlreadyExistsError:
+                there = call(
+                    f"{dst}/{doc_id}", lambda: send(lambda: target.find_one(key(dst, doc_id)))
+                )
+                inserted = False
+                if there is not None:
+                    if {**there, "_id": body["_id"]} != body:
+                        raise
+                    break  # the same document: ours (an answer lost), a half-done move's, a racer's
+        deleted = call(
+            what,
+            lambda: send(
+                lambda: drop().deleted_count,
+                lambda: drop().deleted_count or 1,  # an earlier try may have deleted it
+            ),
+        )
+        if deleted:
+            return
+        if inserted and dst == layout.running:
+            # A sqooler mover deleted the source.  If its copy has not come and gone
+            # already (it ran: it has a result), its insert into running fails: ours won.
+            if not call(what, lambda: ran_already(src, doc_id)):
+                return
+            call(what, lambda: send(lambda: target.delete_one({"_id": body["_id"]})))
+        raise NotFoundError(f"{what} does not exist")  # another mover won
 
     def delete(path: str, doc_id: str) -> None:
-        query = key(path, doc_id)
-        result = call(f"{path}/{doc_id}", lambda: collection(path).delete_one(query))
-        if result.deleted_count == 0:
+        query, source = key(path, doc_id), collection(path)
+        deleted = call(
+            f"{path}/{doc_id}",
+            lambda: send(
+                lambda: source.delete_one(query).deleted_count,
+                lambda: source.delete_one(query).deleted_count or 1,  # an earlier try deleted it
+            ),
+        )
+        if deleted == 0:
             raise NotFoundError(f"{path}/{doc_id} does not exist")
 
     def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
@@ -3288,23 +3368,39 @@ def mongodb_storage(
         still has the value read (one atomic command on the server)."""
         what, source = f"{path}/{doc_id}", collection(path)
         body = None if new is None else stored(path, doc_id, new)
-        found = call(what, lambda: source.find_one(key(path, doc_id)))
+        found = call(what, lambda: send(lambda: source.find_one(key(path, doc_id))))
         if read(path, doc_id, dict(found) if found is not None else None) != old:
             return False
         unchanged = {"$and": [{field: {"$eq": value}} for field, value in found.items()]}
         if body is None:
-            return bool(call(what, lambda: source.delete_one(unchanged)).deleted_count)
+
+            def deleted_again() -> bool:  # an earlier try may have deleted it
+                return bool(source.delete_one(unchanged).deleted_count) or (
+                    source.find_one({"_id": found["_id"]}) is None
+                )
+
+            remove = lambda: bool(source.delete_one(unchanged).deleted_count)  # noqa: E731
+            return call(what, lambda: send(remove, deleted_again))
         del body["_id"]
-        return bool(call(what, lambda: source.replace_one(unchanged, body)).matched_count)
+
+        def replaced_again() -> bool:  # an earlier try may have replaced it
+            if source.replace_one(unchanged, body).matched_count:
+                return True
+            now = source.find_one({"_id": found["_id"]})
+            return now is not None and {k: v for k, v in now.items() if k != "_id"} == body
+
+        replace = lambda: bool(source.replace_one(unchanged, body).matched_count)  # noqa: E731
+        return call(what, lambda: send(replace, replaced_again))
 
     def list_ids(path: str) -> list[str]:
         source = collection(path)
         if path in keyed:
             fields = (*keyed[path], _MONGO_NAME_FIELD)
-            docs = call(path, lambda: list(source.find({}, {f.split(".")[0]: 1 for f in fields})))
+            projection = {f.split(".")[0]: 1 for f in fields}
+            docs = call(path, lambda: send(lambda: list(source.find({}, projection))))
             names = (next(filter(None, (_plain_field(d, f) for f in fields)), None) for d in docs)
         else:
-            docs = call(path, lambda: list(source.find({}, {"_id": 1})))
+            docs = call(path, lambda: send(lambda: list(source.find({}, {"_id": 1}))))
             names = (str(d["_id"]) for d in docs)
         return sorted(n for n in names if isinstance(n, str) and _NAME_RE.fullmatch(n))
 

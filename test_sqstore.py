@@ -2532,6 +2532,282 @@ def test_mongodb_server_killed_mid_run_loses_and_repeats_nothing(mongodb_server:
     print(f"jobs recovered after the kill: {len(recovered)}")
 
 
+def _mixed_worker(kind: str, where: str, i: int, out: str, start: Any) -> None:
+    """Drain queue ``mix`` as sqooler 0.9 (``kind`` "sqooler") or as sqstore; write what ran."""
+    import warnings
+
+    ran: list[str] = []
+    losses: list[str] = []
+    plain: list[bool] = []
+    stale: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sqooler.schemes import ResultDict as SqoolerResult
+        from sqooler.schemes import StatusMsgDict
+    if kind == "sqstore":
+        store = (
+            sqstore.mongodb_storage(where)
+            if where.startswith("mongodb")
+            else sqstore.local_storage(where)
+        )
+        start.wait()
+        while (claimed := sqstore.claim_job(store, "mix", holder=f"{kind}{i}")) is not None:
+            nxt, job = claimed
+            ran.append(nxt.job_id)
+            result = sqstore.run_simulator(job, nxt.job_id, "mix")
+            status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
+            sqstore.update_in_database(
+                store, result, status, nxt.job_id, "mix", holder=f"{kind}{i}"
+            )
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if where.startswith("mongodb"):
+                import pymongo
+                import sqooler.storage_providers.mongodb as sqooler_mongodb
+                from sqooler.schemes import MongodbLoginInformation
+
+                sqooler_mongodb.MongoClient = lambda *a, **k: pymongo.MongoClient(where)  # type: ignore[assignment,misc]
+                login: Any = MongodbLoginInformation(
+                    mongodb_username="u", mongodb_password="p", mongodb_database_url="test"
+                )
+                provider: Any = sqooler_mongodb.MongodbProviderExtended(login, name="mongodb")
+            else:
+                from sqooler.schemes import LocalLoginInformation
+                from sqooler.storage_providers.local import LocalProviderExtended
+
+                provider = LocalProviderExtended(LocalLoginInformation(base_path=where), "local")
+        peek = (
+            sqstore.mongodb_storage(where)
+            if where.startswith("mongodb")
+            else sqstore.local_storage(where)
+        )
+        start.wait()
+        while True:
+            try:
+                nxt = provider.get_next_job_in_queue("mix")
+            except (
+                Exception
+            ) as exc:  # a mover that lost the race: counted, as sqooler's own loop would
+                losses.append(type(exc).__name__)
+                continue
+            if nxt.job_id == "None":
+                if not peek["list"]("jobs/queued/mix"):
+                    break
+                continue
+            ran.append(nxt.job_id)
+            job = provider.get_job(storage_path=nxt.job_json_path, job_id=nxt.job_id)
+            plain.append(set(job) == set(JOB))
+            result = sqstore.to_doc(sqstore.run_simulator(job, nxt.job_id, "mix"))
+            status = StatusMsgDict(
+                job_id=nxt.job_id, status="DONE", detail="ok", error_message="None"
+            )
+            try:
+                provider.update_in_database(SqoolerResult(**result), status, nxt.job_id, "mix")
+            except FileExistsError:  # its result exists: a stale re-insert, see the test
+                stale.append(nxt.job_id)
+    Path(out).write_text(
+        json.dumps({"ran": ran, "losses": losses, "plain": all(plain), "stale": stale})
+    )
+
+
+TORN_CONFIG = pytest.mark.xfail(
+    reason="local_storage reads a config sqooler 0.9 is rewriting in place (truncate, write) "
+    "and raises InvalidDocumentError on the torn file",
+    raises=AssertionError,
+    strict=False,
+)
+
+
+@pytest.mark.parametrize("where", ["mongodb", pytest.param("local", marks=TORN_CONFIG)])
+def test_sqooler_and_sqstore_workers_share_a_queue_without_losing_jobs(
+    where: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Two sqooler 0.9 and two sqstore worker processes drain one queue: each job runs once.
+
+    Except sqooler's own stale re-inserts: a sqooler mover reads the queued job, stalls, and
+    inserts it into running again after another worker ran and finished it; it then finds
+    the result there (FileExistsError) and leaves the copy in running.  sqooler alone does
+    the same; such a job ran twice, and the test lists it.
+    """
+    try:
+        import sqooler  # noqa: F401
+    except ImportError as exc:
+        skip_or_fail(f"sqooler 0.9 is not installed ({exc}): pip install -e '.[test]'")
+    if where == "mongodb":
+        uri = mongo_uri(request.getfixturevalue("mongodb_server"))
+        store, place = mongo_store(uri), uri
+    else:
+        place = str(tmp_path / "store")
+        store = sqstore.local_storage(place)
+    sqstore.upload_config(store, sqstore.demo_config("mix"), "mix")
+    submitted = []
+    for _ in range(300):
+        job_id = sqstore.upload_job(store, JOB, "mix", "alice")
+        sqstore.upload_status(store, "mix", "alice", job_id)
+        submitted.append(job_id)
+    kinds = ["sqooler", "sqstore", "sqooler", "sqstore"]
+    results = race_processes(
+        tmp_path, _mixed_worker, lambda i, out, start: (kinds[i], place, i, out, start)
+    )
+    ran = [job_id for result in results for job_id in result["ran"]]
+    stale = {job_id for result in results for job_id in result["stale"]}
+    lost = set(submitted) - set(ran)
+    twice = {job_id for job_id in ran if ran.count(job_id) > 1} - stale
+    assert not lost and not twice, f"{len(lost)} jobs never ran, {len(twice)} ran twice"
+    assert all(result["plain"] for result in results), "sqooler read a job with a foreign field"
+    assert store["list"]("jobs/queued/mix") == []
+    assert set(store["list"]("jobs/running")) == stale
+    for job_id in submitted:
+        assert sqstore.get_status(store, "mix", "alice", job_id).status == "DONE"
+    print(f"sqooler's own stale re-inserts (its find, delete, insert): {len(stale)}")
+    print("sqooler movers that lost a race:", sum(len(r["losses"]) for r in results))
+
+
+def _read_message(sock: socket.socket) -> bytes | None:
+    """One MongoDB wire message from *sock*, or None when the peer closed."""
+    data = b""
+    while len(data) < 4 or len(data) < int.from_bytes(data[:4], "little"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _command_name(message: bytes) -> str:
+    """The command an OP_MSG carries (the first key of its body); "" for anything else."""
+    import bson
+
+    if int.from_bytes(message[12:16], "little") != 2013 or message[20] != 0:
+        return ""
+    size = int.from_bytes(message[21:25], "little")
+    return next(iter(bson.decode(message[21 : 21 + size])), "")
+
+
+class LosingProxy:
+    """A TCP proxy to a MongoDB server that can lose answers: for the next command named
+    in `lose`, it forwards the command, waits for the server's answer, then closes the
+    client's connection instead of passing the answer on."""
+
+    def __init__(self, upstream: str) -> None:
+        address = urllib.parse.urlsplit(upstream)
+        self.upstream = (address.hostname or "127.0.0.1", address.port or 27017)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"mongodb://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.lose: list[str] = []
+        self.lost: list[str] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        with client, socket.create_connection(self.upstream) as server:
+            while (request := _read_message(client)) is not None:
+                server.sendall(request)
+                if int.from_bytes(request[12:16], "little") == 2013 and request[16] & 2:
+                    continue  # moreToCome: no answer
+                if (answer := _read_message(server)) is None:
+                    return
+                name = _command_name(request)
+                with self.lock:
+                    if name in self.lose:
+                        self.lose.remove(name)
+                        self.lost.append(name)
+                        return  # the server acted; the client never hears of it
+                client.sendall(answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def lossy(mongodb_server: Any) -> Any:
+    """A MongoDB store that talks to the test server through a `LosingProxy`."""
+    mongo_reset(mongo_uri(mongodb_server))
+    proxy = LosingProxy(mongo_uri(mongodb_server))
+    try:
+        yield proxy, sqstore.mongodb_storage(proxy.uri)
+    finally:
+        proxy.close()
+
+
+LOST_ANSWERS = {
+    "upload": ("insert", lambda s: s["upload"]("jobs/a", "0" * 24, {"v": 2}), {"v": 2}, None),
+    "update": ("update", lambda s: s["update"]("jobs/a", "0" * 24, {"v": 2}), {"v": 2}, None),
+    "delete": ("delete", lambda s: s["delete"]("jobs/a", "0" * 24), None, None),
+    "swap": ("update", lambda s: s["swap"]("jobs/a", "0" * 24, {"v": 1}, {"v": 2}), {"v": 2}, None),
+    "swap-delete": ("delete", lambda s: s["swap"]("jobs/a", "0" * 24, {"v": 1}, None), None, None),
+    "move-find": ("find", lambda s: s["move"]("jobs/a", "jobs/b", "0" * 24), None, {"v": 1}),
+    "move-insert": ("insert", lambda s: s["move"]("jobs/a", "jobs/b", "0" * 24), None, {"v": 1}),
+    "move-delete": ("delete", lambda s: s["move"]("jobs/a", "jobs/b", "0" * 24), None, {"v": 1}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOST_ANSWERS))
+def test_mongodb_lost_answer_counts_as_done(case: str, lossy: Any) -> None:
+    """A write the server applied but whose answer was lost returns as done, state intact."""
+    proxy, store = lossy
+    command, verb, in_a, in_b = LOST_ANSWERS[case]
+    if case != "upload":
+        store["upload"]("jobs/a", "0" * 24, {"v": 1})
+    proxy.lose.append(command)
+    assert verb(store) in (None, True)
+    assert proxy.lost == [command], "the proxy lost no answer"
+    assert store["list"]("jobs/a") == ([] if in_a is None else ["0" * 24])
+    if in_a is not None:
+        assert store["get"]("jobs/a", "0" * 24) == in_a
+    assert store["list"]("jobs/b") == ([] if in_b is None else ["0" * 24])
+    if in_b is not None:
+        assert store["get"]("jobs/b", "0" * 24) == in_b
+
+
+def test_mongodb_lost_answers_in_claim_and_finish_run_each_job_once(lossy: Any) -> None:
+    """Answers lost in the lease insert, the claim's move and the finish: each job runs once."""
+    proxy, store = lossy
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    steps = [
+        ("claim", "insert"),  # the lease
+        ("claim", "find"),
+        ("claim", "delete"),  # the move's delete
+        ("finish", "insert"),  # the result
+        ("finish", "delete"),  # the move's delete
+        ("finish", "update"),  # the status
+    ]
+    submitted, ran = [], []
+    for step, command in steps:
+        job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+        sqstore.upload_status(store, "sim", "alice", job_id)
+        submitted.append(job_id)
+        proxy.lost.clear()
+        if step == "claim":
+            proxy.lose.append(command)
+        claimed = sqstore.claim_job(store, "sim")
+        assert claimed is not None
+        nxt, job = claimed
+        ran.append(nxt.job_id)
+        if step == "finish":
+            proxy.lose.append(command)
+        result = sqstore.run_simulator(job, nxt.job_id, "sim")
+        status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
+        sqstore.update_in_database(store, result, status, nxt.job_id, "sim")
+        assert proxy.lost == [command], f"{step}: no {command} answer was lost"
+    assert sqstore.claim_job(store, "sim") is None
+    assert ran == submitted
+    assert sorted(store["list"]("jobs/finished/sim")) == sorted(submitted)
+    assert store["list"]("jobs/running") == store["list"]("jobs/leases") == []
+    for job_id in submitted:
+        assert sqstore.get_status(store, "sim", "alice", job_id).status == "DONE"
+        assert sqstore.get_result(store, "sim", "alice", job_id).success
+
+
 # ============================================================================
 # A fake Dropbox API v2 over TLS on 127.0.0.1, for the unmodified dropbox SDK
 # ============================================================================
