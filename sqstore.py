@@ -1195,7 +1195,9 @@ def run_simulator(job: Doc, job_id: str, display_name: str) -> ResultDict:
 # ============================================================================
 
 
-_REREAD_PAUSES = (0.005, 0.02, 0.08)  # seconds before reading a half-written document again
+# Seconds before reading a half-written document again: its writer may be descheduled
+# between truncating and writing it, so keep trying for most of a second.
+_REREAD_PAUSES = (0.005, 0.02, 0.05, 0.1, 0.2, 0.4)
 
 
 def _read(store: Storage, path: str, doc_id: str) -> Doc:
@@ -1873,7 +1875,15 @@ def claim_jobs(
     def beat() -> None:
         nonlocal next_beat
         if now() >= next_beat:
-            if timestamp_queue(store, display_name, private_jwk, min_interval=heartbeat, now=now):
+            try:
+                wrote = timestamp_queue(
+                    store, display_name, private_jwk, min_interval=heartbeat, now=now
+                )
+            except InvalidDocumentError as exc:
+                if not exc.partial:
+                    raise
+                return  # being rewritten in place by another program: beat at the next job
+            if wrote:
                 requeue_expired(
                     store,
                     display_name,
