@@ -2742,7 +2742,7 @@ def lossy(mongodb_server: Any) -> Any:
         proxy.close()
 
 
-LOST_ANSWERS = {
+MONGO_LOST_ANSWERS = {
     "upload": ("insert", lambda s: s["upload"]("jobs/a", "0" * 24, {"v": 2}), {"v": 2}, None),
     "update": ("update", lambda s: s["update"]("jobs/a", "0" * 24, {"v": 2}), {"v": 2}, None),
     "delete": ("delete", lambda s: s["delete"]("jobs/a", "0" * 24), None, None),
@@ -2754,11 +2754,11 @@ LOST_ANSWERS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(LOST_ANSWERS))
+@pytest.mark.parametrize("case", sorted(MONGO_LOST_ANSWERS))
 def test_mongodb_lost_answer_counts_as_done(case: str, lossy: Any) -> None:
     """A write the server applied but whose answer was lost returns as done, state intact."""
     proxy, store = lossy
-    command, verb, in_a, in_b = LOST_ANSWERS[case]
+    command, verb, in_a, in_b = MONGO_LOST_ANSWERS[case]
     if case != "upload":
         store["upload"]("jobs/a", "0" * 24, {"v": 1})
     proxy.lose.append(command)
@@ -3714,7 +3714,7 @@ def fake_files(fake: Any) -> dict[str, Any]:
 
 
 # verb: (the call, the route whose answer is lost, what the call returns, the files after it)
-LOST_ANSWERS: dict[str, tuple[Callable[[Storage], Any], str, Any, dict[str, Any]]] = {
+DROPBOX_LOST_ANSWERS: dict[str, tuple[Callable[[Storage], Any], str, Any, dict[str, Any]]] = {
     "upload": (
         lambda s: s["upload"]("f", "b", {"v": 2}),
         "files/upload",
@@ -3742,13 +3742,13 @@ LOST_ANSWERS: dict[str, tuple[Callable[[Storage], Any], str, Any, dict[str, Any]
 
 
 @pytest.mark.parametrize("how", ["503", "drop"])
-@pytest.mark.parametrize("verb", sorted(LOST_ANSWERS))
+@pytest.mark.parametrize("verb", sorted(DROPBOX_LOST_ANSWERS))
 def test_dropbox_lost_answer_counts_as_done(dropbox_fake: Any, verb: str, how: str) -> None:
     """A verb whose request took effect but whose answer was lost (a 503, a dropped
     connection) returns as if done, after one more request, and leaves the expected files."""
     store, waits = lossy_store(dropbox_fake)
     store["upload"]("f", "a", {"v": 1})
-    call, route, returns, files = LOST_ANSWERS[verb]
+    call, route, returns, files = DROPBOX_LOST_ANSWERS[verb]
     dropbox_fake.lose_next(route, how)
     dropbox_fake.reset_counts()
     assert call(store) == returns
