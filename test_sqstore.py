@@ -2544,7 +2544,32 @@ def _mixed_worker(kind: str, where: str, i: int, out: str, start: Any) -> None:
         warnings.simplefilter("ignore")
         from sqooler.schemes import ResultDict as SqoolerResult
         from sqooler.schemes import StatusMsgDict
-    if kind == "sqstore":
+    failures: list[str] = []
+    if kind == "work":  # Bob's worker loop, stopped once the queue is empty
+        store = (
+            sqstore.mongodb_storage(where)
+            if where.startswith("mongodb")
+            else sqstore.local_storage(where)
+        )
+        stop = threading.Event()
+
+        def executor(job: Any, job_id: str, display_name: str) -> Any:
+            ran.append(job_id)
+            return sqstore.run_simulator(job, job_id, display_name)
+
+        def report(line: str) -> None:
+            if "cannot" in line and "trying again" not in line:
+                failures.append(line)
+
+        def watch() -> None:
+            while not stop.wait(0.05):
+                if not store["list"]("jobs/queued/mix"):
+                    stop.set()
+
+        start.wait()
+        threading.Thread(target=watch, daemon=True).start()
+        sqstore.work([store], "mix", executor, holder=f"work{i}", poll=0.01, stop=stop, log=report)
+    elif kind == "sqstore":
         store = (
             sqstore.mongodb_storage(where)
             if where.startswith("mongodb")
@@ -2614,7 +2639,14 @@ def _mixed_worker(kind: str, where: str, i: int, out: str, start: Any) -> None:
                 break
     Path(out).write_text(
         json.dumps(
-            {"ran": ran, "losses": losses, "plain": all(plain), "stale": stale, "kind": kind}
+            {
+                "ran": ran,
+                "losses": losses,
+                "plain": all(plain),
+                "stale": stale,
+                "kind": kind,
+                "failures": failures,
+            }
         )
     )
 
@@ -2623,7 +2655,8 @@ def _mixed_worker(kind: str, where: str, i: int, out: str, start: Any) -> None:
 def test_sqooler_and_sqstore_workers_share_a_queue_without_losing_jobs(
     where: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """Two sqooler 0.9 and two sqstore worker processes drain one queue: each job runs once.
+    """Two sqooler 0.9 and two sqstore worker processes (a claim_job loop and work()) drain
+    one queue: each job runs once, and nothing escapes or is reported from sqstore's workers.
 
     Except sqooler's own stale re-inserts: a sqooler mover reads the queued job, stalls, and
     inserts it into running again after another worker ran and finished it; it then finds
@@ -2648,7 +2681,7 @@ def test_sqooler_and_sqstore_workers_share_a_queue_without_losing_jobs(
         job_id = sqstore.upload_job(store, JOB, "mix", "alice")
         sqstore.upload_status(store, "mix", "alice", job_id)
         submitted.append(job_id)
-    kinds = ["sqooler", "sqstore", "sqooler", "sqstore"]
+    kinds = ["sqooler", "sqstore", "sqooler", "work"]
     results = race_processes(
         tmp_path, _mixed_worker, lambda i, out, start: (kinds[i], place, i, out, start)
     )
@@ -2658,6 +2691,8 @@ def test_sqooler_and_sqstore_workers_share_a_queue_without_losing_jobs(
     twice = {job_id for job_id in ran if ran.count(job_id) > 1} - stale
     assert not lost and not twice, f"{len(lost)} jobs never ran, {len(twice)} ran twice"
     assert all(result["plain"] for result in results), "sqooler read a job with a foreign field"
+    assert [line for result in results for line in result["failures"]] == []
+    assert all(result["ran"] for result in results[1::2]), "both sqstore workers took jobs"
     assert store["list"]("jobs/queued/mix") == []
     assert set(store["list"]("jobs/running")) == stale
     for job_id in submitted:
