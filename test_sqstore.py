@@ -2846,6 +2846,48 @@ def test_mongodb_lost_answers_in_claim_and_finish_run_each_job_once(lossy: Any) 
         assert sqstore.get_result(store, "sim", "alice", job_id).success
 
 
+def test_mongodb_claim_paused_inside_its_move_while_sqooler_takes_the_job(
+    mongodb_server: Any, sqooler_mongodb: Any
+) -> None:
+    """A claim paused between its move's insert and delete while a sqooler 0.9 worker takes the
+    same job (its find and delete succeed, its insert fails): sqstore runs the job, once."""
+    from pymongo import monitoring
+
+    uri = mongo_uri(mongodb_server)
+    mongo_reset(uri)
+    interleaved: list[str] = []
+
+    class Pause(monitoring.CommandListener):
+        def started(self, event: Any) -> None:
+            on_queue = (
+                event.command_name == "delete" and event.command.get("delete") == "queued.sim"
+            )
+            if on_queue and not interleaved:
+                interleaved.append("sqooler acts")
+                try:
+                    sqooler_mongodb.get_next_job_in_queue("sim")
+                except Exception as exc:  # sqooler loses at its insert: recorded
+                    interleaved.append(type(exc).__name__)
+
+        def succeeded(self, event: Any) -> None:
+            pass
+
+        def failed(self, event: Any) -> None:
+            pass
+
+    import pymongo
+
+    store = sqstore.mongodb_storage(pymongo.MongoClient(uri, event_listeners=[Pause()]))
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.upload_status(store, "sim", "alice", job_id)
+    claimed = sqstore.claim_job(store, "sim")
+    assert interleaved == ["sqooler acts", "DuplicateKeyError"]
+    assert claimed is not None and claimed[0].job_id == job_id
+    finish_as(store, job_id, claimed[1], sqstore._default_holder())
+    done_once(store, job_id)
+
+
 # ============================================================================
 # A fake Dropbox API v2 over TLS on 127.0.0.1, for the unmodified dropbox SDK
 # ============================================================================
@@ -5438,6 +5480,39 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     help_ = run_cli("--help", cwd=tmp_path)
     assert help_.returncode == 0 and "demo" in help_.stdout
     assert run_cli("--version", cwd=tmp_path).stdout.strip() == f"sqstore {sqstore.__version__}"
+
+
+def test_cli_symlinks_and_directories_in_the_storage_are_one_line_or_set_aside(
+    tmp_path: Path,
+) -> None:
+    """Through the CLI: a status folder that is a symlink out of the root is one error line
+    naming it, and nothing outside is read; a queued job that is a symlink or a directory is
+    set aside by `sqstore work`, which runs the job behind it."""
+    root = tmp_path / "lab"
+    store = sqstore.local_storage(root)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    odd = [sqstore.create_job_id(store, "sim", "alice") for _ in range(2)]
+    good = sqstore.upload_job(store, JOB, "sim", "alice")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / f"{good}.json").write_text(json.dumps({"secret": "outside the root"}))
+    (root / "status").mkdir()
+    (root / "status/sim").symlink_to(outside)
+    proc = run_cli("--storage", str(root), "status", "sim", good, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("sqstore: error: ") and proc.stderr.count("\n") == 1
+    assert "status/sim is a symlink" in proc.stderr and "Traceback" not in proc.stderr
+    (root / "status/sim").unlink()
+    (root / f"jobs/queued/sim/{odd[0]}.json").symlink_to(outside / f"{good}.json")
+    (root / f"jobs/queued/sim/{odd[1]}.json").mkdir()
+    proc = run_cli(
+        "--storage", str(root), "work", "sim", "--max-jobs", "1", "--poll", "0.05", cwd=tmp_path
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(jobs_in(store, "deleted")) == sorted(odd)
+    assert sqstore.get_status(store, "sim", "alice", odd[0]).status == "ERROR"
+    assert json.loads((outside / f"{good}.json").read_text()) == {"secret": "outside the root"}
+    assert jobs_in(store, "finished") == [good]
 
 
 def test_cli_work_refuses_a_key_that_is_not_the_backends(tmp_path: Path) -> None:
