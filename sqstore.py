@@ -2824,6 +2824,21 @@ def local_storage(
             raise
         return fd
 
+    @contextlib.contextmanager
+    def opened(path: str, what: str, create: bool = False) -> Iterator[int]:
+        """The folder *path*, open for the block (see `open_folder`); an `OSError` in
+        the block becomes the sqstore error for *what*."""
+        try:
+            folder = open_folder(path, what, create)
+            try:
+                yield folder
+            finally:
+                os.close(folder)
+        except SqstoreError:
+            raise
+        except OSError as exc:
+            raise fail(exc, what) from exc
+
     def exists(folder: int, name: str) -> bool:
         """Whether *name* is in *folder* (a link counts, whatever it points to)."""
         try:
@@ -2884,98 +2899,57 @@ def local_storage(
     def upload(path: str, doc_id: str, doc: Doc) -> None:
         file, what = where(path, doc_id)
         data = _dumps(doc, what).encode()
-        try:
-            folder = open_folder(path, what, create=True)
+        with opened(path, what, create=True) as folder:
+            temp = write_temp(folder, doc_id, data)
             try:
-                temp = write_temp(folder, doc_id, data)
-                try:
-                    os.link(temp, file, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
-                finally:
-                    os.unlink(temp, dir_fd=folder)
-                if durable:
-                    os.fsync(folder)
+                os.link(temp, file, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
             finally:
-                os.close(folder)
-        except SqstoreError:
-            raise
-        except OSError as exc:
-            raise fail(exc, what) from exc
+                os.unlink(temp, dir_fd=folder)
+            if durable:
+                os.fsync(folder)
 
     def update(path: str, doc_id: str, doc: Doc) -> None:
         file, what = where(path, doc_id)
         data = _dumps(doc, what).encode()
-        try:
-            folder = open_folder(path, what)
-            try:
-                info = os.stat(file, dir_fd=folder, follow_symlinks=False)
-                if stat.S_ISLNK(info.st_mode):
-                    raise symlink(what, f"{path}/{file}")
-                replace(folder, doc_id, file, data)
-            finally:
-                os.close(folder)
-        except SqstoreError:
-            raise
-        except OSError as exc:
-            raise fail(exc, what) from exc
+        with opened(path, what) as folder:
+            if stat.S_ISLNK(os.stat(file, dir_fd=folder, follow_symlinks=False).st_mode):
+                raise symlink(what, f"{path}/{file}")
+            replace(folder, doc_id, file, data)
 
     def get(path: str, doc_id: str) -> Doc:
         file, what = where(path, doc_id)
-        try:
-            folder = open_folder(path, what)
-            try:
-                data = read(folder, file, path, what)
-            finally:
-                os.close(folder)
-        except SqstoreError:
-            raise
-        except OSError as exc:
-            raise fail(exc, what) from exc
+        with opened(path, what) as folder:
+            data = read(folder, file, path, what)
         return _loads(data, what)
 
     def move(src: str, dst: str, doc_id: str) -> None:
         file, what = where(src, doc_id)
         _, target_what = where(dst, doc_id)
-        try:
-            source = open_folder(src, what)
+        with opened(src, what) as source:
             try:
-                try:
-                    target = open_folder(dst, target_what)
-                except FileNotFoundError:
+                target = open_folder(dst, target_what)
+            except FileNotFoundError:
+                if not exists(source, file):
+                    raise NotFoundError(f"{what} does not exist") from None
+                target = open_folder(dst, target_what, create=True)
+            try:
+                if exists(target, file):
                     if not exists(source, file):
-                        raise NotFoundError(f"{what} does not exist") from None
-                    target = open_folder(dst, target_what, create=True)
-                try:
-                    if exists(target, file):
-                        if not exists(source, file):
-                            raise NotFoundError(f"{what} does not exist")
-                        raise AlreadyExistsError(f"{target_what} already exists")
-                    os.rename(file, file, src_dir_fd=source, dst_dir_fd=target)
-                    if durable:
-                        os.fsync(target)
-                        os.fsync(source)
-                finally:
-                    os.close(target)
+                        raise NotFoundError(f"{what} does not exist")
+                    raise AlreadyExistsError(f"{target_what} already exists")
+                os.rename(file, file, src_dir_fd=source, dst_dir_fd=target)
+                if durable:
+                    os.fsync(target)
+                    os.fsync(source)
             finally:
-                os.close(source)
-        except SqstoreError:
-            raise
-        except OSError as exc:
-            raise fail(exc, what) from exc
+                os.close(target)
 
     def delete(path: str, doc_id: str) -> None:
         file, what = where(path, doc_id)
-        try:
-            folder = open_folder(path, what)
-            try:
-                os.unlink(file, dir_fd=folder)
-                if durable:
-                    os.fsync(folder)
-            finally:
-                os.close(folder)
-        except SqstoreError:
-            raise
-        except OSError as exc:
-            raise fail(exc, what) from exc
+        with opened(path, what) as folder:
+            os.unlink(file, dir_fd=folder)
+            if durable:
+                os.fsync(folder)
 
     def sweep(folder: int, temp: str) -> None:
         """Remove the temporary file *temp* if it is so old that no writer is left."""
@@ -2987,24 +2961,17 @@ def local_storage(
             pass  # removed by another lister, or a read-only storage: nothing to do
 
     def list_ids(path: str) -> list[str]:
+        ids = []
         try:
-            folder = open_folder(_check_path(path), path)
-            try:
-                ids = []
+            with opened(_check_path(path), path) as folder:
                 for entry in os.listdir(folder):
                     if entry.endswith(".json"):
                         if _NAME_RE.fullmatch(entry[:-5]):
                             ids.append(entry[:-5])
                     elif entry.endswith(".tmp") and _TEMP_RE.fullmatch(entry):
                         sweep(folder, entry)
-            finally:
-                os.close(folder)
-        except FileNotFoundError:
+        except NotFoundError:
             return []
-        except SqstoreError:
-            raise
-        except OSError as exc:
-            raise fail(exc, path) from exc
         ids.sort()
         return ids
 
@@ -3015,35 +2982,27 @@ def local_storage(
 
         file, what = where(path, doc_id)
         data = None if new is None else _dumps(new, what).encode()
-        try:
-            folder = open_folder(path, what)
+        with opened(path, what) as folder:
+            lock_flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
             try:
-                lock_flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                try:
-                    lock = os.open(".sqstore.lock", lock_flags, 0o644, dir_fd=folder)
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.EMLINK):
-                        raise symlink(what, f"{path}/.sqstore.lock") from None
-                    raise
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
-                    if _loads(read(folder, file, path, what), what) != old:
-                        return False
-                    if data is None:
-                        os.unlink(file, dir_fd=folder)
-                        if durable:
-                            os.fsync(folder)
-                    else:
-                        replace(folder, doc_id, file, data)
-                    return True
-                finally:
-                    os.close(lock)  # closing the descriptor releases the lock
+                lock = os.open(".sqstore.lock", lock_flags, 0o644, dir_fd=folder)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EMLINK):
+                    raise symlink(what, f"{path}/.sqstore.lock") from None
+                raise
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if _loads(read(folder, file, path, what), what) != old:
+                    return False
+                if data is None:
+                    os.unlink(file, dir_fd=folder)
+                    if durable:
+                        os.fsync(folder)
+                else:
+                    replace(folder, doc_id, file, data)
+                return True
             finally:
-                os.close(folder)
-        except SqstoreError:
-            raise
-        except OSError as exc:
-            raise fail(exc, what) from exc
+                os.close(lock)  # closing the descriptor releases the lock
 
     return Storage(
         name=name,
