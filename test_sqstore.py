@@ -4469,6 +4469,69 @@ def test_with_retry_repeats_writes_only_where_safe() -> None:
             sqstore.with_retry(inner, ops=bad)
 
 
+def test_with_retry_counts_a_swap_whose_answer_was_lost_as_done() -> None:
+    """A swap applied but answered with a TransientError is retried and returns True when it
+    finds its new document (or nothing, deleting); a swap someone else won stays False."""
+    inner = sqstore.memory_storage()
+    failures = {"swap": 1}
+    store = sqstore.with_retry(
+        flaky(inner, failures, after=True), ops=("swap",), sleep=lambda s: None
+    )
+    inner["upload"]("f", "x", {"v": 1})
+    assert store["swap"]("f", "x", {"v": 1}, {"v": 2}) is True
+    assert inner["get"]("f", "x") == {"v": 2}
+    failures["swap"] = 1
+    assert store["swap"]("f", "x", {"v": 2}, None) is True
+    assert inner["list"]("f") == []
+    inner["upload"]("f", "y", {"v": 1})
+    failures["swap"] = 1
+    lost = sqstore.with_retry(flaky(inner, failures), ops=("swap",), sleep=lambda s: None)
+    inner["update"]("f", "y", {"v": 7})  # another worker's change before the retried swap
+    assert lost["swap"]("f", "y", {"v": 1}, {"v": 2}) is False
+    assert inner["get"]("f", "y") == {"v": 7}
+    with pytest.raises(sqstore.ReadOnlyError):
+        sqstore.read_only(inner)["swap"]("f", "y", {"v": 7}, None)
+
+
+SWAP_HOLDING_THE_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".sqstore.lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_local_swap_waits_for_the_lock_and_a_dead_holder_releases_it(
+    local: Storage, tmp_path: Path
+) -> None:
+    """A local swap waits while another process holds the folder's lock, and goes through
+    once that process is SIGKILLed: the kernel releases the lock of a dead holder."""
+    local["upload"]("jobs/leases", "j1", {"holder": "a"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", SWAP_HOLDING_THE_LOCK, str(tmp_path / "store/jobs/leases")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        outcome: list[bool] = []
+        swapper = threading.Thread(
+            target=lambda: outcome.append(
+                local["swap"]("jobs/leases", "j1", {"holder": "a"}, {"holder": "b"})
+            )
+        )
+        swapper.start()
+        swapper.join(0.5)
+        assert swapper.is_alive() and outcome == [], "the swap must wait for the lock"
+        assert local["get"]("jobs/leases", "j1") == {"holder": "a"}
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    swapper.join(30)
+    assert outcome == [True]
+    assert local["get"]("jobs/leases", "j1") == {"holder": "b"}
+
+
 def test_with_logging_logs_one_line_per_operation(caplog: pytest.LogCaptureFixture) -> None:
     """One line per call with the store, verb, path, time and outcome; never the document."""
     store = sqstore.with_logging(sqstore.memory_storage("mem"))
