@@ -1792,6 +1792,23 @@ def _job_where(store: Storage, display_name: str, job_id: str) -> str | None:
     return None
 
 
+def _record_finish(
+    store: Storage, lease_at: tuple[Doc, Lease] | None, job_id: str, status_doc: Doc
+) -> tuple[Doc, Lease] | None:
+    """Record a job's final status in its lease (a `swap` of the lease as read), so
+    that a sweep can complete the finish if this worker dies; return the new lease.
+
+    Raises:
+        LeaseLostError: the lease changed since it was read (another worker has the job).
+    """
+    if lease_at is None or lease_at[1].finish == status_doc:
+        return lease_at
+    finishing = attrs.evolve(lease_at[1], finish=status_doc)
+    if not store["swap"](store["layout"].leases, job_id, lease_at[0], to_doc(finishing)):
+        raise LeaseLostError(f"job {job_id}: the lease changed; another worker has it")
+    return to_doc(finishing), finishing
+
+
 def _close(
     store: Storage,
     lease_at: tuple[Doc, Lease] | None,
@@ -1815,13 +1832,7 @@ def _close(
         layout, layout.finished if final == "DONE" else layout.deleted, display_name, job_id
     )
     file_id = _fill(layout.job_file, job_id=job_id)
-    if lease_at is not None:
-        raw, lease = lease_at
-        intent = to_doc(attrs.evolve(lease, finish=status_doc))
-        if raw != intent:
-            if not store["swap"](layout.leases, job_id, raw, intent):
-                raise LeaseLostError(f"job {job_id}: the lease changed; another worker has it")
-            raw = intent
+    lease_at = _record_finish(store, lease_at, job_id, status_doc)
     try:
         store["move"](layout.running, target, file_id)
     except NotFoundError:
@@ -1832,7 +1843,7 @@ def _close(
     _put_status(store, display_name, None, job_id, status_doc)
     if lease_at is not None:
         with contextlib.suppress(NotFoundError):  # dropped by a sweep that completed it
-            store["swap"](layout.leases, job_id, raw, None)
+            store["swap"](layout.leases, job_id, lease_at[0], None)
 
 
 def claim_jobs(
@@ -2266,12 +2277,7 @@ def update_in_database(
         if result_dict is None:
             raise InvalidDocumentError(f"job {job_id}: a DONE job needs a result_dict")
         result = _result_doc(result_dict, cfg, job_id, sign)
-    if lease_at is not None:  # record the final status first: from here on, a sweep can finish
-        raw, lease = lease_at
-        intent = to_doc(attrs.evolve(lease, finish=status_doc))
-        if raw != intent and not store["swap"](layout.leases, job_id, raw, intent):
-            raise LeaseLostError(f"job {job_id}: the lease changed; another worker has it")
-        lease_at = intent, attrs.evolve(lease, finish=status_doc)
+    lease_at = _record_finish(store, lease_at, job_id, status_doc)  # first: a sweep can finish
     if result is not None:
         path, doc_id = _result_location(store, display_name, job_id)
         try:
