@@ -4332,7 +4332,8 @@ def legacy(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Storage, Cal
             database, *rest = path.split("/")
             with pymongo.MongoClient(mongo_uri(request.getfixturevalue("mongodb_server"))) as c:
                 c[database][".".join(rest)].insert_one(body)
-        else:
+        else:  # a status goes to Status/<dn>/None, where sqooler 0.9 and sqstore read it;
+            # 0.4-0.8 wrote it under Status/<dn>/<username>, which neither reads
             store["upload"](path, file_id, doc)
 
     return store, put
