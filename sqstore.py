@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, cast
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.preconf.json import make_converter
 
 if TYPE_CHECKING:  # the CLI's modules load only when it runs: import sqstore stays fast
@@ -534,7 +534,14 @@ def _tuple_of(kind: type, what: str) -> Callable[[Any, Any], tuple[Any, ...]]:
 
 
 def _make_converter() -> cattrs.Converter:
-    conv = make_converter(forbid_extra_keys=True)
+    """Liberal in what it reads: a stored document's unknown fields are ignored (sqooler
+    0.4-0.8 wrote ``operational`` into every config; newer programs add their own).  A
+    signed envelope stays exact: a field its signature does not cover is refused."""
+    conv = make_converter()
+    for envelope in (JWSHeader, JWSDoc, FlatJWS):
+        conv.register_structure_hook(
+            envelope, make_dict_structure_fn(envelope, conv, _cattrs_forbid_extra_keys=True)
+        )
     conv.register_unstructure_hook(datetime, datetime.isoformat)
     conv.register_structure_hook(datetime, _parse_datetime)
     conv.register_structure_hook_func(lambda t: t == Doc, _structure_object)
@@ -598,6 +605,9 @@ def _format_exception(exc: BaseException, type_: Any) -> str:
 def from_doc(doc: Any, cls: type[T], *, where: str = "") -> T:
     """Structure *doc* into *cls*, or raise `InvalidDocumentError`.
 
+    Fields that *cls* does not have are ignored: stored documents come from other
+    programs and versions.  (What sqstore writes is checked strictly instead.)
+
     Raises:
         InvalidDocumentError: *doc* does not have the fields and types of *cls*.
 
@@ -626,7 +636,9 @@ _SECRET_RECORDS: tuple[type, ...] = (JWK,)  # their values are never shown in an
 def _coerce(value: Any, cls: type[T], what: str) -> T:
     """Accept a record, a plain dict, or a pydantic model with the same fields.
 
-    A rejected value is named by its type only: it may be a private key.
+    Strict in what sqstore is given to write: a field that *cls* does not have
+    (also in the records nested in it) is refused, not silently dropped.  A
+    rejected value is named by its type only: it may be a private key.
     """
     if isinstance(value, cls):
         return value
@@ -636,7 +648,55 @@ def _coerce(value: Any, cls: type[T], what: str) -> T:
         raise InvalidDocumentError(
             f"{what} must be a {cls.__name__} or a dict, not a {type(value).__name__}"
         )
+    unknown = _unknown_fields(value, cls, "$")
+    if unknown:
+        secret = cls in _SECRET_RECORDS
+        named = f"{len(unknown)} unknown field(s)" if secret else f"unknown field(s) {unknown}"
+        raise InvalidDocumentError(
+            f"{what}: not a valid {cls.__name__}: {named}; sqstore writes only the fields "
+            "it knows (remove them)"
+        )
     return from_doc(dict(value), cls, where=what)
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    names = _FIELD_NAMES.get(cls)
+    return frozenset(field.name for field in attrs.fields(cls)) if names is None else names
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {  # the records written often, and nested ones
+    cls: frozenset(field.name for field in attrs.fields(cls))
+    for cls in (BackendConfig, StatusMsg, ResultDict, ExperimentDict, DataDict, GateDict, Lease)
+}
+# The records nested in a record, by field: where `_unknown_fields` looks further.
+_NESTED: dict[type, tuple[tuple[str, type], ...]] = {
+    ResultDict: (("results", ExperimentDict),),
+    ExperimentDict: (("data", DataDict),),
+    DataDict: (("instructions", GateDict),),
+}
+
+
+def _unknown_fields(doc: Mapping[str, Any], cls: type, where: str) -> list[str]:
+    """The paths of the fields in *doc*, and in the records nested in it, that *cls* lacks."""
+    names = _field_names(cls)
+    found = [f"{where}.{key}" for key in doc if key not in names]
+    for name, inner in _NESTED.get(cls, ()):
+        value = doc.get(name)
+        if isinstance(value, Mapping):
+            found += _unknown_fields(value, inner, f"{where}.{name}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    found += _unknown_fields(item, inner, f"{where}.{name}[{i}]")
+    return found
+
+
+def _keeping_unknown(doc: Doc, old: Mapping[str, Any], cls: type) -> Doc:
+    """*doc* (a *cls* record's document) followed by the top-level fields of the stored
+    document *old* that *cls* does not know: a rewrite keeps another program's fields."""
+    names = _field_names(cls)
+    kept = {key: value for key, value in old.items() if key not in names}
+    return {**doc, **kept} if kept else doc
 
 
 # ============================================================================
@@ -1296,17 +1356,21 @@ def _backend_signer(
     return _doc_signer(store, _check_signing_key(store, cfg, private_jwk))
 
 
-def _config_doc(store: Storage, config: Any, display_name: str, private_jwk: Any) -> Doc:
-    """The document of a config for *display_name*: signed with *private_jwk* if it signs."""
+def _config_doc(
+    store: Storage, config: Any, display_name: str, private_jwk: Any, old: Doc | None = None
+) -> Doc:
+    """The document of a config for *display_name*: signed with *private_jwk* if it signs,
+    and keeping the fields unknown to sqstore of the payload *old* that it replaces."""
     cfg = _coerce(config, BackendConfig, "config_dict")
     if cfg.display_name != display_name:
         cfg = attrs.evolve(cfg, display_name=display_name)
     if not cfg.sign:
-        return to_doc(cfg)
+        return _keeping_unknown(to_doc(cfg), old or {}, BackendConfig)
     if private_jwk is None:
         raise BadSignatureError(f"backend {display_name!r} signs, but no private_jwk was given")
     key = _coerce(private_jwk, JWK, "private_jwk")
-    return _doc_signer(store, key)(to_doc(attrs.evolve(cfg, kid=key.kid)))
+    doc = _keeping_unknown(to_doc(attrs.evolve(cfg, kid=key.kid)), old or {}, BackendConfig)
+    return _doc_signer(store, key)(doc)
 
 
 def upload_config(
@@ -1368,7 +1432,8 @@ def _write_config(
         config = attrs.evolve(_coerce(config, BackendConfig, "config_dict"), sign=True)
     if private_jwk is not None and _coerce(config, BackendConfig, "config_dict").sign:
         _check_signing_key(store, _parse(old, BackendConfig, f"{path}/{doc_id}"), private_jwk)
-    store["update"](path, doc_id, _config_doc(store, config, display_name, private_jwk))
+    doc = _config_doc(store, config, display_name, private_jwk, payload_of(old))
+    store["update"](path, doc_id, doc)
 
 
 def get_config(store: Storage, display_name: str) -> BackendConfig:
@@ -1776,6 +1841,11 @@ def _lease_at(store: Storage, job_id: str) -> tuple[Doc, Lease] | None:
     return raw, lease
 
 
+def _lease_doc(raw: Doc, lease: Lease) -> Doc:
+    """The document of *lease*, replacing the stored lease *raw* (whose unknown fields it keeps)."""
+    return _keeping_unknown(to_doc(lease), raw, Lease)
+
+
 def _expired(lease: Lease, now: float, skew: float) -> bool:
     """Whether nobody holds *lease* now: released, or past its time by more than *skew*."""
     return not lease.holder or now > lease.expires + skew
@@ -1804,9 +1874,10 @@ def _record_finish(
     if lease_at is None or lease_at[1].finish == status_doc:
         return lease_at
     finishing = attrs.evolve(lease_at[1], finish=status_doc)
-    if not store["swap"](store["layout"].leases, job_id, lease_at[0], to_doc(finishing)):
+    doc = _lease_doc(lease_at[0], finishing)
+    if not store["swap"](store["layout"].leases, job_id, lease_at[0], doc):
         raise LeaseLostError(f"job {job_id}: the lease changed; another worker has it")
-    return to_doc(finishing), finishing
+    return doc, finishing
 
 
 def _close(
@@ -1951,9 +2022,10 @@ def _claim_one(
         if found is None or not (_expired(found[1], now, skew) or found[1].holder == _ORPHAN):
             return None  # another worker holds it (an adopted job back in the queue has none)
         taken = attrs.evolve(fresh, attempts=found[1].attempts + 1)
-        if not store["swap"](layout.leases, job_id, found[0], to_doc(taken)):
+        taken_doc = _lease_doc(found[0], taken)
+        if not store["swap"](layout.leases, job_id, found[0], taken_doc):
             return None  # another worker took it first
-        lease_at = to_doc(taken), taken
+        lease_at = taken_doc, taken
     try:
         store["move"](queue, layout.running, file_id)
     except NotFoundError:  # gone meanwhile: taken by a worker that takes no leases
@@ -2074,7 +2146,7 @@ def renew_lease(
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
     renewed = attrs.evolve(found[1], expires=now() + lease_seconds)
     try:
-        if store["swap"](store["layout"].leases, job_id, found[0], to_doc(renewed)):
+        if store["swap"](store["layout"].leases, job_id, found[0], _lease_doc(found[0], renewed)):
             return renewed
     except NotFoundError:
         pass
@@ -2199,7 +2271,7 @@ def _sweep_lease(
         return False  # queued: the next claim takes the lease over
     if not lease.holder:  # requeued, then moved to running by a program without leases
         adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
-        store["swap"](layout.leases, job_id, raw, to_doc(adopted))
+        store["swap"](layout.leases, job_id, raw, _lease_doc(raw, adopted))
         return False
     if lease.attempts >= max_attempts:
         why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
@@ -2212,7 +2284,7 @@ def _sweep_lease(
         _close(store, found, dn, job_id, doc)
         return False
     released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
-    if not store["swap"](layout.leases, job_id, raw, to_doc(released)):
+    if not store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
         return False  # another sweep or the worker acted first
     try:
         store["move"](

@@ -438,12 +438,13 @@ def test_records_round_trip(cls: type, data: st.DataObject) -> None:
 
 
 def test_from_doc_names_the_bad_field() -> None:
-    """A wrong type or an unknown field is an InvalidDocumentError that names the field."""
+    """A wrong type is an InvalidDocumentError that names the field (an unknown one is read)."""
     good = sqstore.to_doc(sqstore.StatusMsg("j", "DONE", "d", "e"))
     with pytest.raises(sqstore.InvalidDocumentError, match=r"'status' must be in.*got 'FINE'"):
         sqstore.from_doc({**good, "status": "FINE"}, sqstore.StatusMsg)
-    with pytest.raises(sqstore.InvalidDocumentError, match="surprise"):
-        sqstore.from_doc({**good, "surprise": 1}, sqstore.StatusMsg)
+    assert sqstore.from_doc({**good, "surprise": 1}, sqstore.StatusMsg) == (
+        sqstore.StatusMsg("j", "DONE", "d", "e")
+    )
     with pytest.raises(sqstore.InvalidDocumentError, match=r"\$\.shots"):
         sqstore.from_doc(
             {"header": {}, "shots": "many", "success": True, "data": {"memory": []}},
@@ -4218,6 +4219,301 @@ def test_sqooler_models_are_accepted(sqooler: Any, tmp_path: Path) -> None:
     sqstore.upload_public_key(store, public, "sq")
     assert sqstore.get_config(store, "sq").kid == "pk"
     assert sqooler.get_config("sq").kid == "pk"
+
+
+# Documents as sqooler 0.4-0.8 wrote them, field for field (read from each release's
+# schemes.py and storage providers; built here, not copied).  A config is
+# BackendConfigSchemaIn.model_dump() in that release's field order: 0.4.0 ends with
+# operational, pending_jobs, status_msg (no heartbeat, no signing); 0.6.3 has operational
+# before pending_jobs, status_msg, last_queue_check, sign (no kid); 0.8.0 has pending_jobs,
+# status_msg, last_queue_check, sign, kid and then the deprecated operational (default True).
+# Times are datetime.isoformat() text in files (their datetime_handler) and BSON dates in
+# MongoDB; a public key's x is BSON binary in MongoDB (JWK.model_dump()) and text in files
+# (JWK.model_dump_json()).  Every release writes statuses as StatusMsgDict.model_dump() and
+# results as ResultDict.model_dump(); 0.6 and 0.8 sign them as {header, payload, signature}
+# when the config signs.  Local and MongoDB job ids are uuid4().hex[:24] (not time-ordered),
+# Dropbox ones YYYYMMDD_HHMMSS-<dn>-<user>-<5 hex>.
+OLD_SQOOLERS = ("0.4.0", "0.6.3", "0.8.0")
+OLD_CHECK = "2024-05-01T12:00:00+00:00"  # a heartbeat long ago, as datetime.isoformat() wrote it
+OLD_GATE = {  # GateInstruction.config_dict(), as Spooler.get_configuration lists each gate
+    "coupling_map": [[0], [1]],
+    "description": "Evolution under the rotation around x",
+    "name": "rlx",
+    "parameters": ["omega"],
+    "qasm_def": "gate rlx(omega) {}",
+}
+
+
+def old_config(version: str, display_name: str, checked: str | None) -> dict[str, Any]:
+    """The config sqooler *version* writes (unsigned), with heartbeat *checked* if it has one."""
+    doc: dict[str, Any] = {
+        "description": f"a spin simulator configured by sqooler {version}",
+        "version": "0.2.1",
+        "display_name": display_name,
+        "cold_atom_type": "spin",
+        "gates": [OLD_GATE],
+        "max_experiments": 10,
+        "max_shots": 1000,
+        "simulator": True,
+        "supported_instructions": ["rlx", "measure", "barrier"],
+        "num_wires": 2,
+        "wire_order": "interleaved",
+        "num_species": 1,
+    }
+    if version == "0.4.0":
+        return {**doc, "operational": True, "pending_jobs": None, "status_msg": None}
+    if version == "0.6.3":
+        doc["operational"] = True
+    doc |= {"pending_jobs": None, "status_msg": None, "last_queue_check": checked, "sign": False}
+    if version == "0.8.0":
+        doc |= {"kid": None, "operational": True}
+    return doc
+
+
+def old_result(display_name: str, job_id: str) -> dict[str, Any]:
+    """ResultDict.model_dump() of a finished job, as the 0.6/0.8 Spooler builds it."""
+    experiment = {
+        "header": {"name": "experiment_0", "extra metadata": "text"},
+        "shots": 3,
+        "success": True,
+        "data": {"memory": ["1 0", "1 0", "0 1"], "instructions": None},
+    }
+    return {
+        "backend_name": None,
+        "display_name": display_name,
+        "backend_version": "0.2.1",
+        "job_id": job_id,
+        "qobj_id": None,
+        "success": True,
+        "status": "DONE",
+        "header": {},
+        "results": [experiment],
+    }
+
+
+def old_status(job_id: str, status: str = "INITIALIZING") -> dict[str, Any]:
+    detail = {"INITIALIZING": "Got your json.", "DONE": "None; Passed json sanity check; done"}
+    return {"job_id": job_id, "status": status, "detail": detail[status], "error_message": "None"}
+
+
+@pytest.fixture(params=["local", "mongodb", "dropbox"])
+def legacy(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Storage, Callable[..., None]]:
+    """An sqstore handle, and ``put(kind, name, doc, display_name)`` that stores *doc*
+    where and as sqooler 0.4-0.8 stored it: raw files, raw MongoDB documents (random
+    ``_id`` for configs and keys, BSON dates and binary), raw Dropbox uploads."""
+    if request.param == "local":
+        store = sqstore.local_storage(tmp_path / "store")
+    elif request.param == "mongodb":
+        store = mongo_store(request.getfixturevalue("mongodb_server"))
+    else:
+        store = request.getfixturevalue("dbx")
+
+    def put(kind: str, name: str, doc: dict[str, Any], display_name: str = "old") -> None:
+        path = folder(store, kind, name, display_name)
+        file_id = name if kind == "public_keys" else doc_id(store, kind, name, display_name)
+        if request.param == "local":
+            file = tmp_path / "store" / path / f"{file_id}.json"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(doc))  # their json.dump: default separators
+        elif request.param == "mongodb":
+            import bson
+            import pymongo
+
+            def bsonify(value: Any, key: str = "") -> Any:
+                if isinstance(value, dict):
+                    return {k: bsonify(v, k) for k, v in value.items()}
+                if key == "last_queue_check" and isinstance(value, str):
+                    return datetime.datetime.fromisoformat(value)
+                return value.encode() if key == "x" else value
+
+            body = bsonify(doc)
+            keyed = kind in ("configs", "public_keys")
+            body["_id"] = bson.ObjectId() if keyed else bson.ObjectId(name)
+            database, *rest = path.split("/")
+            with pymongo.MongoClient(mongo_uri(request.getfixturevalue("mongodb_server"))) as c:
+                c[database][".".join(rest)].insert_one(body)
+        else:  # a status goes to Status/<dn>/None, where sqooler 0.9 and sqstore read it;
+            # 0.4-0.8 wrote it under Status/<dn>/<username>, which neither reads
+            store["upload"](path, file_id, doc)
+
+    return store, put
+
+
+def old_job_ids(store: Storage, display_name: str, count: int) -> list[str]:
+    """Job ids as sqooler 0.4-0.8 made them for this backend (random on local/MongoDB)."""
+    if store["layout"].job_ids == "dated":
+        return [f"20240501_1200{i:02d}-{display_name}-alice-{i:05x}" for i in range(count)]
+    return [secrets.token_hex(12) for _ in range(count)]
+
+
+@pytest.mark.parametrize("version", OLD_SQOOLERS)
+def test_sqooler_0_4_to_0_8_storage_is_served(
+    legacy: tuple[Storage, Callable[..., None]], version: str
+) -> None:
+    """A storage written by sqooler 0.4-0.8 (config with operational, queued jobs, statuses,
+    a result) is read, heartbeaten and served, and its config keeps its unknown fields."""
+    store, put = legacy
+    checked = None if version == "0.4.0" else OLD_CHECK
+    put("configs", "old", old_config(version, "old", checked))
+    finished, *queued = old_job_ids(store, "old", 3)
+    put("results", finished, old_result("old", finished))
+    put("status", finished, old_status(finished, "DONE"))
+    for job_id in queued:
+        put("queued", job_id, JOB)
+        put("status", job_id, old_status(job_id))
+
+    cfg = sqstore.get_config(store, "old")
+    assert (cfg.num_wires, cfg.wire_order, cfg.sign, cfg.kid) == (2, "interleaved", False, None)
+    assert sqstore.get_backends(store) == ["old"]
+    assert sqstore.get_backend_dict(store, "old").basis_gates == ("rlx",)
+    status = sqstore.get_backend_status(store, "old")
+    assert not status.operational  # no heartbeat for 300 s, whatever 'operational' said
+    assert sqstore.get_status(store, "old", "alice", finished).status == "DONE"
+    assert sqstore.get_result(store, "old", "alice", finished).results[0].data.memory == (
+        "1 0",
+        "1 0",
+        "0 1",
+    )
+    assert sqstore.get_status(store, "old", "alice", queued[0]).status == "INITIALIZING"
+
+    assert sqstore.timestamp_queue(store, "old")
+    assert sqstore.get_backend_status(store, "old").operational
+    nxt = sqstore.get_next_job_in_queue(store, "old")
+    assert nxt.job_id in queued
+    result = sqstore.run_simulator(JOB, nxt.job_id, "old")
+    done = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
+    sqstore.update_in_database(store, result, done, nxt.job_id, "old")
+    assert finish(store, "old") == [j for j in queued if j != nxt.job_id]
+    for job_id in queued:
+        assert sqstore.get_status(store, "old", "alice", job_id).status == "DONE"
+        assert sqstore.get_result(store, "old", "alice", job_id).results == result.results
+
+    beaten = sqstore.get_config(store, "old")
+    sqstore.update_config(store, attrs.evolve(beaten, description="renamed"), "old")
+    raw = store["get"](folder(store, "configs"), doc_id(store, "configs", "", "old"))
+    assert raw["operational"] is True and raw["description"] == "renamed"
+    assert raw["last_queue_check"] is not None  # the heartbeat, written over 0.4's none
+    assert set(raw) == set(sqstore.to_doc(cfg)) | {"operational"}
+
+
+@pytest.mark.parametrize("version", ["0.6.3", "0.8.0"])
+def test_signed_sqooler_0_6_and_0_8_configs_verify_after_sqstore_resigns_them(
+    legacy: tuple[Storage, Callable[..., None]], version: str
+) -> None:
+    """A config signed by sqooler 0.6/0.8 is re-signed by sqstore's heartbeat with its
+    unknown fields, and verifies with sqstore and with sqooler 0.9; its signed jobs finish."""
+    from sqooler.security import JWK as SqoolerJWK
+    from sqooler.security import JWSDict
+
+    store, put = legacy
+    private, public = sqstore.generate_keypair("oldkey")
+    payload = old_config(version, "old", OLD_CHECK) | {"sign": True}
+    if version == "0.8.0":  # 0.8 names the key in the config and publishes it under its kid
+        payload["kid"] = "oldkey"
+        put("public_keys", "oldkey", sqstore.to_doc(public))
+    put("configs", "old", sqstore.sign_doc(payload, private))  # = their sign_payload
+    (job_id,) = old_job_ids(store, "old", 1)
+    put("queued", job_id, JOB)
+    put("status", job_id, sqstore.sign_doc(old_status(job_id), private))
+
+    assert sqstore.get_config(store, "old").sign
+    assert sqstore.get_status(store, "old", "alice", job_id).status == "INITIALIZING"
+    assert sqstore.timestamp_queue(store, "old", private)
+    raw = store["get"](folder(store, "configs"), doc_id(store, "configs", "", "old"))
+    assert sqstore.verify_doc(raw, [public])["operational"] is True
+    assert raw["payload"]["kid"] == "oldkey" and raw["payload"]["last_queue_check"] > OLD_CHECK
+    assert JWSDict(**raw).verify_signature(SqoolerJWK(**sqstore.to_doc(public)))
+
+    sqstore.upload_public_key(store, public, "old")  # a no-op for 0.8; 0.6 kept keys by name
+    assert finish(store, "old", private) == [job_id]
+    assert sqstore.verify_result(store, "old", job_id)
+    assert sqstore.get_status(store, "old", "alice", job_id).status == "DONE"
+    sqstore.update_config(store, sqstore.get_config(store, "old"), "old", private)
+    raw = store["get"](folder(store, "configs"), doc_id(store, "configs", "", "old"))
+    assert sqstore.verify_doc(raw, [public])["operational"] is True
+
+
+def test_unknown_fields_of_any_stored_document_are_read_and_kept(store: Storage) -> None:
+    """Unknown fields in a config, status, result, key or lease (a newer program's) do not
+    stop a read, and sqstore's rewrites of a config or a lease keep them."""
+    new = {"written_by": "sqstore 9", "extras": {"nested": [1, 2]}}
+    private, public = sqstore.generate_keypair("simkey")
+    cfg = attrs.evolve(sqstore.demo_config("sim"), kid="simkey")
+    store["upload"](
+        folder(store, "configs"),
+        doc_id(store, "configs", "", "sim"),
+        {**sqstore.to_doc(cfg), **new},
+    )
+    store["upload"](folder(store, "public_keys"), "simkey", {**sqstore.to_doc(public), **new})
+    assert sqstore.get_config(store, "sim") == cfg
+    assert sqstore.get_public_key(store, "sim") == public
+
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    status = sqstore.StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
+    store["upload"](*place(store, "status", job_id), {**sqstore.to_doc(status), **new})
+    assert sqstore.get_status(store, "sim", "alice", job_id) == status
+    claimed = sqstore.claim_job(store, "sim", holder="bob")
+    assert claimed is not None
+    lease_place = folder(store, "leases"), job_id
+    lease = store["get"](*lease_place)
+    assert store["swap"](*lease_place, lease, {**lease, **new})
+    sqstore.renew_lease(store, job_id, holder="bob")
+    assert store["get"](*lease_place)["written_by"] == "sqstore 9"
+    result = sqstore.run_simulator(JOB, job_id, "sim")
+    done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
+    sqstore.update_in_database(store, result, done, job_id, "sim", holder="bob")
+    res_doc = store["get"](*place(store, "results", job_id))
+    store["update"](*place(store, "results", job_id), {**res_doc, **new})
+    assert sqstore.get_result(store, "sim", "alice", job_id).results == result.results
+
+    sqstore.timestamp_queue(store, "sim")
+    sqstore.update_config(store, cfg, "sim")
+    raw = store["get"](folder(store, "configs"), doc_id(store, "configs", "", "sim"))
+    assert {k: raw[k] for k in new} == new and raw["last_queue_check"] is None
+    sqstore.update_config(store, attrs.evolve(cfg, sign=True), "sim", private)
+    raw = store["get"](folder(store, "configs"), doc_id(store, "configs", "", "sim"))
+    assert {k: sqstore.verify_doc(raw, [public])[k] for k in new} == new
+
+
+CFG = sqstore.demo_config("sim")
+RES = sqstore.run_simulator(JOB, "j1", "sim")
+
+
+def nested_extra(result: sqstore.ResultDict) -> dict[str, Any]:
+    doc = sqstore.to_doc(result)
+    doc["results"][0]["data"]["counts"] = {"1": 5}
+    return doc
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: sqstore.upload_config(s, {**sqstore.to_doc(CFG), "operational": True}, "sim"),
+        lambda s: sqstore.update_config(s, {**sqstore.to_doc(CFG), "operational": True}, "sim"),
+        lambda s: sqstore.upload_result(s, {**sqstore.to_doc(RES), "date": "today"}, "sim", "j1"),
+        lambda s: sqstore.upload_result(s, nested_extra(RES), "sim", "j1"),
+        lambda s: sqstore.update_in_database(
+            s,
+            RES,
+            {**sqstore.to_doc(sqstore.StatusMsg("j1", "DONE", "", "")), "priority": 1},
+            "j1",
+            "sim",
+        ),
+    ],
+    ids=["upload_config", "update_config", "upload_result", "nested", "status"],
+)
+def test_writes_refuse_unknown_fields(tmp_path: Path, call: Callable[[Storage], Any]) -> None:
+    """What sqstore writes stays strict: a document given with a field sqstore does not
+    know is refused with an InvalidDocumentError naming it, and nothing is written."""
+    store = sqstore.local_storage(tmp_path / "store")
+    sqstore.upload_config(store, CFG, "sim")
+    before = tree(tmp_path)
+    with pytest.raises(
+        sqstore.InvalidDocumentError,
+        match=r"unknown field.*\$\.(operational|date|results\[0\]\.data\.counts|priority)",
+    ):
+        call(store)
+    assert tree(tmp_path) == before
 
 
 # ============================================================================
