@@ -108,6 +108,8 @@ __all__ = [
     "Storage",
     "StorageError",
     "TransientError",
+    "backend_dict_to_qiskit",
+    "backend_dict_to_qiskit_status",
     "check_name",
     "claim_job",
     "claim_jobs",
@@ -117,10 +119,13 @@ __all__ = [
     "dropbox_storage",
     "from_doc",
     "generate_keypair",
+    "get_attribute_id",
+    "get_attribute_path",
     "get_backend_dict",
     "get_backend_status",
     "get_backends",
     "get_config",
+    "get_file_queue",
     "get_job",
     "get_next_job_in_queue",
     "get_public_key",
@@ -130,6 +135,7 @@ __all__ = [
     "is_signed",
     "jwk_thumbprint",
     "local_storage",
+    "long_backend_name",
     "main",
     "memory_storage",
     "mongodb_storage",
@@ -1256,8 +1262,8 @@ def run_simulator(job: Doc, job_id: str, display_name: str) -> ResultDict:
 
 
 # Seconds before reading a half-written document again: its writer may be descheduled
-# between truncating and writing it, so keep trying for most of a second.
-_REREAD_PAUSES = (0.005, 0.02, 0.05, 0.1, 0.2, 0.4)
+# between truncating and writing it (longer on a loaded machine): keep trying for 1.5 s.
+_REREAD_PAUSES = (0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 def _read(store: Storage, path: str, doc_id: str) -> Doc:
@@ -1536,6 +1542,157 @@ def timestamp_queue(
     stamp = datetime.fromtimestamp(int(current), timezone.utc)
     _write_config(store, raw, attrs.evolve(cfg, last_queue_check=stamp), display_name, private_jwk)
     return True
+
+
+def long_backend_name(store: Storage, display_name: str, simulator: bool) -> str:
+    """Return a backend's full name, ``<store name>_<display_name>_simulator`` (or ``_hardware``).
+
+    Raises:
+        InvalidNameError: bad display name.
+
+    >>> long_backend_name(memory_storage(), "sim", True)
+    'memory_sim_simulator'
+    """
+    _check_handle(store)
+    kind = "simulator" if simulator else "hardware"
+    return f"{store['name']}_{_check_display_name(display_name)}_{kind}"
+
+
+def backend_dict_to_qiskit(store: Storage, backend_config_info: Any) -> BackendDict:
+    """Return the Qiskit-shaped backend dictionary of a configuration you hold.
+
+    `get_backend_dict` is this applied to the stored configuration.
+
+    Raises:
+        InvalidDocumentError: *backend_config_info* is not a valid configuration.
+    """
+    _check_handle(store)
+    return _backend_dict(
+        store["name"], _coerce(backend_config_info, BackendConfig, "backend_config_info")
+    )
+
+
+def backend_dict_to_qiskit_status(
+    store: Storage,
+    backend_dict: Any,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    now: Callable[[], float] = time.time,
+) -> BackendStatus:
+    """Return the Qiskit-shaped status of a configuration you hold (see `get_backend_status`).
+
+    ``operational`` is true when ``last_queue_check`` is at most *timeout* seconds old.
+
+    Raises:
+        InvalidDocumentError: *backend_dict* is not a valid configuration.
+    """
+    _check_handle(store)
+    cfg = _coerce(backend_dict, BackendConfig, "backend_dict")
+    return BackendStatus(
+        backend_name=_long_backend_name(store["name"], cfg),
+        backend_version=cfg.version,
+        operational=_operational(cfg.last_queue_check, now(), timeout),
+        pending_jobs=cfg.pending_jobs or 0,
+        status_msg=cfg.status_msg or "",
+    )
+
+
+# sqooler's attribute names -> the Layout field of that folder, and of that document's id
+_ATTRIBUTE_PATHS = {
+    "configs": "configs",
+    "results": "results",
+    "running": "running",
+    "status": "status",
+    "queue": "queued",
+    "deleted": "deleted",
+    "finished": "finished",
+    "pks": "public_keys",
+}
+_ATTRIBUTE_IDS = {
+    "configs": "config_id",
+    "job": "job_file",
+    "results": "result_file",
+    "status": "status_file",
+}
+
+
+def get_attribute_path(
+    store: Storage,
+    attribute_name: str,
+    display_name: str | None = None,
+    job_id: str | None = None,
+    username: str | None = None,
+) -> str:
+    """Return the folder of a kind of document, as the handle's callables take it.
+
+    *attribute_name* is sqooler's: ``configs``, ``results``, ``running``,
+    ``status``, ``queue``, ``deleted``, ``finished`` or ``pks``.  A folder
+    that depends on the backend needs *display_name*; one that depends on the
+    user (Dropbox) takes it from *job_id*, else from *username*.
+
+    Raises:
+        InvalidNameError: an unknown attribute, or a bad or missing name.
+
+    >>> get_attribute_path(memory_storage(), "queue", "sim")
+    'jobs/queued/sim'
+    """
+    _check_handle(store)
+    layout = store["layout"]
+    field = _ATTRIBUTE_PATHS.get(attribute_name)
+    if field is None:
+        raise InvalidNameError(
+            f"attribute {attribute_name!r} has no folder: use one of {sorted(_ATTRIBUTE_PATHS)}"
+        )
+    template = getattr(layout, field)
+    dn = _check_display_name(display_name) if "{display_name}" in template else ""
+    if "{username}" not in template:
+        return _fill(template, dn)
+    if job_id is not None:
+        return _job_fill(layout, template, dn, check_name(job_id, "job_id"))
+    if username is None:
+        raise InvalidNameError(
+            f"the {attribute_name} folder of this layout needs a job_id or username"
+        )
+    return _fill(template, dn, check_name(username, "username"))
+
+
+def get_attribute_id(
+    store: Storage, attribute_name: str, job_id: str, display_name: str | None = None
+) -> str:
+    """Return the id under which the handle finds a job's document (or a backend's config).
+
+    *attribute_name* is sqooler's: ``configs`` (needs *display_name*),
+    ``job``, ``results`` or ``status``.
+
+    Raises:
+        InvalidNameError: an unknown attribute, or a bad or missing name.
+
+    >>> get_attribute_id(memory_storage(layout=DROPBOX_LAYOUT), "status", "j1")
+    'status-j1'
+    """
+    _check_handle(store)
+    field = _ATTRIBUTE_IDS.get(attribute_name)
+    if field is None:
+        raise InvalidNameError(
+            f"attribute {attribute_name!r} has no id: use one of {sorted(_ATTRIBUTE_IDS)}"
+        )
+    if attribute_name == "configs":
+        return _fill(getattr(store["layout"], field), _check_display_name(display_name))
+    return _fill(getattr(store["layout"], field), job_id=check_name(job_id, "job_id"))
+
+
+def get_file_queue(store: Storage, storage_path: str) -> list[str]:
+    """Return the ids in folder *storage_path*, sorted (a queue: oldest first).
+
+    Leading and trailing ``/`` are ignored, as sqooler ignores them.  A folder
+    that does not exist holds nothing.
+
+    Raises:
+        InvalidNameError: *storage_path* is not a safe folder path.
+    """
+    _check_handle(store)
+    path = storage_path.strip("/") if isinstance(storage_path, str) else storage_path
+    return sorted(store["list"](_check_path(path)))
 
 
 def create_job_id(store: Storage, display_name: str, username: str) -> str:

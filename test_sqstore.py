@@ -4516,6 +4516,347 @@ def test_writes_refuse_unknown_fields(tmp_path: Path, call: Callable[[Storage], 
     assert tree(tmp_path) == before
 
 
+# sqooler's 32 provider methods, the migration guide and a ported spooler, run against sqooler.
+def sqooler_provider_methods() -> dict[str, list[Any]]:
+    """sqooler 0.9's public provider methods: name -> their signatures (without ``self``).
+
+    Read from ``StorageProvider`` and every concrete provider (local, MongoDB, Dropbox).
+    """
+    import inspect
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sqooler.storage_providers import base
+        from sqooler.storage_providers import dropbox as sq_dropbox
+        from sqooler.storage_providers import local as sq_local
+        from sqooler.storage_providers import mongodb as sq_mongodb
+    methods: dict[str, list[inspect.Signature]] = {}
+    for module in (base, sq_local, sq_mongodb, sq_dropbox):
+        for cls in vars(module).values():
+            if not (inspect.isclass(cls) and issubclass(cls, base.StorageProvider)):
+                continue
+            for name, func in inspect.getmembers(cls, inspect.isfunction):
+                if not name.startswith("_"):
+                    sig = inspect.signature(func)
+                    params = list(sig.parameters.values())[1:]
+                    methods.setdefault(name, []).append(sig.replace(parameters=params))
+    return methods
+
+
+def readme_section(heading: str) -> str:
+    """The text of README.md from *heading* to the next heading of its level or above."""
+    text = (HERE / "README.md").read_text()
+    start = text.index(f"\n{heading}\n")
+    level = heading.split(" ")[0]
+    ends = [text.find(f"\n{'#' * n} ", start + 1) for n in range(1, len(level) + 1)]
+    return text[start : min([e for e in ends if e != -1] or [len(text)])]
+
+
+def readme_mapping() -> dict[str, tuple[str, str]]:
+    """The README's table of sqooler's CRUD verbs: name -> (sqooler call, sqstore code)."""
+    rows = re.findall(
+        r"^\| `provider\.(\w+)\(([^`]*)\)` \| `([^`]+)`",
+        readme_section("## Compatibility with sqooler 0.9"),
+        re.M,
+    )
+    return {name: (args, code) for name, args, code in rows}
+
+
+def test_every_sqooler_provider_method_is_offered_or_mapped(sqooler: Any) -> None:
+    """Each sqooler 0.9 provider method is sqstore.f(store, *its params) or in the README table."""
+    import inspect
+
+    methods = sqooler_provider_methods()
+    table = readme_mapping()
+    offered = {name for name in methods if name in sqstore.__all__}
+    assert len(methods) == 32
+    assert offered.isdisjoint(table) and offered | set(table) == set(methods), sorted(
+        set(methods) - offered - set(table)
+    )
+    for name in sorted(offered):
+        ours = list(inspect.signature(getattr(sqstore, name)).parameters.values())
+        assert ours[0].name == "store", name
+        for sig in methods[name]:
+            theirs = list(sig.parameters.values())
+            shape = [(p.name, p.kind, p.default) for p in theirs]
+            assert [(p.name, p.kind, p.default) for p in ours[1 : len(theirs) + 1]] == shape, name
+            assert all(p.default is not p.empty for p in ours[len(theirs) + 1 :]), name
+    for name, (args, _) in table.items():  # the table quotes sqooler's own parameter names
+        for sig in methods[name]:
+            assert args == ", ".join(sig.parameters), name
+    claim = readme_section("## The API at a glance")
+    assert f"{len(offered)} of the {len(methods)} public methods" in claim
+    assert f"the other {len(table)}" in claim
+
+
+def test_sqooler_crud_verbs_map_to_the_handle_as_the_readme_says(
+    shared: tuple[Any, Storage],
+) -> None:
+    """Each row of the README's CRUD table does on sqstore's handle what sqooler's verb does."""
+    sqooler, store = shared
+    table = readme_mapping()
+    queue, running = folder(store, "queued", display_name="sq"), store["layout"].running
+    ids = [doc_id(store, "queued", sqstore.create_job_id(store, "sq", "alice")) for _ in range(3)]
+    first, second = {"experiment_0": {"shots": 1}}, {"experiment_0": {"shots": 2}}
+
+    def run(name: str, **names: Any) -> Any:
+        """Run the sqstore column of the README's row *name* with sqooler's argument names."""
+        return eval(table[name][1], {"json": json, "store": store, **names})
+
+    run("upload", content_dict=first, storage_path=queue, job_id=ids[0])
+    assert sqooler.get(queue, ids[0]) == first
+    sqooler.upload(second, queue, ids[1])
+    assert run("get", storage_path=queue, job_id=ids[1]) == second == sqooler.get(queue, ids[1])
+    run("update", content_dict=second, storage_path=queue, job_id=ids[0])
+    assert sqooler.get(queue, ids[0]) == second
+    run("move", start_path=queue, final_path=running, job_id=ids[0])
+    assert sqooler.get(running, ids[0]) == second
+    with pytest.raises(FileNotFoundError):
+        sqooler.get(queue, ids[0])
+    run("delete", storage_path=running, job_id=ids[0])
+    with pytest.raises(FileNotFoundError):
+        sqooler.get(running, ids[0])
+    run("upload_string", content_string=json.dumps(first), storage_path=queue, job_id=ids[2])
+    assert sqooler.get(queue, ids[2]) == first
+    run("delete_folder", folder_path=queue)
+    assert sqooler.get_file_queue(queue) == [] == store["list"](queue)
+
+
+def test_sqooler_high_level_methods_agree_with_sqooler(shared: tuple[Any, Storage]) -> None:
+    """get_file_queue, get_attribute_path/_id, long_backend_name, the Qiskit views match sqooler."""
+    from sqooler.schemes import BackendConfigSchemaIn
+
+    sqooler, store = shared
+    assert store["name"] == sqooler.name
+    config = sqstore.demo_config("sq")
+    sqstore.upload_config(store, config, "sq")
+    job_ids = [sqooler.upload_job(JOB, "sq", "alice") for _ in range(2)]
+    job_ids.append(sqstore.upload_job(store, JOB, "sq", "alice"))
+    for job_id in job_ids:
+        sqooler.upload_status("sq", "alice", job_id)
+    nxt = sqstore.get_next_job_in_queue(store, "sq")
+    sqstore.update_in_database(
+        store,
+        sqstore.run_simulator(JOB, nxt.job_id, "sq"),
+        sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None"),
+        nxt.job_id,
+        "sq",
+    )
+
+    queue = sqooler.get_attribute_path("queue", "sq")
+    assert sqstore.get_file_queue(store, queue) == sorted(sqooler.get_file_queue(queue))
+    assert len(sqstore.get_file_queue(store, queue)) == 2
+    assert sqstore.get_file_queue(store, "jobs/queued/nobody") == []
+    done = nxt.job_id
+    wheres: list[tuple[str, str | None, dict[str, Any]]] = [
+        ("queue", "job", {"display_name": "sq"}),
+        ("running", None, {}),
+        ("finished", "job", {"display_name": "sq", "job_id": done, "username": "alice"}),
+        ("deleted", None, {"display_name": "sq"}),
+        ("status", "status", {"display_name": "sq"}),
+        ("results", "results", {"display_name": "sq", "job_id": done}),
+        ("configs", "configs", {"display_name": "sq"}),
+        ("pks", None, {}),
+    ]
+    for attribute, kind, names in wheres:
+        theirs = sqooler.get_attribute_path(attribute, **names)
+        ours = sqstore.get_attribute_path(store, attribute, **names)
+        if store["name"] != "dropbox":  # the same string on a directory and on MongoDB
+            assert ours == theirs, attribute
+        if kind is None:
+            continue
+        job_id = next(j for j in job_ids if j != done) if attribute == "queue" else done
+        our_id = sqstore.get_attribute_id(store, kind, job_id, display_name="sq")
+        if kind == "configs" and store["name"] == "mongodb":
+            with pytest.raises(ValueError):  # sqooler finds MongoDB configs by a query instead
+                sqooler.get_attribute_id(kind, job_id, display_name="sq")
+            assert store["get"](ours, our_id)["display_name"] == "sq"
+            continue
+        their_id = sqooler.get_attribute_id(kind, job_id, display_name="sq")
+        if store["name"] != "dropbox":
+            assert our_id == their_id, attribute
+        assert store["get"](ours, our_id) == sqooler.get(theirs, their_id), attribute
+    with pytest.raises(ValueError):
+        sqstore.get_attribute_path(store, "job", "sq")
+    with pytest.raises(ValueError):
+        sqstore.get_attribute_id(store, "queue", done)
+
+    for simulator in (True, False):
+        assert sqstore.long_backend_name(store, "sq", simulator) == sqooler.long_backend_name(
+            "sq", simulator
+        )
+    theirs_in = BackendConfigSchemaIn(**sqstore.to_doc(config))
+    ours_out = sqstore.backend_dict_to_qiskit(store, config)
+    assert sqstore.to_doc(ours_out) == sqooler.backend_dict_to_qiskit(theirs_in).model_dump()
+    assert sqstore.backend_dict_to_qiskit(store, theirs_in) == ours_out
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    for age in (0, 3600):
+        stamped = attrs.evolve(config, last_queue_check=now - datetime.timedelta(seconds=age))
+        theirs_status = sqooler.backend_dict_to_qiskit_status(
+            BackendConfigSchemaIn(**sqstore.to_doc(stamped))
+        )
+        ours_status = sqstore.backend_dict_to_qiskit_status(store, stamped)
+        assert sqstore.to_doc(ours_status) == theirs_status.model_dump()
+        assert ours_status.operational is (age == 0)
+
+
+def test_readme_frozen_records_guide_runs() -> None:
+    """The guide's replacements run, and each sqooler line it quotes fails on sqstore's records."""
+    code = readme_block("### Records are frozen", "python")
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    status, result = namespace["status"], namespace["result"]
+    assert (status.status, status.detail) == ("DONE", "Got your json.; done")
+    assert [e.shots for e in result.results] == [3, 2, 1]
+    quoted = re.findall(r"# sqooler: (.+)", code)
+    assert len(quoted) >= 2
+    for line in quoted:
+        with pytest.raises(AttributeError):
+            exec(line.split(", ")[0] if "append" in line else line, namespace)
+    assert sqstore.from_doc(sqstore.to_doc(result), sqstore.ResultDict) == result
+
+
+# A lab's spooler, as sqooler 0.9 has labs write it: gates as pydantic models, gen_circuit.
+# The executor fails on 13 shots (a RuntimeError, which sqooler's add_job does not catch).
+LAB_SPOOLER = """
+from typing import Literal
+
+from pydantic import BaseModel
+from sqooler.schemes import ExperimentDict, GateInstruction
+from sqooler.spoolers import Spooler
+
+
+class XInstruction(GateInstruction):
+    name: Literal["x"] = "x"
+    wires: list[int]
+    params: list[float] = []
+    parameters: str = ""
+    description: str = "Pauli X"
+    coupling_map: list = [[0]]
+
+
+class MeasureInstruction(BaseModel):
+    name: Literal["measure"]
+    wires: list[int]
+    params: list[float]
+
+
+class LabExperiment(BaseModel):
+    instructions: list[list]
+    num_wires: Literal[1]
+    shots: int
+    wire_order: str
+
+
+def gen_circuit(name, experiment):
+    if experiment.shots == 13:
+        raise RuntimeError("the laser is off")
+    flips = sum(gate.name == "x" for gate in experiment.instructions) % 2
+    memory = [str(flips)] * experiment.shots
+    return ExperimentDict(header={"name": name}, shots=experiment.shots, success=True,
+                          data={"memory": memory})
+
+
+spooler_object = Spooler(
+    ins_schema_dict={"x": XInstruction, "measure": MeasureInstruction},
+    device_config=LabExperiment,
+    n_wires=1,
+    description="A one-qubit lab",
+    n_max_shots=100,
+    version="1.0",
+    wire_order="sequential",
+    sign=True,
+)
+spooler_object.gen_circuit = gen_circuit
+"""
+
+
+def lab_jobs(sqooler: Any) -> dict[str, str]:
+    """sqooler's Alice submits three jobs (good, rejected by the spooler, failing): id -> kind."""
+    bad = {"experiment_0": {**JOB["experiment_0"], "instructions": [["h", [0], []]]}}
+    failing = {"experiment_0": {**JOB["experiment_0"], "shots": 13}}
+    kinds = {}
+    for kind, job in (("good", JOB), ("rejected", bad), ("failing", failing)):
+        job_id = sqooler.upload_job(job, "lab", "alice")
+        sqooler.upload_status("lab", "alice", job_id)
+        kinds[job_id] = kind
+    return kinds
+
+
+def check_lab_jobs(sqooler: Any, kinds: dict[str, str]) -> None:
+    """sqooler's Alice sees the good job DONE with a verified result, the others ERROR."""
+    for job_id, kind in kinds.items():
+        status = sqooler.get_status("lab", "alice", job_id)
+        assert status.status == ("DONE" if kind == "good" else "ERROR"), (kind, status)
+        if kind == "good":
+            assert sqooler.get_result("lab", "alice", job_id).results[0].data.memory == ["1"] * 5
+            assert sqooler.verify_result("lab", job_id)
+        elif kind == "rejected":
+            assert "Instruction h not allowed" in status.error_message
+        else:
+            assert "RuntimeError: the laser is off" in status.error_message
+    assert sqooler.get_backend_status("lab").operational
+
+
+def lab_key_env(monkeypatch: pytest.MonkeyPatch) -> sqstore.JWK:
+    """A fresh key for the lab, put in PRIVATE_JWK_STR as sqooler's spoolers read it."""
+    private, _ = sqstore.generate_keypair("labkey")
+    text = json.dumps(sqstore.to_doc(private)).encode()
+    monkeypatch.setenv("PRIVATE_JWK_STR", base64.urlsafe_b64encode(text).decode())
+    return private
+
+
+def test_readme_ported_spooler_loop_serves_a_sqooler_frontend(
+    shared: tuple[Any, Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's port of sqooler's main loop serves sqooler 0.9's Alice on one storage."""
+    sqooler, store = shared
+    lab_key_env(monkeypatch)
+    namespace: dict[str, Any] = {}
+    exec(compile(LAB_SPOOLER, "labspooler.py", "exec", dont_inherit=True), namespace)
+    exec(
+        compile(readme_block("### The main loop, ported", "python"), "README.md", "exec"), namespace
+    )
+    backends = {"lab": namespace["spooler_object"]}
+    namespace["publish"](store, backends)
+    namespace["publish"](store, backends)  # a restart: update_config, the same key again
+    kinds = lab_jobs(sqooler)
+    namespace["serve"](store, backends, num_iter=4, wait=0.0)
+    check_lab_jobs(sqooler, kinds)
+    assert jobs_in(store, "leases") == [] and sqstore.get_file_queue(store, "jobs/running") == []
+
+
+def test_readme_sqooler_spooler_under_sqstore_work(
+    sqooler: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's executor runs a sqooler Spooler under `sqstore work` for sqooler's Alice."""
+    from sqooler.utils import update_backends
+
+    private = lab_key_env(monkeypatch)
+    namespace: dict[str, Any] = {}
+    exec(compile(LAB_SPOOLER, "labspooler.py", "exec", dont_inherit=True), namespace)
+    update_backends(sqooler, {"lab": namespace["spooler_object"]})  # sqooler publishes
+    kinds = lab_jobs(sqooler)
+    (tmp_path / "labspooler.py").write_text(LAB_SPOOLER)
+    (tmp_path / "labwork.py").write_text(readme_block("### Keeping sqooler's Spooler", "python"))
+    (tmp_path / "lab.jwk").write_text(json.dumps(sqstore.to_doc(private)))
+    command = readme_block("### Keeping sqooler's Spooler", "sh").strip()
+    assert command.startswith("sqstore work ") and "\n" not in command
+    argv = [sys.executable, "-m", "sqstore", *command.split()[1:], "--max-jobs", "3"]
+    env = {**os.environ, "PYTHONPATH": str(HERE), "SQSTORE_STORAGE": str(tmp_path / "store")}
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    check_lab_jobs(sqooler, kinds)
+    for job_id, kind in kinds.items():  # the statuses are work()'s own, as the README says
+        status = sqooler.get_status("lab", "alice", job_id)
+        if kind == "good":
+            assert status.detail == "The job is done."
+        else:
+            assert status.detail == "The executor failed."
+            assert status.error_message.startswith("RuntimeError: ")
+
+
 # ============================================================================
 # Storage URLs and layers
 # ============================================================================
