@@ -1561,7 +1561,8 @@ def test_api_names_are_validated(store: Storage, tmp_path: Path, field: str, bad
     names[field] = bad
     with pytest.raises(sqstore.InvalidNameError):
         if field == "job_id":
-            sqstore.get_status(store, names["display_name"], names["username"], bad)
+            result = sqstore.run_simulator(JOB, "x", "sim")
+            sqstore.upload_result(store, result, names["display_name"], bad)
         else:
             sqstore.upload_job(store, JOB, names["display_name"], names["username"])
     with pytest.raises(sqstore.InvalidNameError):
@@ -1571,7 +1572,9 @@ def test_api_names_are_validated(store: Storage, tmp_path: Path, field: str, bad
 
 def test_kid_is_validated(store: Storage) -> None:
     """A kid is a name too: it cannot escape the keys folder."""
-    with pytest.raises(sqstore.InvalidNameError):
+    with pytest.raises(
+        sqstore.NotFoundError, match=re.escape("no public key '../configs/sim': a kid is")
+    ):
         sqstore.get_public_key_from_kid(store, "../configs/sim")
     with pytest.raises(sqstore.InvalidNameError):
         sqstore.generate_keypair("../x")
@@ -1581,6 +1584,202 @@ def test_upload_job_refuses_non_objects(store: Storage) -> None:
     """A job must be a JSON object."""
     with pytest.raises(sqstore.InvalidDocumentError):
         sqstore.upload_job(store, ["not", "a", "dict"], "sim", "alice")  # type: ignore[arg-type]
+
+
+# Issue 12 (items 2, 3, 8): sqooler's callers on the API -----------------------------------
+def spied(store: Storage) -> tuple[Storage, list[tuple[str, tuple[Any, ...]]]]:
+    """*store* with every call of a verb recorded as ``(verb, args)``."""
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def wrap(op: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(*args: Any) -> Any:
+            calls.append((op, args))
+            return call(*args)
+
+        return spy
+
+    return {**store, **{op: wrap(op, store[op]) for op in sqstore._OPS}}, calls  # type: ignore[return-value]
+
+
+def test_upload_status_for_a_backend_without_config_is_not_found(store: Storage) -> None:
+    """upload_status for a backend with no config raises NotFoundError after one read, and
+    writes nothing: a frontend rejects a job for an unknown backend as it does on sqooler."""
+    job_id = sqstore.create_job_id(store, "ghost", "alice")
+    spy, calls = spied(store)
+    with pytest.raises(sqstore.NotFoundError, match="ghost") as info:
+        sqstore.upload_status(spy, "ghost", "alice", job_id)
+    assert isinstance(info.value, FileNotFoundError)
+    assert [op for op, _ in calls] == ["get"]
+    assert sqstore.get_status(store, "ghost", "alice", job_id).status == "ERROR"  # none written
+
+
+def test_upload_status_for_an_unknown_backend_fails_as_on_sqooler(
+    sqooler: Any, tmp_path: Path
+) -> None:
+    """sqooler 0.9 and sqstore both refuse a status for a backend without a config, with a
+    FileNotFoundError, on one directory."""
+    shared = sqstore.local_storage(tmp_path / "store")
+    job_id = sqstore.create_job_id(shared, "ghost", "alice")
+    with pytest.raises(FileNotFoundError):
+        sqooler.upload_status("ghost", "alice", job_id)
+    with pytest.raises(FileNotFoundError):
+        sqstore.upload_status(shared, "ghost", "alice", job_id)
+    assert tree(tmp_path / "store") == {}
+
+
+def test_upload_status_costs_one_config_read_which_signing_shares(
+    store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """The config read that finds an unknown backend is the one a signing backend makes
+    anyway: unsigned, a read and a write; signed, two reads (config, published key)."""
+    private, public = keys
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    sqstore.upload_config(store, sqstore.demo_config("sig", sign=True), "sig", private)
+    sqstore.upload_public_key(store, public, "sig")
+    counts: dict[str, int] = {}
+    metered = sqstore.with_metrics(store, counts=counts)
+    sqstore.upload_status(metered, "sim", "alice", sqstore.create_job_id(store, "sim", "alice"))
+    assert counts == {"get": 1, "upload": 1}
+    counts.clear()
+    job_id = sqstore.create_job_id(store, "sig", "alice")
+    sqstore.upload_status(metered, "sig", "alice", job_id, private)
+    assert counts == {"get": 2, "upload": 1}
+    assert sqstore.is_signed(store["get"](folder(store, "status", job_id, "sig"),
+                                          doc_id(store, "status", job_id, "sig")))  # fmt: skip
+
+
+BAD_DISPLAY_NAMES = ["dummy_non_existing", "Sim", "../../etc", "", "a/b", "x\x00y", "s" * 65, "$ne"]
+BAD_NAMES = ["../../etc", "a/b", "", "x\x00y", ".hidden", "$where", "a" * 129, "\u202egnp.exe"]
+BAD_FOLDERS = ["../jobs", "/etc/passwd", "jobs//running", "jobs/running/", "", "x\x00y"]
+NOT_FOUND = re.compile(r"no (backend|user|job|public key|folder) (.+): an? [a-z ]+ is .+")
+
+
+READS_WITH_A_BAD_NAME: list[tuple[str, list[str], Callable[[Storage, str, str], Any]]] = [
+    ("get_config", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_config(s, b)),
+    ("get_backend_dict", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_backend_dict(s, b)),
+    ("get_backend_status", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_backend_status(s, b)),
+    ("get_status dn", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_status(s, b, "alice", j)),
+    ("get_status user", BAD_NAMES, lambda s, b, j: sqstore.get_status(s, "sim", b, j)),
+    ("get_status id", BAD_NAMES, lambda s, b, j: sqstore.get_status(s, "sim", "alice", b)),
+    ("get_result dn", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_result(s, b, "alice", j)),
+    ("get_result user", BAD_NAMES, lambda s, b, j: sqstore.get_result(s, "sim", b, j)),
+    ("get_result id", BAD_NAMES, lambda s, b, j: sqstore.get_result(s, "sim", "alice", b)),
+    ("get_job id", BAD_NAMES, lambda s, b, j: sqstore.get_job(s, s["layout"].running, b)),
+    ("get_job folder", BAD_FOLDERS, lambda s, b, j: sqstore.get_job(s, b, j)),
+    ("get_public_key", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_public_key(s, b)),
+    ("get_public_key_from_kid", BAD_NAMES, lambda s, b, j: sqstore.get_public_key_from_kid(s, b)),
+    ("verify_result dn", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.verify_result(s, b, j)),
+    ("verify_result id", BAD_NAMES, lambda s, b, j: sqstore.verify_result(s, "sim", b)),
+]
+"""Every read with each name it takes replaced by a bad one: (what, bad names, call)."""
+
+
+def test_a_name_that_cannot_exist_is_not_found_on_every_read(
+    signed: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """Every read given a name that cannot exist raises NotFoundError (a FileNotFoundError,
+    which a frontend serves as a 404) saying why, with the name escaped, and touches nothing."""
+    job_id = sqstore.upload_job(signed, JOB, "sim", "alice")
+    finish(signed, "sim", keys[0])
+    assert sqstore.verify_result(signed, "sim", job_id)
+    for what, bad_names, read in READS_WITH_A_BAD_NAME:
+        for bad in bad_names:
+            spy, calls = spied(signed)
+            with pytest.raises(sqstore.NotFoundError) as info:
+                read(spy, bad, job_id)
+            message = str(info.value)
+            assert isinstance(info.value, FileNotFoundError), (what, bad)
+            assert NOT_FOUND.fullmatch(message), (what, bad, message)
+            assert repr(bad)[:20] in message, (what, bad, message)
+            assert "\x00" not in message and "\u202e" not in message, (what, bad)
+            assert calls == [], (what, bad, calls)
+
+
+def test_a_name_that_cannot_exist_is_still_invalid_on_every_write(
+    signed: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """Writes keep refusing a bad name with InvalidNameError (a ValueError), before any write."""
+    private, public = keys
+    s = signed
+    job_id = sqstore.upload_job(s, JOB, "sim", "alice")
+    result = sqstore.run_simulator(JOB, job_id, "sim")
+    done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
+    config = sqstore.demo_config("sim")
+    writes: list[tuple[str, list[str], Callable[[Storage, str], Any]]] = [
+        ("upload_config", BAD_DISPLAY_NAMES, lambda t, b: sqstore.upload_config(t, config, b)),
+        ("update_config", BAD_DISPLAY_NAMES, lambda t, b: sqstore.update_config(t, config, b)),
+        ("timestamp_queue", BAD_DISPLAY_NAMES, lambda t, b: sqstore.timestamp_queue(t, b)),
+        ("upload_job dn", BAD_DISPLAY_NAMES, lambda t, b: sqstore.upload_job(t, JOB, b, "al")),
+        ("upload_job user", BAD_NAMES, lambda t, b: sqstore.upload_job(t, JOB, "sim", b)),
+        ("upload_status dn", BAD_DISPLAY_NAMES,
+         lambda t, b: sqstore.upload_status(t, b, "alice", job_id)),
+        ("upload_status user", BAD_NAMES, lambda t, b: sqstore.upload_status(t, "sim", b, job_id)),
+        ("upload_status id", BAD_NAMES, lambda t, b: sqstore.upload_status(t, "sim", "alice", b)),
+        ("upload_result dn", BAD_DISPLAY_NAMES,
+         lambda t, b: sqstore.upload_result(t, result, b, job_id, private)),
+        ("upload_result id", BAD_NAMES,
+         lambda t, b: sqstore.upload_result(t, result, "sim", b, private)),
+        ("update_in_database dn", BAD_DISPLAY_NAMES,
+         lambda t, b: sqstore.update_in_database(t, result, done, job_id, b, private)),
+        ("update_in_database id", BAD_NAMES,
+         lambda t, b: sqstore.update_in_database(t, result, done, b, "sim", private)),
+        ("upload_public_key dn", BAD_DISPLAY_NAMES,
+         lambda t, b: sqstore.upload_public_key(t, public, b)),
+        ("upload_public_key user", BAD_NAMES,
+         lambda t, b: sqstore.upload_public_key(t, public, b, role="user")),
+    ]  # fmt: skip
+    for what, bad_names, write in writes:
+        for bad in bad_names:
+            spy, calls = spied(s)
+            with pytest.raises(sqstore.InvalidNameError):
+                write(spy, bad)
+            assert not [c for c in calls if c[0] in sqstore._WRITES], (what, bad, calls)
+
+
+def test_upload_public_key_publishes_a_user_key_without_a_backend(store: Storage) -> None:
+    """role="user" (sqooler after 0.9) publishes a user's key under its kid in the keys folder,
+    in the same JWK form, without a config; a second key for that kid is refused."""
+    private, public = sqstore.generate_keypair("alicekey")
+    sqstore.upload_public_key(store, public, "alice", role="user")
+    sqstore.upload_public_key(store, public, "alice", role="user")  # the same key: a no-op
+    folder_ = store["layout"].public_keys
+    assert store["list"](folder_) == ["alicekey"]
+    stored = store["get"](folder_, "alicekey")
+    stored.pop("_id", None)
+    assert stored == sqstore.to_doc(public)
+    assert sqstore.get_public_key_from_kid(store, "alicekey") == public
+    _, other = sqstore.generate_keypair("alicekey")
+    with pytest.raises(sqstore.AlreadyExistsError, match="another public key"):
+        sqstore.upload_public_key(store, other, "alice", role="user")
+    with pytest.raises(sqstore.BadSignatureError, match="not a public key"):
+        sqstore.upload_public_key(store, private, "alice", role="user")
+    assert sqstore.get_public_key_from_kid(store, "alicekey") == public
+    with pytest.raises(sqstore.NotFoundError):  # a backend key still needs the config
+        sqstore.upload_public_key(store, sqstore.generate_keypair("bobkey")[1], "sim")
+    with pytest.raises(sqstore.NotFoundError):
+        sqstore.upload_public_key(
+            store, sqstore.generate_keypair("bobkey")[1], "sim", role="backend"
+        )
+
+
+def test_upload_public_key_checks_a_backend_key_and_refuses_other_roles(
+    store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """role="backend" (the default) keeps the config-kid check; any other role is a ValueError
+    and writes nothing."""
+    private, public = keys
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    _, wrong_kid = sqstore.generate_keypair("otherkid")
+    with pytest.raises(sqstore.BadSignatureError, match="otherkid"):
+        sqstore.upload_public_key(store, wrong_kid, "sim", role="backend")
+    sqstore.upload_public_key(store, wrong_kid, "sim", role="user")  # no config check for users
+    sqstore.upload_public_key(store, public, "sim", role="backend")
+    assert sqstore.get_public_key(store, "sim") == public
+    for role in ("admin", "Backend", "", None, 1):
+        spy, calls = spied(store)
+        with pytest.raises(ValueError, match="role"):
+            sqstore.upload_public_key(spy, public, "sim", role=role)  # type: ignore[arg-type]
+        assert calls == []
 
 
 # ============================================================================
@@ -4056,7 +4255,8 @@ def test_mongodb_lifecycle_needs_fewer_round_trips_than_sqooler(
     """A whole job life costs sqstore fewer database commands than sqooler 0.9, leases included.
 
     Counted with pymongo's command monitoring (see `lifecycle_counts`).  sqstore's count
-    is pinned, so that a change that adds a round trip shows here: 2 inserts; claim 7
+    is pinned, so that a change that adds a round trip shows here: submit 3 (the job and
+    its status, and the config read that finds an unknown backend, as sqooler's does); claim 7
     (config, list, lease, move 3, job); finish 11 (config, lease, the final status recorded
     in the lease by a swap (2), result, move 3, status, the lease dropped by a swap (2));
     reads 3.
@@ -4075,7 +4275,7 @@ def test_mongodb_lifecycle_needs_fewer_round_trips_than_sqooler(
     store = sqstore.mongodb_storage(client)
     counts = lifecycle_counts(store, sqooler, counter.commands.clear, lambda: len(counter.commands))
     print(f"MongoDB commands per job lifecycle: sqstore {counts[0]}, sqooler 0.9 {counts[1]}")
-    assert counts[0] == 23 and counts[0] < counts[1]
+    assert counts[0] == 24 and counts[0] < counts[1]
 
 
 # ============================================================================
@@ -5375,7 +5575,7 @@ def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
     proc = run_cli(*args, "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
-    assert figures["calls_per_round_trip"] == {"delete": 3, "find": 12, "insert": 6, "update": 2}
+    assert figures["calls_per_round_trip"] == {"delete": 3, "find": 13, "insert": 6, "update": 2}
     assert min(figures["claim_us_10"], figures["claim_us_1000"], figures["claim_us_30"]) > 0
     for n in (10, 30, 1000):  # lease insert, find + insert + delete, read; list once per pass
         assert 5 <= figures[f"claim_calls_{n}"] <= 5.5
@@ -5394,7 +5594,7 @@ def test_cli_bench_on_dropbox_counts_requests_and_cleans_up(
     dropbox_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`sqstore --storage dropbox:// bench` counts HTTP requests per round trip and per claim
-    (18 per round trip, as the lifecycle test counts), and leaves only what was there."""
+    (19 per round trip, as the lifecycle test counts), and leaves only what was there."""
     store = sqstore.open_storage("dropbox://")
     sqstore.upload_config(store, sqstore.demo_config("keep"), "keep")
     kept = dropbox_env.files()
@@ -5403,7 +5603,7 @@ def test_cli_bench_on_dropbox_counts_requests_and_cleans_up(
     figures = json.loads(capsys.readouterr().out)
     assert figures["storage"] == "dropbox" and figures["sizes"] == [7, 10]
     calls = figures["calls_per_round_trip"]
-    assert sum(calls.values()) == 18 and "users/get_current_account" not in calls
+    assert sum(calls.values()) == 19 and "users/get_current_account" not in calls
     for n in (7, 10):  # lease upload, move, download; a list page per 3 (the fake's page size)
         assert 3 <= figures[f"claim_calls_{n}"] <= 4, figures
     assert dropbox_env.files() == kept
@@ -5513,7 +5713,7 @@ def test_cli_job_commands(tmp_path: Path) -> None:
         (["submit", "nosuch", "job.json"], "backends/configs/nosuch does not exist"),
         (["submit", "sim", "missing.json"], "cannot read job file missing.json"),
         (["submit", "sim", "bad.json"], "bad.json: not valid JSON"),
-        (["status", "sim", "../../etc/passwd"], "invalid job_id"),
+        (["status", "sim", "../../etc/passwd"], "no job '../../etc/passwd': a job id is"),
         (["queue", "Bad-Name"], "invalid display_name"),
         (["verify", "sim", "6b0000000000000000000000"], "does not exist"),
         (["demo", "--jobs", "0"], "at least 1"),
