@@ -4054,22 +4054,72 @@ class _UserError(Exception):
     """A mistake on the command line: message to stderr, exit code 1."""
 
 
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _load_jwk(path: str) -> JWK:
-    """Read a JWK file: JSON, or sqooler's base64url-of-JSON config string."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read().strip()
-    except OSError as exc:
-        raise _UserError(f"cannot read key file {path}: {exc.strerror}") from None
+    """Read a private JWK from a file, or with ``env:NAME`` from the variable NAME of the
+    environment or of ``./.env`` (where sqooler keeps ``PRIVATE_JWK_STR``): JSON, or
+    sqooler's base64url-of-JSON config string.  No message shows the key."""
+    if path.startswith("env:"):
+        text = _env_value(path).strip()
+    else:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read().strip()
+        except OSError as exc:
+            raise _UserError(f"cannot read key file {path}: {exc.strerror}") from None
     if not text.startswith("{"):
         try:
             text = _b64url_decode(text, "key").decode()
         except (InvalidDocumentError, UnicodeDecodeError):
             raise _UserError(f"{path}: neither a JSON JWK nor a base64 one") from None
     try:
-        return _coerce(_parse_json(text, path), JWK, path)
+        key = _coerce(_parse_json(text, path), JWK, path)
     except ValueError as exc:
         raise _UserError(f"{path}: not a JWK: {exc}") from None
+    try:
+        public_from_private(key)  # a private key whose x belongs to its d
+    except ValueError as exc:
+        raise _UserError(f"{path}: {exc}") from None
+    return key
+
+
+def _env_value(spec: str) -> str:
+    """The value of ``env:NAME``: NAME in the environment, else in ``./.env``."""
+    name = spec.removeprefix("env:")
+    if _ENV_NAME_RE.fullmatch(name) is None:
+        raise _UserError(f"{spec}: {name!r} is not an environment variable name")
+    value = os.environ.get(name)
+    if value is None:
+        value = _dotenv_value(".env", name)
+    if value is None:
+        raise _UserError(f"{spec}: the environment variable {name} is not set (nor in ./.env)")
+    if not value.strip():
+        raise _UserError(f"{spec}: the environment variable {name} is empty")
+    return value
+
+
+def _dotenv_value(path: str, name: str) -> str | None:
+    """*name* in a ``.env`` file read as sqooler's python-decouple reads one: ``NAME=value``
+    lines (the last one counts), ``#`` comments, a value optionally in matching quotes."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _UserError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise _UserError(f"cannot read {path}: not UTF-8 text") from None
+    found = None
+    for line in map(str.strip, lines):
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#") and key.strip() == name:
+            value = value.strip()
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+            found = value[1:-1] if quoted else value
+    return found
 
 
 def _write_private(path: str, text: str) -> None:
@@ -4151,6 +4201,8 @@ def _demo_key(url: str, key_file: str | None, kid: str) -> JWK:
     """The demo backend's private key: *key_file*, or a 0600 file beside a directory's
     documents, or a fresh key for ``memory://``, or ``./sqstore-demo-key.jwk``."""
     root = _local_root(url)
+    if key_file is not None and key_file.startswith("env:"):
+        return _load_jwk(key_file)  # kept by its owner: never made here
     if key_file is None and url.startswith("memory://"):
         return generate_keypair(kid)[0]
     path = key_file or (os.path.join(root, ".demo-key.jwk") if root else "sqstore-demo-key.jwk")
@@ -4845,7 +4897,8 @@ def _parser() -> argparse.ArgumentParser:
         "--key",
         metavar="FILE",
         help="the demo backend's private JWK, made if missing (default: .demo-key.jwk in a "
-        "storage directory; ./sqstore-demo-key.jwk for other storages)",
+        "storage directory; ./sqstore-demo-key.jwk for other storages); env:NAME reads it "
+        "from the environment variable NAME or ./.env",
     )
     bench = command("bench", _cmd_bench, "measure round trips, claims and verification")
     bench.add_argument("--jobs", type=int, default=200, help="jobs per run (default 200)")
@@ -4896,7 +4949,12 @@ def _parser() -> argparse.ArgumentParser:
         help="module:function called as f(job, job_id, display_name) -> result "
         "(default sqstore:run_simulator)",
     )
-    work_.add_argument("--key", metavar="FILE", help="the backend's private JWK, to sign")
+    work_.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the backend's private JWK, to sign; env:NAME reads it from the environment "
+        "variable NAME or ./.env (e.g. env:PRIVATE_JWK_STR, as sqooler keeps it)",
+    )
     work_.add_argument(
         "--also", metavar="URL", action="append", default=[],
         help="another storage to serve, in turn with --storage (repeatable)",

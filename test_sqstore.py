@@ -5672,6 +5672,108 @@ def test_cli_keygen(tmp_path: Path) -> None:
     assert key_file.read_text() == json.dumps(sqstore.to_doc(private)) + "\n"
 
 
+# Issue 12 (item 7): keys from the environment, as sqooler's PRIVATE_JWK_STR ------------------
+def sqooler_config_str(private: dict[str, Any]) -> str:
+    """A JWK document in the form of sqooler's ``PRIVATE_JWK_STR``: base64url of its JSON."""
+    return base64.urlsafe_b64encode(json.dumps(private).encode()).decode()
+
+
+def test_cli_work_and_demo_take_the_key_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--key env:NAME` reads the private JWK from the environment (JSON, or sqooler's
+    PRIVATE_JWK_STR form) or else from ./.env, for `work` and `demo`, and signs with it."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    private, public = sqstore.generate_keypair("bobkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    try:
+        from sqooler.security import JWK as SqoolerJWK
+    except ImportError as exc:
+        skip_or_fail(f"sqooler 0.9 is not installed ({exc}): pip install -e '.[test]'")
+    config_str = SqoolerJWK(**sqstore.to_doc(private)).to_config_str()  # sqooler's own form
+    runs = [
+        ("PRIVATE_JWK_STR", json.dumps(sqstore.to_doc(private)), None),
+        ("PRIVATE_JWK_STR", config_str, None),
+        ("BOB_KEY", None, f"# sqooler's .env\nBOB_KEY='{config_str}'\n"),
+    ]
+    for name, value, dotenv in runs:
+        monkeypatch.delenv(name, raising=False)
+        if value is not None:
+            monkeypatch.setenv(name, value)
+        if dotenv is not None:
+            (tmp_path / ".env").write_text(dotenv)
+        job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+        proc = worker(tmp_path, "--storage", str(root), "work", "sim", "lab_executor:run",
+                      "--key", f"env:{name}", "--max-jobs", "1", "--poll", "0.05")  # fmt: skip
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (name, err)
+        assert sqstore.verify_result(store, "sim", job_id), name
+        assert private.d.rstrip("=")[:12] not in err
+    demo = run_cli("demo", "--jobs", "1", "--key", "env:BOB_KEY", cwd=tmp_path,
+                   env={"SQSTORE_STORAGE": str(tmp_path / "demo")})  # fmt: skip
+    assert demo.returncode == 0, demo.stderr
+    assert "1/1 results verified" in demo.stdout and "'bobkey'" in demo.stdout
+    assert not (tmp_path / "demo" / ".demo-key.jwk").exists()
+
+
+def test_cli_key_from_the_environment_errors_are_one_line_without_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing or empty variable, a value that is not a JWK (bad JSON, bad base64), a public
+    key, a key whose x is not its d's, or another key than the backend's: exit 1 with one
+    'sqstore: error:' line that never contains the private key, and nothing written."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    private, public = sqstore.generate_keypair("bobkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    sqstore.upload_job(store, JOB, "sim", "alice")
+    assert private.d is not None
+    secret = private.d.rstrip("=")[:12]
+    doc = sqstore.to_doc(private)
+    other = sqstore.to_doc(sqstore.generate_keypair("bobkey")[0])
+    cases: dict[str, tuple[str | None, str]] = {
+        "unset": (None, "is not set"),
+        "empty": ("", "is empty"),
+        "bad JSON": (json.dumps(doc)[:-3], "not valid JSON"),
+        "bad base64": (f"!{private.d}!", "neither a JSON JWK nor a base64 one"),
+        "not a JWK": (json.dumps({**doc, "kty": private.d}), "not a JWK"),
+        "public key": (json.dumps(sqstore.to_doc(public)), "not a private key"),
+        "x not of d": (json.dumps({**doc, "x": other["x"]}), "does not match"),
+        "another key": (json.dumps(other), "not the key of"),
+        "another key, sqooler form": (sqooler_config_str(other), "not the key of"),
+    }  # fmt: skip
+    before = tree(root)
+    for case, (value, message) in cases.items():
+        monkeypatch.delenv("PRIVATE_JWK_STR", raising=False)
+        if value is not None:
+            monkeypatch.setenv("PRIVATE_JWK_STR", value)
+        for args in (
+            ["--storage", str(root), "work", "sim", "lab_executor:run", "--max-jobs", "1"],
+            ["--storage", str(tmp_path / "demo"), "demo", "--jobs", "1"],
+        ):
+            proc = worker(tmp_path, *args, "--key", "env:PRIVATE_JWK_STR")
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                pytest.fail(f"{case}: {args[2]} ran on: {proc.communicate()[1]}")
+            if args[2] == "demo" and case.startswith("another key"):
+                assert proc.returncode == 0, (case, err)  # a key of its own for the demo backend
+                continue
+            assert proc.returncode == 1, (case, args[2], err)
+            assert err.startswith("sqstore: error: env:PRIVATE_JWK_STR"), (case, err)
+            assert message in err and err.count("\n") == 1, (case, err)
+            assert secret not in err and "Traceback" not in err, (case, err)
+        assert tree(root) == before, case
+    for bad in ("env:", "env:1X", "env:A=B"):
+        proc = worker(tmp_path, "--storage", str(root), "work", "sim", "--key", bad)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and "environment variable" in err and err.count("\n") == 1
+
+
 def test_cli_job_commands(tmp_path: Path) -> None:
     """submit, queue, status, result, verify and backends work on a local directory."""
     data = tmp_path / "data"
