@@ -4950,7 +4950,8 @@ def test_copy_keeps_what_the_target_has_and_verifies_on_request(tmp_path: Path, 
     result_file.write_text(json.dumps(forged))
     source_before = tree(src)
     target = sqstore.local_storage(dst)
-    sqstore.upload_status(target, "sim", "x", ids["queued"])  # not the source's word
+    status = sqstore.StatusMsg(ids["queued"], "INITIALIZING", "Got your json.", "None")
+    target["upload"]("status/sim", ids["queued"], sqstore.to_doc(status))  # not the source's
     status_file = dst / "status" / "sim" / f"{ids['queued']}.json"
     before = status_file.read_bytes()
     proc = run_cli("copy", "--verify", "--json", str(src), f"file://{dst}", cwd=tmp_path)
