@@ -733,17 +733,6 @@ def _name_rule(pattern: re.Pattern[str]) -> str:
     return "1 to 128 of A-Z a-z 0-9 _ . @ + -, starting with a letter, digit or _"
 
 
-# What a read calls a document whose name cannot exist, and that name: see `_reads`.
-_MISSING = {
-    "display_name": ("backend", "a display name"),
-    "username": ("user", "a username"),
-    "job_id": ("job", "a job id"),
-    "kid": ("public key", "a kid"),
-    "path": ("folder", "a folder"),
-    "id": ("document", "an id"),
-}
-
-
 def _reads(read: Callable[_P, T]) -> Callable[_P, T]:
     """Make *read* raise `NotFoundError` for a name that cannot exist, saying why.
 
@@ -752,12 +741,21 @@ def _reads(read: Callable[_P, T]) -> Callable[_P, T]:
     The name is checked before any storage call and shown only as a ``repr``.
     """
 
+    missing = {  # what a read calls such a document, and such a name
+        "display_name": ("backend", "a display name"),
+        "username": ("user", "a username"),
+        "job_id": ("job", "a job id"),
+        "kid": ("public key", "a kid"),
+        "path": ("folder", "a folder"),
+        "id": ("document", "an id"),
+    }
+
     @functools.wraps(read)
     def reading(*args: _P.args, **kwargs: _P.kwargs) -> T:
         try:
             return read(*args, **kwargs)
         except InvalidNameError as exc:
-            noun, name = _MISSING.get(exc.kind, ("document", f"a {exc.kind}"))
+            noun, name = missing.get(exc.kind, ("document", f"a {exc.kind}"))
             if not exc.shown:
                 raise NotFoundError(f"not found: {exc}") from None
             raise NotFoundError(f"no {noun} {exc.shown}: {name} is {exc.rule}") from None
@@ -814,7 +812,10 @@ def _job_fill(layout: Layout, template: str, display_name: str, job_id: str) -> 
             username = _NONE
         else:
             raise _invalid_name(
-                "job_id", job_id, "<time>-<display_name>-<username>-<n> here", use="expected "
+                "job_id",
+                job_id,
+                "<time>-<display_name>-<username>-<n> in this layout",
+                use="expected ",
             )
     return _fill(template, display_name, username, job_id)
 
