@@ -59,7 +59,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypedDict, TypeVar, cast
 
 import attrs
 import cattrs
@@ -201,6 +201,7 @@ _JSON = json.JSONEncoder(allow_nan=False)  # json.dumps would build one per call
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 T = TypeVar("T")
+_P = ParamSpec("_P")
 
 # ============================================================================
 # Errors
@@ -230,7 +231,15 @@ class InvalidDocumentError(SqstoreError, ValueError):
 
 
 class InvalidNameError(SqstoreError, ValueError):
-    """A name (display name, username, job id, kid, path) is not allowed."""
+    """A name (display name, username, job id, kid, path) is not allowed.
+
+    ``kind`` says which name (``"display_name"``, ``"job_id"``, ...), ``shown`` is
+    the name as a shortened ``repr`` (safe to print) and ``rule`` what such a name is.
+    """
+
+    kind: str = "name"
+    shown: str = ""
+    rule: str = ""
 
 
 class TransientError(SqstoreError):
@@ -770,17 +779,54 @@ def check_name(value: Any, what: str = "name", *, pattern: re.Pattern[str] = _NA
     sqstore.InvalidNameError: invalid job_id '../etc': ...
     """
     if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise InvalidNameError(f"invalid {what} {shown}: {_name_rule(pattern)}")
+        raise _invalid_name(what, value, _name_rule(pattern))
     return value
+
+
+def _invalid_name(what: str, value: Any, rule: str, *, use: str = "use ") -> InvalidNameError:
+    """An `InvalidNameError` for *value*, shown only as a shortened ``repr``."""
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    error = InvalidNameError(f"invalid {what} {shown}: {use}{rule}")
+    error.kind, error.shown, error.rule = what, shown, rule
+    return error
 
 
 def _name_rule(pattern: re.Pattern[str]) -> str:
     if pattern is _DISPLAY_NAME_RE:
-        return "use 1 to 64 of a-z and 0-9"
+        return "1 to 64 of a-z and 0-9"
     if pattern is _STORE_NAME_RE:
-        return "use 1 to 32 of a-z and 0-9"
-    return "use 1 to 128 of A-Z a-z 0-9 _ . @ + - and start with a letter, digit or _"
+        return "1 to 32 of a-z and 0-9"
+    return "1 to 128 of A-Z a-z 0-9 _ . @ + -, starting with a letter, digit or _"
+
+
+def _reads(read: Callable[_P, T]) -> Callable[_P, T]:
+    """Make *read* raise `NotFoundError` for a name that cannot exist, saying why.
+
+    No such document can be stored, so a read finds none (sqooler raises
+    ``FileNotFoundError``; a frontend answers 404); writes keep `InvalidNameError`.
+    The name is checked before any storage call and shown only as a ``repr``.
+    """
+
+    missing = {  # what a read calls such a document, and such a name
+        "display_name": ("backend", "a display name"),
+        "username": ("user", "a username"),
+        "job_id": ("job", "a job id"),
+        "kid": ("public key", "a kid"),
+        "path": ("folder", "a folder"),
+        "id": ("document", "an id"),
+    }
+
+    @functools.wraps(read)
+    def reading(*args: _P.args, **kwargs: _P.kwargs) -> T:
+        try:
+            return read(*args, **kwargs)
+        except InvalidNameError as exc:
+            noun, name = missing.get(exc.kind, ("document", f"a {exc.kind}"))
+            if not exc.shown:
+                raise NotFoundError(f"not found: {exc}") from None
+            raise NotFoundError(f"no {noun} {exc.shown}: {name} is {exc.rule}") from None
+
+    return reading
 
 
 def _check_display_name(value: Any) -> str:
@@ -790,9 +836,7 @@ def _check_display_name(value: Any) -> str:
 def _check_path(path: Any) -> str:
     """Validate a folder path of '/'-separated safe names (never absolute)."""
     if not isinstance(path, str) or _PATH_RE.fullmatch(path) is None:
-        raise InvalidNameError(
-            f"invalid path {path!r}: use '/'-separated names; {_name_rule(_NAME_RE)}"
-        )
+        raise _invalid_name("path", path, f"'/'-separated names, each {_name_rule(_NAME_RE)}")
     return path
 
 
@@ -833,8 +877,11 @@ def _job_fill(layout: Layout, template: str, display_name: str, job_id: str) -> 
         elif _OBJECT_ID_RE.fullmatch(job_id):
             username = _NONE
         else:
-            raise InvalidNameError(
-                f"invalid job_id {job_id!r}: expected <time>-<display_name>-<username>-<n>"
+            raise _invalid_name(
+                "job_id",
+                job_id,
+                "<time>-<display_name>-<username>-<n> in this layout",
+                use="expected ",
             )
     return _fill(template, display_name, username, job_id)
 
@@ -1442,11 +1489,13 @@ def _write_config(
     store["update"](path, doc_id, doc)
 
 
+@_reads
 def get_config(store: Storage, display_name: str) -> BackendConfig:
     """Return a backend's configuration (the payload, when it is signed).
 
     Raises:
-        NotFoundError: the backend has no configuration.
+        NotFoundError: the backend has no configuration, or *display_name* cannot
+            be a backend's (the message says why).
         InvalidDocumentError: the stored configuration is malformed.
     """
     _check_handle(store)
@@ -1459,11 +1508,13 @@ def get_backends(store: Storage) -> list[str]:
     return store["list"](store["layout"].configs)
 
 
+@_reads
 def get_backend_dict(store: Storage, display_name: str) -> BackendDict:
     """Return the Qiskit-shaped backend dictionary a frontend serves.
 
     Raises:
-        NotFoundError: the backend has no configuration.
+        NotFoundError: the backend has no configuration, or *display_name* cannot
+            be a backend's (the message says why).
     """
     _check_handle(store)
     return _backend_dict(store["name"], get_config(store, display_name))
@@ -1488,6 +1539,7 @@ def _backend_dict(store_name: str, cfg: BackendConfig) -> BackendDict:
     )
 
 
+@_reads
 def get_backend_status(
     store: Storage,
     display_name: str,
@@ -1500,7 +1552,8 @@ def get_backend_status(
     ``operational`` is true when the queue was checked at most *timeout* seconds ago.
 
     Raises:
-        NotFoundError: the backend has no configuration.
+        NotFoundError: the backend has no configuration, or *display_name* cannot
+            be a backend's (the message says why).
     """
     _check_handle(store)
     cfg = get_config(store, display_name)
@@ -1742,14 +1795,16 @@ def upload_job(store: Storage, job_dict: Doc, display_name: str, username: str) 
     raise AssertionError("unreachable")
 
 
+@_reads
 def get_job(store: Storage, storage_path: str, job_id: str) -> Doc:
     """Return the job *job_id* stored in folder *storage_path* (e.g. ``jobs/running``).
 
     Raises:
-        NotFoundError: no such job there.
+        NotFoundError: no such job there, or no such job or folder can exist.
         InvalidDocumentError: the stored job is not a JSON object.
     """
     _check_handle(store)
+    _check_path(storage_path)
     doc_id = _fill(store["layout"].job_file, job_id=check_name(job_id, "job_id"))
     job = _read(store, storage_path, doc_id)
     job.pop("_id", None)
@@ -1773,26 +1828,31 @@ def upload_status(
 ) -> StatusMsg:
     """Create a job's first status (INITIALIZING), signed when the backend signs.
 
+    The backend's config is read first, as sqooler does, so that a frontend's
+    job for an unknown backend fails here: one read, which signing needs anyway.
+
     Raises:
         AlreadyExistsError: the job has a status already.
+        BadSignatureError: the backend signs and *private_jwk* is not its key.
+        InvalidNameError: bad display name, username or job id.
+        NotFoundError: the backend has no configuration.
     """
     _check_handle(store)
     path, doc_id = _status_location(store, display_name, username, job_id)
+    sign = _backend_signer(store, _read_config(store, display_name)[1], private_jwk)
     status = StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
     doc = to_doc(status)
-    if private_jwk is not None and (
-        sign := _backend_signer(store, get_config(store, display_name), private_jwk)
-    ):
-        doc = sign(doc)
-    store["upload"](path, doc_id, doc)
+    store["upload"](path, doc_id, doc if sign is None else sign(doc))
     return status
 
 
+@_reads
 def get_status(store: Storage, display_name: str, username: str, job_id: str) -> StatusMsg:
     """Return a job's status; an ERROR status that says so when there is none.
 
     Raises:
         InvalidDocumentError: the stored status is malformed.
+        NotFoundError: a name given cannot exist (the message says which and why).
     """
     _check_handle(store)
     path, doc_id = _status_location(store, display_name, username, job_id)
@@ -1850,6 +1910,7 @@ def _result_doc(
     return sign(to_doc(res))
 
 
+@_reads
 def get_result(store: Storage, display_name: str, username: str, job_id: str) -> ResultDict:
     """Return a job's result, with ``backend_name`` filled in; an ERROR result when missing.
 
@@ -1857,7 +1918,8 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
 
     Raises:
         InvalidDocumentError: the stored result is malformed.
-        NotFoundError: the backend has no configuration.
+        NotFoundError: the backend has no configuration, or a name given cannot
+            exist (the message says which and why).
     """
     _check_handle(store)
     check_name(username, "username")
@@ -1877,6 +1939,7 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
     return attrs.evolve(result, backend_name=_long_backend_name(store["name"], cfg))
 
 
+@_reads
 def verify_result(
     store: Storage, display_name: str, job_id: str, *, public_jwk: Any = None
 ) -> bool:
@@ -1889,7 +1952,8 @@ def verify_result(
     results can fetch it once with `get_public_key` and pass it as *public_jwk*.
 
     Raises:
-        NotFoundError: no such result, or the backend or its public key is missing.
+        NotFoundError: no such result, the backend or its public key is missing, or
+            a name given cannot exist.
         InvalidDocumentError: the stored result is not JSON.
     """
     _check_handle(store)
@@ -1908,27 +1972,41 @@ def verify_result(
     )
 
 
-def upload_public_key(store: Storage, public_jwk: Any, display_name: str) -> None:
-    """Publish a backend's public key under its ``kid`` (after `upload_config`).
+def upload_public_key(
+    store: Storage, public_jwk: Any, display_name: str, role: str = "backend"
+) -> None:
+    """Publish a public key under its ``kid``: a backend's (after `upload_config`) or a user's.
 
-    Publishing the same key again is a no-op; a different key for a published
-    ``kid`` is refused (sqooler would silently replace it).
+    A backend's key must carry the kid its config names.  A user's key
+    (``role="user"``, as sqooler after 0.9 has it) needs no config: *display_name*
+    is then its owner's name, and the key goes to the same folder in the same
+    form, so `get_public_key_from_kid` finds it.  Backend and user keys share
+    one kid namespace.  Publishing the same key again is a no-op; a different
+    key for a published ``kid`` is refused (sqooler would silently replace it).
 
     Raises:
-        BadSignatureError: the key is private, not for verifying, or not the config's kid.
         AlreadyExistsError: another key is published under that kid.
-        NotFoundError: the backend has no configuration.
+        BadSignatureError: the key is private, not for verifying, or (a backend's)
+            not the config's kid.
+        InvalidNameError: bad display name (or user name) or kid.
+        NotFoundError: a backend's key, and the backend has no configuration.
+        ValueError: *role* is neither ``"backend"`` nor ``"user"``.
     """
     _check_handle(store)
+    if role not in ("backend", "user"):
+        raise ValueError(f"role must be 'backend' or 'user', not {role!r}")
     key = _coerce(public_jwk, JWK, "public_jwk")
     if key.key_ops != "verify" or key.d is not None:
         raise BadSignatureError(f"JWK {key.kid!r} is not a public key for verifying")
     _key_bytes(key, "x")
-    cfg = get_config(store, display_name)
-    if key.kid != cfg.kid:
-        raise BadSignatureError(
-            f"JWK kid {key.kid!r} is not the kid {cfg.kid!r} of backend {display_name!r}"
-        )
+    if role == "user":
+        check_name(display_name, "username")
+    else:
+        cfg = _read_config(store, display_name)[1]
+        if key.kid != cfg.kid:
+            raise BadSignatureError(
+                f"JWK kid {key.kid!r} is not the kid {cfg.kid!r} of backend {display_name!r}"
+            )
     folder = store["layout"].public_keys
     try:
         store["upload"](folder, check_name(key.kid, "kid"), to_doc(key))
@@ -1940,11 +2018,12 @@ def upload_public_key(store: Storage, public_jwk: Any, display_name: str) -> Non
             ) from None
 
 
+@_reads
 def get_public_key_from_kid(store: Storage, kid: str) -> JWK:
     """Return the public key published under *kid*.
 
     Raises:
-        NotFoundError: no key under that kid.
+        NotFoundError: no key under that kid, or no such kid can exist.
         InvalidDocumentError: the stored key is malformed.
     """
     _check_handle(store)
@@ -1954,11 +2033,13 @@ def get_public_key_from_kid(store: Storage, kid: str) -> JWK:
     return from_doc(raw, JWK, where=f"{folder}/{kid}")
 
 
+@_reads
 def get_public_key(store: Storage, display_name: str) -> JWK:
     """Return the public key of a backend (the one named by its config's ``kid``).
 
     Raises:
-        NotFoundError: no config, no kid in it, or no key under that kid.
+        NotFoundError: no config, no kid in it, no key under that kid, or
+            *display_name* cannot be a backend's.
     """
     _check_handle(store)
     return get_public_key_from_kid(store, _config_kid(store, display_name))
@@ -2484,7 +2565,7 @@ def update_in_database(
     layout = store["layout"]
     status = _coerce(status_msg_dict, StatusMsg, "status_msg_dict")
     file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
-    cfg = get_config(store, display_name)
+    cfg = _read_config(store, display_name)[1]
     sign = _backend_signer(store, cfg, private_jwk)
     holder = holder or _default_holder()
     lease_at = _lease_at(store, job_id)
@@ -4209,22 +4290,72 @@ class _UserError(Exception):
     """A mistake on the command line: message to stderr, exit code 1."""
 
 
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _load_jwk(path: str) -> JWK:
-    """Read a JWK file: JSON, or sqooler's base64url-of-JSON config string."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read().strip()
-    except OSError as exc:
-        raise _UserError(f"cannot read key file {path}: {exc.strerror}") from None
+    """Read a private JWK from a file, or with ``env:NAME`` from the variable NAME of the
+    environment or of ``./.env`` (where sqooler keeps ``PRIVATE_JWK_STR``): JSON, or
+    sqooler's base64url-of-JSON config string.  No message shows the key."""
+    if path.startswith("env:"):
+        text = _env_value(path).strip()
+    else:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read().strip()
+        except OSError as exc:
+            raise _UserError(f"cannot read key file {path}: {exc.strerror}") from None
     if not text.startswith("{"):
         try:
             text = _b64url_decode(text, "key").decode()
         except (InvalidDocumentError, UnicodeDecodeError):
             raise _UserError(f"{path}: neither a JSON JWK nor a base64 one") from None
     try:
-        return _coerce(_parse_json(text, path), JWK, path)
+        key = _coerce(_parse_json(text, path), JWK, path)
     except ValueError as exc:
         raise _UserError(f"{path}: not a JWK: {exc}") from None
+    try:
+        public_from_private(key)  # a private key whose x belongs to its d
+    except ValueError as exc:
+        raise _UserError(f"{path}: {exc}") from None
+    return key
+
+
+def _env_value(spec: str) -> str:
+    """The value of ``env:NAME``: NAME in the environment, else in ``./.env``."""
+    name = spec.removeprefix("env:")
+    if _ENV_NAME_RE.fullmatch(name) is None:
+        raise _UserError(f"{spec}: {name!r} is not an environment variable name")
+    value = os.environ.get(name)
+    if value is None:
+        value = _dotenv_value(".env", name)
+    if value is None:
+        raise _UserError(f"{spec}: the environment variable {name} is not set (nor in ./.env)")
+    if not value.strip():
+        raise _UserError(f"{spec}: the environment variable {name} is empty")
+    return value
+
+
+def _dotenv_value(path: str, name: str) -> str | None:
+    """*name* in a ``.env`` file read as sqooler's python-decouple reads one: ``NAME=value``
+    lines (the last one counts), ``#`` comments, a value optionally in matching quotes."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _UserError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise _UserError(f"cannot read {path}: not UTF-8 text") from None
+    found = None
+    for line in map(str.strip, lines):
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#") and key.strip() == name:
+            value = value.strip()
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+            found = value[1:-1] if quoted else value
+    return found
 
 
 def _write_private(path: str, text: str) -> None:
@@ -4306,6 +4437,8 @@ def _demo_key(url: str, key_file: str | None, kid: str) -> JWK:
     """The demo backend's private key: *key_file*, or a 0600 file beside a directory's
     documents, or a fresh key for ``memory://``, or ``./sqstore-demo-key.jwk``."""
     root = _local_root(url)
+    if key_file is not None and key_file.startswith("env:"):
+        return _load_jwk(key_file)  # kept by its owner: never made here
     if key_file is None and url.startswith("memory://"):
         return generate_keypair(kid)[0]
     path = key_file or (os.path.join(root, ".demo-key.jwk") if root else "sqstore-demo-key.jwk")
@@ -5000,7 +5133,8 @@ def _parser() -> argparse.ArgumentParser:
         "--key",
         metavar="FILE",
         help="the demo backend's private JWK, made if missing (default: .demo-key.jwk in a "
-        "storage directory; ./sqstore-demo-key.jwk for other storages)",
+        "storage directory; ./sqstore-demo-key.jwk for other storages); env:NAME reads it "
+        "from the environment variable NAME or ./.env",
     )
     bench = command("bench", _cmd_bench, "measure round trips, claims and verification")
     bench.add_argument("--jobs", type=int, default=200, help="jobs per run (default 200)")
@@ -5051,7 +5185,12 @@ def _parser() -> argparse.ArgumentParser:
         help="module:function called as f(job, job_id, display_name) -> result "
         "(default sqstore:run_simulator)",
     )
-    work_.add_argument("--key", metavar="FILE", help="the backend's private JWK, to sign")
+    work_.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the backend's private JWK, to sign; env:NAME reads it from the environment "
+        "variable NAME or ./.env (e.g. env:PRIVATE_JWK_STR, as sqooler keeps it)",
+    )
     work_.add_argument(
         "--also", metavar="URL", action="append", default=[],
         help="another storage to serve, in turn with --storage (repeatable)",

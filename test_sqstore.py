@@ -1562,7 +1562,8 @@ def test_api_names_are_validated(store: Storage, tmp_path: Path, field: str, bad
     names[field] = bad
     with pytest.raises(sqstore.InvalidNameError):
         if field == "job_id":
-            sqstore.get_status(store, names["display_name"], names["username"], bad)
+            result = sqstore.run_simulator(JOB, "x", "sim")
+            sqstore.upload_result(store, result, names["display_name"], bad)
         else:
             sqstore.upload_job(store, JOB, names["display_name"], names["username"])
     with pytest.raises(sqstore.InvalidNameError):
@@ -1572,7 +1573,9 @@ def test_api_names_are_validated(store: Storage, tmp_path: Path, field: str, bad
 
 def test_kid_is_validated(store: Storage) -> None:
     """A kid is a name too: it cannot escape the keys folder."""
-    with pytest.raises(sqstore.InvalidNameError):
+    with pytest.raises(
+        sqstore.NotFoundError, match=re.escape("no public key '../configs/sim': a kid is")
+    ):
         sqstore.get_public_key_from_kid(store, "../configs/sim")
     with pytest.raises(sqstore.InvalidNameError):
         sqstore.generate_keypair("../x")
@@ -1582,6 +1585,202 @@ def test_upload_job_refuses_non_objects(store: Storage) -> None:
     """A job must be a JSON object."""
     with pytest.raises(sqstore.InvalidDocumentError):
         sqstore.upload_job(store, ["not", "a", "dict"], "sim", "alice")  # type: ignore[arg-type]
+
+
+# Issue 12 (items 2, 3, 8): sqooler's callers on the API -----------------------------------
+def spied(store: Storage) -> tuple[Storage, list[tuple[str, tuple[Any, ...]]]]:
+    """*store* with every call of a verb recorded as ``(verb, args)``."""
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def wrap(op: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(*args: Any) -> Any:
+            calls.append((op, args))
+            return call(*args)
+
+        return spy
+
+    return {**store, **{op: wrap(op, store[op]) for op in sqstore._OPS}}, calls  # type: ignore[return-value]
+
+
+def test_upload_status_for_a_backend_without_config_is_not_found(store: Storage) -> None:
+    """upload_status for a backend with no config raises NotFoundError after one read, and
+    writes nothing: a frontend rejects a job for an unknown backend as it does on sqooler."""
+    job_id = sqstore.create_job_id(store, "ghost", "alice")
+    spy, calls = spied(store)
+    with pytest.raises(sqstore.NotFoundError, match="ghost") as info:
+        sqstore.upload_status(spy, "ghost", "alice", job_id)
+    assert isinstance(info.value, FileNotFoundError)
+    assert [op for op, _ in calls] == ["get"]
+    assert sqstore.get_status(store, "ghost", "alice", job_id).status == "ERROR"  # none written
+
+
+def test_upload_status_for_an_unknown_backend_fails_as_on_sqooler(
+    sqooler: Any, tmp_path: Path
+) -> None:
+    """sqooler 0.9 and sqstore both refuse a status for a backend without a config, with a
+    FileNotFoundError, on one directory."""
+    shared = sqstore.local_storage(tmp_path / "store")
+    job_id = sqstore.create_job_id(shared, "ghost", "alice")
+    with pytest.raises(FileNotFoundError):
+        sqooler.upload_status("ghost", "alice", job_id)
+    with pytest.raises(FileNotFoundError):
+        sqstore.upload_status(shared, "ghost", "alice", job_id)
+    assert tree(tmp_path / "store") == {}
+
+
+def test_upload_status_costs_one_config_read_which_signing_shares(
+    store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """The config read that finds an unknown backend is the one a signing backend makes
+    anyway: unsigned, a read and a write; signed, two reads (config, published key)."""
+    private, public = keys
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    sqstore.upload_config(store, sqstore.demo_config("sig", sign=True), "sig", private)
+    sqstore.upload_public_key(store, public, "sig")
+    counts: dict[str, int] = {}
+    metered = sqstore.with_metrics(store, counts=counts)
+    sqstore.upload_status(metered, "sim", "alice", sqstore.create_job_id(store, "sim", "alice"))
+    assert counts == {"get": 1, "upload": 1}
+    counts.clear()
+    job_id = sqstore.create_job_id(store, "sig", "alice")
+    sqstore.upload_status(metered, "sig", "alice", job_id, private)
+    assert counts == {"get": 2, "upload": 1}
+    assert sqstore.is_signed(store["get"](folder(store, "status", job_id, "sig"),
+                                          doc_id(store, "status", job_id, "sig")))  # fmt: skip
+
+
+BAD_DISPLAY_NAMES = ["dummy_non_existing", "Sim", "../../etc", "", "a/b", "x\x00y", "s" * 65, "$ne"]
+BAD_NAMES = ["../../etc", "a/b", "", "x\x00y", ".hidden", "$where", "a" * 129, "\u202egnp.exe"]
+BAD_FOLDERS = ["../jobs", "/etc/passwd", "jobs//running", "jobs/running/", "", "x\x00y"]
+NOT_FOUND = re.compile(r"no (backend|user|job|public key|folder) (.+): an? [a-z ]+ is .+")
+
+
+READS_WITH_A_BAD_NAME: list[tuple[str, list[str], Callable[[Storage, str, str], Any]]] = [
+    ("get_config", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_config(s, b)),
+    ("get_backend_dict", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_backend_dict(s, b)),
+    ("get_backend_status", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_backend_status(s, b)),
+    ("get_status dn", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_status(s, b, "alice", j)),
+    ("get_status user", BAD_NAMES, lambda s, b, j: sqstore.get_status(s, "sim", b, j)),
+    ("get_status id", BAD_NAMES, lambda s, b, j: sqstore.get_status(s, "sim", "alice", b)),
+    ("get_result dn", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_result(s, b, "alice", j)),
+    ("get_result user", BAD_NAMES, lambda s, b, j: sqstore.get_result(s, "sim", b, j)),
+    ("get_result id", BAD_NAMES, lambda s, b, j: sqstore.get_result(s, "sim", "alice", b)),
+    ("get_job id", BAD_NAMES, lambda s, b, j: sqstore.get_job(s, s["layout"].running, b)),
+    ("get_job folder", BAD_FOLDERS, lambda s, b, j: sqstore.get_job(s, b, j)),
+    ("get_public_key", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.get_public_key(s, b)),
+    ("get_public_key_from_kid", BAD_NAMES, lambda s, b, j: sqstore.get_public_key_from_kid(s, b)),
+    ("verify_result dn", BAD_DISPLAY_NAMES, lambda s, b, j: sqstore.verify_result(s, b, j)),
+    ("verify_result id", BAD_NAMES, lambda s, b, j: sqstore.verify_result(s, "sim", b)),
+]
+"""Every read with each name it takes replaced by a bad one: (what, bad names, call)."""
+
+
+def test_a_name_that_cannot_exist_is_not_found_on_every_read(
+    signed: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """Every read given a name that cannot exist raises NotFoundError (a FileNotFoundError,
+    which a frontend serves as a 404) saying why, with the name escaped, and touches nothing."""
+    job_id = sqstore.upload_job(signed, JOB, "sim", "alice")
+    finish(signed, "sim", keys[0])
+    assert sqstore.verify_result(signed, "sim", job_id)
+    for what, bad_names, read in READS_WITH_A_BAD_NAME:
+        for bad in bad_names:
+            spy, calls = spied(signed)
+            with pytest.raises(sqstore.NotFoundError) as info:
+                read(spy, bad, job_id)
+            message = str(info.value)
+            assert isinstance(info.value, FileNotFoundError), (what, bad)
+            assert NOT_FOUND.fullmatch(message), (what, bad, message)
+            assert repr(bad)[:20] in message, (what, bad, message)
+            assert "\x00" not in message and "\u202e" not in message, (what, bad)
+            assert calls == [], (what, bad, calls)
+
+
+def test_a_name_that_cannot_exist_is_still_invalid_on_every_write(
+    signed: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """Writes keep refusing a bad name with InvalidNameError (a ValueError), before any write."""
+    private, public = keys
+    s = signed
+    job_id = sqstore.upload_job(s, JOB, "sim", "alice")
+    result = sqstore.run_simulator(JOB, job_id, "sim")
+    done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
+    config = sqstore.demo_config("sim")
+    writes: list[tuple[str, list[str], Callable[[Storage, str], Any]]] = [
+        ("upload_config", BAD_DISPLAY_NAMES, lambda t, b: sqstore.upload_config(t, config, b)),
+        ("update_config", BAD_DISPLAY_NAMES, lambda t, b: sqstore.update_config(t, config, b)),
+        ("timestamp_queue", BAD_DISPLAY_NAMES, lambda t, b: sqstore.timestamp_queue(t, b)),
+        ("upload_job dn", BAD_DISPLAY_NAMES, lambda t, b: sqstore.upload_job(t, JOB, b, "al")),
+        ("upload_job user", BAD_NAMES, lambda t, b: sqstore.upload_job(t, JOB, "sim", b)),
+        ("upload_status dn", BAD_DISPLAY_NAMES,
+         lambda t, b: sqstore.upload_status(t, b, "alice", job_id)),
+        ("upload_status user", BAD_NAMES, lambda t, b: sqstore.upload_status(t, "sim", b, job_id)),
+        ("upload_status id", BAD_NAMES, lambda t, b: sqstore.upload_status(t, "sim", "alice", b)),
+        ("upload_result dn", BAD_DISPLAY_NAMES,
+         lambda t, b: sqstore.upload_result(t, result, b, job_id, private)),
+        ("upload_result id", BAD_NAMES,
+         lambda t, b: sqstore.upload_result(t, result, "sim", b, private)),
+        ("update_in_database dn", BAD_DISPLAY_NAMES,
+         lambda t, b: sqstore.update_in_database(t, result, done, job_id, b, private)),
+        ("update_in_database id", BAD_NAMES,
+         lambda t, b: sqstore.update_in_database(t, result, done, b, "sim", private)),
+        ("upload_public_key dn", BAD_DISPLAY_NAMES,
+         lambda t, b: sqstore.upload_public_key(t, public, b)),
+        ("upload_public_key user", BAD_NAMES,
+         lambda t, b: sqstore.upload_public_key(t, public, b, role="user")),
+    ]  # fmt: skip
+    for what, bad_names, write in writes:
+        for bad in bad_names:
+            spy, calls = spied(s)
+            with pytest.raises(sqstore.InvalidNameError):
+                write(spy, bad)
+            assert not [c for c in calls if c[0] in sqstore._WRITES], (what, bad, calls)
+
+
+def test_upload_public_key_publishes_a_user_key_without_a_backend(store: Storage) -> None:
+    """role="user" (sqooler after 0.9) publishes a user's key under its kid in the keys folder,
+    in the same JWK form, without a config; a second key for that kid is refused."""
+    private, public = sqstore.generate_keypair("alicekey")
+    sqstore.upload_public_key(store, public, "alice", role="user")
+    sqstore.upload_public_key(store, public, "alice", role="user")  # the same key: a no-op
+    folder_ = store["layout"].public_keys
+    assert store["list"](folder_) == ["alicekey"]
+    stored = store["get"](folder_, "alicekey")
+    stored.pop("_id", None)
+    assert stored == sqstore.to_doc(public)
+    assert sqstore.get_public_key_from_kid(store, "alicekey") == public
+    _, other = sqstore.generate_keypair("alicekey")
+    with pytest.raises(sqstore.AlreadyExistsError, match="another public key"):
+        sqstore.upload_public_key(store, other, "alice", role="user")
+    with pytest.raises(sqstore.BadSignatureError, match="not a public key"):
+        sqstore.upload_public_key(store, private, "alice", role="user")
+    assert sqstore.get_public_key_from_kid(store, "alicekey") == public
+    with pytest.raises(sqstore.NotFoundError):  # a backend key still needs the config
+        sqstore.upload_public_key(store, sqstore.generate_keypair("bobkey")[1], "sim")
+    with pytest.raises(sqstore.NotFoundError):
+        sqstore.upload_public_key(
+            store, sqstore.generate_keypair("bobkey")[1], "sim", role="backend"
+        )
+
+
+def test_upload_public_key_checks_a_backend_key_and_refuses_other_roles(
+    store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """role="backend" (the default) keeps the config-kid check; any other role is a ValueError
+    and writes nothing."""
+    private, public = keys
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    _, wrong_kid = sqstore.generate_keypair("otherkid")
+    with pytest.raises(sqstore.BadSignatureError, match="otherkid"):
+        sqstore.upload_public_key(store, wrong_kid, "sim", role="backend")
+    sqstore.upload_public_key(store, wrong_kid, "sim", role="user")  # no config check for users
+    sqstore.upload_public_key(store, public, "sim", role="backend")
+    assert sqstore.get_public_key(store, "sim") == public
+    for role in ("admin", "Backend", "", None, 1):
+        spy, calls = spied(store)
+        with pytest.raises(ValueError, match="role"):
+            sqstore.upload_public_key(spy, public, "sim", role=role)  # type: ignore[arg-type]
+        assert calls == []
 
 
 # ============================================================================
@@ -2367,7 +2566,8 @@ def test_mongodb_refuses_folders_that_are_not_database_and_collection(
 def test_mongodb_injection_through_names_reaches_no_query(
     mongodb_server: Any, field: str, bad: str
 ) -> None:
-    """Operator-like, path-like or NUL names are refused before any command is sent."""
+    """Operator-like, path-like or NUL names are refused (writes) or not found (reads) before
+    any command is sent."""
     mongo_reset(mongo_uri(mongodb_server))
     client, counter = counted_client(mongo_uri(mongodb_server))
     store = sqstore.mongodb_storage(client, create_indexes=False)
@@ -2389,8 +2589,9 @@ def test_mongodb_injection_through_names_reaches_no_query(
         "username": ["upload_job", "upload_status", "get_status", "get_result"],
         "job_id": ["upload_status", "get_status", "get_result", "get_job", "finish"],
     }
+    reads = {"get_status", "get_result", "get_job", "get_config"}  # a name that cannot exist
     for name in takes[field]:
-        with pytest.raises(sqstore.InvalidNameError):
+        with pytest.raises(sqstore.NotFoundError if name in reads else sqstore.InvalidNameError):
             calls[name]()
     assert counter.commands == []
 
@@ -4057,7 +4258,8 @@ def test_mongodb_lifecycle_needs_fewer_round_trips_than_sqooler(
     """A whole job life costs sqstore fewer database commands than sqooler 0.9, leases included.
 
     Counted with pymongo's command monitoring (see `lifecycle_counts`).  sqstore's count
-    is pinned, so that a change that adds a round trip shows here: 2 inserts; claim 7
+    is pinned, so that a change that adds a round trip shows here: submit 3 (the job and
+    its status, and the config read that finds an unknown backend, as sqooler's does); claim 7
     (config, list, lease, move 3, job); finish 11 (config, lease, the final status recorded
     in the lease by a swap (2), result, move 3, status, the lease dropped by a swap (2));
     reads 3.
@@ -4076,7 +4278,7 @@ def test_mongodb_lifecycle_needs_fewer_round_trips_than_sqooler(
     store = sqstore.mongodb_storage(client)
     counts = lifecycle_counts(store, sqooler, counter.commands.clear, lambda: len(counter.commands))
     print(f"MongoDB commands per job lifecycle: sqstore {counts[0]}, sqooler 0.9 {counts[1]}")
-    assert counts[0] == 23 and counts[0] < counts[1]
+    assert counts[0] == 24 and counts[0] < counts[1]
 
 
 # ============================================================================
@@ -5387,7 +5589,8 @@ def test_copy_keeps_what_the_target_has_and_verifies_on_request(tmp_path: Path, 
     result_file.write_text(json.dumps(forged))
     source_before = tree(src)
     target = sqstore.local_storage(dst)
-    sqstore.upload_status(target, "sim", "x", ids["queued"])  # not the source's word
+    status = sqstore.StatusMsg(ids["queued"], "INITIALIZING", "Got your json.", "None")
+    target["upload"]("status/sim", ids["queued"], sqstore.to_doc(status))  # not the source's
     status_file = dst / "status" / "sim" / f"{ids['queued']}.json"
     before = status_file.read_bytes()
     proc = run_cli("copy", "--verify", "--json", str(src), f"file://{dst}", cwd=tmp_path)
@@ -6012,7 +6215,7 @@ def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
     proc = run_cli(*args, "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
-    assert figures["calls_per_round_trip"] == {"delete": 3, "find": 12, "insert": 6, "update": 2}
+    assert figures["calls_per_round_trip"] == {"delete": 3, "find": 13, "insert": 6, "update": 2}
     assert min(figures["claim_us_10"], figures["claim_us_1000"], figures["claim_us_30"]) > 0
     for n in (10, 30, 1000):  # lease insert, find + insert + delete, read; list once per pass
         assert 5 <= figures[f"claim_calls_{n}"] <= 5.5
@@ -6031,7 +6234,7 @@ def test_cli_bench_on_dropbox_counts_requests_and_cleans_up(
     dropbox_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`sqstore --storage dropbox:// bench` counts HTTP requests per round trip and per claim
-    (18 per round trip, as the lifecycle test counts), and leaves only what was there."""
+    (19 per round trip, as the lifecycle test counts), and leaves only what was there."""
     store = sqstore.open_storage("dropbox://")
     sqstore.upload_config(store, sqstore.demo_config("keep"), "keep")
     kept = dropbox_env.files()
@@ -6040,7 +6243,7 @@ def test_cli_bench_on_dropbox_counts_requests_and_cleans_up(
     figures = json.loads(capsys.readouterr().out)
     assert figures["storage"] == "dropbox" and figures["sizes"] == [7, 10]
     calls = figures["calls_per_round_trip"]
-    assert sum(calls.values()) == 18 and "users/get_current_account" not in calls
+    assert sum(calls.values()) == 19 and "users/get_current_account" not in calls
     for n in (7, 10):  # lease upload, move, download; a list page per 3 (the fake's page size)
         assert 3 <= figures[f"claim_calls_{n}"] <= 4, figures
     assert dropbox_env.files() == kept
@@ -6109,6 +6312,108 @@ def test_cli_keygen(tmp_path: Path) -> None:
     assert key_file.read_text() == json.dumps(sqstore.to_doc(private)) + "\n"
 
 
+# Issue 12 (item 7): keys from the environment, as sqooler's PRIVATE_JWK_STR ------------------
+def sqooler_config_str(private: dict[str, Any]) -> str:
+    """A JWK document in the form of sqooler's ``PRIVATE_JWK_STR``: base64url of its JSON."""
+    return base64.urlsafe_b64encode(json.dumps(private).encode()).decode()
+
+
+def test_cli_work_and_demo_take_the_key_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--key env:NAME` reads the private JWK from the environment (JSON, or sqooler's
+    PRIVATE_JWK_STR form) or else from ./.env, for `work` and `demo`, and signs with it."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    private, public = sqstore.generate_keypair("bobkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    try:
+        from sqooler.security import JWK as SqoolerJWK
+    except ImportError as exc:
+        skip_or_fail(f"sqooler 0.9 is not installed ({exc}): pip install -e '.[test]'")
+    config_str = SqoolerJWK(**sqstore.to_doc(private)).to_config_str()  # sqooler's own form
+    runs = [
+        ("PRIVATE_JWK_STR", json.dumps(sqstore.to_doc(private)), None),
+        ("PRIVATE_JWK_STR", config_str, None),
+        ("BOB_KEY", None, f"# sqooler's .env\nBOB_KEY='{config_str}'\n"),
+    ]
+    for name, value, dotenv in runs:
+        monkeypatch.delenv(name, raising=False)
+        if value is not None:
+            monkeypatch.setenv(name, value)
+        if dotenv is not None:
+            (tmp_path / ".env").write_text(dotenv)
+        job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+        proc = worker(tmp_path, "--storage", str(root), "work", "sim", "lab_executor:run",
+                      "--key", f"env:{name}", "--max-jobs", "1", "--poll", "0.05")  # fmt: skip
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (name, err)
+        assert sqstore.verify_result(store, "sim", job_id), name
+        assert private.d.rstrip("=")[:12] not in err
+    demo = run_cli("demo", "--jobs", "1", "--key", "env:BOB_KEY", cwd=tmp_path,
+                   env={"SQSTORE_STORAGE": str(tmp_path / "demo")})  # fmt: skip
+    assert demo.returncode == 0, demo.stderr
+    assert "1/1 results verified" in demo.stdout and "'bobkey'" in demo.stdout
+    assert not (tmp_path / "demo" / ".demo-key.jwk").exists()
+
+
+def test_cli_key_from_the_environment_errors_are_one_line_without_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing or empty variable, a value that is not a JWK (bad JSON, bad base64), a public
+    key, a key whose x is not its d's, or another key than the backend's: exit 1 with one
+    'sqstore: error:' line that never contains the private key, and nothing written."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    private, public = sqstore.generate_keypair("bobkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    sqstore.upload_job(store, JOB, "sim", "alice")
+    assert private.d is not None
+    secret = private.d.rstrip("=")[:12]
+    doc = sqstore.to_doc(private)
+    other = sqstore.to_doc(sqstore.generate_keypair("bobkey")[0])
+    cases: dict[str, tuple[str | None, str]] = {
+        "unset": (None, "is not set"),
+        "empty": ("", "is empty"),
+        "bad JSON": (json.dumps(doc)[:-3], "not valid JSON"),
+        "bad base64": (f"!{private.d}!", "neither a JSON JWK nor a base64 one"),
+        "not a JWK": (json.dumps({**doc, "kty": private.d}), "not a JWK"),
+        "public key": (json.dumps(sqstore.to_doc(public)), "not a private key"),
+        "x not of d": (json.dumps({**doc, "x": other["x"]}), "does not match"),
+        "another key": (json.dumps(other), "not the key of"),
+        "another key, sqooler form": (sqooler_config_str(other), "not the key of"),
+    }  # fmt: skip
+    before = tree(root)
+    for case, (value, message) in cases.items():
+        monkeypatch.delenv("PRIVATE_JWK_STR", raising=False)
+        if value is not None:
+            monkeypatch.setenv("PRIVATE_JWK_STR", value)
+        for args in (
+            ["--storage", str(root), "work", "sim", "lab_executor:run", "--max-jobs", "1"],
+            ["--storage", str(tmp_path / "demo"), "demo", "--jobs", "1"],
+        ):
+            proc = worker(tmp_path, *args, "--key", "env:PRIVATE_JWK_STR")
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                pytest.fail(f"{case}: {args[2]} ran on: {proc.communicate()[1]}")
+            if args[2] == "demo" and case.startswith("another key"):
+                assert proc.returncode == 0, (case, err)  # a key of its own for the demo backend
+                continue
+            assert proc.returncode == 1, (case, args[2], err)
+            assert err.startswith("sqstore: error: env:PRIVATE_JWK_STR"), (case, err)
+            assert message in err and err.count("\n") == 1, (case, err)
+            assert secret not in err and "Traceback" not in err, (case, err)
+        assert tree(root) == before, case
+    for bad in ("env:", "env:1X", "env:A=B"):
+        proc = worker(tmp_path, "--storage", str(root), "work", "sim", "--key", bad)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and "environment variable" in err and err.count("\n") == 1
+
+
 def test_cli_job_commands(tmp_path: Path) -> None:
     """submit, queue, status, result, verify and backends work on a local directory."""
     data = tmp_path / "data"
@@ -6150,7 +6455,7 @@ def test_cli_job_commands(tmp_path: Path) -> None:
         (["submit", "nosuch", "job.json"], "backends/configs/nosuch does not exist"),
         (["submit", "sim", "missing.json"], "cannot read job file missing.json"),
         (["submit", "sim", "bad.json"], "bad.json: not valid JSON"),
-        (["status", "sim", "../../etc/passwd"], "invalid job_id"),
+        (["status", "sim", "../../etc/passwd"], "no job '../../etc/passwd': a job id is"),
         (["queue", "Bad-Name"], "invalid display_name"),
         (["verify", "sim", "6b0000000000000000000000"], "does not exist"),
         (["demo", "--jobs", "0"], "at least 1"),
@@ -6298,11 +6603,14 @@ def test_cli_key_errors_never_show_the_key(tmp_path: Path) -> None:
 
 
 def test_readme_quickstart_runs(tmp_path: Path) -> None:
-    """The README's Alice and Bob examples run as written (on a temporary directory)."""
+    """The README's Alice and Bob examples run as written (on a temporary directory): Bob
+    configures his backend, Alice submits (which needs that config), Bob serves, Alice reads."""
     text = (HERE / "README.md").read_text()
     alice, bob = re.findall(r"```python\n(.*?)```", text, re.S)[:2]
     submit, later = alice.split("# later")
-    script = "\n".join((submit, bob, later)).replace('"/srv/exchange"', repr(str(tmp_path)))
+    setup, loop = bob.split("while True:")
+    script = "\n".join((setup, submit, "while True:" + loop, later))
+    script = script.replace('"/srv/exchange"', repr(str(tmp_path)))
     namespace: dict[str, Any] = {}
     exec(compile(script, "README.md", "exec"), namespace)
     assert namespace["status"].status == "DONE"
