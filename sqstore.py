@@ -59,7 +59,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec, TypedDict, TypeVar, cast
 
 import attrs
 import cattrs
@@ -282,6 +282,31 @@ Doc = dict[str, Any]
 
 ColdAtomType = Literal["fermion", "boson", "spin", "mixed"]
 WireOrder = Literal["sequential", "interleaved"]
+_KeyText = Annotated[str, "base64url"]  # a JWK member: text, read from ASCII bytes too
+
+
+class _DocView(Mapping[str, Any]):
+    """Lets a record also read as its JSON document, ``to_doc(record)``, read-only.
+
+    pydantic validates a mapping as a model, so a record passes as the sqooler
+    model of its shape (a frontend hands it to django-ninja as is), and
+    ``dict(record)`` is its document.  Attributes, ``==``, hash and repr stay the
+    record's: a record never equals a dict.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        kind = _doc_fields(type(self)).get(key) if isinstance(key, str) else None
+        if kind is None:
+            return to_doc(self)[key]  # KeyError, as a dict
+        return _converter.unstructure(getattr(self, key), unstructure_as=kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(to_doc(self))
+
+    def __len__(self) -> int:
+        return len(to_doc(self))
 
 
 @attrs.frozen
@@ -331,7 +356,7 @@ DROPBOX_LAYOUT = Layout(
 
 
 @attrs.frozen
-class BackendConfig:
+class BackendConfig(_DocView):
     """A backend's configuration as Bob uploads it (sqooler's ``BackendConfigSchemaIn``)."""
 
     description: str
@@ -354,7 +379,7 @@ class BackendConfig:
 
 
 @attrs.frozen
-class BackendDict:
+class BackendDict(_DocView):
     """The Qiskit-shaped view of a backend that a frontend serves."""
 
     description: str
@@ -381,7 +406,7 @@ class BackendDict:
 
 
 @attrs.frozen
-class BackendStatus:
+class BackendStatus(_DocView):
     """The Qiskit-shaped status of a backend."""
 
     backend_name: str
@@ -392,7 +417,7 @@ class BackendStatus:
 
 
 @attrs.frozen
-class StatusMsg:
+class StatusMsg(_DocView):
     """Where a job is in its life cycle (sqooler's ``StatusMsgDict``)."""
 
     job_id: str
@@ -402,7 +427,7 @@ class StatusMsg:
 
 
 @attrs.frozen
-class GateDict:
+class GateDict(_DocView):
     """One instruction: a gate name, the wires it acts on, its parameters."""
 
     name: str
@@ -411,7 +436,7 @@ class GateDict:
 
 
 @attrs.frozen
-class DataDict:
+class DataDict(_DocView):
     """The data of one experiment: measured outcomes, and the instructions run."""
 
     memory: tuple[str, ...]
@@ -419,7 +444,7 @@ class DataDict:
 
 
 @attrs.frozen
-class ExperimentDict:
+class ExperimentDict(_DocView):
     """The result of one experiment of a job."""
 
     header: Doc
@@ -429,7 +454,7 @@ class ExperimentDict:
 
 
 @attrs.frozen(kw_only=True)
-class ResultDict:
+class ResultDict(_DocView):
     """A job's result, Qiskit-like (sqooler's ``ResultDict``); fields by keyword."""
 
     backend_name: str | None = None
@@ -444,7 +469,7 @@ class ResultDict:
 
 
 @attrs.frozen
-class NextJob:
+class NextJob(_DocView):
     """The answer to "which job next?": ``"None"`` twice when the queue is empty."""
 
     job_id: str
@@ -452,20 +477,24 @@ class NextJob:
 
 
 @attrs.frozen
-class JWK:
-    """An Ed25519 JSON Web Key (RFC 8037), private when ``d`` is set."""
+class JWK(_DocView):
+    """An Ed25519 JSON Web Key (RFC 8037), private when ``d`` is set.
 
-    x: str
+    ``x`` and ``d`` are base64url text, as the stored JWK has them; the ASCII
+    bytes that sqooler's pydantic ``JWK`` holds are read as that text.
+    """
+
+    x: _KeyText
     key_ops: Literal["sign", "verify"]
     kid: str
-    d: str | None = attrs.field(default=None, repr=False)
+    d: _KeyText | None = attrs.field(default=None, repr=False)
     kty: Literal["OKP"] = "OKP"
     alg: Literal["EdDSA"] = "EdDSA"
     crv: Literal["Ed25519"] = "Ed25519"
 
 
 @attrs.frozen(kw_only=True)
-class JWSHeader:
+class JWSHeader(_DocView):
     """The header of sqooler's JWS, signed as compact JSON in this field order."""
 
     alg: str = "EdDSA"
@@ -475,7 +504,7 @@ class JWSHeader:
 
 
 @attrs.frozen
-class JWSDoc:
+class JWSDoc(_DocView):
     """A payload signed in sqooler's JWS form (padded base64url signature)."""
 
     header: JWSHeader
@@ -548,11 +577,28 @@ def _tuple_of(kind: type, what: str) -> Callable[[Any, Any], tuple[Any, ...]]:
     return structure
 
 
+def _key_text(value: Any, _: Any) -> str:
+    """A JWK's x or d: text, or the ASCII bytes that sqooler's JWK holds."""
+    if isinstance(value, bytes) and value.isascii():
+        return value.decode("ascii")
+    if not isinstance(value, str):
+        raise ValueError(f"not base64url text: a {type(value).__name__}")
+    return value
+
+
+def _is_doc_view(kind: Any) -> bool:
+    return _DocView in getattr(kind, "__mro__", ())
+
+
 def _make_converter() -> cattrs.Converter:
     """Liberal in what it reads: a stored document's unknown fields are ignored (sqooler
     0.4-0.8 wrote ``operational`` into every config; newer programs add their own).  A
     signed envelope stays exact: a field its signature does not cover is refused."""
     conv = make_converter()
+    # a record that reads as a mapping is still converted field by field, as a record
+    conv.register_structure_hook_factory(_is_doc_view, conv.gen_structure_attrs_fromdict)
+    conv.register_unstructure_hook_factory(_is_doc_view, conv.gen_unstructure_attrs_fromdict)
+    conv.register_structure_hook_func(lambda t: t == _KeyText, _key_text)
     for envelope in (JWSHeader, JWSDoc, FlatJWS):
         conv.register_structure_hook(
             envelope, make_dict_structure_fn(envelope, conv, _cattrs_forbid_extra_keys=True)
@@ -570,6 +616,12 @@ def _make_converter() -> cattrs.Converter:
 
 
 _converter = _make_converter()
+
+
+@functools.cache
+def _doc_fields(cls: type) -> dict[str, Any]:
+    """A record class's fields and their types: a `_DocView` reads one field, not the record."""
+    return {field.name: field.type for field in attrs.fields(attrs.resolve_types(cls, globals()))}
 
 
 def to_doc(record: Any) -> Doc:

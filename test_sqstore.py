@@ -4423,6 +4423,308 @@ def test_sqooler_models_are_accepted(sqooler: Any, tmp_path: Path) -> None:
     assert sqooler.get_config("sq").kid == "pk"
 
 
+# Records that mirror a sqooler pydantic model; they also read as their JSON document.
+SQOOLER_SHAPED = (
+    sqstore.BackendConfig,
+    sqstore.BackendDict,
+    sqstore.BackendStatus,
+    sqstore.DataDict,
+    sqstore.ExperimentDict,
+    sqstore.GateDict,
+    sqstore.JWK,
+    sqstore.JWSDoc,
+    sqstore.JWSHeader,
+    sqstore.NextJob,
+    sqstore.ResultDict,
+    sqstore.StatusMsg,
+)
+RECORD_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
+    **RECORDS,
+    sqstore.DataDict: experiments.map(lambda e: e.data),
+    sqstore.JWSHeader: st.builds(sqstore.JWSHeader, kid=names),
+}
+
+
+@pytest.mark.parametrize("cls", SQOOLER_SHAPED, ids=lambda c: c.__name__)
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=30)
+@given(data=st.data())
+def test_sqooler_shaped_records_are_read_only_mappings(cls: type, data: st.DataObject) -> None:
+    """A sqooler-shaped record reads as to_doc(record) and stays a frozen, hashable attrs record."""
+    from collections.abc import Mapping
+
+    record = data.draw(RECORD_STRATEGIES[cls])
+    doc = sqstore.to_doc(record)
+    assert isinstance(record, Mapping)
+    assert dict(record) == doc and list(record) == list(doc) and len(record) == len(doc)
+    assert all(key in record and record[key] == doc[key] for key in doc)
+    assert "no such field" not in record and record.get("no such field") is None
+    with pytest.raises(KeyError):
+        record["no such field"]
+    # still the record it was: attribute access, equality, hash, repr, frozen, round trip
+    field = attrs.fields(cls)[0].name
+    assert getattr(record, field) == getattr(attrs.evolve(record), field)
+    assert record == attrs.evolve(record)
+    try:
+        assert hash(record) == hash(attrs.evolve(record))
+    except TypeError as exc:  # a dict in a field (a header, a gate), never the record itself
+        assert str(exc) == "unhashable type: 'dict'"
+    assert record != doc and repr(record).startswith(f"{cls.__name__}(")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        setattr(record, field, None)
+    with pytest.raises(TypeError):
+        record[field] = None  # type: ignore[index]
+    assert sqstore.from_doc(json.loads(json.dumps(doc)), cls) == record
+
+
+def test_returned_records_validate_as_sqooler_models(tmp_path: Path) -> None:
+    """What sqstore returns where sqooler returns a pydantic model validates as that model."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sqooler import schemes, security
+
+    store = sqstore.local_storage(tmp_path / "store")
+    private, public = sqstore.generate_keypair("qk")
+    sqstore.upload_config(store, sqstore.demo_config("qsim", sign=True), "qsim", private)
+    sqstore.upload_public_key(store, public, "qsim")
+    sqstore.timestamp_queue(store, "qsim", private)
+    job = {
+        "experiment_0": {
+            "instructions": [["x", [0], []], ["measure", [0], []]],
+            "num_wires": 1,
+            "shots": 3,
+            "wire_order": "sequential",
+        }
+    }
+    job_id = sqstore.upload_job(store, job, "qsim", "alice")
+    returned: list[tuple[Any, Any]] = [
+        (schemes.StatusMsgDict, sqstore.upload_status(store, "qsim", "alice", job_id, private)),
+        (schemes.BackendConfigSchemaIn, sqstore.get_config(store, "qsim")),
+        (schemes.BackendConfigSchemaOut, sqstore.get_backend_dict(store, "qsim")),
+        (schemes.BackendStatusSchemaOut, sqstore.get_backend_status(store, "qsim")),
+        (security.JWK, sqstore.get_public_key(store, "qsim")),
+        (security.JWK, sqstore.get_public_key_from_kid(store, "qk")),
+    ]
+    nxt = sqstore.get_next_job_in_queue(store, "qsim", private)
+    returned.append((schemes.NextJobSchema, nxt))
+    result = sqstore.run_simulator(
+        sqstore.get_job(store, nxt.job_json_path, nxt.job_id), nxt.job_id, "qsim"
+    )
+    status = attrs.evolve(sqstore.get_status(store, "qsim", "alice", job_id), status="DONE")
+    sqstore.update_in_database(store, result, status, nxt.job_id, "qsim", private)
+    returned += [
+        (schemes.StatusMsgDict, sqstore.get_status(store, "qsim", "alice", job_id)),
+        (schemes.ResultDict, sqstore.get_result(store, "qsim", "alice", job_id)),
+        (schemes.ResultDict, sqstore.get_result(store, "qsim", "alice", "missing")),
+        (schemes.StatusMsgDict, sqstore.get_status(store, "qsim", "alice", "missing")),
+    ]
+    for model, record in returned:
+        validated = model.model_validate(record)  # as django-ninja validates a response
+        assert validated == model.model_validate(sqstore.to_doc(record)), model.__name__
+        assert model.model_validate(validated.model_dump(mode="json")) == validated
+    result_model = schemes.ResultDict.model_validate(returned[-3][1])
+    assert result_model.results[0].data.memory == ["1", "1", "1"]
+    assert security.JWK.model_validate(returned[4][1]).x == public.x.encode()
+
+
+def _ninja_api(store: Storage) -> Any:
+    """A django-ninja API shaped like django-qlued's: sqstore's records are returned as is."""
+    import uuid
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from ninja import Body, NinjaAPI
+        from ninja.responses import codes_4xx
+        from sqooler.schemes import (
+            BackendConfigSchemaOut,
+            BackendStatusSchemaOut,
+            NextJobSchema,
+            ResultDict,
+            StatusMsgDict,
+        )
+
+    api = NinjaAPI(urls_namespace=f"sq-{uuid.uuid4().hex}")
+    unknown = {
+        "job_id": "None",
+        "status": "ERROR",
+        "detail": "Unknown back-end!",
+        "error_message": "Unknown back-end!",
+    }
+
+    @api.get(
+        "{backend}/get_config", response={200: BackendConfigSchemaOut, codes_4xx: StatusMsgDict}
+    )
+    def get_config(request: Any, backend: str) -> Any:
+        try:
+            info = sqstore.get_backend_dict(store, backend)
+        except FileNotFoundError:
+            return 404, unknown
+        return attrs.evolve(info, url=f"https://example.org/api/v3/{info.backend_name}/")
+
+    @api.get(
+        "{backend}/get_backend_status",
+        response={200: BackendStatusSchemaOut, codes_4xx: StatusMsgDict},
+    )
+    def get_backend_status(request: Any, backend: str) -> Any:
+        return sqstore.get_backend_status(store, backend)
+
+    @api.post("{backend}/post_job", response={200: StatusMsgDict, codes_4xx: StatusMsgDict})
+    def post_job(request: Any, backend: str, data: dict[str, str] = Body(...)) -> Any:  # noqa: B008
+        job_id = sqstore.upload_job(store, json.loads(data["job"]), backend, data["token"])
+        return sqstore.upload_status(store, backend, data["token"], job_id)
+
+    @api.get("{backend}/get_job_status", response={200: StatusMsgDict, codes_4xx: StatusMsgDict})
+    def get_job_status(request: Any, backend: str, job_id: str, token: str) -> Any:
+        status = sqstore.get_status(store, backend, token, job_id)
+        return (406, status) if status.status == "ERROR" else (200, status)
+
+    @api.get(
+        "{backend}/get_job_result",
+        response={200: StatusMsgDict | ResultDict, codes_4xx: StatusMsgDict},
+    )
+    def get_job_result(request: Any, backend: str, job_id: str, token: str) -> Any:
+        status = sqstore.get_status(store, backend, token, job_id)
+        if status.status == "ERROR":
+            return 406, status
+        if status.status != "DONE":
+            return 200, status
+        return 200, sqstore.get_result(store, backend, token, job_id)
+
+    @api.get("/backends", response=list[BackendConfigSchemaOut])
+    def list_backends(request: Any) -> Any:
+        return [sqstore.get_backend_dict(store, dn) for dn in sqstore.get_backends(store)]
+
+    @api.get("{backend}/next_job", response=NextJobSchema)
+    def next_job(request: Any, backend: str) -> Any:
+        return sqstore.get_next_job_in_queue(store, backend)
+
+    return api
+
+
+@pytest.mark.filterwarnings("ignore:Returning tuple:DeprecationWarning")  # as django-qlued does
+def test_django_ninja_frontend_serves_records(tmp_path: Path) -> None:
+    """A django-ninja frontend shaped like django-qlued returns sqstore's records as responses."""
+    import types
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import django
+        from django.conf import settings as django_settings
+        from django.test import Client, override_settings
+        from django.urls import path
+
+    if not django_settings.configured:
+        django_settings.configure(
+            DEBUG=False,
+            SECRET_KEY="test",
+            ALLOWED_HOSTS=["testserver"],
+            INSTALLED_APPS=[],
+            MIDDLEWARE=[],
+            DATABASES={},
+            ROOT_URLCONF=None,
+        )
+        django.setup()
+    store = sqstore.local_storage(tmp_path / "store")
+    sqstore.upload_config(store, sqstore.demo_config("qsim"), "qsim")
+    api = _ninja_api(store)
+    urls = types.ModuleType("frontend_urls")  # a URLconf module, made here (resolvers hash it)
+    urls.urlpatterns = [path("api/v3/", api.urls)]  # type: ignore[attr-defined]
+    with override_settings(ROOT_URLCONF=urls):
+        client = Client()
+        base = "/api/v3/local_qsim_simulator"
+        config = client.get(f"{base.replace('local_qsim_simulator', 'qsim')}/get_config")
+        assert config.status_code == 200, config.content
+        assert config.json()["url"].endswith("/local_qsim_simulator/")
+        assert config.json()["backend_name"] == "local_qsim_simulator"
+        assert client.get("/api/v3/nosuch/get_config").status_code == 404
+        listed = client.get("/api/v3/backends")
+        assert [b["display_name"] for b in listed.json()] == ["qsim"]
+        status = client.get("/api/v3/qsim/get_backend_status")
+        assert status.status_code == 200 and status.json()["operational"] is False
+        job = {
+            "experiment_0": {
+                "instructions": [["h", [0], []], ["measure", [0], []]],
+                "num_wires": 1,
+                "shots": 4,
+                "wire_order": "sequential",
+            }
+        }
+        posted = client.post(
+            "/api/v3/qsim/post_job",
+            {"job": json.dumps(job), "token": "alice"},
+            content_type="application/json",
+        )
+        assert posted.status_code == 200, posted.content
+        assert posted.json()["status"] == "INITIALIZING"
+        job_id = posted.json()["job_id"]
+        query = {"job_id": job_id, "token": "alice"}
+        assert client.get("/api/v3/qsim/get_job_status", query).json() == posted.json()
+        assert client.get("/api/v3/qsim/get_job_result", query).json()["status"] == "INITIALIZING"
+        nxt = client.get("/api/v3/qsim/next_job").json()
+        assert nxt == {"job_id": job_id, "job_json_path": "jobs/running"}
+        result = sqstore.run_simulator(
+            sqstore.get_job(store, nxt["job_json_path"], job_id), job_id, "qsim"
+        )
+        done = sqstore.StatusMsg(job_id, "DONE", "done", "None")
+        sqstore.update_in_database(store, result, done, job_id, "qsim")
+        served = client.get("/api/v3/qsim/get_job_result", query)
+        assert served.status_code == 200, served.content
+        assert served.json()["backend_name"] == "local_qsim_simulator"
+        assert len(served.json()["results"][0]["data"]["memory"]) == 4
+        missing = client.get("/api/v3/qsim/get_job_status", {"job_id": "f" * 24, "token": "a"})
+        assert missing.status_code == 406 and missing.json()["status"] == "ERROR"
+
+
+def test_sqooler_signs_and_verifies_with_sqstore_keys(tmp_path: Path) -> None:
+    """sqooler's own signing and verifying helpers work with the keys sqstore makes and returns."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sqooler import security
+
+    store = sqstore.local_storage(tmp_path / "store")
+    private, public = sqstore.generate_keypair("qk")
+    sqstore.upload_config(store, sqstore.demo_config("qsim", sign=True), "qsim", private)
+    sqstore.upload_public_key(store, public, "qsim")
+    served = sqstore.get_public_key(store, "qsim")
+    assert isinstance(served.x, str) and served == public  # text, as the stored JWK has it
+    payload = {"job_id": "j1", "status": "DONE", "detail": "ok", "error_message": "None"}
+    # sqooler signs with a sqstore private key; sqstore verifies with the key it serves
+    theirs = security.sign_payload(payload, private)  # type: ignore[arg-type]
+    assert sqstore.verify_doc(theirs.model_dump(), [served]) == payload
+    # sqstore signs; sqooler verifies with the key sqstore serves, as is and as its own JWK
+    ours = sqstore.sign_doc(payload, private)
+    for key in (served, security.JWK.model_validate(served)):
+        assert security.JWSDict.model_validate(ours).verify_signature(key)  # type: ignore[arg-type]
+        assert security.JWSDict.model_validate(theirs.model_dump()).verify_signature(key)  # type: ignore[arg-type]
+    other = sqstore.generate_keypair("qk")[1]
+    assert not security.JWSDict.model_validate(ours).verify_signature(other)  # type: ignore[arg-type]
+    assert security.public_from_private_jwk(private) == security.JWK.model_validate(served)  # type: ignore[arg-type]
+    # sqooler's keys, in every form sqooler code holds them, work where sqstore takes a key
+    sq_private, sq_public = security.create_jwk_pair("sk")
+    for priv, pub in (
+        (sq_private, sq_public),
+        (sq_private.model_dump(), sq_public.model_dump()),  # x and d as bytes
+        (sq_private.model_dump(mode="json"), sq_public.model_dump(mode="json")),
+    ):
+        signed = sqstore.sign_doc(payload, priv)
+        assert security.JWSDict.model_validate(signed).verify_signature(sq_public)
+        assert sqstore.verify_doc(signed, [pub]) == payload
+        assert sqstore.public_from_private(priv).x == sq_public.x.decode()
+    sqstore.upload_config(
+        store, sqstore.demo_config("sqb", sign=True), "sqb", sq_private.model_dump()
+    )
+    sqstore.upload_public_key(store, sq_public.model_dump(), "sqb")
+    assert sqstore.get_public_key(store, "sqb").x == sq_public.x.decode()
+    assert security.JWK.model_validate(sqstore.get_public_key(store, "sqb")) == sq_public
+    with pytest.raises(sqstore.InvalidDocumentError, match=r"\$\.x"):
+        sqstore.from_doc({**sq_public.model_dump(), "x": b"\xff"}, sqstore.JWK)
+
+
 # Documents as sqooler 0.4-0.8 wrote them, field for field (read from each release's
 # schemes.py and storage providers; built here, not copied).  A config is
 # BackendConfigSchemaIn.model_dump() in that release's field order: 0.4.0 ends with
