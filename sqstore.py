@@ -1609,13 +1609,7 @@ def get_backend_status(
     """
     _check_handle(store)
     cfg = get_config(store, display_name)
-    return BackendStatus(
-        backend_name=_long_backend_name(store["name"], cfg),
-        backend_version=cfg.version,
-        operational=_operational(cfg.last_queue_check, now(), timeout),
-        pending_jobs=cfg.pending_jobs or 0,
-        status_msg=cfg.status_msg or "",
-    )
+    return backend_dict_to_qiskit_status(store, cfg, timeout=timeout, now=now)
 
 
 def timestamp_queue(

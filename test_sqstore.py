@@ -4423,6 +4423,15 @@ def test_sqooler_models_are_accepted(sqooler: Any, tmp_path: Path) -> None:
     assert sqooler.get_config("sq").kid == "pk"
 
 
+def signed_local(tmp_path: Path) -> tuple[Storage, sqstore.JWK, sqstore.JWK]:
+    """A directory store with the signing backend 'qsim' and its published key ('qk')."""
+    store = sqstore.local_storage(tmp_path / "store")
+    private, public = sqstore.generate_keypair("qk")
+    sqstore.upload_config(store, sqstore.demo_config("qsim", sign=True), "qsim", private)
+    sqstore.upload_public_key(store, public, "qsim")
+    return store, private, public
+
+
 # Records that mirror a sqooler pydantic model; they also read as their JSON document.
 SQOOLER_SHAPED = (
     sqstore.BackendConfig,
@@ -4484,10 +4493,7 @@ def test_returned_records_validate_as_sqooler_models(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         from sqooler import schemes, security
 
-    store = sqstore.local_storage(tmp_path / "store")
-    private, public = sqstore.generate_keypair("qk")
-    sqstore.upload_config(store, sqstore.demo_config("qsim", sign=True), "qsim", private)
-    sqstore.upload_public_key(store, public, "qsim")
+    store, private, public = signed_local(tmp_path)
     sqstore.timestamp_queue(store, "qsim", private)
     job = {
         "experiment_0": {
@@ -4686,10 +4692,7 @@ def test_sqooler_signs_and_verifies_with_sqstore_keys(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         from sqooler import security
 
-    store = sqstore.local_storage(tmp_path / "store")
-    private, public = sqstore.generate_keypair("qk")
-    sqstore.upload_config(store, sqstore.demo_config("qsim", sign=True), "qsim", private)
-    sqstore.upload_public_key(store, public, "qsim")
+    store, private, public = signed_local(tmp_path)
     served = sqstore.get_public_key(store, "qsim")
     assert isinstance(served.x, str) and served == public  # text, as the stored JWK has it
     payload = {"job_id": "j1", "status": "DONE", "detail": "ok", "error_message": "None"}
