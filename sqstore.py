@@ -10,8 +10,8 @@ both sides import for that.  Its documents and layouts are those of sqooler 0.9,
 so a sqooler spooler or frontend and an sqstore one can share a storage.
 
 A storage handle is a small dict of CRUD callables (``upload``, ``update``,
-``get``, ``move``, ``delete``, ``list``) made by a factory; every operation takes
-the handle first.  Usage::
+``get``, ``move``, ``delete``, ``list``, and ``swap``, a compare-and-swap) made
+by a factory; every operation takes the handle first.  Usage::
 
     >>> import sqstore
     >>> store = sqstore.memory_storage()
