@@ -113,6 +113,7 @@ __all__ = [
     "check_name",
     "claim_job",
     "claim_jobs",
+    "configure_converter",
     "copy_storage",
     "create_job_id",
     "demo_config",
@@ -590,15 +591,35 @@ def _is_doc_view(kind: Any) -> bool:
     return _DocView in getattr(kind, "__mro__", ())
 
 
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Teach a cattrs *converter* of your own to convert sqstore's records as records.
+
+    The records that mirror a sqooler model are also read-only mappings, which a
+    stock converter would structure as mappings (``StatusMsg(a_dict)``); after
+    this, it structures and unstructures them field by field, and reads a JWK's
+    bytes as text, as sqstore's own converter does.  sqstore never changes
+    cattrs' global converter.
+
+    >>> conv = cattrs.Converter()
+    >>> configure_converter(conv)
+    >>> status = StatusMsg("j1", "DONE", "ok", "None")
+    >>> conv.structure(conv.unstructure(status), StatusMsg) == status
+    True
+    """
+    # a record that reads as a mapping is still converted field by field, as a record
+    converter.register_structure_hook_factory(_is_doc_view, converter.gen_structure_attrs_fromdict)
+    converter.register_unstructure_hook_factory(
+        _is_doc_view, converter.gen_unstructure_attrs_fromdict
+    )
+    converter.register_structure_hook_func(lambda t: t == _KeyText, _key_text)
+
+
 def _make_converter() -> cattrs.Converter:
     """Liberal in what it reads: a stored document's unknown fields are ignored (sqooler
     0.4-0.8 wrote ``operational`` into every config; newer programs add their own).  A
     signed envelope stays exact: a field its signature does not cover is refused."""
     conv = make_converter()
-    # a record that reads as a mapping is still converted field by field, as a record
-    conv.register_structure_hook_factory(_is_doc_view, conv.gen_structure_attrs_fromdict)
-    conv.register_unstructure_hook_factory(_is_doc_view, conv.gen_unstructure_attrs_fromdict)
-    conv.register_structure_hook_func(lambda t: t == _KeyText, _key_text)
+    configure_converter(conv)
     for envelope in (JWSHeader, JWSDoc, FlatJWS):
         conv.register_structure_hook(
             envelope, make_dict_structure_fn(envelope, conv, _cattrs_forbid_extra_keys=True)
@@ -751,7 +772,7 @@ def _unknown_fields(doc: Mapping[str, Any], cls: type, where: str) -> list[str]:
         value = doc.get(name)
         if isinstance(value, Mapping):
             found += _unknown_fields(value, inner, f"{where}.{name}")
-        elif isinstance(value, list):
+        elif isinstance(value, (list, tuple)):  # a record's own lists are tuples
             for i, item in enumerate(value):
                 if isinstance(item, Mapping):
                     found += _unknown_fields(item, inner, f"{where}.{name}[{i}]")
@@ -2025,10 +2046,11 @@ def upload_public_key(
 
     A backend's key must carry the kid its config names.  A user's key
     (``role="user"``, as sqooler after 0.9 has it) needs no config: *display_name*
-    is then its owner's name, and the key goes to the same folder in the same
-    form, so `get_public_key_from_kid` finds it.  Backend and user keys share
-    one kid namespace.  Publishing the same key again is a no-op; a different
-    key for a published ``kid`` is refused (sqooler would silently replace it).
+    is then its owner's name, and the key goes, in the same form, to a folder of
+    its own (``<public_keys>/users``; `get_public_key_from_kid` with
+    ``role="user"`` reads it), so that no user can take a backend's kid.
+    Publishing the same key again is a no-op; a different key for a published
+    ``kid`` is refused (sqooler would silently replace it).
 
     Raises:
         AlreadyExistsError: another key is published under that kid.
@@ -2039,8 +2061,7 @@ def upload_public_key(
         ValueError: *role* is neither ``"backend"`` nor ``"user"``.
     """
     _check_handle(store)
-    if role not in ("backend", "user"):
-        raise ValueError(f"role must be 'backend' or 'user', not {role!r}")
+    _key_folder(store, role)
     key = _coerce(public_jwk, JWK, "public_jwk")
     if key.key_ops != "verify" or key.d is not None:
         raise BadSignatureError(f"JWK {key.kid!r} is not a public key for verifying")
@@ -2053,27 +2074,36 @@ def upload_public_key(
             raise BadSignatureError(
                 f"JWK kid {key.kid!r} is not the kid {cfg.kid!r} of backend {display_name!r}"
             )
-    folder = store["layout"].public_keys
+    folder = _key_folder(store, role)
     try:
         store["upload"](folder, check_name(key.kid, "kid"), to_doc(key))
     except AlreadyExistsError:
-        old = get_public_key_from_kid(store, key.kid)
+        old = get_public_key_from_kid(store, key.kid, role)
         if _key_bytes(old, "x") != _key_bytes(key, "x"):
             raise AlreadyExistsError(
                 f"{folder}/{key.kid}: another public key is published for kid {key.kid!r}"
             ) from None
 
 
+def _key_folder(store: Storage, role: str) -> str:
+    """Where the public keys of backends, or of users (``role="user"``), are published."""
+    if role not in ("backend", "user"):
+        raise ValueError(f"role must be 'backend' or 'user', not {role!r}")
+    folder = store["layout"].public_keys
+    return folder if role == "backend" else f"{folder}/users"
+
+
 @_reads
-def get_public_key_from_kid(store: Storage, kid: str) -> JWK:
-    """Return the public key published under *kid*.
+def get_public_key_from_kid(store: Storage, kid: str, role: str = "backend") -> JWK:
+    """Return the public key published under *kid*, a backend's or (``role="user"``) a user's.
 
     Raises:
         NotFoundError: no key under that kid, or no such kid can exist.
         InvalidDocumentError: the stored key is malformed.
+        ValueError: *role* is neither ``"backend"`` nor ``"user"``.
     """
     _check_handle(store)
-    folder = store["layout"].public_keys
+    folder = _key_folder(store, role)
     raw = _read(store, folder, check_name(kid, "kid"))
     raw.pop("_id", None)
     return from_doc(raw, JWK, where=f"{folder}/{kid}")

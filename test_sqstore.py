@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import cattrs
+import cattrs.preconf.json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1738,23 +1740,26 @@ def test_a_name_that_cannot_exist_is_still_invalid_on_every_write(
 
 
 def test_upload_public_key_publishes_a_user_key_without_a_backend(store: Storage) -> None:
-    """role="user" (sqooler after 0.9) publishes a user's key under its kid in the keys folder,
-    in the same JWK form, without a config; a second key for that kid is refused."""
+    """role="user" (sqooler after 0.9) publishes a user's key under its kid in the users'
+    keys folder, in the same JWK form, without a config; a second key for that kid is refused."""
     private, public = sqstore.generate_keypair("alicekey")
     sqstore.upload_public_key(store, public, "alice", role="user")
     sqstore.upload_public_key(store, public, "alice", role="user")  # the same key: a no-op
-    folder_ = store["layout"].public_keys
+    folder_ = f"{store['layout'].public_keys}/users"
     assert store["list"](folder_) == ["alicekey"]
+    assert store["list"](store["layout"].public_keys) == [], "apart from backend keys"
     stored = store["get"](folder_, "alicekey")
     stored.pop("_id", None)
     assert stored == sqstore.to_doc(public)
-    assert sqstore.get_public_key_from_kid(store, "alicekey") == public
+    assert sqstore.get_public_key_from_kid(store, "alicekey", role="user") == public
+    with pytest.raises(sqstore.NotFoundError):
+        sqstore.get_public_key_from_kid(store, "alicekey")
     _, other = sqstore.generate_keypair("alicekey")
     with pytest.raises(sqstore.AlreadyExistsError, match="another public key"):
         sqstore.upload_public_key(store, other, "alice", role="user")
     with pytest.raises(sqstore.BadSignatureError, match="not a public key"):
         sqstore.upload_public_key(store, private, "alice", role="user")
-    assert sqstore.get_public_key_from_kid(store, "alicekey") == public
+    assert sqstore.get_public_key_from_kid(store, "alicekey", role="user") == public
     with pytest.raises(sqstore.NotFoundError):  # a backend key still needs the config
         sqstore.upload_public_key(store, sqstore.generate_keypair("bobkey")[1], "sim")
     with pytest.raises(sqstore.NotFoundError):
@@ -4726,6 +4731,80 @@ def test_sqooler_signs_and_verifies_with_sqstore_keys(tmp_path: Path) -> None:
     assert security.JWK.model_validate(sqstore.get_public_key(store, "sqb")) == sq_public
     with pytest.raises(sqstore.InvalidDocumentError, match=r"\$\.x"):
         sqstore.from_doc({**sq_public.model_dump(), "x": b"\xff"}, sqstore.JWK)
+
+
+@pytest.mark.parametrize("make", [cattrs.Converter, cattrs.preconf.json.make_converter])
+def test_a_users_own_cattrs_converter_converts_records_after_configure_converter(
+    make: Callable[[], cattrs.Converter],
+) -> None:
+    """Records are also mappings; a stock cattrs converter structures them as mappings until
+    configure_converter teaches it to treat them as records."""
+    conv = make()
+    status = sqstore.StatusMsg("j1", "DONE", "ok", "None")
+    result = sqstore.run_simulator(JOB, "j1", "sim")
+    with pytest.raises(TypeError):
+        conv.structure(conv.unstructure(status), sqstore.StatusMsg)
+    sqstore.configure_converter(conv)
+    assert conv.structure(conv.unstructure(status), sqstore.StatusMsg) == status
+    assert conv.structure(conv.unstructure(result), sqstore.ResultDict) == result
+
+
+@pytest.mark.parametrize("where", ["experiment", "gate"])
+def test_writes_refuse_unknown_fields_inside_tuples_too(where: str) -> None:
+    """An unknown field in a nested list is refused whether the list is a list or a tuple
+    (a record's own lists are tuples), never dropped silently."""
+    store = sqstore.memory_storage()
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    gate = {"name": "x", "wires": [0], "params": []}
+    experiment = {"header": {}, "shots": 1, "success": True, "data": {"memory": ["1"]}}
+    if where == "gate":
+        experiment["data"] = {"memory": ["1"], "instructions": ({**gate, "duration_us": 3},)}
+    else:
+        experiment["calibration_id"] = "c-17"
+    result = {"display_name": "sim", "backend_version": "1", "job_id": job_id, "status": "DONE"}
+    with pytest.raises(sqstore.InvalidDocumentError, match=r"duration_us|calibration_id"):
+        sqstore.upload_result(store, {**result, "results": (experiment,)}, "sim", job_id)
+    assert store["list"]("results/sim") == []
+
+
+def test_strict_pydantic_validation_takes_a_records_json() -> None:
+    """As the README says: strict validation as sqooler's model takes the record's JSON."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sqooler.schemes import BackendConfigSchemaIn
+        from sqooler.security import JWK
+
+    store = sqstore.memory_storage()
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    sqstore.timestamp_queue(store, "sim")
+    config = sqstore.get_config(store, "sim")
+    _, public = sqstore.generate_keypair("k1")
+    for model, record in ((BackendConfigSchemaIn, config), (JWK, public)):
+        checked = model.model_validate_json(json.dumps(dict(record)), strict=True)
+        assert checked.model_dump(mode="json")["display_name" if model is not JWK else "kid"]
+
+
+def test_a_user_key_cannot_take_a_backends_kid(store: Storage) -> None:
+    """User keys live apart from backend keys: a user who publishes a key under the kid a
+    signing backend names changes nothing for that backend, which still publishes and signs."""
+    bob_private, bob_public = sqstore.generate_keypair("sqsim-key")
+    sqstore.upload_config(store, sqstore.demo_config("sqsim", sign=True), "sqsim", bob_private)
+    _, mallory = sqstore.generate_keypair("sqsim-key")  # the same kid, her own key
+    sqstore.upload_public_key(store, mallory, "mallory", role="user")
+    sqstore.upload_public_key(store, bob_public, "sqsim")
+    assert sqstore.get_public_key(store, "sqsim") == bob_public
+    assert sqstore.get_public_key_from_kid(store, "sqsim-key", role="user") == mallory
+    job_id = sqstore.upload_job(store, JOB, "sqsim", "alice")
+    sqstore.upload_status(store, "sqsim", "alice", job_id, bob_private)
+    got = sqstore.claim_job(store, "sqsim", bob_private)
+    assert got is not None
+    done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
+    result = sqstore.run_simulator(got[1], job_id, "sqsim")
+    sqstore.update_in_database(store, result, done, job_id, "sqsim", bob_private)
+    assert sqstore.verify_result(store, "sqsim", job_id)
 
 
 # Documents as sqooler 0.4-0.8 wrote them, field for field (read from each release's
