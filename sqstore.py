@@ -2328,6 +2328,7 @@ def _claim_one(
     layout = store["layout"]
     job_id = check_name(_job_id_of(layout, file_id), "job_id")
     fresh = Lease(job_id, display_name, holder, os.urandom(8).hex(), now + lease_seconds)
+    replaced: Doc | None = None  # the lease this claim took over, given back if it fails
     try:
         store["upload"](layout.leases, job_id, to_doc(fresh))
         lease_at = to_doc(fresh), fresh
@@ -2335,16 +2336,18 @@ def _claim_one(
         found = _lease_at(store, job_id)  # released by a requeue, or its claimer died
         if found is None or not (_expired(found[1], now, skew) or found[1].holder == _ORPHAN):
             return None  # another worker holds it (an adopted job back in the queue has none)
+        if _exists(store, layout.running, file_id):
+            return None  # a requeue's move is half done (MongoDB): the sweep completes it
         taken = attrs.evolve(fresh, attempts=found[1].attempts + 1)
         taken_doc = _lease_doc(found[0], taken)
         if not store["swap"](layout.leases, job_id, found[0], taken_doc):
             return None  # another worker took it first
-        lease_at = taken_doc, taken
+        lease_at, replaced = (taken_doc, taken), found[0]
     try:
         store["move"](queue, layout.running, file_id)
-    except NotFoundError:  # gone meanwhile: taken by a worker that takes no leases
-        with contextlib.suppress(NotFoundError):
-            store["swap"](layout.leases, job_id, lease_at[0], None)
+    except NotFoundError:  # gone meanwhile (a stale listing, or a worker without leases)
+        with contextlib.suppress(NotFoundError):  # the lease it had goes back as it was
+            store["swap"](layout.leases, job_id, lease_at[0], replaced)
         return None
     try:
         job = get_job(store, layout.running, job_id)
@@ -2506,16 +2509,23 @@ def requeue_expired(
     leased = store["list"](layout.leases)
     for job_id in leased:
         try:
-            if _sweep_lease(
-                store, display_name, private_jwk, job_id, current, skew, max_attempts, grace
-            ):
-                requeued.append(job_id)
+            found = _lease_at(store, job_id)
         except InvalidDocumentError:  # garbage in place of a lease: the job has none
             with contextlib.suppress(SqstoreError):
                 store["delete"](layout.leases, job_id)
                 _adopt(store, display_name, job_id, current + grace)
-        except (InvalidNameError, StorageError, NotFoundError, LeaseLostError):
+            continue
+        except (InvalidNameError, StorageError):
             continue  # this lease only
+        try:
+            if found is not None and _sweep_lease(
+                store, display_name, private_jwk, found, current, skew, max_attempts, grace
+            ):
+                requeued.append(job_id)
+        except TransientError:
+            raise
+        except SqstoreError:
+            continue  # this lease only: an unreadable config, a half-done move, ...
     held = set(leased)
     for file_id in store["list"](layout.running):
         job_id = _job_id_of(layout, file_id)
@@ -2556,22 +2566,22 @@ def _sweep_lease(
     store: Storage,
     display_name: str | None,
     private_jwk: Any,
-    job_id: str,
+    found: tuple[Doc, Lease],
     now: float,
     skew: float,
     max_attempts: int,
     grace: float,
 ) -> bool:
-    """Act on one lease (see `requeue_expired`); True if its job was requeued."""
+    """Act on one lease as read (see `requeue_expired`); True if its job was requeued."""
     layout = store["layout"]
-    found = _lease_at(store, job_id)
-    if found is None:
-        return False
     raw, lease = found
-    dn = lease.display_name
+    job_id, dn = lease.job_id, lease.display_name
     if (display_name is not None and dn != display_name) or not _expired(lease, now, skew):
         return False
     where = _job_where(store, dn, job_id)
+    if where is None:  # the job is gone (deleted by hand, say): the lease guards nothing
+        store["swap"](layout.leases, job_id, raw, None)
+        return False
     if lease.finish is not None and not (
         where == "running"
         and payload_of(lease.finish).get("status") == "DONE"
@@ -2658,6 +2668,17 @@ def update_in_database(
         target = _job_fill(layout, target, display_name, job_id)
         if not _exists(store, layout.running, file_id) and not _exists(store, target, file_id):
             raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
+    recorded = None if lease_at is None or lease_at[1].finish is None else lease_at[1].finish
+    if (
+        recorded is not None
+        and payload_of(recorded).get("status") != status.status
+        and not _exists(store, layout.running, file_id)
+    ):  # an earlier run of this step moved the job already: its outcome stands
+        _close(store, lease_at, display_name, job_id, recorded)
+        raise InvalidDocumentError(
+            f"job {job_id} was finished as {payload_of(recorded).get('status')} already "
+            f"(now completed); it cannot become {status.status}"
+        )
     result = None
     if status.status == "DONE":
         if result_dict is None:
@@ -2738,6 +2759,7 @@ def work(
                 break
             try:
                 if time.monotonic() >= next_requeue[i]:  # at start, then every heartbeat
+                    next_requeue[i] = time.monotonic() + heartbeat  # (a failed sweep too)
                     if requeued := requeue_expired(
                         store,
                         display_name,
@@ -2747,7 +2769,6 @@ def work(
                         grace=lease_seconds,
                     ):
                         say(f"{label}: requeued {', '.join(requeued)} (lease expired)")
-                    next_requeue[i] = time.monotonic() + heartbeat
                 claimed = claim_job(
                     store,
                     display_name,

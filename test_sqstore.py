@@ -6463,6 +6463,106 @@ def test_work_never_turns_a_storage_hiccup_into_an_error_status(tmp_path: Path) 
     assert any("trying again" in line for line in lines)
 
 
+def test_mongodb_claim_during_a_half_done_requeue_move_waits_for_it(mongodb_server: Any) -> None:
+    """A sweep requeuing on MongoDB inserts into the queue, then deletes from running; a claim
+    that comes between those two commands leaves the job alone (it is in both places), so the
+    sweep's delete cannot strand it: the job is then claimed and finished once."""
+    from pymongo import monitoring
+
+    live: dict[str, Any] = {}
+
+    class Pause(monitoring.CommandListener):
+        def started(self, event: Any) -> None:
+            on_running = event.command_name == "delete" and event.command.get("delete") == "running"
+            if on_running and "claim" not in live and live.get("armed"):
+                live["claim"] = sqstore.claim_job(plain, "sim", holder="live", now=lambda: T0 + 10)
+
+        def succeeded(self, event: Any) -> None:
+            pass
+
+        def failed(self, event: Any) -> None:
+            pass
+
+    import pymongo
+
+    uri = mongo_uri(mongodb_server)
+    mongo_reset(uri)
+    plain = sqstore.mongodb_storage(uri)
+    store = sqstore.mongodb_storage(pymongo.MongoClient(uri, event_listeners=[Pause()]))
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.upload_status(store, "sim", "alice", job_id)
+    assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+    live["armed"] = True
+    assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == [job_id]
+    assert "claim" in live and live["claim"] is None, "the claim waited for the move"
+    got = sqstore.claim_job(plain, "sim", holder="z", now=lambda: T0 + 20)
+    assert got is not None and got[0].job_id == job_id
+    finish_as(plain, job_id, got[1], "z")
+    done_once(plain, job_id)
+
+
+def jobs_with_status(count: int, *, status: bool = True) -> tuple[Storage, list[str]]:
+    store = sqstore.memory_storage()
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    ids = [sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(count)]
+    for job_id in ids if status else ():
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    return store, ids
+
+
+@pytest.mark.parametrize("status", [True, False], ids=["with-status", "no-status"])
+def test_a_claim_from_a_stale_listing_gives_back_the_lease_it_took(status: bool) -> None:
+    """claim_jobs lists the queue once per pass: a claimer that reaches, from its old listing,
+    a job another worker claimed since (and died holding) takes that expired lease over, finds
+    the job gone from the queue, and gives the lease back as it was: the job keeps its lease
+    and its claim count, and is requeued and finished."""
+    store, (a, b) = jobs_with_status(2, status=status)
+    clock = [T0]
+    drain = sqstore.claim_jobs(store, "sim", holder="Z", now=lambda: clock[0])
+    first = next(drain)
+    assert first[0].job_id == a
+    taken = sqstore.claim_job(store, "sim", holder="W", now=lambda: T0 + 1)  # then W dies
+    assert taken is not None and taken[0].job_id == b
+    before = store["get"]("jobs/leases", b)
+    clock[0] = T0 + 1000  # Z's job took 1000 s
+    sqstore.timestamp_queue(store, "sim", now=lambda: T0 + 990)  # another worker polled
+    finish_as(store, a, first[1], "Z")
+    assert next(drain, None) is None
+    assert store["get"]("jobs/leases", b) == before, "W's lease, with its claim count, is kept"
+    assert sqstore.requeue_expired(store, now=lambda: T0 + 2000) == [b]
+    got = sqstore.claim_job(store, "sim", holder="Y", now=lambda: T0 + 2000)
+    assert got is not None and got[0].job_id == b
+    finish_as(store, b, got[1], "Y")
+    assert store["list"]("jobs/running") == store["list"]("jobs/leases") == []
+
+
+def test_a_second_finish_with_another_outcome_completes_the_first() -> None:
+    """A DONE finish whose status write failed after the job moved to finished, run again as
+    ERROR, completes the DONE it recorded (status written, lease dropped) and says so; the job
+    is never left with a lease and a stale status."""
+    store, (job_id,) = jobs_with_status(1)
+    claimed = sqstore.claim_job(store, "sim", holder="W", now=lambda: T0)
+    assert claimed is not None
+    failing = [True]
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if failing[0] and op in ("update", "upload") and args[0].startswith("status/"):
+                failing[0] = False
+                raise sqstore.StorageError(f"{args[0]}/{args[1]}: no space left on device")
+            return fn(*args)
+
+        return call
+
+    with pytest.raises(sqstore.StorageError):
+        finish_as(sqstore._map_ops(store, wrap), job_id, claimed[1], "W")
+    error = sqstore.StatusMsg(job_id, "ERROR", "Could not store the result.", "disk full")
+    with pytest.raises(sqstore.InvalidDocumentError, match="finished as DONE already"):
+        sqstore.update_in_database(store, None, error, job_id, "sim", holder="W")
+    done_once(store, job_id)
+
+
 IN_PLACE_WRITER = """
 import sys, time
 path, text = sys.argv[1], open(sys.argv[1]).read()
