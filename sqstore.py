@@ -2643,7 +2643,9 @@ def update_in_database(
     this step finishes it too.
 
     Raises:
-        InvalidDocumentError: DONE without a result, or a malformed status/result.
+        InvalidDocumentError: DONE without a result, a malformed status/result, or an
+            earlier run of this step moved the job with the other outcome (that
+            outcome is then completed, and stands).
         LeaseLostError: the lease is another worker's, or changed meanwhile.
         NotFoundError: the job is neither running nor already finished.
     """
