@@ -1543,6 +1543,7 @@ def _write_config(
     store: Storage, old: Doc, config: Any, display_name: str, private_jwk: Any
 ) -> None:
     path, doc_id = _config_location(store, display_name)
+    cfg = _coerce(config, BackendConfig, "config_dict")
     if is_signed(old):
         if private_jwk is None:
             raise BadSignatureError(
@@ -1555,10 +1556,10 @@ def _write_config(
             raise BadSignatureError(
                 f"{path}/{doc_id} was signed with another key than {public.kid!r}"
             ) from None
-        config = attrs.evolve(_coerce(config, BackendConfig, "config_dict"), sign=True)
-    if private_jwk is not None and _coerce(config, BackendConfig, "config_dict").sign:
+        cfg = attrs.evolve(cfg, sign=True)
+    if private_jwk is not None and cfg.sign:
         _check_signing_key(store, _parse(old, BackendConfig, f"{path}/{doc_id}"), private_jwk)
-    doc = _config_doc(store, config, display_name, private_jwk, payload_of(old))
+    doc = _config_doc(store, cfg, display_name, private_jwk, payload_of(old))
     store["update"](path, doc_id, doc)
 
 

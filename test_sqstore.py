@@ -4500,14 +4500,7 @@ def test_returned_records_validate_as_sqooler_models(tmp_path: Path) -> None:
 
     store, private, public = signed_local(tmp_path)
     sqstore.timestamp_queue(store, "qsim", private)
-    job = {
-        "experiment_0": {
-            "instructions": [["x", [0], []], ["measure", [0], []]],
-            "num_wires": 1,
-            "shots": 3,
-            "wire_order": "sequential",
-        }
-    }
+    job = job_with(shots=3)
     job_id = sqstore.upload_job(store, job, "qsim", "alice")
     returned: list[tuple[Any, Any]] = [
         (schemes.StatusMsgDict, sqstore.upload_status(store, "qsim", "alice", job_id, private)),
