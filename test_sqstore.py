@@ -1589,7 +1589,7 @@ def test_upload_job_refuses_non_objects(store: Storage) -> None:
         sqstore.upload_job(store, ["not", "a", "dict"], "sim", "alice")  # type: ignore[arg-type]
 
 
-# Issue 12 (items 2, 3, 8): sqooler's callers on the API -----------------------------------
+# sqooler's callers on the API -----------------------------------
 def spied(store: Storage) -> tuple[Storage, list[tuple[str, tuple[Any, ...]]]]:
     """*store* with every call of a verb recorded as ``(verb, args)``."""
     calls: list[tuple[str, tuple[Any, ...]]] = []
@@ -6789,7 +6789,7 @@ def test_cli_keygen(tmp_path: Path) -> None:
     assert key_file.read_text() == json.dumps(sqstore.to_doc(private)) + "\n"
 
 
-# Issue 12 (item 7): keys from the environment, as sqooler's PRIVATE_JWK_STR ------------------
+# Keys from the environment, as sqooler's PRIVATE_JWK_STR ------------------
 def sqooler_config_str(private: dict[str, Any]) -> str:
     """A JWK document in the form of sqooler's ``PRIVATE_JWK_STR``: base64url of its JSON."""
     return base64.urlsafe_b64encode(json.dumps(private).encode()).decode()
