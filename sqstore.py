@@ -1,6 +1,26 @@
 # SPDX-License-Identifier: MIT
-# Copyright (c) 2026 The sqstore authors. The full licence text is in LICENSE;
-# a vendored copy of this single file carries it by this header.
+#
+# MIT License
+#
+# Copyright (c) 2026 The sqstore authors
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy
+# of this software and associated documentation files (the "Software"), to deal
+# in the Software without restriction, including without limitation the rights
+# to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+# copies of the Software, and to permit persons to whom the Software is
+# furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all
+# copies or substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+# FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+# AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+# LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+# SOFTWARE.
 """Safe, fast storage for a quantum-cloud job exchange.
 
 A frontend ("Alice") and a hardware or simulator operator ("Bob") never talk to
@@ -59,7 +79,17 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec, TypedDict, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    cast,
+)
 
 import attrs
 import cattrs
@@ -85,6 +115,7 @@ __all__ = [
     "BackendDict",
     "BackendStatus",
     "BadSignatureError",
+    "ConfigLike",
     "CredentialsError",
     "DataDict",
     "Doc",
@@ -95,15 +126,19 @@ __all__ = [
     "InvalidNameError",
     "JWSDoc",
     "JWSHeader",
+    "KeyLike",
     "Layer",
     "Layout",
     "Lease",
     "LeaseLostError",
     "NextJob",
+    "NotFinishedError",
     "NotFoundError",
     "ReadOnlyError",
     "ResultDict",
+    "ResultLike",
     "SqstoreError",
+    "StatusLike",
     "StatusMsg",
     "Storage",
     "StorageError",
@@ -135,6 +170,7 @@ __all__ = [
     "get_status",
     "is_signed",
     "jwk_thumbprint",
+    "load_jwk",
     "local_storage",
     "long_backend_name",
     "main",
@@ -149,6 +185,7 @@ __all__ = [
     "renew_lease",
     "requeue_expired",
     "run_simulator",
+    "save_jwk",
     "sign_doc",
     "stack",
     "timestamp_queue",
@@ -215,6 +252,18 @@ class SqstoreError(Exception):
 
 class NotFoundError(SqstoreError, FileNotFoundError):
     """A document that should exist does not (a ``FileNotFoundError``, as in sqooler)."""
+
+
+class NotFinishedError(NotFoundError):
+    """A job has no result yet because it is still queued or running.
+
+    A `NotFoundError`, so code that catches sqooler's ``FileNotFoundError`` keeps
+    working; ``status`` is the job's status now (``"INITIALIZING"`` or ``"QUEUED"``).
+    """
+
+    def __init__(self, message: str, status: str = "INITIALIZING") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class AlreadyExistsError(SqstoreError, FileExistsError):
@@ -824,6 +873,26 @@ _WRITES = ("upload", "update", "move", "delete", "swap")
 _HANDLE_KEYS = frozenset(("name", "layout", *_OPS))
 
 
+class _Model(Protocol):
+    """A pydantic model, such as sqooler's: sqstore reads it through ``model_dump``."""
+
+    def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...
+
+
+KeyLike = JWK | Mapping[str, Any] | _Model
+"""A JWK as sqstore takes it: a `JWK`, a dict with its fields, or sqooler's ``JWK``."""
+
+ConfigLike = BackendConfig | Mapping[str, Any] | _Model
+"""A backend config: a `BackendConfig`, a dict with its fields, or sqooler's
+``BackendConfigSchemaIn``."""
+
+ResultLike = ResultDict | Mapping[str, Any] | _Model
+"""A job's result: a `ResultDict`, a dict with its fields, or sqooler's ``ResultDict``."""
+
+StatusLike = StatusMsg | Mapping[str, Any] | _Model
+"""A job's status: a `StatusMsg`, a dict with its fields, or sqooler's ``StatusMsgDict``."""
+
+
 def _check_handle(store: Any) -> None:
     if not isinstance(store, Mapping) or not store.keys() >= _HANDLE_KEYS:
         missing = sorted(_HANDLE_KEYS - set(store)) if isinstance(store, Mapping) else None
@@ -1047,7 +1116,7 @@ def _ed25519_verify(public_jwk: JWK, data: bytes, signature: bytes) -> bool:
     return True
 
 
-def public_from_private(private_jwk: JWK | Mapping[str, Any]) -> JWK:
+def public_from_private(private_jwk: KeyLike) -> JWK:
     """Return the public JWK of a private one, checking that ``x`` matches ``d``.
 
     Raises:
@@ -1058,7 +1127,7 @@ def public_from_private(private_jwk: JWK | Mapping[str, Any]) -> JWK:
     return JWK(x=private.x, key_ops="verify", kid=private.kid)
 
 
-def jwk_thumbprint(jwk: JWK | Mapping[str, Any]) -> str:
+def jwk_thumbprint(jwk: KeyLike) -> str:
     """Return the RFC 7638 SHA-256 thumbprint of an Ed25519 JWK, unpadded base64url.
 
     >>> jwk_thumbprint({"kty": "OKP", "crv": "Ed25519", "kid": "a", "key_ops": "verify",
@@ -1073,6 +1142,75 @@ def jwk_thumbprint(jwk: JWK | Mapping[str, Any]) -> str:
     import hashlib
 
     return _b64url(hashlib.sha256(canonical.encode()).digest(), pad=False)
+
+
+def save_jwk(path: str | os.PathLike[str], jwk: KeyLike) -> None:
+    """Write *jwk* to a new file *path* of mode 0600, as its JSON document; never replace one.
+
+    The file appears whole or not at all (it is written under a temporary name,
+    then linked into place); `load_jwk` and ``sqstore ... --key FILE`` read it.
+
+    Raises:
+        AlreadyExistsError: *path* exists: a key file is never overwritten.
+        InvalidDocumentError: *jwk* is not a JWK.
+        StorageError: the file cannot be written (the message names it).
+    """
+    text = _JSON.encode(to_doc(_coerce(jwk, JWK, "jwk"))) + "\n"
+    target = os.fspath(path)
+    temp = os.path.join(
+        os.path.dirname(target), f".{os.path.basename(target)}.{os.urandom(6).hex()}.tmp"
+    )
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(temp, target)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+    except FileExistsError:
+        raise AlreadyExistsError(f"{target} exists already: a key file is never replaced") from None
+    except OSError as exc:
+        raise StorageError(f"cannot write key file {target}: {exc.strerror}") from exc
+
+
+def load_jwk(path: str | os.PathLike[str]) -> JWK:
+    """Read the JWK in file *path*: its JSON document (as `save_jwk` and ``sqstore keygen``
+    write it) or base64url of that JSON (as sqooler keeps ``PRIVATE_JWK_STR``).
+
+    A private key is checked: its ``x`` must belong to its ``d``.  No message
+    shows the key.
+
+    Raises:
+        NotFoundError: there is no file *path*.
+        StorageError: the file cannot be read.
+        InvalidDocumentError: the file holds no JWK.
+        BadSignatureError: a private key whose ``x`` does not belong to its ``d``.
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as handle:
+            data = handle.read().strip()
+    except FileNotFoundError:
+        raise NotFoundError(f"no key file {name}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read key file {name}: {exc.strerror}") from None
+    try:
+        if not data.startswith(b"{"):
+            data = _b64url_decode(data.decode("ascii"), name)
+        key = _coerce(_parse_json(data, name), JWK, name)
+        if key.d is not None:
+            public_from_private(key)
+    except UnicodeDecodeError:
+        raise InvalidDocumentError(f"{name}: neither a JWK nor base64url of one") from None
+    except (InvalidDocumentError, BadSignatureError) as exc:
+        if name in str(exc):
+            raise
+        raise type(exc)(f"{name}: {exc}") from None
+    return key
 
 
 def _json_bytes(doc: Any, what: str) -> bytes:
@@ -1125,7 +1263,7 @@ def _encoded_header(header: JWSHeader) -> bytes:
     return base64.urlsafe_b64encode(_COMPACT_JSON.encode(to_doc(header)).encode())
 
 
-def sign_doc(payload: Doc, private_jwk: JWK | Mapping[str, Any], *, fmt: str = "sqooler") -> Doc:
+def sign_doc(payload: Doc, private_jwk: KeyLike, *, fmt: str = "sqooler") -> Doc:
     """Return *payload* signed with Ed25519, in sqooler's JWS form or RFC 7515's.
 
     ``fmt="sqooler"``: ``{"header", "payload", "signature"}`` with padded base64url,
@@ -1229,7 +1367,7 @@ def payload_of(doc: Mapping[str, Any]) -> Doc:
     return _open_signed(doc)[1]
 
 
-def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[JWK | Mapping[str, Any]]) -> Doc:
+def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[KeyLike]) -> Doc:
     """Return the payload of *doc* if one of *public_jwks* verifies its signature.
 
     When the header names a ``kid``, only the keys with that kid are tried (none
@@ -1500,7 +1638,7 @@ def _config_doc(
 
 
 def upload_config(
-    store: Storage, config_dict: Any, display_name: str, private_jwk: Any = None
+    store: Storage, config_dict: ConfigLike, display_name: str, private_jwk: KeyLike | None = None
 ) -> None:
     """Upload a new backend configuration, signed when ``config_dict.sign`` is true.
 
@@ -1521,7 +1659,7 @@ def upload_config(
 
 
 def update_config(
-    store: Storage, config_dict: Any, display_name: str, private_jwk: Any = None
+    store: Storage, config_dict: ConfigLike, display_name: str, private_jwk: KeyLike | None = None
 ) -> None:
     """Replace a backend's configuration.
 
@@ -1637,7 +1775,7 @@ def get_backend_status(
 def timestamp_queue(
     store: Storage,
     display_name: str,
-    private_jwk: Any = None,
+    private_jwk: KeyLike | None = None,
     *,
     min_interval: float = 0.0,
     now: Callable[[], float] = time.time,
@@ -1892,7 +2030,11 @@ def _status_location(
 
 
 def upload_status(
-    store: Storage, display_name: str, username: str, job_id: str, private_jwk: Any = None
+    store: Storage,
+    display_name: str,
+    username: str,
+    job_id: str,
+    private_jwk: KeyLike | None = None,
 ) -> StatusMsg:
     """Create a job's first status (INITIALIZING), signed when the backend signs.
 
@@ -1933,6 +2075,18 @@ def get_status(store: Storage, display_name: str, username: str, job_id: str) ->
     return _parse(raw, StatusMsg, f"{path}/{doc_id}")
 
 
+_UNFINISHED = ("INITIALIZING", "QUEUED")
+
+
+def _unfinished_status(store: Storage, display_name: str, job_id: str) -> str | None:
+    """A job's status value, or None when it has no readable status."""
+    path, doc_id = _status_location(store, display_name, None, job_id)
+    try:
+        return _parse(_read(store, path, doc_id), StatusMsg, f"{path}/{doc_id}").status
+    except (NotFoundError, InvalidDocumentError):
+        return None
+
+
 def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
     layout = store["layout"]
     return (
@@ -1942,7 +2096,11 @@ def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[st
 
 
 def upload_result(
-    store: Storage, result_dict: Any, display_name: str, job_id: str, private_jwk: Any = None
+    store: Storage,
+    result_dict: ResultLike,
+    display_name: str,
+    job_id: str,
+    private_jwk: KeyLike | None = None,
 ) -> bool:
     """Upload a job's result, signed when the backend's configuration says so.
 
@@ -1980,9 +2138,13 @@ def _result_doc(
 
 @_reads
 def get_result(store: Storage, display_name: str, username: str, job_id: str) -> ResultDict:
-    """Return a job's result, with ``backend_name`` filled in; an ERROR result when missing.
+    """Return a job's result, with ``backend_name`` filled in.
 
-    The signature is not checked here: use `verify_result`.
+    A job without a result answers with a result of ``success=False`` and no
+    experiments whose ``status`` is the job's: ``"INITIALIZING"`` or
+    ``"QUEUED"`` while it waits or runs (one more read, of its status), and
+    ``"ERROR"`` when it failed or is unknown, as in sqooler.  The signature is
+    not checked here: use `verify_result`.
 
     Raises:
         InvalidDocumentError: the stored result is malformed.
@@ -1992,16 +2154,22 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
     _check_handle(store)
     check_name(username, "username")
     path, doc_id = _result_location(store, display_name, job_id)
-    try:
+    raw: Doc | None = None
+    with contextlib.suppress(NotFoundError):
         raw = _read(store, path, doc_id)
-    except NotFoundError:
-        return ResultDict(
-            display_name=display_name,
-            backend_version="",
-            job_id=job_id,
-            status="ERROR",
-            success=False,
-        )
+    if raw is None:
+        status = _unfinished_status(store, display_name, job_id)
+        if status == "DONE":  # it finished between the two reads
+            with contextlib.suppress(NotFoundError):
+                raw = _read(store, path, doc_id)
+        if raw is None:
+            return ResultDict(
+                display_name=display_name,
+                backend_version="",
+                job_id=job_id,
+                status=status if status in _UNFINISHED else "ERROR",
+                success=False,
+            )
     result = _parse(raw, ResultDict, f"{path}/{doc_id}")
     cfg = get_config(store, display_name)
     return attrs.evolve(result, backend_name=_long_backend_name(store["name"], cfg))
@@ -2009,7 +2177,7 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
 
 @_reads
 def verify_result(
-    store: Storage, display_name: str, job_id: str, *, public_jwk: Any = None
+    store: Storage, display_name: str, job_id: str, *, public_jwk: KeyLike | None = None
 ) -> bool:
     """Return whether a job's result carries a valid signature of the backend's key.
 
@@ -2020,13 +2188,22 @@ def verify_result(
     results can fetch it once with `get_public_key` and pass it as *public_jwk*.
 
     Raises:
+        NotFinishedError: the job has no result yet: it is queued or running.
         NotFoundError: no such result, the backend or its public key is missing, or
             a name given cannot exist.
         InvalidDocumentError: the stored result is not JSON.
     """
     _check_handle(store)
     path, doc_id = _result_location(store, display_name, job_id)
-    raw = _read(store, path, doc_id)
+    try:
+        raw = _read(store, path, doc_id)
+    except NotFoundError as exc:
+        status = _unfinished_status(store, display_name, job_id)
+        if status is None or status not in _UNFINISHED:
+            raise
+        raise NotFinishedError(
+            f"{path}/{doc_id}: job {job_id} has no result yet (status {status})", status
+        ) from exc
     if public_jwk is None:
         key = get_public_key_from_kid(store, _config_kid(store, display_name))
     else:
@@ -2041,7 +2218,7 @@ def verify_result(
 
 
 def upload_public_key(
-    store: Storage, public_jwk: Any, display_name: str, role: str = "backend"
+    store: Storage, public_jwk: KeyLike, display_name: str, role: str = "backend"
 ) -> None:
     """Publish a public key under its ``kid``: a backend's (after `upload_config`) or a user's.
 
@@ -2235,7 +2412,7 @@ def _close(
 def claim_jobs(
     store: Storage,
     display_name: str,
-    private_jwk: Any = None,
+    private_jwk: KeyLike | None = None,
     *,
     holder: str | None = None,
     lease_seconds: float = DEFAULT_LEASE,
@@ -2362,7 +2539,7 @@ def _claim_one(
 def claim_job(
     store: Storage,
     display_name: str,
-    private_jwk: Any = None,
+    private_jwk: KeyLike | None = None,
     *,
     holder: str | None = None,
     lease_seconds: float = DEFAULT_LEASE,
@@ -2415,7 +2592,7 @@ def _put_status(
 def get_next_job_in_queue(
     store: Storage,
     display_name: str,
-    private_jwk: Any = None,
+    private_jwk: KeyLike | None = None,
     *,
     holder: str | None = None,
     lease_seconds: float = DEFAULT_LEASE,
@@ -2474,7 +2651,7 @@ def renew_lease(
 def requeue_expired(
     store: Storage,
     display_name: str | None = None,
-    private_jwk: Any = None,
+    private_jwk: KeyLike | None = None,
     *,
     now: Callable[[], float] = time.time,
     skew: float = DEFAULT_SKEW,
@@ -2622,11 +2799,11 @@ def _sweep_lease(
 
 def update_in_database(
     store: Storage,
-    result_dict: Any,
-    status_msg_dict: Any,
+    result_dict: ResultLike | None,
+    status_msg_dict: StatusLike,
     job_id: str,
     display_name: str,
-    private_jwk: Any = None,
+    private_jwk: KeyLike | None = None,
     *,
     holder: str | None = None,
 ) -> None:
@@ -2701,7 +2878,7 @@ def work(
     stores: Sequence[Storage],
     display_name: str,
     executor: Callable[[Doc, str, str], Any],
-    private_jwk: Any = None,
+    private_jwk: KeyLike | None = None,
     *,
     holder: str | None = None,
     lease_seconds: float = DEFAULT_LEASE,
@@ -3541,11 +3718,11 @@ def mongodb_storage(
     try:
         import hashlib
 
-        import pymongo
-        from bson import ObjectId
-        from bson.codec_options import CodecOptions
-        from bson.errors import InvalidBSON, InvalidDocument
-        from pymongo import errors
+        import pymongo  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        from bson import ObjectId  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        from bson.codec_options import CodecOptions  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        from bson.errors import InvalidBSON, InvalidDocument  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        from pymongo import errors  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError as exc:
         raise SqstoreError("mongodb_storage needs: pip install 'sqstore[mongodb]'") from exc
     client: Any = uri_or_client
@@ -3851,10 +4028,10 @@ def dropbox_storage(
     if retries < 0:
         raise ValueError(f"retries must be at least 0, not {retries}")
     try:
-        import dropbox
-        import requests
-        from dropbox import exceptions as dbx
-        from dropbox.files import WriteMode
+        import dropbox  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        import requests  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        from dropbox import exceptions as dbx  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        from dropbox.files import WriteMode  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError as exc:
         raise SqstoreError("dropbox_storage needs: pip install 'sqstore[dropbox]'") from exc
     # The SDK must repeat nothing itself: only here is it known that an answer was lost.
@@ -5031,12 +5208,12 @@ def _bench_remote(
 
 def _bench_mongodb(uri: str, jobs: int, repeats: int, queue: int, progress: Any) -> Doc:
     """Commands per lifecycle, round trips and claim cost on a MongoDB server; cleans up."""
-    import pymongo
-    from pymongo import monitoring
+    import pymongo  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from pymongo import monitoring  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     commands: list[str] = []
 
-    class Counter(monitoring.CommandListener):
+    class Counter(monitoring.CommandListener):  # type: ignore[misc, unused-ignore]
         def started(self, event: Any) -> None:
             if event.command_name not in ("ismaster", "isMaster", "hello", "ping"):
                 commands.append(event.command_name)
@@ -5074,8 +5251,8 @@ def _bench_mongodb(uri: str, jobs: int, repeats: int, queue: int, progress: Any)
 
 def _bench_dropbox(url: str, jobs: int, repeats: int, queue: int, progress: Any) -> Doc:
     """HTTP requests per lifecycle and per claim, round trips and claim cost on Dropbox."""
-    import dropbox
-    from dropbox import dropbox_client
+    import dropbox  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from dropbox import dropbox_client  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     credentials = _dropbox_credentials(url)  # before anything is built
     requests_made: list[str] = []
