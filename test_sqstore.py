@@ -5793,6 +5793,344 @@ def test_stack_puts_the_first_layer_outermost() -> None:
 
 
 # ============================================================================
+# The README, run as written; typing and packaging
+# ============================================================================
+_NEEDS_RE = re.compile(r"# needs: (.+)")
+
+
+@dataclass
+class ShellBlock:
+    """One ```sh block of README.md, and what running it as written gave."""
+
+    line: int
+    code: str
+    skipped: str = ""
+    returncode: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+
+def readme_sh_blocks(text: str) -> list[ShellBlock]:
+    """Every ```sh block of *text*, in order, with its first line number."""
+    return [
+        ShellBlock(text.count("\n", 0, match.start()) + 2, match.group(1))
+        for match in re.finditer(r"^```sh\n(.*?)^```$", text, re.S | re.M)
+    ]
+
+
+def _ci_command() -> str:
+    """The command .ci/run runs (its last line)."""
+    return (HERE / ".ci" / "run").read_text().strip().splitlines()[-1]
+
+
+def fresh_shell_env(home: Path) -> dict[str, str]:
+    """A new login's environment: PATH without this test run's venv, HOME, and pip's own
+    settings (index, certificates, proxies) if the test run has any."""
+    own = {str(Path(sys.executable).parent), os.environ.get("VIRTUAL_ENV", "") + "/bin"}
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if p and p not in own]
+    env = {"PATH": os.pathsep.join(path), "HOME": str(home)}
+    passed = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+    env.update((k, v) for k, v in os.environ.items() if k.startswith("PIP_") or k in passed)
+    return env
+
+
+def _copy_checkout(dest: Path) -> Path:
+    """Copy the project's files (as they are now) to *dest*, as a fresh clone has them."""
+    dest.mkdir()
+    for name in ("pyproject.toml", "sqstore.py", "test_sqstore.py", "README.md", "LICENSE"):
+        shutil.copy2(HERE / name, dest / name)
+    shutil.copytree(HERE / ".ci", dest / ".ci")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def readme_shell(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[ShellBlock]]:
+    """Run every ```sh block of README.md as written, in README order, each in a fresh shell
+    (only PATH and HOME set) in the directory of a copy of the checkout; the first block is
+    the install command, whose .venv the later blocks and the typing tests then use, so the
+    package index is asked once.  A block whose first line is ``# needs: ...`` is not run,
+    and neither is the test command that .ci/run runs (it would run these tests again)."""
+    checkout = _copy_checkout(tmp_path_factory.mktemp("readme") / "sqstore")
+    env = fresh_shell_env(Path(os.environ.get("HOME", str(checkout))))
+    blocks = readme_sh_blocks((HERE / "README.md").read_text())
+    for block in blocks:
+        needs = _NEEDS_RE.match(block.code)
+        if needs:
+            block.skipped = f"needs {needs.group(1)}"
+            continue
+        if block.code.strip() == _ci_command():
+            block.skipped = "the test command: .ci/run runs it"
+            continue
+        proc = subprocess.run(
+            ["bash", "-e", "-c", block.code], cwd=checkout, env=env,
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        block.returncode, block.stdout, block.stderr = proc.returncode, proc.stdout, proc.stderr
+    return checkout, blocks
+
+
+def test_readme_shell_blocks_run_as_written(
+    readme_shell: tuple[Path, list[ShellBlock]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every ```sh block of the README runs as written in a fresh shell after the install
+    command (blocks marked ``# needs: ...`` are listed with their reason instead)."""
+    _, blocks = readme_shell
+    assert blocks and "pip install ." in blocks[0].code, "the install command comes first"
+    with capsys.disabled():
+        for block in blocks:
+            if block.skipped:
+                print(f"\nREADME.md:{block.line}: sh block not run: {block.skipped}")
+    failed = [
+        f"README.md:{b.line} exit {b.returncode}:\n{b.code}\n{b.stderr[-1500:]}"
+        for b in blocks
+        if not b.skipped and b.returncode != 0
+    ]
+    assert failed == [], "\n\n".join(failed)
+    ran = [b for b in blocks if not b.skipped]
+    assert len(ran) >= 2 and any("sqstore work" in b.code for b in ran)
+
+
+def test_readme_install_needs_no_test_extra() -> None:
+    """What the README tells users to install is the checkout with a user's extras; the test
+    extra appears only in the development command, which is the one .ci/run runs."""
+    text = (HERE / "README.md").read_text()
+    before_dev = text[: text.index("\n## Development\n")]
+    assert "[test]" not in before_dev
+    assert "pip install 'sqstore[" not in text, "sqstore is not on a package index"
+    for extra in ("dropbox", "mongodb"):
+        assert f"pip install '.[{extra}]'" in before_dev, extra
+    assert _ci_command() in readme_section("## Development")
+
+
+def test_readme_quickstart_bob_runs_twice_as_a_script(tmp_path: Path) -> None:
+    """The README's Bob runs as a script, twice: the second run reuses his key and config."""
+    bob = readme_block("### Bob (spooler)", "python")
+    (tmp_path / "bob.py").write_text(bob)
+    env = {**os.environ, "PYTHONPATH": str(HERE), "TMPDIR": str(tmp_path)}
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "bob.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    (key_file,) = [p for p in tmp_path.rglob("*.jwk")]
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    store = sqstore.local_storage(tmp_path / "sqstore-exchange")
+    public = sqstore.get_public_key(store, "sqsim")
+    assert public == sqstore.public_from_private(sqstore.load_jwk(key_file))
+
+
+def test_save_jwk_load_jwk_round_trip(tmp_path: Path) -> None:
+    """save_jwk writes a key file of mode 0600 that load_jwk reads back as the same JWK."""
+    private, public = sqstore.generate_keypair("bob")
+    sqstore.save_jwk(tmp_path / "bob.jwk", private)
+    sqstore.save_jwk(str(tmp_path / "bob.pub.jwk"), public)
+    assert oct((tmp_path / "bob.jwk").stat().st_mode & 0o777) == "0o600"
+    assert sqstore.load_jwk(tmp_path / "bob.jwk") == private
+    assert sqstore.load_jwk(str(tmp_path / "bob.pub.jwk")) == public
+    assert json.loads((tmp_path / "bob.jwk").read_text()) == sqstore.to_doc(private)
+    encoded = base64.urlsafe_b64encode((tmp_path / "bob.jwk").read_bytes()).decode()
+    (tmp_path / "env.jwk").write_text(encoded)  # sqooler's PRIVATE_JWK_STR form
+    assert sqstore.load_jwk(tmp_path / "env.jwk") == private
+    assert sorted(os.listdir(tmp_path)) == ["bob.jwk", "bob.pub.jwk", "env.jwk"]
+
+
+def test_save_jwk_never_overwrites(tmp_path: Path) -> None:
+    """save_jwk refuses an existing file (AlreadyExistsError) and leaves it as it was."""
+    first, _ = sqstore.generate_keypair("bob")
+    second, _ = sqstore.generate_keypair("bob")
+    path = tmp_path / "bob.jwk"
+    sqstore.save_jwk(path, first)
+    with pytest.raises(sqstore.AlreadyExistsError, match=r"bob\.jwk"):
+        sqstore.save_jwk(path, second)
+    assert sqstore.load_jwk(path) == first
+    assert sorted(os.listdir(tmp_path)) == ["bob.jwk"], "no temporary file is left"
+    os.chmod(tmp_path, 0o500)
+    try:
+        if os.access(tmp_path, os.W_OK):  # root writes anyway
+            return
+        with pytest.raises(sqstore.StorageError, match=r"other\.jwk"):
+            sqstore.save_jwk(tmp_path / "other.jwk", first)
+    finally:
+        os.chmod(tmp_path, 0o700)
+
+
+def test_load_jwk_errors_name_the_file_never_the_key(tmp_path: Path) -> None:
+    """load_jwk: a missing file is NotFoundError, a bad one InvalidDocumentError, a private key
+    whose x is not d's BadSignatureError; each names the file and never shows the key."""
+    private, _ = sqstore.generate_keypair("bob")
+    other, _ = sqstore.generate_keypair("bob")
+    assert private.d is not None
+    with pytest.raises(sqstore.NotFoundError, match=r"missing\.jwk"):
+        sqstore.load_jwk(tmp_path / "missing.jwk")
+    doc = sqstore.to_doc(private)
+    for name, text, error in (
+        ("list.jwk", json.dumps([doc]), sqstore.InvalidDocumentError),
+        ("extra.jwk", json.dumps({**doc, private.d: 1}), sqstore.InvalidDocumentError),
+        ("cut.jwk", json.dumps(doc)[:-9], sqstore.InvalidDocumentError),
+        ("mixed.jwk", json.dumps({**doc, "x": other.x}), sqstore.BadSignatureError),
+        ("dir.jwk", None, sqstore.StorageError),
+    ):
+        if text is None:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(error) as info:
+            sqstore.load_jwk(tmp_path / name)
+        assert name in str(info.value) and private.d.rstrip("=")[:12] not in str(info.value)
+
+
+def test_get_result_of_a_pending_job_is_not_an_error(store: Storage) -> None:
+    """A job still queued or running has no result yet: get_result answers with its status
+    (not ERROR), and verify_result raises NotFinishedError (a NotFoundError)."""
+    private, public = sqstore.generate_keypair("simkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.upload_status(store, "sim", "alice", job_id, private)
+    for _ in range(2):  # queued, then running
+        result = sqstore.get_result(store, "sim", "alice", job_id)
+        assert (result.status, result.success, result.results) == ("INITIALIZING", False, ())
+        assert result.job_id == job_id
+        with pytest.raises(sqstore.NotFinishedError, match=job_id) as info:
+            sqstore.verify_result(store, "sim", job_id)
+        assert isinstance(info.value, FileNotFoundError)
+        assert info.value.status == "INITIALIZING"
+        if sqstore.claim_job(store, "sim", private) is None:
+            break
+    failed = sqstore.StatusMsg(job_id, "ERROR", "Failed.", "boom")
+    sqstore.update_in_database(store, None, failed, job_id, "sim", private)
+    result = sqstore.get_result(store, "sim", "alice", job_id)
+    assert (result.status, result.success) == ("ERROR", False)
+    with pytest.raises(sqstore.NotFoundError) as missing:
+        sqstore.verify_result(store, "sim", job_id)
+    assert not isinstance(missing.value, sqstore.NotFinishedError)
+
+
+def test_readme_api_table_names_every_public_function() -> None:
+    """ "The API at a glance" names every public function, record and error of sqstore."""
+    section = readme_section("## The API at a glance")
+    named = set(re.findall(r"`(\w+)", section))
+    documented = {name for name in sqstore.__all__ if not name.isupper() and name not in ("Doc",)}
+    assert sorted(documented - named) == []
+
+
+def test_readme_error_table_says_what_each_error_also_is() -> None:
+    """Each row of the README's error table names exactly the builtins the error subclasses."""
+    section = readme_section("## The API at a glance")
+    rows = re.findall(r"^\| `(\w+Error)` \| ([^|]*) \|", section, re.M)
+    errors = {name for name in sqstore.__all__ if name.endswith("Error")}
+    assert {name for name, _ in rows} == errors
+    for name, cell in rows:
+        cls = getattr(sqstore, name)
+        said = set(re.findall(r"`(\w+)`", cell))
+        bases = {
+            c.__name__
+            for c in cls.__mro__
+            if c.__module__ == "builtins" and c not in (object, BaseException, Exception)
+        }
+        ours = {c.__name__ for c in cls.__mro__[1:] if c.__module__ == "sqstore"}
+        assert said - ours == bases, (name, said, bases)
+
+
+def test_module_header_carries_the_full_licence() -> None:
+    """A vendored sqstore.py carries the MIT notice of LICENSE, word for word, at its top."""
+    licence = (HERE / "LICENSE").read_text().split()
+    header = []
+    for line in (HERE / "sqstore.py").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.removeprefix("#"))
+    assert " ".join(licence) in " ".join(" ".join(header).split())
+
+
+def test_pyproject_metadata() -> None:
+    """The licence is an SPDX expression with its file, and the metadata lists the supported
+    Python versions and the project's addresses."""
+    import tomllib
+
+    meta = tomllib.loads((HERE / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert not any(c.startswith("License ::") for c in project["classifiers"])
+    floor = project["requires-python"].removeprefix(">=")
+    versions = [c.rsplit(" :: ", 1)[1] for c in project["classifiers"] if
+                re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]  # fmt: skip
+    assert versions and versions[0] == floor and "3.11" in versions
+    assert project["urls"] and all(u.startswith("https://") for u in project["urls"].values())
+    setuptools_floor = re.search(r"setuptools>=(\d+)", " ".join(meta["build-system"]["requires"]))
+    assert setuptools_floor and int(setuptools_floor.group(1)) >= 77  # PEP 639 licence fields
+
+
+def _mypy(*args: str, cwd: Path, python: Path) -> subprocess.CompletedProcess[str]:
+    """Run this environment's mypy with *python*'s installed packages (not this venv's)."""
+    return subprocess.run(
+        [_tool("mypy"), "--strict", "--no-incremental", "--python-executable", str(python), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def _readme_venv_python(readme_shell: tuple[Path, list[ShellBlock]]) -> Path:
+    python = readme_shell[0] / ".venv" / "bin" / "python"
+    assert python.exists(), "the README's install command made no .venv"
+    return python
+
+
+def test_vendored_module_passes_mypy_strict_alone(
+    readme_shell: tuple[Path, list[ShellBlock]], tmp_path: Path
+) -> None:
+    """sqstore.py copied alone into a project whose venv has only sqstore's core dependencies
+    (no pymongo, no dropbox) passes mypy --strict with no configuration."""
+    python = _readme_venv_python(readme_shell)
+    missing = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; "
+         "print([m for m in ('pymongo', 'dropbox', 'requests') if u.find_spec(m)])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert missing == "[]", "the optional dependencies must be absent for this test"
+    shutil.copy2(HERE / "sqstore.py", tmp_path / "sqstore.py")
+    proc = _mypy("sqstore.py", cwd=tmp_path, python=python)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+USER_SCRIPT = """\
+import sqstore
+
+store = sqstore.local_storage("exchange")
+private, public = sqstore.generate_keypair("bobkey")
+sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+job_id: str = sqstore.upload_job(store, {"experiment_0": {}}, "sim", "alice")
+result = sqstore.get_result(store, "sim", "alice", job_id)
+status: str = result.status
+"""
+
+
+def test_installed_package_types_reach_a_users_mypy(
+    readme_shell: tuple[Path, list[ShellBlock]], tmp_path: Path
+) -> None:
+    """With the mypy setting the README gives, a user's script type-checks against the
+    installed sqstore under --strict, and wrong calls (argument order, a key of the wrong
+    type) are reported."""
+    python = _readme_venv_python(readme_shell)
+    config = readme_block("### Type checking", "toml")
+    (tmp_path / "pyproject.toml").write_text(config)
+    (tmp_path / "app.py").write_text(USER_SCRIPT)
+    proc = _mypy("app.py", cwd=tmp_path, python=python)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wrong = USER_SCRIPT + (
+        'sqstore.upload_job(store, "sim", {"experiment_0": {}}, "alice")\n'
+        'sqstore.upload_config(store, sqstore.demo_config("x"), "x", private_jwk=42)\n'
+        "sqstore.update_in_database(store, result, status, job_id, 'sim')\n"
+    )
+    (tmp_path / "app.py").write_text(wrong)
+    proc = _mypy("app.py", cwd=tmp_path, python=python)
+    out = proc.stdout
+    assert proc.returncode == 1 and "py.typed" not in out, out
+    for line in (9, 10, 11):
+        assert f"app.py:{line}: error: Argument" in out, (line, out)
+
+
+# ============================================================================
 # Copying between storages
 # ============================================================================
 def exchange(store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]) -> dict[str, str]:
@@ -7080,18 +7418,36 @@ def test_cli_key_errors_never_show_the_key(tmp_path: Path) -> None:
 
 
 def test_readme_quickstart_runs(tmp_path: Path) -> None:
-    """The README's Alice and Bob examples run as written (on a temporary directory): Bob
-    configures his backend, Alice submits (which needs that config), Bob serves, Alice reads."""
-    text = (HERE / "README.md").read_text()
-    alice, bob = re.findall(r"```python\n(.*?)```", text, re.S)[:2]
-    submit, later = alice.split("# later")
-    setup, loop = bob.split("while True:")
-    script = "\n".join((setup, submit, "while True:" + loop, later))
-    script = script.replace('"/srv/exchange"', repr(str(tmp_path)))
-    namespace: dict[str, Any] = {}
-    exec(compile(script, "README.md", "exec"), namespace)
-    assert namespace["status"].status == "DONE"
-    assert namespace["result"].status == "DONE"
+    """The README's Bob and Alice run as written (in a temporary folder): Bob publishes, Alice
+    submits and her job reads as pending, Bob runs again and serves it, Alice reads the result;
+    Alice's whole script, run once more, says that her new job is pending."""
+    bob = readme_block("### Bob (spooler)", "python")
+    alice = readme_block("### Alice (frontend)", "python")
+    submit, later = alice.split("# later, when Bob has run again")
+    driver = f"""
+import json, sqstore
+bob, alice = {{}}, {{}}
+exec(compile({bob!r}, "README.md", "exec"), bob)
+exec(compile({submit!r}, "README.md", "exec"), alice)
+pending = sqstore.get_result(alice["store"], "sqsim", "alice", alice["job_id"])
+try:
+    sqstore.verify_result(alice["store"], "sqsim", alice["job_id"])
+except sqstore.NotFinishedError as exc:
+    raised = exc.status
+exec(compile({bob!r}, "README.md", "exec"), bob)
+exec(compile({later!r}, "README.md", "exec"), alice)
+print(json.dumps([pending.status, raised, alice["status"].status, alice["result"].status]))
+"""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "TMPDIR": str(tmp_path)}
+    run = functools.partial(
+        subprocess.run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    proc = run([sys.executable, "-c", driver])
+    assert proc.returncode == 0, proc.stderr
+    outcome = json.loads(proc.stdout.splitlines()[-1])
+    assert outcome == ["INITIALIZING", "INITIALIZING", "DONE", "DONE"]
+    whole = run([sys.executable, "-c", alice])
+    assert whole.returncode == 0 and whole.stdout == "pending: INITIALIZING\n", whole.stderr
 
 
 def readme_block(heading: str, lang: str) -> str:
@@ -7109,20 +7465,19 @@ def test_readme_layers_example_runs() -> None:
     assert out.stdout == "{'upload': 2, 'get': 1}\n"
 
 
-def test_readme_work_example_runs(tmp_path: Path) -> None:
-    """The README's worker example runs as written: the submitted job is served, exit 0."""
-    script = 'sqstore() { python -m sqstore "$@"; }\n' + readme_block("### Running Bob", "sh")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(HERE),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    proc = subprocess.run(
-        ["bash", "-ec", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120
+def test_readme_work_example_runs(readme_shell: tuple[Path, list[ShellBlock]]) -> None:
+    """The README's worker example, run as written, serves the submitted job and exits 0, and
+    its log line has the form the README quotes."""
+    (block,) = [b for b in readme_shell[1] if "sqstore work sqsim lab:run" in b.code]
+    assert block.returncode == 0, block.stderr
+    assert re.search(r"sqstore: work: local [0-9a-f]{24} DONE in \d+ ms", block.stderr)
+    assert "finished 1 job\n" in block.stderr
+    quoted = re.search(
+        r"\(`(sqstore: work: [^`]+)`\)", readme_section("### Running Bob: `sqstore work`")
     )
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"sqstore: work: local [0-9a-f]{24} DONE in \d+ ms", proc.stderr)
-    assert "finished 1 job\n" in proc.stderr
+    assert quoted, "the README quotes a work log line"
+    shape = re.escape(quoted.group(1)).replace(r"6b0a\.\.\.", "[0-9a-f]{24}").replace("12", r"\d+")
+    assert re.search(shape, block.stderr), (shape, block.stderr)
 
 
 def test_import_loads_no_optional_dependency() -> None:
@@ -7176,7 +7531,7 @@ def test_all_is_sorted_and_complete() -> None:
         and (
             (callable(value) and getattr(value, "__module__", None) == "sqstore")
             or name.isupper()
-            or name in ("Doc", "Layer")
+            or name in ("Doc", "Layer", "ConfigLike", "KeyLike", "ResultLike", "StatusLike")
         )
     }
     public -= {"T", "TYPE_CHECKING", "ColdAtomType", "WireOrder", "annotations"}
