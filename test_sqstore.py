@@ -5420,8 +5420,8 @@ def test_readme_sqooler_spooler_under_sqstore_work(
     (tmp_path / "labspooler.py").write_text(LAB_SPOOLER)
     (tmp_path / "labwork.py").write_text(readme_block("### Keeping sqooler's Spooler", "python"))
     (tmp_path / "lab.jwk").write_text(json.dumps(sqstore.to_doc(private)))
-    command = readme_block("### Keeping sqooler's Spooler", "sh").strip()
-    assert command.startswith("sqstore work ") and "\n" not in command
+    *setup, command = readme_block("### Keeping sqooler's Spooler", "sh").strip().splitlines()
+    assert setup[-1] == ". .venv/bin/activate" and command.startswith("sqstore work ")
     argv = [sys.executable, "-m", "sqstore", *command.split()[1:], "--max-jobs", "3"]
     env = {**os.environ, "PYTHONPATH": str(HERE), "SQSTORE_STORAGE": str(tmp_path / "store")}
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
@@ -5598,7 +5598,7 @@ def test_cli_commands_take_a_storage_url(
         (["queue", "sqsim"], job_id),
         (["backends"], "sqsim"),
         (["status", "sqsim", job_id], '"INITIALIZING"'),
-        (["result", "sqsim", job_id], '"ERROR"'),  # not run yet
+        (["result", "sqsim", job_id], '"INITIALIZING"'),  # not run yet: pending, not failed
     ):
         assert sqstore.main(["--storage", "dropbox://", *args]) == 0
         assert expected in capsys.readouterr().out
@@ -5826,7 +5826,9 @@ def _ci_command() -> str:
 def fresh_shell_env(home: Path) -> dict[str, str]:
     """A new login's environment: PATH without this test run's venv, HOME, and pip's own
     settings (index, certificates, proxies) if the test run has any."""
-    own = {str(Path(sys.executable).parent), os.environ.get("VIRTUAL_ENV", "") + "/bin"}
+    own = {str(Path(sys.executable).parent)}
+    if os.environ.get("VIRTUAL_ENV"):
+        own.add(os.path.join(os.environ["VIRTUAL_ENV"], "bin"))
     path = [p for p in os.environ["PATH"].split(os.pathsep) if p and p not in own]
     env = {"PATH": os.pathsep.join(path), "HOME": str(home)}
     passed = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
