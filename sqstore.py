@@ -2289,13 +2289,14 @@ def claim_jobs(
     queue = _fill(layout.queued, _check_display_name(display_name))
     holder = holder or _default_holder()
     next_beat = -math.inf
+    beating, configs = _config_memo(store, display_name)  # the beat's read tells the policy
 
     def beat() -> None:
         nonlocal next_beat
         if now() >= next_beat:
             try:
                 wrote = timestamp_queue(
-                    store, display_name, private_jwk, min_interval=heartbeat, now=now
+                    beating, display_name, private_jwk, min_interval=heartbeat, now=now
                 )
             except InvalidDocumentError as exc:
                 if not exc.partial:
@@ -2322,6 +2323,9 @@ def claim_jobs(
                 claimed = _claim_one(
                     store, display_name, queue, file_id, holder, now(), lease_seconds, skew
                 )
+                if claimed is not None and _set_aside(store, display_name, claimed, configs):
+                    found = True  # not run: the next one is tried
+                    continue
             except (
                 InvalidDocumentError,
                 InvalidNameError,
@@ -2376,9 +2380,6 @@ def _claim_one(
     except (InvalidDocumentError, StorageError) as exc:
         status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", str(exc))
         _close(store, lease_at, display_name, job_id, to_doc(status))
-        return None
-    if (refused := _refusal(store, display_name, job_id, job)) is not None:
-        _close(store, lease_at, display_name, job_id, to_doc(refused))
         return None
     return NextJob(job_id, layout.running), job
 
@@ -2957,19 +2958,47 @@ def _job_signature_problem(
     return ""
 
 
-def _refusal(store: Storage, display_name: str, job_id: str, job: Doc) -> StatusMsg | None:
-    """The ERROR status of a just-claimed job that its backend does not run, or None.
+def _config_memo(store: Storage, display_name: str) -> tuple[Storage, list[Doc]]:
+    """*store*, remembering in the list the last config of *display_name* it read: a
+    claim learns its backend's policy from the read its heartbeat makes anyway."""
+    where = _config_location(store, display_name)
+    seen: list[Doc] = []
+    read = store["get"]
+
+    def get(path: str, doc_id: str) -> Doc:
+        doc = read(path, doc_id)
+        if (path, doc_id) == where:
+            seen[:] = [doc]
+        return doc
+
+    return {**store, "get": get}, seen
+
+
+def _set_aside(
+    store: Storage, display_name: str, claimed: tuple[NextJob, Doc], configs: list[Doc]
+) -> bool:
+    """Set aside (to deleted, with an ERROR status saying why) a just-claimed job that its
+    backend does not run; return whether it did.
 
     A backend whose config sets ``require_signed_jobs`` (or lists
     ``accepted_kids``) runs only jobs signed with a published user key (one of
-    those kids), over this very job."""
-    cfg = _read_config(store, display_name)[1]
+    those kids) over this very job.  The config is the one last read in
+    *configs* (the claim's heartbeat reads it), else it is read now.
+    """
+    job_id, job = claimed[0].job_id, claimed[1]
+    path, doc_id = _config_location(store, display_name)
+    raw = configs[-1] if configs else _read(store, path, doc_id)
+    cfg = _parse(raw, BackendConfig, f"{path}/{doc_id}")
     if not (cfg.require_signed_jobs or cfg.accepted_kids):
-        return None
+        return False
     why = _job_signature_problem(store, display_name, None, job_id, job, cfg.accepted_kids)
     if not why:
-        return None
-    return StatusMsg(job_id, "ERROR", "The job was set aside: its signature is not accepted.", why)
+        return False
+    status = StatusMsg(
+        job_id, "ERROR", "The job was set aside: its signature is not accepted.", why
+    )
+    _close(store, _lease_at(store, job_id), display_name, job_id, to_doc(status))
+    return True
 
 
 @_reads
