@@ -6524,6 +6524,23 @@ def test_sqooler_reads_signed_jobs_cancelled_jobs_and_strict_configs(
     assert sqooler.get_job(storage_path=nxt.job_json_path, job_id=job_id) == JOB
 
 
+@pytest.mark.parametrize(
+    ("heading", "printed"),
+    [
+        ("## Cancelling a job", "Cancelled by alice.\n"),
+        ("## Signed submissions", "the job is not signed\n"),
+    ],
+)
+def test_readme_cancel_and_signed_submission_examples_run(heading: str, printed: str) -> None:
+    """The README's examples of cancelling and of signed submissions run and print what they
+    say."""
+    out = subprocess.run(
+        [sys.executable, "-c", readme_block(heading, "python")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120,
+    )  # fmt: skip
+    assert (out.returncode, out.stdout) == (0, printed), out.stderr
+
+
 # ============================================================================
 # Faults, races and hostile input: each guarantee attacked
 # ============================================================================
