@@ -3055,7 +3055,10 @@ def work(
     or once *stop* is set, which never interrupts a running job (set it from a
     signal handler).  Storage errors are reported to *log* (one line each) and
     the loop goes on; a job whose finishing failed keeps its lease and is
-    requeued when that expires.
+    requeued when that expires.  A cancel request (`cancel_job`) is looked for
+    at each renewal and before finishing; an executor that takes a ``cancel``
+    keyword gets it as a `threading.Event`, and a job cancelled while running
+    ends ERROR without its result.
 
     Raises:
         ValueError: no store given.
