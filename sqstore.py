@@ -145,6 +145,8 @@ __all__ = [
     "TransientError",
     "backend_dict_to_qiskit",
     "backend_dict_to_qiskit_status",
+    "cancel_job",
+    "cancel_requested",
     "check_name",
     "claim_job",
     "claim_jobs",
@@ -198,6 +200,7 @@ __all__ = [
     "upload_result",
     "upload_status",
     "verify_doc",
+    "verify_job",
     "verify_result",
     "with_logging",
     "with_metrics",
@@ -426,6 +429,8 @@ class BackendConfig(_DocView):
     last_queue_check: datetime | None = None
     sign: bool = False
     kid: str | None = None
+    require_signed_jobs: bool = False  # written only when set: see `cancel_job`'s section
+    accepted_kids: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -681,6 +686,13 @@ def _make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook(
         FlatJWS,
         make_dict_unstructure_fn(FlatJWS, conv, header=override(omit_if_default=True)),
+    )
+    omitted = override(omit_if_default=True)  # a config that takes any job stays as it was
+    conv.register_unstructure_hook(
+        BackendConfig,
+        make_dict_unstructure_fn(
+            BackendConfig, conv, require_signed_jobs=omitted, accepted_kids=omitted
+        ),
     )
     return conv
 
@@ -1974,10 +1986,17 @@ def create_job_id(store: Storage, display_name: str, username: str) -> str:
     )
 
 
-def upload_job(store: Storage, job_dict: Doc, display_name: str, username: str) -> str:
+def upload_job(
+    store: Storage, job_dict: Doc, display_name: str, username: str, *, private_jwk: Any = None
+) -> str:
     """Queue *job_dict* (stored as given) for a backend and return its job id.
 
+    With *private_jwk* (a user's key, published with ``upload_public_key(...,
+    role="user")``), the job is signed first, in a document of its own: see
+    `verify_job` and a config's ``require_signed_jobs``.
+
     Raises:
+        BadSignatureError: *private_jwk* is not a private key.
         InvalidDocumentError: *job_dict* is not a JSON object.
         InvalidNameError: bad display name or username.
     """
@@ -1987,6 +2006,8 @@ def upload_job(store: Storage, job_dict: Doc, display_name: str, username: str) 
     layout = store["layout"]
     for attempt in range(3):  # a fresh id if two submits met in one microsecond
         job_id = create_job_id(store, display_name, username)
+        if private_jwk is not None:
+            _sign_job(store, job_dict, display_name, username, job_id, private_jwk)
         try:
             store["upload"](
                 _fill(layout.queued, display_name, username),
@@ -2445,13 +2466,14 @@ def claim_jobs(
     queue = _fill(layout.queued, _check_display_name(display_name))
     holder = holder or _default_holder()
     next_beat = -math.inf
+    beating, configs = _config_memo(store, display_name)  # the beat's read tells the policy
 
     def beat() -> None:
         nonlocal next_beat
         if now() >= next_beat:
             try:
                 wrote = timestamp_queue(
-                    store, display_name, private_jwk, min_interval=heartbeat, now=now
+                    beating, display_name, private_jwk, min_interval=heartbeat, now=now
                 )
             except InvalidDocumentError as exc:
                 if not exc.partial:
@@ -2478,6 +2500,9 @@ def claim_jobs(
                 claimed = _claim_one(
                     store, display_name, queue, file_id, holder, now(), lease_seconds, skew
                 )
+                if claimed is not None and _set_aside(store, display_name, claimed, configs):
+                    found = True  # not run: the next one is tried
+                    continue
             except (
                 InvalidDocumentError,
                 InvalidNameError,
@@ -2874,6 +2899,310 @@ def update_in_database(
     _close(store, lease_at, display_name, job_id, status_doc)
 
 
+# Cancel and signed submissions ----------------------------------------------
+# A cancel request is a document keyed by job id in ``<leases>/cancel``; a job's
+# signature is a detached signed document in ``<status folder>/signatures``, so the
+# job itself stays the bare JSON that any sqooler spooler runs.
+
+_CANONICAL_JSON = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False
+)
+
+
+def _cancel_location(store: Storage, job_id: str) -> tuple[str, str]:
+    return f"{store['layout'].leases}/cancel", check_name(job_id, "job_id")
+
+
+def _cancelled(job_id: str, username: str, why: str) -> StatusMsg:
+    return StatusMsg(job_id, "ERROR", f"Cancelled by {username}.", why)
+
+
+def _check_job_names(store: Storage, display_name: str, username: str, job_id: str) -> str:
+    """Check the names of a job; a dated job id must name this backend and this user."""
+    _check_display_name(display_name)
+    check_name(username, "username")
+    check_name(job_id, "job_id")
+    parts = job_id.split("-")
+    dated = store["layout"].job_ids == "dated" and len(parts) == 4
+    if dated and (parts[1], parts[2]) != (display_name, username):
+        raise NotFoundError(f"job {job_id} is not a job of {username!r} on {display_name!r}")
+    return job_id
+
+
+def _find_job(store: Storage, display_name: str, job_id: str) -> str:
+    """Which of queued, running, finished or deleted holds a job; looked up twice, since
+    a claim moving it from queued to running between two reads would hide it from one.
+
+    Raises:
+        NotFoundError: the backend has no such job.
+    """
+    for _ in range(2):
+        if (where := _job_where(store, display_name, job_id)) is not None:
+            return where
+    raise NotFoundError(f"backend {display_name!r} has no job {job_id}")
+
+
+def cancel_job(store: Storage, display_name: str, username: str, job_id: str) -> str:
+    """Cancel a job for *username*: a queued job never runs, a running one is asked to stop.
+
+    First a cancel request is stored (create-only), then the job is moved from
+    the queue to deleted.  Of that move and a worker's claim exactly one wins:
+    either the job never runs (``"cancelled"``: it is in deleted with an ERROR
+    status whose detail is ``"Cancelled by <username>."``), or it is running
+    and the request is there for its worker (``"requested"``): `work` hands it
+    to the executor and ends the job as cancelled, dropping its result, unless
+    the worker had begun to finish the job before it saw the request.  A job
+    that had ended already is left as it is (``"finished"``).
+
+    Returns:
+        ``"cancelled"``, ``"requested"`` or ``"finished"``.
+
+    Raises:
+        InvalidNameError: bad display name, username or job id.
+        NotFoundError: the backend has no such job (or a dated id names another
+            backend or user).
+    """
+    _check_handle(store)
+    _check_job_names(store, display_name, username, job_id)
+    layout = store["layout"]
+    where = _find_job(store, display_name, job_id)
+    if where in ("finished", "deleted"):
+        return "finished"
+    path, doc_id = _cancel_location(store, job_id)
+    request = {"job_id": job_id, "display_name": display_name, "username": username}
+    with contextlib.suppress(AlreadyExistsError):  # asked before: that request stands
+        store["upload"](path, doc_id, {**request, "requested": time.time()})
+    file_id = _fill(layout.job_file, job_id=job_id)
+    deleted = _job_fill(layout, layout.deleted, display_name, job_id)
+    for _ in range(3):  # again if a sweep put the job back in the queue meanwhile
+        if where != "queued":
+            break
+        try:
+            store["move"](_fill(layout.queued, display_name), deleted, file_id)
+        except NotFoundError:  # claimed meanwhile: it runs, and its worker gets the request
+            where = _find_job(store, display_name, job_id)
+            continue
+        why = "The job was cancelled before it ran."
+        _put_status(store, display_name, None, job_id, to_doc(_cancelled(job_id, username, why)))
+        _forget_cancel(store, job_id)
+        return "cancelled"
+    if where in ("running", "queued"):
+        return "requested"
+    _forget_cancel(store, job_id)  # it ended meanwhile: nothing is left to ask
+    return "finished"
+
+
+@_reads
+def cancel_requested(store: Storage, job_id: str) -> str | None:
+    """Return who asked to cancel a job (see `cancel_job`), or None if nobody did.
+
+    A worker loop of one's own (`claim_job` ... `update_in_database`) polls this;
+    `work` does it for its executor.
+
+    Raises:
+        NotFoundError: *job_id* cannot be a job id.
+    """
+    _check_handle(store)
+    path, doc_id = _cancel_location(store, job_id)
+    try:
+        doc = _read(store, path, doc_id)
+    except NotFoundError:
+        return None
+    except InvalidDocumentError:
+        return "someone"  # a request it is, even if it cannot be read
+    who = doc.get("username")
+    return who if isinstance(who, str) and _NAME_RE.fullmatch(who) else "someone"
+
+
+def _forget_cancel(store: Storage, job_id: str) -> None:
+    """Drop a job's cancel request once it is honoured (gone already: fine)."""
+    with contextlib.suppress(NotFoundError, StorageError, TransientError):
+        store["delete"](*_cancel_location(store, job_id))
+
+
+def _watch_cancel(store: Storage, job_id: str, cancel: threading.Event, who: list[str]) -> None:
+    """Set *cancel* (and note who asked in *who*) once the job has a cancel request."""
+    if cancel.is_set():
+        return
+    with contextlib.suppress(SqstoreError):  # unreadable now: the next look decides
+        requester = cancel_requested(store, job_id)
+        if requester is not None:
+            who.append(requester)
+            cancel.set()
+
+
+def _run_executor(
+    executor: Callable[..., Any], job: Doc, job_id: str, display_name: str, cancel: threading.Event
+) -> Any:
+    """Run *executor*, handing it *cancel* (a `threading.Event`) if it takes ``cancel=``."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(executor).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the three arguments
+        params = []
+    if any(p.name == "cancel" or p.kind is p.VAR_KEYWORD for p in params):
+        return executor(job, job_id, display_name, cancel=cancel)
+    return executor(job, job_id, display_name)
+
+
+def _honour_cancel(
+    store: Storage,
+    job_id: str,
+    cancel: threading.Event,
+    who: list[str],
+    result: Any,
+    status: StatusMsg,
+) -> tuple[Any, StatusMsg]:
+    """The result and status a worker finishes a job with: a job whose cancel request
+    it sees (during the run, or in a last look now) ends ERROR and its result is dropped."""
+    _watch_cancel(store, job_id, cancel, who)
+    if not cancel.is_set():
+        return result, status
+    why = "Cancelled while running; " + (
+        "its result was dropped." if result is not None else f"it ended: {status.error_message}"
+    )
+    return None, _cancelled(job_id, who[0], why)
+
+
+def _job_signature_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
+    folder = _fill(store["layout"].status, _check_display_name(display_name))
+    return f"{folder}/signatures", check_name(job_id, "job_id")
+
+
+def _job_digest(job: Any) -> str:
+    """The SHA-256 of a job as stored: its JSON with sorted keys, compact (hex)."""
+    import hashlib
+
+    try:
+        text = _CANONICAL_JSON.encode(json.loads(_JSON.encode(job)))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidDocumentError(f"the job is not JSON: {exc}") from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sign_job(
+    store: Storage, job: Doc, display_name: str, username: str, job_id: str, private_jwk: Any
+) -> None:
+    """Store the signature of a job about to be queued (before it, so none runs unsigned)."""
+    payload = {
+        "job_id": job_id,
+        "display_name": display_name,
+        "username": username,
+        "job_sha256": _job_digest(job),
+    }
+    path, doc_id = _job_signature_location(store, display_name, job_id)
+    signed = _doc_signer(store, private_jwk)(payload)
+    try:
+        store["upload"](path, doc_id, signed)
+    except AlreadyExistsError:  # left by a submit that failed: this one is the job's
+        store["update"](path, doc_id, signed)
+
+
+def _job_signature_problem(
+    store: Storage,
+    display_name: str,
+    username: str | None,
+    job_id: str,
+    job: Doc,
+    accepted: tuple[str, ...] = (),
+) -> str:
+    """Why a job's signature is not good (a user key, of *accepted* kids if any); "" if it is."""
+    path, doc_id = _job_signature_location(store, display_name, job_id)
+    try:
+        raw = _read(store, path, doc_id)
+        kid = _open_signed(raw)[2].get("kid") if is_signed(raw) else None
+    except NotFoundError:
+        return "the job is not signed"
+    except InvalidDocumentError as exc:
+        return f"its signature cannot be read: {exc}"
+    if not isinstance(kid, str):
+        return "the job is not signed with a key id"
+    if accepted and kid not in accepted:
+        return f"it is signed with key {kid!r}, which this backend does not accept"
+    try:
+        key = get_public_key_from_kid(store, kid, role="user")
+        payload = verify_doc(raw, [key])
+    except NotFoundError:
+        return f"it is signed with an unknown key {kid!r}"
+    except (BadSignatureError, InvalidDocumentError):
+        return f"its signature does not verify with key {kid!r}"
+    names = (payload.get("job_id"), payload.get("display_name"), payload.get("username"))
+    if names[:2] != (job_id, display_name) or username not in (None, names[2]):
+        return "its signature is that of another job"
+    if payload.get("job_sha256") != _job_digest(job):
+        return "the job was changed after it was signed"
+    return ""
+
+
+def _config_memo(store: Storage, display_name: str) -> tuple[Storage, list[Doc]]:
+    """*store*, remembering in the list the last config of *display_name* it read: a
+    claim learns its backend's policy from the read its heartbeat makes anyway."""
+    where = _config_location(store, display_name)
+    seen: list[Doc] = []
+    read = store["get"]
+
+    def get(path: str, doc_id: str) -> Doc:
+        doc = read(path, doc_id)
+        if (path, doc_id) == where:
+            seen[:] = [doc]
+        return doc
+
+    return {**store, "get": get}, seen
+
+
+def _set_aside(
+    store: Storage, display_name: str, claimed: tuple[NextJob, Doc], configs: list[Doc]
+) -> bool:
+    """Set aside (to deleted, with an ERROR status saying why) a just-claimed job that its
+    backend does not run; return whether it did.
+
+    A backend whose config sets ``require_signed_jobs`` (or lists
+    ``accepted_kids``) runs only jobs signed with a published user key (one of
+    those kids) over this very job.  The config is the one last read in
+    *configs* (the claim's heartbeat reads it), else it is read now.
+    """
+    job_id, job = claimed[0].job_id, claimed[1]
+    path, doc_id = _config_location(store, display_name)
+    raw = configs[-1] if configs else _read(store, path, doc_id)
+    cfg = _parse(raw, BackendConfig, f"{path}/{doc_id}")
+    if not (cfg.require_signed_jobs or cfg.accepted_kids):
+        return False
+    why = _job_signature_problem(store, display_name, None, job_id, job, cfg.accepted_kids)
+    if not why:
+        return False
+    status = StatusMsg(
+        job_id, "ERROR", "The job was set aside: its signature is not accepted.", why
+    )
+    _close(store, _lease_at(store, job_id), display_name, job_id, to_doc(status))
+    return True
+
+
+@_reads
+def verify_job(store: Storage, display_name: str, username: str, job_id: str) -> bool:
+    """Return whether a finished job verifies end to end, from submission to result.
+
+    The job (wherever it is now) must carry a valid signature of a published
+    user key (see ``upload_job(..., private_jwk=)``) over this job of
+    *username* on *display_name*, and its result must be signed by the backend
+    and name this job (`verify_result`).  Unsigned, tampered or replayed
+    documents give False.
+
+    Raises:
+        NotFoundError: no such job or result, or the backend's public key is
+            missing, or a name given cannot exist.
+        InvalidDocumentError: the stored job or result is not JSON.
+    """
+    _check_handle(store)
+    _check_job_names(store, display_name, username, job_id)
+    layout = store["layout"]
+    where = _find_job(store, display_name, job_id)
+    job = get_job(store, _job_fill(layout, getattr(layout, where), display_name, job_id), job_id)
+    if _job_signature_problem(store, display_name, username, job_id, job):
+        return False
+    return verify_result(store, display_name, job_id)
+
+
 def work(
     stores: Sequence[Storage],
     display_name: str,
@@ -2903,7 +3232,10 @@ def work(
     or once *stop* is set, which never interrupts a running job (set it from a
     signal handler).  Storage errors are reported to *log* (one line each) and
     the loop goes on; a job whose finishing failed keeps its lease and is
-    requeued when that expires.
+    requeued when that expires.  A cancel request (`cancel_job`) is looked for
+    at each renewal and before finishing; an executor that takes a ``cancel``
+    keyword gets it as a `threading.Event`, and a job cancelled while running
+    ends ERROR without its result.
 
     Raises:
         ValueError: no store given.
@@ -2993,10 +3325,11 @@ def _work_one(
 ) -> int:
     """Run and finish one claimed job, renewing its lease meanwhile; 1 if finished."""
     job_id, job = claimed[0].job_id, claimed[1]
-    finished = threading.Event()
+    finished, cancel, cancelled_by = threading.Event(), threading.Event(), list[str]()
 
     def renew() -> None:
         while not finished.wait(lease_seconds / 3):
+            _watch_cancel(store, job_id, cancel, cancelled_by)
             try:
                 renew_lease(store, job_id, holder=holder, lease_seconds=lease_seconds)
             except LeaseLostError:
@@ -3009,7 +3342,7 @@ def _work_one(
     renewer.start()
     start = time.perf_counter()
     try:
-        result = executor(job, job_id, display_name)
+        result = _run_executor(executor, job, job_id, display_name, cancel)
         status = StatusMsg(job_id, "DONE", "The job is done.", _NONE)
     except Exception as exc:
         result = None
@@ -3017,6 +3350,7 @@ def _work_one(
     finally:
         finished.set()
         renewer.join()
+    result, status = _honour_cancel(store, job_id, cancel, cancelled_by, result, status)
     ms = (time.perf_counter() - start) * 1000
     for attempt in range(_FINISH_TRIES):
         try:
@@ -3040,6 +3374,8 @@ def _work_one(
                 return 0  # the lease expires and the job is requeued
             say(f"{label} {job_id}: cannot finish yet, trying again: {type(exc).__name__}: {exc}")
             time.sleep(0.05 * 4**attempt)
+    if cancelled_by:  # honoured: the request is done with
+        _forget_cancel(store, job_id)
     why = f": {status.error_message}" if status.status == "ERROR" else ""
     say(f"{label} {job_id} {status.status} in {ms:.0f} ms{why}")
     return 1
@@ -4695,6 +5031,12 @@ def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_cancel(store: Storage, args: argparse.Namespace) -> int:
+    outcome = cancel_job(store, args.display_name, args.username, args.job_id)
+    print(f"{args.job_id}: {outcome}")
+    return 0
+
+
 def _cmd_backends(store: Storage, args: argparse.Namespace) -> int:
     for display_name in get_backends(store):
         status = get_backend_status(store, display_name)
@@ -5448,6 +5790,12 @@ def _parser() -> argparse.ArgumentParser:
         if name != "verify":
             cmd.add_argument("-u", "--username", default="cli", help="the job's user")
     submit.add_argument("-u", "--username", default="cli", help="who submits (default cli)")
+    cancel = command(
+        "cancel", _cmd_cancel, "cancel a job (prints cancelled, requested or finished)"
+    )
+    cancel.add_argument("display_name")
+    cancel.add_argument("job_id")
+    cancel.add_argument("-u", "--username", default="cli", help="who cancels: the job's user")
     copy = command("copy", _cmd_copy, "copy every document from one storage to another")
     copy.add_argument("src", metavar="SRC", help="the storage URL to copy from")
     copy.add_argument("dst", metavar="DST", help="the storage URL to copy to (nothing overwritten)")

@@ -6505,6 +6505,383 @@ def test_work_function_runs_in_process_until_stopped() -> None:
 
 
 # ============================================================================
+# Cancel and signed submissions
+# ============================================================================
+def queued_job(store: Storage, job: Any = None, key: Any = None, user: str = "alice") -> str:
+    """A job of *user* for backend 'sim' (configured if need be), queued with its status."""
+    if "sim" not in sqstore.get_backends(store):
+        sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, job or JOB, "sim", user, private_jwk=key)
+    sqstore.upload_status(store, "sim", user, job_id)
+    return job_id
+
+
+def test_cancel_a_queued_job_sets_it_aside_and_it_never_runs(store: Storage) -> None:
+    """A queued job cancelled goes to deleted with an ERROR status naming who cancelled it,
+    no worker ever gets it, and cancelling it again says it has finished."""
+    job_id = queued_job(store)
+    assert sqstore.cancel_job(store, "sim", "alice", job_id) == "cancelled"
+    status = sqstore.get_status(store, "sim", "alice", job_id)
+    assert (status.status, status.detail) == ("ERROR", "Cancelled by alice.")
+    assert jobs_in(store, "deleted", job_id) == [job_id]
+    assert sqstore.claim_job(store, "sim") is None
+    assert sqstore.cancel_requested(store, job_id) is None
+    assert sqstore.cancel_job(store, "sim", "alice", job_id) == "finished"
+    assert sqstore.get_status(store, "sim", "alice", job_id).detail == "Cancelled by alice."
+
+
+def test_cancel_of_a_finished_job_changes_nothing(store: Storage) -> None:
+    """A job that ended already is left as it is: its status and result stay DONE."""
+    job_id = queued_job(store)
+    assert finish(store, "sim") == [job_id]
+    assert sqstore.cancel_job(store, "sim", "alice", job_id) == "finished"
+    done_once(store, job_id)
+    assert sqstore.cancel_requested(store, job_id) is None
+
+
+def test_cancel_refuses_bad_names_and_unknown_jobs(store: Storage) -> None:
+    """Bad names are InvalidNameError, a job the backend does not have is NotFoundError, and
+    on dated ids a job of another user or backend is not found either."""
+    job_id = queued_job(store)
+    for bad in (("si/m", "alice", job_id), ("sim", "../x", job_id), ("sim", "alice", "a/b")):
+        with pytest.raises(sqstore.InvalidNameError):
+            sqstore.cancel_job(store, *bad)
+    other = sqstore.create_job_id(store, "sim", "alice")
+    with pytest.raises(sqstore.NotFoundError, match=f"no job {other}"):
+        sqstore.cancel_job(store, "sim", "alice", other)
+    if store["layout"].job_ids == "dated":
+        with pytest.raises(sqstore.NotFoundError, match="not a job of 'bob'"):
+            sqstore.cancel_job(store, "sim", "bob", job_id)
+    assert jobs_in(store, "queued") == [job_id]
+    with pytest.raises(sqstore.NotFoundError):
+        sqstore.cancel_requested(store, "a/b")
+
+
+def test_cancel_races_a_claim_paused_at_each_step(store: Storage) -> None:
+    """A cancel acting between any two storage calls of a claim, and a claim acting between
+    any two of a cancel's, either wins (the job never runs) or loses (the job is claimed
+    and its worker sees the request): never both, never neither."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for paused in ("claim", "cancel"):
+        for index in range(1, 40):
+            job_id = queued_job(store)
+            seen: dict[str, Any] = {}
+
+            def cancel(s: Storage = store, j: str = job_id, seen: dict[str, Any] = seen) -> None:
+                seen["cancel"] = sqstore.cancel_job(s, "sim", "alice", j)
+
+            def claim(s: Storage = store, seen: dict[str, Any] = seen) -> None:
+                seen["claim"] = sqstore.claim_job(s, "sim", holder="w")
+
+            if paused == "claim":
+                claim(paused_at(store, index, cancel))
+            else:
+                cancel(paused_at(store, index, claim))
+            if "cancel" not in seen or "claim" not in seen:
+                break  # fewer calls than index: every pause point was tried
+            where = f"{paused} paused at call {index}"
+            if seen["cancel"] == "cancelled":
+                assert seen["claim"] is None, where
+                assert job_id in jobs_in(store, "deleted", job_id), where
+            else:
+                assert seen["cancel"] == "requested", where
+                assert seen["claim"] is not None and seen["claim"][0].job_id == job_id, where
+                assert sqstore.cancel_requested(store, job_id) == "alice", where
+                finish_as(store, job_id, seen["claim"][1], "w")
+        else:
+            pytest.fail(f"the {paused} should make fewer than 40 calls")
+
+
+CANCEL_RACE_CLAIMER = """
+import sys
+import sqstore
+
+store = sqstore.open_storage(sys.argv[1])
+with open(sys.argv[2], "a") as log:
+    for _ in range(400):
+        claimed = sqstore.claim_job(store, "sim", holder=sys.argv[3])
+        if claimed is None:
+            continue
+        job_id = claimed[0].job_id
+        log.write(f"{job_id} {sqstore.cancel_requested(store, job_id)}\\n")
+        log.flush()
+        result = sqstore.run_simulator(claimed[1], job_id, "sim")
+        status = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
+        sqstore.update_in_database(store, result, status, job_id, "sim", holder=sys.argv[3])
+"""
+
+CANCEL_RACE_CANCELLER = """
+import json, sys
+import sqstore
+
+store = sqstore.open_storage(sys.argv[1])
+outcomes = {job_id: sqstore.cancel_job(store, "sim", "alice", job_id) for job_id in sys.argv[2:]}
+print(json.dumps(outcomes))
+"""
+
+
+def test_cancel_races_claiming_workers_in_real_processes(tmp_path: Path) -> None:
+    """Two worker processes claim while a third cancels every job: each job was either
+    cancelled and never run, or claimed and run, with the request there when the cancel said
+    so; never both, never neither, and no job is claimed twice."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    job_ids = [queued_job(store) for _ in range(40)]
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    url = f"file://{root}"
+    claimers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CANCEL_RACE_CLAIMER, url, str(tmp_path / f"w{i}.log"), f"w{i}"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    canceller = subprocess.run(
+        [sys.executable, "-c", CANCEL_RACE_CANCELLER, url, *job_ids[::-1]],
+        env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    for proc in claimers:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+    outcomes = json.loads(canceller.stdout)
+    lines = [
+        ln.split()
+        for i in range(2)
+        for ln in (tmp_path / f"w{i}.log").read_text().split("\n")
+        if ln
+    ]
+    ran = collections.Counter(job_id for job_id, _ in lines)
+    assert max(ran.values(), default=1) == 1
+    for job_id in job_ids:
+        if outcomes[job_id] == "cancelled":
+            assert job_id not in ran
+            assert sqstore.get_status(store, "sim", "alice", job_id).detail == "Cancelled by alice."
+        else:
+            assert job_id in ran, (job_id, outcomes[job_id])
+            assert sqstore.get_status(store, "sim", "alice", job_id).status == "DONE"
+        if outcomes[job_id] == "requested":
+            assert sqstore.cancel_requested(store, job_id) == "alice"
+    assert "cancelled" in outcomes.values() and len(ran) > 0, (outcomes, ran)
+
+
+def test_work_hands_the_cancel_request_to_its_executor(store: Storage) -> None:
+    """A running job's cancel request reaches an executor that takes ``cancel=`` (an event it
+    polls) at a lease renewal; the job ends ERROR, cancelled, without a result."""
+    job_id = queued_job(store)
+    started, seen = threading.Event(), {}
+
+    def executor(job: Any, jid: str, dn: str, cancel: threading.Event) -> Any:
+        started.set()
+        seen["cancelled"] = cancel.wait(60)
+        return sqstore.run_simulator(job, jid, dn)
+
+    worker = threading.Thread(
+        target=sqstore.work, args=([store], "sim", executor),
+        kwargs={"max_jobs": 1, "lease_seconds": 0.6, "poll": 0.05},
+    )  # fmt: skip
+    worker.start()
+    assert started.wait(60)
+    assert sqstore.cancel_job(store, "sim", "alice", job_id) == "requested"
+    worker.join(120)
+    assert not worker.is_alive() and seen["cancelled"]
+    status = sqstore.get_status(store, "sim", "alice", job_id)
+    assert (status.status, status.detail) == ("ERROR", "Cancelled by alice.")
+    assert "result was dropped" in status.error_message
+    assert sqstore.get_result(store, "sim", "alice", job_id).status == "ERROR"  # none stored
+    assert jobs_in(store, "deleted", job_id) == [job_id]
+    assert sqstore.cancel_requested(store, job_id) is None
+
+
+def test_work_honours_a_cancel_that_its_executor_ignores(store: Storage) -> None:
+    """An executor that never looks at the request still has its job end cancelled: work()
+    looks once more before finishing, drops the result and writes the cancelled status."""
+    job_id = queued_job(store)
+    started, release = threading.Event(), threading.Event()
+
+    def executor(job: Any, jid: str, dn: str) -> Any:
+        started.set()
+        release.wait(60)
+        return sqstore.run_simulator(job, jid, dn)
+
+    lines: list[str] = []
+    worker = threading.Thread(
+        target=sqstore.work, args=([store], "sim", executor),
+        kwargs={"max_jobs": 1, "poll": 0.05, "log": lines.append},
+    )  # fmt: skip
+    worker.start()
+    assert started.wait(60)
+    assert sqstore.cancel_job(store, "sim", "alice", job_id) == "requested"
+    release.set()
+    worker.join(120)
+    assert sqstore.get_status(store, "sim", "alice", job_id).detail == "Cancelled by alice."
+    assert not sqstore.get_result(store, "sim", "alice", job_id).results
+    assert any(f"{job_id} ERROR" in line for line in lines), lines
+
+
+def test_cli_cancel_prints_the_outcome_and_refuses_unknown_jobs(tmp_path: Path) -> None:
+    """`sqstore cancel` prints what happened (exit 0); an unknown job is one error line, exit 1."""
+    store = sqstore.local_storage(tmp_path / "data")
+    job_id = queued_job(store, user="cli")
+    proc = run_cli("--storage", "data", "cancel", "sim", job_id, cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (0, f"{job_id}: cancelled\n"), proc.stderr
+    assert sqstore.get_status(store, "sim", "cli", job_id).detail == "Cancelled by cli."
+    other = sqstore.create_job_id(store, "sim", "cli")
+    proc = run_cli("--storage", "data", "cancel", "sim", other, "-u", "alice", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"no job {other}" in proc.stderr
+
+
+@pytest.fixture
+def user_keys(store: Storage) -> tuple[sqstore.JWK, sqstore.JWK]:
+    """Alice's key pair, her public key published as a user key."""
+    private, public = sqstore.generate_keypair("alicekey")
+    sqstore.upload_public_key(store, public, "alice", role="user")
+    return private, public
+
+
+def strict_config(**fields: Any) -> sqstore.BackendConfig:
+    return attrs.evolve(sqstore.demo_config("sim"), **fields)
+
+
+def test_a_backend_requiring_signed_jobs_sets_the_others_aside(
+    store: Storage, user_keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """With ``require_signed_jobs``, claims run only jobs signed with a published user key over
+    that very job; unsigned, unknown-key, tampered and replayed jobs go to deleted with an
+    ERROR status naming the reason, and the queue keeps flowing."""
+    private = user_keys[0]
+    sqstore.upload_config(store, strict_config(require_signed_jobs=True), "sim")
+    good = queued_job(store, key=private)
+    unsigned = queued_job(store)
+    stranger = queued_job(store, key=sqstore.generate_keypair("mallory")[0])
+    tampered = queued_job(store, key=private)
+    store["update"](*place(store, "queued", tampered), job_with(shots=999))
+    replayed = queued_job(store, job=JOB)
+    signatures = f"{folder(store, 'status')}/signatures"
+    store["upload"](signatures, replayed, store["get"](signatures, good))
+    assert finish(store, "sim") == [good]
+    reasons = {
+        unsigned: "the job is not signed",
+        stranger: "signed with an unknown key 'mallory'",
+        tampered: "the job was changed after it was signed",
+        replayed: "its signature is that of another job",
+    }
+    for job_id, why in reasons.items():
+        status = sqstore.get_status(store, "sim", "alice", job_id)
+        assert status.status == "ERROR" and why in status.error_message, (why, status)
+        assert status.detail == "The job was set aside: its signature is not accepted."
+        assert job_id in jobs_in(store, "deleted", job_id)
+
+
+def test_accepted_kids_limit_which_user_keys_a_backend_runs(
+    store: Storage, user_keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """``accepted_kids`` names the user keys a backend runs jobs of: a job signed with another
+    published key is set aside, naming its kid."""
+    other, other_public = sqstore.generate_keypair("carolkey")
+    sqstore.upload_public_key(store, other_public, "carol", role="user")
+    sqstore.upload_config(store, strict_config(accepted_kids=("alicekey",)), "sim")
+    good = queued_job(store, key=user_keys[0])
+    refused = queued_job(store, key=other, user="carol")
+    assert finish(store, "sim") == [good]
+    status = sqstore.get_status(store, "sim", "carol", refused)
+    assert "key 'carolkey', which this backend does not accept" in status.error_message
+
+
+def test_a_backend_without_the_requirement_runs_every_job(
+    store: Storage, user_keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """Unsigned backends behave as before: signed and unsigned jobs run, and their config
+    document carries no new field."""
+    signed_job = queued_job(store, key=user_keys[0])
+    plain = queued_job(store)
+    assert finish(store, "sim") == [signed_job, plain]
+    raw = store["get"](*place(store, "configs", ""))
+    assert "require_signed_jobs" not in raw and "accepted_kids" not in raw
+
+
+def test_verify_job_checks_the_chain_from_submission_to_result(
+    signed: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """verify_job is True for a signed job whose signed result names it; False for an
+    unsigned job, a job changed after signing, or another job's result in its place."""
+    store = signed
+    alice, alice_public = sqstore.generate_keypair("alicekey")
+    sqstore.upload_public_key(store, alice_public, "alice", role="user")
+    first, second = (queued_job(store, key=alice) for _ in range(2))
+    unsigned = queued_job(store)
+    assert finish(store, "sim", keys[0]) == [first, second, unsigned]
+    assert sqstore.verify_job(store, "sim", "alice", first)
+    assert not sqstore.verify_job(store, "sim", "alice", unsigned)
+    if store["layout"].job_ids != "dated":
+        assert not sqstore.verify_job(store, "sim", "bob", first)  # signed for alice
+    store["update"](*place(store, "results", first), store["get"](*place(store, "results", second)))
+    assert not sqstore.verify_job(store, "sim", "alice", first)
+    store["update"](*place(store, "finished", second), job_with(shots=1))
+    assert not sqstore.verify_job(store, "sim", "alice", second)
+    with pytest.raises(sqstore.NotFoundError):
+        sqstore.verify_job(store, "sim", "alice", sqstore.create_job_id(store, "sim", "alice"))
+
+
+def test_signed_submission_bad_input_gives_clear_errors(store: Storage) -> None:
+    """A public key cannot sign a job, and a config's accepted_kids must be a list of strings."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    public = sqstore.generate_keypair("alicekey")[1]
+    with pytest.raises(sqstore.BadSignatureError, match="not a private key"):
+        sqstore.upload_job(store, JOB, "sim", "alice", private_jwk=public)
+    assert jobs_in(store, "queued") == []
+    bad = {**sqstore.to_doc(sqstore.demo_config("sim")), "accepted_kids": "alicekey"}
+    with pytest.raises(sqstore.InvalidDocumentError, match="accepted_kids"):
+        sqstore.update_config(store, bad, "sim")
+
+
+def test_sqooler_reads_signed_jobs_cancelled_jobs_and_strict_configs(
+    shared: tuple[Any, Storage],
+) -> None:
+    """sqooler 0.9 loads a signed config that requires signed jobs, reads a signed job exactly
+    as submitted (a job its spooler runs), and reads a cancelled job's status."""
+    sqooler, store = shared
+    bob, bob_public = sqstore.generate_keypair("bobkey")
+    config = attrs.evolve(
+        sqstore.demo_config("sq", sign=True), require_signed_jobs=True, accepted_kids=("alicekey",)
+    )
+    sqstore.upload_config(store, config, "sq", bob)
+    sqstore.upload_public_key(store, bob_public, "sq")
+    alice, alice_public = sqstore.generate_keypair("alicekey")
+    sqstore.upload_public_key(store, alice_public, "alice", role="user")
+    assert sqooler.get_config("sq").display_name == "sq"
+    assert sqooler.get_backend_dict("sq").backend_name == f"{store['name']}_sq_simulator"
+    job_id = sqstore.upload_job(store, JOB, "sq", "alice", private_jwk=alice)
+    sqstore.upload_status(store, "sq", "alice", job_id, bob)
+    cancelled = sqstore.upload_job(store, JOB, "sq", "alice", private_jwk=alice)
+    sqstore.upload_status(store, "sq", "alice", cancelled, bob)
+    assert sqstore.cancel_job(store, "sq", "alice", cancelled) == "cancelled"
+    status = sqooler.get_status("sq", "alice", cancelled)
+    assert (status.status, status.detail) == ("ERROR", "Cancelled by alice.")
+    nxt = sqooler.get_next_job_in_queue("sq", bob)
+    assert nxt.job_id == job_id
+    assert sqooler.get_job(storage_path=nxt.job_json_path, job_id=job_id) == JOB
+
+
+@pytest.mark.parametrize(
+    ("heading", "printed"),
+    [
+        ("## Cancelling a job", "Cancelled by alice.\n"),
+        ("## Signed submissions", "the job is not signed\n"),
+    ],
+)
+def test_readme_cancel_and_signed_submission_examples_run(heading: str, printed: str) -> None:
+    """The README's examples of cancelling and of signed submissions run and print what they
+    say."""
+    out = subprocess.run(
+        [sys.executable, "-c", readme_block(heading, "python")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120,
+    )  # fmt: skip
+    assert (out.returncode, out.stdout) == (0, printed), out.stderr
+
+
+# ============================================================================
 # Faults, races and hostile input: each guarantee attacked
 # ============================================================================
 T0 = 1_800_000_000.0
