@@ -2650,15 +2650,7 @@ def _adopt(store: Storage, display_name: str | None, job_id: str, expires: float
     layout = store["layout"]
     check_name(job_id, "job_id")
     names = [display_name] if display_name is not None else get_backends(store)
-    if layout.job_ids == "dated" and len(parts := job_id.split("-")) == 4:
-        owners = [dn for dn in names if dn == parts[1]]
-    else:
-        owners = [
-            dn
-            for dn in names
-            if _DISPLAY_NAME_RE.fullmatch(dn)
-            and _exists(store, *_status_location(store, dn, None, job_id))
-        ]
+    owners = [dn for dn in names if _owner(store, dn, job_id)]
     if len(owners) != 1 or not _exists(
         store, layout.running, _fill(layout.job_file, job_id=job_id)
     ):

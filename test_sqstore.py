@@ -7004,6 +7004,32 @@ def test_running_jobs_and_requeue_job(tmp_path: Path) -> None:
     assert sqstore.running_jobs(store, "sim")[ids[1]].holder == "w4"
 
 
+def test_requeue_job_completes_a_recorded_finish_and_releases_a_half_claim(
+    tmp_path: Path,
+) -> None:
+    """requeue_job finishes a job whose worker died while finishing it (its lease holds the
+    final status) instead of running it again, and releases the live lease a claim left on
+    a queued job when it stopped before its move, so that the next claim takes the job."""
+    store = sqstore.local_storage(tmp_path / "lab")
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    dying, blocked = (sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(2))
+    for job_id in (dying, blocked):
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    assert sqstore.claim_job(store, "sim", holder="w1", lease_seconds=600) is not None
+    lease = store["get"]("jobs/leases", dying)
+    final = sqstore.StatusMsg(dying, "ERROR", "The executor failed.", "ValueError: x")
+    store["update"]("jobs/leases", dying, {**lease, "finish": sqstore.to_doc(final)})
+    assert sqstore.requeue_job(store, "sim", dying) is False
+    assert jobs_in(store, "deleted") == [dying] and store["list"]("jobs/running") == []
+    assert sqstore.get_status(store, "sim", "alice", dying).error_message == "ValueError: x"
+    half = sqstore.Lease(blocked, "sim", "w2", "t0ken", time.time() + 600)
+    store["upload"]("jobs/leases", blocked, sqstore.to_doc(half))
+    assert sqstore.claim_job(store, "sim", holder="w3") is None  # w2 seems to hold it
+    assert sqstore.requeue_job(store, "sim", blocked) is True
+    claimed = sqstore.claim_job(store, "sim", holder="w3")
+    assert claimed is not None and claimed[0].job_id == blocked
+
+
 def test_cli_running_and_requeue(tmp_path: Path) -> None:
     """`running` prints each running job with holder, lease expiry and attempts;
     `requeue DN JOB` forces that job back; `requeue DN` requeues the expired ones only."""
