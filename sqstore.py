@@ -4801,6 +4801,8 @@ def _cmd_backend_add(store: Storage, args: argparse.Namespace) -> int:
         cfg = _coerce(_read_json_file(path, "config file"), BackendConfig, path)
     except InvalidDocumentError as exc:
         raise _UserError(f"{path}: not a backend config: {exc}") from None
+    if not cfg.display_name:
+        raise _UserError(f"{path}: the config has no display_name (the backend's name)")
     display_name = _check_display_name(cfg.display_name)
     private = _load_jwk(args.key) if args.key else None
     if cfg.sign and private is None:
