@@ -3669,6 +3669,9 @@ def mongodb_storage(
     document there lets the delete decide, as above.
 
     Give a ``mongodb://`` or ``mongodb+srv://`` URI or a ``pymongo.MongoClient``.
+    A URI that names a database (``mongodb://host/mydb``) is refused: the
+    databases are those of the layout, as sqooler's are, and ``?authSource=``
+    says which one to log in against.
     *timeout* (seconds) bounds finding a server and connecting, unless the URI
     sets ``serverSelectionTimeoutMS`` or ``connectTimeoutMS`` itself.  With
     *create_indexes*, the indexes that find configs and keys are made
@@ -3677,6 +3680,7 @@ def mongodb_storage(
     Raises:
         SqstoreError: the ``pymongo`` package is not installed.
         TransientError: the server cannot be reached (when creating indexes).
+        ValueError: a malformed URI, or one that names a database.
     """
     _check_store_name(name)
     try:
@@ -4346,17 +4350,20 @@ def _dropbox_credentials(url: str) -> dict[str, str]:
 def open_storage(url: str) -> Storage:
     """Return the store a URL names.
 
-    ``file:///path`` or a bare path (a directory, `local_storage`), ``memory://``
-    (`memory_storage`), ``mongodb://...`` or ``mongodb+srv://...``
-    (`mongodb_storage`; the URI carries the credentials, and no error message
-    repeats them), ``dropbox://`` (`dropbox_storage` on the app folder; the app
-    key, app secret and refresh token come from ``$SQSTORE_DROPBOX_APP_KEY``,
-    ``$SQSTORE_DROPBOX_APP_SECRET`` and ``$SQSTORE_DROPBOX_REFRESH_TOKEN``, or from
-    the JSON file ``$SQSTORE_DROPBOX_CREDENTIALS`` names, never from the URL).
+    ``file:///path`` or a bare path (a directory, `local_storage`; ``~`` is the
+    home directory), ``memory://`` (`memory_storage`), ``mongodb://...`` or
+    ``mongodb+srv://...`` (`mongodb_storage`; the URI carries the credentials,
+    and no error message repeats them; it names no database), ``dropbox://``
+    (`dropbox_storage` on the app folder; the app key, app secret and refresh
+    token come from ``$SQSTORE_DROPBOX_APP_KEY``, ``$SQSTORE_DROPBOX_APP_SECRET``
+    and ``$SQSTORE_DROPBOX_REFRESH_TOKEN``, or from the JSON file
+    ``$SQSTORE_DROPBOX_CREDENTIALS`` names, never from the URL).
     Log a URL with `redact_url`.
 
     Raises:
-        ValueError: the URL's scheme is not one of these, or it is malformed.
+        ValueError: the URL's scheme is not one of these, or it is malformed (e.g.
+            ``mongodb:/host``, a MongoDB URL naming a database, a dropbox URL with a
+            path).
         CredentialsError: ``dropbox://`` without credentials in the environment.
     """
     root = _local_root(url)
@@ -5104,6 +5111,13 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
             _give_back(stores, urls, args.display_name, holder, private, logger)
             return 130
         logger.info(f"finished {done} job{'' if done == 1 else 's'}")
+        if args.burst and not stop.is_set() and (args.max_jobs is None or done < args.max_jobs):
+            for url, each in zip(urls, stores, strict=True):  # a job it could not claim
+                if left := len(each["list"](_fill(each["layout"].queued, args.display_name))):
+                    logger.error(
+                        f"{redact_url(url)}: {left} job{'' if left == 1 else 's'} left in the "
+                        "queue that this worker could not claim (or that came in at the end)"
+                    )
         return 1 if args.burst and errors else 0
     finally:
         logger.removeHandler(handler)

@@ -6868,9 +6868,9 @@ def test_work_logs_to_the_sqstore_logger_by_default(caplog: pytest.LogCaptureFix
 
 
 def test_cli_work_log_lines_carry_time_and_level_and_burst_exits(tmp_path: Path) -> None:
-    """`sqstore work --burst` serves the queued jobs and exits 0 once every queue is empty;
-    its log lines start with a timestamp and a level; -q keeps only warnings, -v adds one
-    line per storage operation."""
+    """`sqstore work --burst` serves the queued jobs and exits 0 once every queue is empty
+    (1, saying so, when a job is left that it could not claim); its log lines start with a
+    timestamp and a level; -q keeps only warnings, -v adds one line per storage operation."""
     store, _, first = a_lab(tmp_path / "lab")
     second = sqstore.upload_job(store, job_with(fail=True), "sqsim", "cli")
     common = ["--storage", "lab", "work", "sqsim", "lab_executor:run", "--key", "bob.jwk"]
@@ -6888,6 +6888,12 @@ def test_cli_work_log_lines_carry_time_and_level_and_burst_exits(tmp_path: Path)
     verbose = sqstore_cli(*common, "--burst", "-v", cwd=tmp_path)
     assert verbose.returncode == 0, verbose.stderr
     assert re.search(rf"^{stamp} DEBUG sqstore: local list jobs/queued/sqsim", verbose.stderr, re.M)
+    held = sqstore.upload_job(store, JOB, "sqsim", "cli")  # another worker's claim, half done
+    lease = sqstore.Lease(held, "sqsim", "elsewhere:1", "t0ken", time.time() + 600)
+    store["upload"]("jobs/leases", held, sqstore.to_doc(lease))
+    left = sqstore_cli(*common, "--burst", cwd=tmp_path)
+    assert left.returncode == 1 and "Traceback" not in left.stderr, left.stderr
+    assert re.search(rf"^{stamp} ERROR sqstore: lab: 1 job left in the queue", left.stderr, re.M)
 
 
 def test_cli_work_second_ctrl_c_aborts_the_job_and_puts_it_back(tmp_path: Path) -> None:
