@@ -4285,9 +4285,9 @@ def _local_root(url: str) -> str | None:
     if not sep:
         if found := _SCHEME_RE.match(url):  # mongodb:/host, memory:, dropbox:/ ...
             meant = f"{found.group()}//{url[found.end() :].lstrip('/')}"
-            raise ValueError(
-                f"{redact_url(url)} is neither a URL nor a directory: did you mean "
-                f"{redact_url(meant)}? (write a directory whose name holds ':' as ./{url})"
+            raise ValueError(  # only the URL meant is shown: it is the one redact_url reads
+                f"not a storage URL: did you mean {redact_url(meant)}? (for a directory "
+                "whose name holds ':', write ./NAME)"
             )
         return os.path.expanduser(url)
     if scheme != "file":
@@ -4306,7 +4306,7 @@ def _refuse_mongodb_database(uri: str) -> None:
     databases of sqooler's layout and would ignore it.  (The path is where pymongo,
     too, looks for it: after the first ``/`` of the part after ``://``.)"""
     path = uri.partition("://")[2].partition("/")[2].partition("?")[0]
-    if path:
+    if path and "@" not in path:  # with "@", a password holds "/": pymongo refuses it
         raise ValueError(
             f"{redact_url(uri)}: sqstore keeps its documents in the databases sqooler uses "
             f"(backends, jobs, status, results), not in the database {path!r} the URL "

@@ -6671,7 +6671,8 @@ def a_lab(root: Path) -> tuple[Storage, sqstore.JWK, str]:
         (["requeue", "sqsim", "6b0000000000000000000000"], ["no job '6b00", "./lab"]),
         (["result", "sqsim", "QUEUED"], ["has no result yet", "INITIALIZING", "./lab"]),
         (["copy", "./nonexistent", "./x"], ["no storage at ./nonexistent"]),
-        (["--storage", "mongodb:/localhost", "backends"], ["mongodb:/localhost", "mongodb://"]),
+        (["--storage", "mongodb:/localhost", "backends"], ["did you mean mongodb://localhost?"]),
+        (["--storage", "mongodb:bob:pw@h", "backends"], ["did you mean mongodb://bob:***@h?"]),
         (["--storage", "mongodb://localhost/mydb", "backends"], ["'mydb'", "authSource"]),
     ],
 )
@@ -6821,6 +6822,9 @@ def test_mongodb_url_naming_a_database_is_refused() -> None:
             with pytest.raises(ValueError, match=r"'mydb'.*authSource") as info:
                 call(url)
             assert "s3cret" not in str(info.value)
+    with pytest.raises(ValueError, match="bad MongoDB URI") as info:  # "/" in a password
+        sqstore.mongodb_storage("mongodb://bob:s3c/ret@db.example.org/")
+    assert "ret@" not in str(info.value)
     for url in ("mongodb://db.example.org", "mongodb://db/", "mongodb://db/?authSource=mydb"):
         assert sqstore.mongodb_storage(url, create_indexes=False)["name"] == "mongodb"
 
