@@ -4879,7 +4879,11 @@ def _cmd_requeue(store: Storage, args: argparse.Namespace) -> int:
             f"{redact_url(args.storage)} is not running: it is {where}"
         ) from None
     if not requeued:
-        print(f"{args.job_id}: its worker had finished it; finished now", file=sys.stderr)
+        print(
+            f"{args.job_id}: not requeued: its worker died while finishing it; that finish "
+            "is now complete",
+            file=sys.stderr,
+        )
         return 0
     print(args.job_id)
     return 0
@@ -5072,7 +5076,9 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     handler.addFilter(count)
     kept = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else 20)
+    logger.setLevel(
+        logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    )
     logger.propagate = False
     if args.verbose:  # one line per storage operation
         stores = [with_logging(each) for each in stores]
