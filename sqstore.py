@@ -186,7 +186,9 @@ __all__ = [
     "redact_url",
     "renew_lease",
     "requeue_expired",
+    "requeue_job",
     "run_simulator",
+    "running_jobs",
     "save_jwk",
     "sign_doc",
     "stack",
@@ -2738,6 +2740,109 @@ def requeue_expired(
     return requeued
 
 
+def running_jobs(store: Storage, display_name: str) -> dict[str, Lease | None]:
+    """Return the running jobs of a backend, oldest first, each with its lease.
+
+    The lease says who holds the job (``holder``), until when (``expires``,
+    Unix seconds) and how often it was claimed (``attempts``); a running job
+    without a lease (moved there by a program that takes none, such as
+    sqooler) has None.  Such a job counts as the backend's when its id or its
+    status says so.
+
+    Raises:
+        InvalidNameError: bad display name.
+    """
+    _check_handle(store)
+    _check_display_name(display_name)
+    layout = store["layout"]
+    found: dict[str, Lease | None] = {}
+    for file_id in store["list"](layout.running):
+        job_id = _job_id_of(layout, file_id)
+        try:
+            at = _lease_at(store, job_id)
+        except (InvalidDocumentError, InvalidNameError):
+            at = None  # garbage in place of a lease: the job has none
+        if at is not None:
+            if at[1].display_name == display_name:
+                found[job_id] = at[1]
+        elif _owner(store, display_name, job_id):
+            found[job_id] = None
+    return found
+
+
+def _owner(store: Storage, display_name: str, job_id: str) -> bool:
+    """Whether a running job without a lease is *display_name*'s: from a dated id,
+    or from where its status is."""
+    if store["layout"].job_ids == "dated" and len(parts := job_id.split("-")) == 4:
+        return parts[1] == display_name
+    try:
+        return _exists(store, *_status_location(store, display_name, None, job_id))
+    except InvalidNameError:
+        return False
+
+
+def requeue_job(
+    store: Storage,
+    display_name: str,
+    job_id: str,
+    private_jwk: Any = None,
+    *,
+    now: Callable[[], float] = time.time,
+) -> bool:
+    """Put a running job back in its queue at once, whether or not its lease expired.
+
+    For a job whose worker is known to be dead (or was stopped): the job is
+    requeued as `requeue_expired` requeues a job whose lease expired, without
+    waiting for that, and never given up however often it was claimed.  A
+    worker that is still running it loses its lease (its finish then fails
+    with `LeaseLostError`).  A job whose worker died
+    while finishing it is finished instead (its lease holds the final status,
+    signed with *private_jwk* when given).  A lease left on a queued job by a
+    claim that stopped half-way is released.
+
+    Returns:
+        True if the job went back to its queue, False if it was finished instead.
+
+    Raises:
+        NotFoundError: the job is not a running job of *display_name*.
+        InvalidNameError: bad display name or job id.
+    """
+    _check_handle(store)
+    _check_display_name(display_name)
+    check_name(job_id, "job_id")
+    layout = store["layout"]
+    for _ in range(5):  # a lease that changes meanwhile (a renewal, a sweep) is read again
+        found = _lease_at(store, job_id)
+        if found is None or found[1].display_name != display_name:
+            if found is not None or not _owner(store, display_name, job_id):
+                raise NotFoundError(f"job {job_id} is not a job of backend {display_name!r}")
+            if not _exists(store, layout.running, _fill(layout.job_file, job_id=job_id)):
+                raise NotFoundError(f"job {job_id} of backend {display_name!r} is not running")
+            _adopt(store, display_name, job_id, now())
+            continue
+        raw, lease = found
+        where = _job_where(store, display_name, job_id)
+        if where == "queued" and lease.holder:  # a claim that stopped before its move
+            released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now())
+            if store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
+                return True
+            continue
+        if where != "running":
+            raise NotFoundError(f"job {job_id} of backend {display_name!r} is not running")
+        if not lease.holder:  # released, then moved to running without a lease: hold it first
+            held = attrs.evolve(lease, holder=_ORPHAN, expires=now())
+            store["swap"](layout.leases, job_id, raw, _lease_doc(raw, held))
+            continue
+        # every lease counts as expired (skew -inf), and no job is given up here
+        if _sweep_lease(
+            store, display_name, private_jwk, found, now(), -math.inf, sys.maxsize, 0.0
+        ):
+            return True
+        if lease.finish is not None and _job_where(store, display_name, job_id) != "running":
+            return False  # its recorded finish was completed
+    raise LeaseLostError(f"job {job_id}: its lease keeps changing; another worker acts on it")
+
+
 _ORPHAN = "(no lease)"  # the holder of a lease that a sweep gave to a running job
 
 
@@ -2747,15 +2852,7 @@ def _adopt(store: Storage, display_name: str | None, job_id: str, expires: float
     layout = store["layout"]
     check_name(job_id, "job_id")
     names = [display_name] if display_name is not None else get_backends(store)
-    if layout.job_ids == "dated" and len(parts := job_id.split("-")) == 4:
-        owners = [dn for dn in names if dn == parts[1]]
-    else:
-        owners = [
-            dn
-            for dn in names
-            if _DISPLAY_NAME_RE.fullmatch(dn)
-            and _exists(store, *_status_location(store, dn, None, job_id))
-        ]
+    owners = [dn for dn in names if _owner(store, dn, job_id)]
     if len(owners) != 1 or not _exists(
         store, layout.running, _fill(layout.job_file, job_id=job_id)
     ):
@@ -3218,6 +3315,8 @@ def work(
     max_jobs: int | None = None,
     stop: threading.Event | None = None,
     log: Callable[[str], None] | None = None,
+    logger: Any = None,
+    burst: bool = False,
 ) -> int:
     """Run Bob's worker loop: serve a backend's queue on each of *stores* in turn.
 
@@ -3230,7 +3329,11 @@ def work(
     died) are requeued at the start and then every *heartbeat* seconds.  When
     no store has a job, waits *poll* seconds.  Returns after *max_jobs* jobs,
     or once *stop* is set, which never interrupts a running job (set it from a
-    signal handler).  Storage errors are reported to *log* (one line each) and
+    signal handler), or, with *burst*, once a pass over every store claims no
+    job (a store that cannot be read counts as empty: its error is logged).
+    Each finished job and each storage error is one line to *log* if given,
+    else to *logger* (default: ``logging.getLogger("sqstore")``; a job at INFO,
+    a failed job and a lost lease at WARNING, a storage error at ERROR), and
     the loop goes on; a job whose finishing failed keeps its lease and is
     requeued when that expires.  A cancel request (`cancel_job`) is looked for
     at each renewal and before finishing; an executor that takes a ``cancel``
@@ -3259,7 +3362,7 @@ def work(
         _backend_signer(store, cfg, private_jwk)
     stop = stop or threading.Event()
     holder = holder or _default_holder()
-    say = log or (lambda line: None)
+    say = _reporter(log, logger)
     names = [store["name"] for store in stores]  # numbered where they repeat: local1, local2
     labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
     done = 0
@@ -3280,7 +3383,7 @@ def work(
                         max_attempts=max_attempts,
                         grace=lease_seconds,
                     ):
-                        say(f"{label}: requeued {', '.join(requeued)} (lease expired)")
+                        say(f"{label}: requeued {', '.join(requeued)} (lease expired)", _INFO)
                 claimed = claim_job(
                     store,
                     display_name,
@@ -3292,7 +3395,7 @@ def work(
                     max_attempts=max_attempts,
                 )
             except SqstoreError as exc:
-                say(f"{label}: cannot claim: {type(exc).__name__}: {exc}")
+                say(f"{label}: cannot claim: {type(exc).__name__}: {exc}", _ERROR)
                 continue
             if claimed is not None:
                 idle = False
@@ -3307,9 +3410,25 @@ def work(
                     lease_seconds,
                     say,
                 )
+        if idle and burst:
+            break
         if idle:
             stop.wait(poll)
     return done
+
+
+_INFO, _WARNING, _ERROR = 20, 30, 40  # logging's levels (logging loads only when used)
+
+
+def _reporter(log: Callable[[str], None] | None, logger: Any) -> Callable[[str, int], None]:
+    """How `work` reports a line at a level: to *log*, else to *logger* or sqstore's."""
+    if log is not None:
+        return lambda line, level: log(line)
+    if logger is None:
+        import logging
+
+        logger = logging.getLogger("sqstore")
+    return cast(Callable[[str, int], None], lambda line, level: logger.log(level, line))
 
 
 def _work_one(
@@ -3321,7 +3440,7 @@ def _work_one(
     claimed: tuple[NextJob, Doc],
     holder: str,
     lease_seconds: float,
-    say: Callable[[str], None],
+    say: Callable[[str, int], None],
 ) -> int:
     """Run and finish one claimed job, renewing its lease meanwhile; 1 if finished."""
     job_id, job = claimed[0].job_id, claimed[1]
@@ -3333,10 +3452,10 @@ def _work_one(
             try:
                 renew_lease(store, job_id, holder=holder, lease_seconds=lease_seconds)
             except LeaseLostError:
-                say(f"{label} {job_id}: lease lost; another worker may run the job")
+                say(f"{label} {job_id}: lease lost; another worker may run the job", _WARNING)
                 return
             except SqstoreError as exc:  # try again at the next third
-                say(f"{label} {job_id}: cannot renew the lease: {exc}")
+                say(f"{label} {job_id}: cannot renew the lease: {exc}", _WARNING)
 
     renewer = threading.Thread(target=renew, name=f"renew-{job_id}", daemon=True)
     renewer.start()
@@ -3370,14 +3489,17 @@ def _work_one(
                 )
                 continue
             if attempt + 1 == _FINISH_TRIES or isinstance(exc, (LeaseLostError, NotFoundError)):
-                say(f"{label} {job_id}: cannot finish: {type(exc).__name__}: {exc}")
+                say(f"{label} {job_id}: cannot finish: {type(exc).__name__}: {exc}", _ERROR)
                 return 0  # the lease expires and the job is requeued
-            say(f"{label} {job_id}: cannot finish yet, trying again: {type(exc).__name__}: {exc}")
+            say(
+                f"{label} {job_id}: cannot finish yet, trying again: {type(exc).__name__}: {exc}",
+                _WARNING,
+            )
             time.sleep(0.05 * 4**attempt)
     if cancelled_by:  # honoured: the request is done with
         _forget_cancel(store, job_id)
     why = f": {status.error_message}" if status.status == "ERROR" else ""
-    say(f"{label} {job_id} {status.status} in {ms:.0f} ms{why}")
+    say(f"{label} {job_id} {status.status} in {ms:.0f} ms{why}", _WARNING if why else _INFO)
     return 1
 
 
@@ -3449,6 +3571,7 @@ def copy_storage(
             raise ValueError(f"cannot copy: {folder} is per backend in one layout only")
     counts = {kind: dict.fromkeys(_COPY_COUNTS, 0) for kind in _COPY_KINDS}
     keys: list[Doc] = []
+    clashing: list[Doc] = []  # source keys whose kid *dst* holds another key for
 
     def tell(kind: str, outcome: str, message: str = "") -> None:
         counts[kind][outcome] += 1
@@ -3468,12 +3591,14 @@ def copy_storage(
         except NotFoundError:
             return None
         except (InvalidDocumentError, BadSignatureError) as exc:
-            tell(kind, "rejected", f"{where}: not copied: {exc}")
+            tell(kind, "rejected", f"{where}: not copied: {clash(doc, dn) or exc}")
             return None
         try:
             dst["upload"](*dst_at, doc)
         except AlreadyExistsError:
             if dst["get"](*dst_at) != doc:
+                if kind == "public_keys":
+                    clashing.append(doc)
                 tell(kind, "conflicts", f"{where}: kept the different {'/'.join(dst_at)}")
                 return None
             tell(kind, "present")
@@ -3481,13 +3606,27 @@ def copy_storage(
         tell(kind, "copied")
         return doc
 
-    def backend_keys(src_at: tuple[str, str]) -> list[Doc]:
-        """The published key of the kid a config names, if the config is unsigned or its
-        own signature verifies with it; else none."""
+    def clash(doc: Doc, dn: str | None) -> str:
+        """Why *doc* is not copied when the source key that verifies it is one whose kid
+        the target holds another key for (a conflict); "" when that is not the cause."""
+        own = clashing if dn is None else clashing_of.get(dn, [])
+        try:
+            verify_doc(doc, own)
+        except (InvalidDocumentError, BadSignatureError):
+            return ""
+        kids = sorted({str(key.get("kid")) for key in own})
+        return (
+            f"its key {', '.join(map(repr, kids))} is in conflict: the target holds another "
+            "key of that kid, which would not verify it"
+        )
+
+    def backend_keys(src_at: tuple[str, str], among: list[Doc]) -> list[Doc]:
+        """The key *among* those given of the kid a config names, if the config is
+        unsigned or its own signature verifies with it; else none."""
         try:
             doc = src["get"](*src_at)
             kid = payload_of(doc).get("kid")
-            own = [key for key in keys if key.get("kid") == kid and kid is not None]
+            own = [key for key in among if key.get("kid") == kid and kid is not None]
             if is_signed(doc):
                 verify_doc(doc, own)
         except (NotFoundError, InvalidDocumentError, BadSignatureError):
@@ -3495,6 +3634,7 @@ def copy_storage(
         return own
 
     keys_of: dict[str, list[Doc]] = {}  # a backend's own key, for its documents
+    clashing_of: dict[str, list[Doc]] = {}  # ... when that key is in conflict in *dst*
     for kid in src["list"](src_layout.public_keys):
         doc = one("public_keys", (src_layout.public_keys, kid), (dst_layout.public_keys, kid))
         keys += [doc] if doc is not None else []
@@ -3506,7 +3646,8 @@ def copy_storage(
             tell("configs", "rejected", f"{src_layout.configs}/{dn}: not copied: {exc}")
             continue
         display_names.append(dn)
-        keys_of[dn] = backend_keys(src_at) if verify else []
+        keys_of[dn] = backend_keys(src_at, keys) if verify else []
+        clashing_of[dn] = backend_keys(src_at, clashing) if verify and clashing else []
         one("configs", src_at, _config_location(dst, dn), dn)
 
     def copy_folder(
@@ -4041,6 +4182,9 @@ def mongodb_storage(
     document there lets the delete decide, as above.
 
     Give a ``mongodb://`` or ``mongodb+srv://`` URI or a ``pymongo.MongoClient``.
+    A URI that names a database (``mongodb://host/mydb``) is refused: the
+    databases are those of the layout, as sqooler's are, and ``?authSource=``
+    says which one to log in against.
     *timeout* (seconds) bounds finding a server and connecting, unless the URI
     sets ``serverSelectionTimeoutMS`` or ``connectTimeoutMS`` itself.  With
     *create_indexes*, the indexes that find configs and keys are made
@@ -4049,6 +4193,7 @@ def mongodb_storage(
     Raises:
         SqstoreError: the ``pymongo`` package is not installed.
         TransientError: the server cannot be reached (when creating indexes).
+        ValueError: a malformed URI, or one that names a database.
     """
     _check_store_name(name)
     try:
@@ -4063,6 +4208,7 @@ def mongodb_storage(
         raise SqstoreError("mongodb_storage needs: pip install 'sqstore[mongodb]'") from exc
     client: Any = uri_or_client
     if isinstance(uri_or_client, str):
+        _refuse_mongodb_database(uri_or_client)
         try:
             given = uri_or_client.lower()  # options in the URI win over *timeout*
             timeouts: dict[str, Any] = {
@@ -4642,11 +4788,21 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{netloc}{slash}" + _SECRET_QUERY_RE.sub(r"\1***", tail)
 
 
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URL's scheme (two letters or more)
+
+
 def _local_root(url: str) -> str | None:
-    """The directory a bare path or ``file://`` URL names; None for other schemes."""
+    """The directory a bare path (``~`` is the home directory) or ``file://`` URL names;
+    None for other schemes."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
+        if found := _SCHEME_RE.match(url):  # mongodb:/host, memory:, dropbox:/ ...
+            meant = f"{found.group()}//{url[found.end() :].lstrip('/')}"
+            raise ValueError(  # only the URL meant is shown: it is the one redact_url reads
+                f"not a storage URL: did you mean {redact_url(meant)}? (for a directory "
+                "whose name holds ':', write ./NAME)"
+            )
+        return os.path.expanduser(url)
     if scheme != "file":
         return None
     if rest.startswith("localhost/"):
@@ -4656,6 +4812,19 @@ def _local_root(url: str) -> str | None:
     from urllib.parse import unquote
 
     return unquote(rest)
+
+
+def _refuse_mongodb_database(uri: str) -> None:
+    """Refuse a MongoDB URI that names a database: sqstore keeps its documents in the
+    databases of sqooler's layout and would ignore it.  (The path is where pymongo,
+    too, looks for it: after the first ``/`` of the part after ``://``.)"""
+    path = uri.partition("://")[2].partition("/")[2].partition("?")[0]
+    if path and "@" not in path:  # with "@", a password holds "/": pymongo refuses it
+        raise ValueError(
+            f"{redact_url(uri)}: sqstore keeps its documents in the databases sqooler uses "
+            f"(backends, jobs, status, results), not in the database {path!r} the URL "
+            f"names; leave it out (to log in against it, add ?authSource={path})"
+        )
 
 
 def _dropbox_credentials(url: str) -> dict[str, str]:
@@ -4694,17 +4863,20 @@ def _dropbox_credentials(url: str) -> dict[str, str]:
 def open_storage(url: str) -> Storage:
     """Return the store a URL names.
 
-    ``file:///path`` or a bare path (a directory, `local_storage`), ``memory://``
-    (`memory_storage`), ``mongodb://...`` or ``mongodb+srv://...``
-    (`mongodb_storage`; the URI carries the credentials, and no error message
-    repeats them), ``dropbox://`` (`dropbox_storage` on the app folder; the app
-    key, app secret and refresh token come from ``$SQSTORE_DROPBOX_APP_KEY``,
-    ``$SQSTORE_DROPBOX_APP_SECRET`` and ``$SQSTORE_DROPBOX_REFRESH_TOKEN``, or from
-    the JSON file ``$SQSTORE_DROPBOX_CREDENTIALS`` names, never from the URL).
+    ``file:///path`` or a bare path (a directory, `local_storage`; ``~`` is the
+    home directory), ``memory://`` (`memory_storage`), ``mongodb://...`` or
+    ``mongodb+srv://...`` (`mongodb_storage`; the URI carries the credentials,
+    and no error message repeats them; it names no database), ``dropbox://``
+    (`dropbox_storage` on the app folder; the app key, app secret and refresh
+    token come from ``$SQSTORE_DROPBOX_APP_KEY``, ``$SQSTORE_DROPBOX_APP_SECRET``
+    and ``$SQSTORE_DROPBOX_REFRESH_TOKEN``, or from the JSON file
+    ``$SQSTORE_DROPBOX_CREDENTIALS`` names, never from the URL).
     Log a URL with `redact_url`.
 
     Raises:
-        ValueError: the URL's scheme is not one of these, or it is malformed.
+        ValueError: the URL's scheme is not one of these, or it is malformed (e.g.
+            ``mongodb:/host``, a MongoDB URL naming a database, a dropbox URL with a
+            path).
         CredentialsError: ``dropbox://`` without credentials in the environment.
     """
     root = _local_root(url)
@@ -4900,7 +5072,72 @@ _DEFAULT_STORAGE = "./sqstore-data"
 
 
 class _UserError(Exception):
-    """A mistake on the command line: message to stderr, exit code 1."""
+    """A mistake on the command line, or what the user asked for does not exist: one
+    line to stderr, exit code 1."""
+
+
+_SERVICES = {"mongodb": "MongoDB", "mongodb+srv": "MongoDB", "dropbox": "Dropbox"}
+
+
+def _open(url: str, *, create: bool = False) -> Storage:
+    """The storage *url* names, for a command.  A directory must exist unless *create*
+    (reading a storage never creates it).  A server that cannot be reached, and a
+    directory that cannot be read or written, are named by the URL (redacted)."""
+    shown = redact_url(url)
+    root = _local_root(url)
+    if root is not None and not create and not os.path.isdir(root):
+        why = "not a directory" if os.path.exists(root) else "no such directory"
+        raise _UserError(f"no storage at {shown} ({why})")
+    service = _SERVICES.get(url.partition("://")[0], "the storage")
+
+    def unreachable(exc: TransientError) -> TransientError:
+        why = type(exc.__cause__).__name__ if exc.__cause__ is not None else exc
+        return TransientError(f"cannot reach {service} at {shown} ({why})")
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def named(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except TransientError as exc:
+                raise unreachable(exc) from exc
+            except StorageError as exc:
+                raise StorageError(f"{shown}: {exc}") from exc
+
+        return named
+
+    try:
+        return _map_ops(open_storage(url), wrap)
+    except TransientError as exc:
+        raise unreachable(exc) from exc
+
+
+def _backend(store: Storage, url: str, display_name: str) -> BackendConfig:
+    """The config of backend *display_name*; if there is none, an error that names the
+    storage and the backends it has."""
+    _check_display_name(display_name)
+    try:
+        return get_config(store, display_name)
+    except NotFoundError:
+        known = get_backends(store)
+        has = f"known: {', '.join(known)}" if known else "it has none"
+        raise _UserError(f"no backend {display_name!r} on {redact_url(url)} ({has})") from None
+
+
+def _no_job(store: Storage, url: str, display_name: str, job_id: str, user: str = "") -> str:
+    of_user = f" of user {user!r}" if user and "{username}" in store["layout"].status else ""
+    return f"no job {job_id!r}{of_user} on backend {display_name!r} at {redact_url(url)}"
+
+
+def _job_status(store: Storage, args: argparse.Namespace) -> StatusMsg:
+    """The status of the job the command names, which must exist."""
+    _backend(store, args.storage, args.display_name)
+    status = get_status(store, args.display_name, args.username, args.job_id)
+    if not _exists(store, *_status_location(store, args.display_name, args.username, args.job_id)):
+        raise _UserError(
+            _no_job(store, args.storage, args.display_name, args.job_id, args.username)
+        )
+    return status
 
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -4995,37 +5232,57 @@ def _cmd_keygen(store: Storage | None, args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_job_file(path: str) -> Doc:
+def _read_json_file(path: str, what: str) -> Doc:
     try:
         if path == "-":
             text = sys.stdin.read()
         else:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
-    except OSError as exc:
-        raise _UserError(f"cannot read job file {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise _UserError(f"cannot read {what} {path}: {why}") from None
     return _loads(text, path)
 
 
 def _cmd_submit(store: Storage, args: argparse.Namespace) -> int:
-    get_config(store, args.display_name)  # fail early for an unknown backend
-    job_id = upload_job(store, _read_job_file(args.job_file), args.display_name, args.username)
+    _backend(store, args.storage, args.display_name)
+    job = _read_json_file(args.job_file, "job file")
+    job_id = upload_job(store, job, args.display_name, args.username)
     upload_status(store, args.display_name, args.username, job_id)
     print(job_id)
     return 0
 
 
 def _cmd_status(store: Storage, args: argparse.Namespace) -> int:
-    _print_json(to_doc(get_status(store, args.display_name, args.username, args.job_id)))
+    _print_json(to_doc(_job_status(store, args)))
     return 0
 
 
 def _cmd_result(store: Storage, args: argparse.Namespace) -> int:
+    _backend(store, args.storage, args.display_name)
+    check_name(args.job_id, "job_id")
+    if not _exists(store, *_result_location(store, args.display_name, args.job_id)):
+        status = _job_status(store, args)
+        job = f"job {args.job_id!r} on backend {args.display_name!r} at {redact_url(args.storage)}"
+        if status.status == "ERROR":
+            raise _UserError(f"{job} failed, it has no result: {status.error_message}")
+        raise _UserError(f"{job} has no result yet: it is {status.status}")
     _print_json(to_doc(get_result(store, args.display_name, args.username, args.job_id)))
     return 0
 
 
 def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
+    _backend(store, args.storage, args.display_name)
+    check_name(args.job_id, "job_id")
+    if not _exists(store, *_result_location(store, args.display_name, args.job_id)):
+        where = _job_where(store, args.display_name, args.job_id)
+        if where is None:
+            raise _UserError(_no_job(store, args.storage, args.display_name, args.job_id))
+        raise _UserError(
+            f"job {args.job_id!r} on backend {args.display_name!r} at "
+            f"{redact_url(args.storage)} has no result to verify: it is {where}"
+        )
     ok = verify_result(store, args.display_name, args.job_id)
     print(f"{args.job_id}: {'valid signature' if ok else 'NOT VERIFIED'}")
     return 0 if ok else 1
@@ -5038,17 +5295,116 @@ def _cmd_cancel(store: Storage, args: argparse.Namespace) -> int:
 
 
 def _cmd_backends(store: Storage, args: argparse.Namespace) -> int:
+    broken = []
     for display_name in get_backends(store):
-        status = get_backend_status(store, display_name)
+        try:
+            status = get_backend_status(store, display_name)
+        except TransientError:
+            raise
+        except SqstoreError as exc:
+            print(f"{display_name}\t-\tbroken")
+            broken.append(f"backend {display_name!r} on {redact_url(args.storage)}: {exc}")
+            continue
         state = "operational" if status.operational else "not operational"
         print(f"{display_name}\t{status.backend_name}\t{state}")
-    return 0
+    sys.stdout.flush()
+    for line in broken:
+        print(f"sqstore: error: {line}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def _cmd_queue(store: Storage, args: argparse.Namespace) -> int:
-    queue = _fill(store["layout"].queued, _check_display_name(args.display_name))
+    _backend(store, args.storage, args.display_name)
+    queue = _fill(store["layout"].queued, args.display_name)
     for file_id in store["list"](queue):
         print(_job_id_of(store["layout"], file_id))
+    return 0
+
+
+def _cmd_backend_add(store: Storage, args: argparse.Namespace) -> int:
+    path, shown = args.config_file, redact_url(args.storage)
+    try:
+        cfg = _coerce(_read_json_file(path, "config file"), BackendConfig, path)
+    except InvalidDocumentError as exc:
+        raise _UserError(f"{path}: not a backend config: {exc}") from None
+    if not cfg.display_name:
+        raise _UserError(f"{path}: the config has no display_name (the backend's name)")
+    display_name = _check_display_name(cfg.display_name)
+    private = _load_jwk(args.key) if args.key else None
+    if cfg.sign and private is None:
+        raise _UserError(
+            f"backend {display_name!r} signs (its config says so): give its private key "
+            "with --key FILE"
+        )
+    public = None
+    if cfg.sign and private is not None:
+        if cfg.kid is not None and cfg.kid != private.kid:
+            raise _UserError(f"{path} names kid {cfg.kid!r}, but {args.key} is {private.kid!r}")
+        cfg = attrs.evolve(cfg, kid=private.kid)
+        public = public_from_private(private)
+    try:
+        if public is not None:  # before anything is written
+            _check_signing_key(store, cfg, private)
+        try:
+            update_config(store, cfg, display_name, private)
+            done = "updated"
+        except NotFoundError:
+            upload_config(store, cfg, display_name, private)
+            done = "uploaded"
+    except BadSignatureError as exc:
+        whose = f"{args.key}: not the key of" if args.key else "no --key for"
+        raise _UserError(f"{whose} backend {display_name!r} on {shown}: {exc}") from None
+    if public is not None:
+        upload_public_key(store, public, display_name)
+        print(f"backend {display_name!r} {done} on {shown}, signed; key {public.kid!r} published")
+    else:
+        print(f"backend {display_name!r} {done} on {shown}")
+    return 0
+
+
+def _cmd_backend_show(store: Storage, args: argparse.Namespace) -> int:
+    _print_json(to_doc(_backend(store, args.storage, args.display_name)))
+    return 0
+
+
+def _cmd_running(store: Storage, args: argparse.Namespace) -> int:
+    _backend(store, args.storage, args.display_name)
+    now = time.time()
+    for job_id, lease in running_jobs(store, args.display_name).items():
+        if lease is None:
+            print(f"{job_id}\t{_ORPHAN}\t-\t-\t-")
+            continue
+        clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expires))
+        state = "expired" if lease.expires < now else "live"
+        print(f"{job_id}\t{lease.holder or '-'}\t{clock}\t{lease.attempts}\t{state}")
+    return 0
+
+
+def _cmd_requeue(store: Storage, args: argparse.Namespace) -> int:
+    _backend(store, args.storage, args.display_name)
+    private = _load_jwk(args.key) if args.key else None
+    if args.job_id is None:
+        for job_id in requeue_expired(store, args.display_name, private, skew=args.skew):
+            print(job_id)
+        return 0
+    try:
+        requeued = requeue_job(store, args.display_name, args.job_id, private)
+    except NotFoundError:
+        where = _job_where(store, args.display_name, check_name(args.job_id, "job_id"))
+        if where is None:
+            raise _UserError(_no_job(store, args.storage, args.display_name, args.job_id)) from None
+        raise _UserError(
+            f"job {args.job_id!r} on backend {args.display_name!r} at "
+            f"{redact_url(args.storage)} is not running: it is {where}"
+        ) from None
+    if not requeued:
+        print(
+            f"{args.job_id}: not requeued: its worker died while finishing it; that finish "
+            "is now complete",
+            file=sys.stderr,
+        )
+        return 0
+    print(args.job_id)
     return 0
 
 
@@ -5064,7 +5420,10 @@ def _demo_key(url: str, key_file: str | None, kid: str) -> JWK:
     if os.path.exists(path):
         return _load_jwk(path)
     if root is not None and key_file is None:
-        os.makedirs(root, exist_ok=True)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise _UserError(f"cannot create the storage {url}: {exc.strerror}") from None
     private, _ = generate_keypair(kid)
     _write_private(path, json.dumps(to_doc(private)) + "\n")
     return private
@@ -5143,8 +5502,8 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
 
 def _cmd_copy(store: Storage | None, args: argparse.Namespace) -> int:
     # The source is only read; a lost answer is asked again (an upload finding itself is done).
-    src = stack(open_storage(args.src), read_only, with_retry)
-    dst = with_retry(open_storage(args.dst), ops=("get", "list", "upload"))
+    src = stack(_open(args.src), read_only, with_retry)
+    dst = with_retry(_open(args.dst, create=True), ops=("get", "list", "upload"))
     interactive = sys.stderr.isatty()
     seen = 0
 
@@ -5192,6 +5551,7 @@ def _load_executor(spec: str) -> Callable[[Doc, str, str], Any]:
 
 
 def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
+    import logging
     import signal
 
     assert store is not None
@@ -5207,12 +5567,9 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     executor = _load_executor(args.executor)
     private = _load_jwk(args.key) if args.key else None
     urls = [args.storage, *args.also]
-    stores = [store, *(open_storage(url) for url in args.also)]
+    stores = [store, *(_open(url) for url in args.also)]
     for url, each in zip(urls, stores, strict=True):  # fail now, not once per poll
-        try:
-            cfg = get_config(each, args.display_name)
-        except NotFoundError as exc:
-            raise _UserError(f"{redact_url(url)} has no backend to serve: {exc}") from None
+        cfg = _backend(each, url, args.display_name)
         if cfg.sign and private is None:
             raise _UserError(
                 f"backend {args.display_name!r} on {redact_url(url)} signs: give its --key"
@@ -5222,34 +5579,85 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
         except BadSignatureError as exc:
             raise _UserError(f"{args.key}: not the key of {redact_url(url)}: {exc}") from None
     stop = threading.Event()
+    holder = _default_holder()
+    logger = logging.getLogger("sqstore")
+    errors = 0
 
-    def log(line: str) -> None:
-        print(f"sqstore: work: {line}", file=sys.stderr, flush=True)
+    def count(record: logging.LogRecord) -> bool:
+        nonlocal errors
+        errors += record.levelno >= logging.ERROR
+        return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    handler.addFilter(count)
+    kept = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(
+        logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    )
+    logger.propagate = False
+    if args.verbose:  # one line per storage operation
+        stores = [with_logging(each) for each in stores]
 
     def on_signal(signum: int, frame: Any) -> None:
-        if not stop.is_set():
-            log(f"{signal.Signals(signum).name}: stopping after the current job")
-        stop.set()
+        if stop.is_set():  # the second: abort the current job
+            raise KeyboardInterrupt
+        stop.set()  # before saying so: a second signal may come as soon as it is said
+        logger.warning(
+            f"{signal.Signals(signum).name}: stopping after the current job; send it again "
+            "(Ctrl-C) to abort the job and put it back in its queue"
+        )
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    log(f"serving {args.display_name!r} on {', '.join(redact_url(u) for u in urls)}")
-    done = work(
-        stores,
-        args.display_name,
-        executor,
-        private,
-        lease_seconds=args.lease,
-        heartbeat=args.heartbeat,
-        poll=args.poll,
-        skew=args.skew,
-        max_attempts=args.max_attempts,
-        max_jobs=args.max_jobs,
-        stop=stop,
-        log=log,
-    )
-    log(f"finished {done} job{'' if done == 1 else 's'}")
-    return 0
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
+        logger.info(f"serving {args.display_name!r} on {', '.join(map(redact_url, urls))}")
+        try:
+            done = work(
+                stores,
+                args.display_name,
+                executor,
+                private,
+                holder=holder,
+                lease_seconds=args.lease,
+                heartbeat=args.heartbeat,
+                poll=args.poll,
+                skew=args.skew,
+                max_attempts=args.max_attempts,
+                max_jobs=args.max_jobs,
+                stop=stop,
+                burst=args.burst,
+            )
+        except KeyboardInterrupt:
+            logger.warning("aborted")
+            _give_back(stores, urls, args.display_name, holder, private, logger)
+            return 130
+        logger.info(f"finished {done} job{'' if done == 1 else 's'}")
+        if args.burst and not stop.is_set() and (args.max_jobs is None or done < args.max_jobs):
+            for url, each in zip(urls, stores, strict=True):  # a job it could not claim
+                if left := len(each["list"](_fill(each["layout"].queued, args.display_name))):
+                    logger.error(
+                        f"{redact_url(url)}: {left} job{'' if left == 1 else 's'} left in the "
+                        "queue that this worker could not claim (or that came in at the end)"
+                    )
+        return 1 if args.burst and errors else 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(kept[0])
+        logger.propagate = kept[1]
+
+
+def _give_back(
+    stores: Sequence[Storage], urls: Sequence[str], dn: str, holder: str, key: Any, logger: Any
+) -> None:
+    """Put the jobs *holder* was running back in their queues."""
+    for url, store in zip(urls, stores, strict=True):
+        for job_id, lease in running_jobs(store, dn).items():
+            if lease is not None and lease.holder == holder and requeue_job(store, dn, job_id, key):
+                logger.warning(f"put {job_id} back in its queue on {redact_url(url)}")
 
 
 _BENCH_SHOTS = 100
@@ -5740,12 +6148,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.set_defaults(func=func)
+    def command(
+        name: str, func: Any, help_text: str, creates: bool = False, within: Any = sub
+    ) -> argparse.ArgumentParser:
+        cmd: argparse.ArgumentParser = within.add_parser(
+            name, help=help_text, description=help_text
+        )
+        cmd.set_defaults(func=func, creates=creates)
         return cmd
 
-    demo = command("demo", _cmd_demo, "run Alice and Bob end to end on the storage")
+    demo = command("demo", _cmd_demo, "run Alice and Bob end to end on the storage", True)
     demo.add_argument("--jobs", type=int, default=3, help="jobs to submit (default 3)")
     demo.add_argument("--shots", type=int, default=100, help="shots per job (default 100)")
     demo.add_argument(
@@ -5835,6 +6247,15 @@ def _parser() -> argparse.ArgumentParser:
         )
     work_.add_argument("--max-jobs", type=int, metavar="N", help="stop after this many jobs")
     work_.add_argument(
+        "--burst", action="store_true",
+        help="exit once every queue is empty (exit 1 if a storage could not be read)",
+    )  # fmt: skip
+    loud = work_.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-v", "--verbose", action="store_true", help="log every storage operation too"
+    )
+    loud.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    work_.add_argument(
         "--max-attempts", type=int, metavar="N", default=DEFAULT_MAX_ATTEMPTS,
         help="claims after which a job whose worker keeps dying is given up "
         f"(default {DEFAULT_MAX_ATTEMPTS})",
@@ -5842,6 +6263,33 @@ def _parser() -> argparse.ArgumentParser:
     command("backends", _cmd_backends, "list backends with their status")
     queue = command("queue", _cmd_queue, "list a backend's queued job ids, oldest first")
     queue.add_argument("display_name")
+    backend = command("backend", None, "register a backend, or show its config")
+    verbs = backend.add_subparsers(dest="verb", required=True, metavar="VERB")
+    add = command(
+        "add", _cmd_backend_add, "upload or update a backend's config from a JSON file; "
+        "signed, and its public key published, when the config signs", True, verbs,
+    )  # fmt: skip
+    add.add_argument("config_file", metavar="CONFIG.json", help="the config (- for stdin)")
+    add.add_argument("--key", metavar="FILE", help="the backend's private JWK, or env:NAME")
+    show = command("show", _cmd_backend_show, "print a backend's config as JSON", within=verbs)
+    show.add_argument("display_name")
+    running = command(
+        "running", _cmd_running,
+        "list a backend's running jobs: id, holder, lease expiry, claims, live or expired",
+    )  # fmt: skip
+    running.add_argument("display_name")
+    requeue = command(
+        "requeue", _cmd_requeue,
+        "put a running job back in its queue now (a dead worker's); without JOB_ID, "
+        "the running jobs whose lease expired",
+    )  # fmt: skip
+    requeue.add_argument("display_name")
+    requeue.add_argument("job_id", nargs="?")
+    requeue.add_argument("--key", metavar="FILE", help="to sign a status, when the backend signs")
+    requeue.add_argument(
+        "--skew", type=float, default=DEFAULT_SKEW, metavar="SECONDS",
+        help=f"seconds past its time before a lease counts as expired (default {DEFAULT_SKEW:g})",
+    )  # fmt: skip
     return parser
 
 
@@ -5849,21 +6297,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
     args.storage = args.storage or os.environ.get("SQSTORE_STORAGE") or _DEFAULT_STORAGE
+    shown = ""  # the storage, to name in an error that does not
     try:
         if args.command == "demo" and (args.jobs < 1 or args.shots < 1):
             raise _UserError("--jobs and --shots must be at least 1")
-        store = None if args.command in ("keygen", "bench", "copy") else open_storage(args.storage)
+        store = None
+        if args.command not in ("keygen", "bench", "copy"):
+            store = _open(args.storage, create=args.creates)
+            shown = redact_url(args.storage)
         code: int = args.func(store, args)
         sys.stdout.flush()
         return code
-    except (SqstoreError, _UserError, ValueError) as exc:
+    except (_UserError, ValueError) as exc:
         print(f"sqstore: error: {exc}", file=sys.stderr)
+        return 1
+    except SqstoreError as exc:
+        where = f"{shown}: " if shown and shown not in str(exc) else ""
+        print(f"sqstore: error: {where}{exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        what = f"{exc.filename}: " if exc.filename else ""
+        print(f"sqstore: error: {what}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug; still one line, as every other error
+        print(f"sqstore: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5598,10 +5598,11 @@ def test_cli_commands_take_a_storage_url(
         (["queue", "sqsim"], job_id),
         (["backends"], "sqsim"),
         (["status", "sqsim", job_id], '"INITIALIZING"'),
-        (["result", "sqsim", job_id], '"INITIALIZING"'),  # not run yet: pending, not failed
     ):
         assert sqstore.main(["--storage", "dropbox://", *args]) == 0
         assert expected in capsys.readouterr().out
+    assert sqstore.main(["--storage", "dropbox://", "result", "sqsim", job_id]) == 1  # not run
+    assert "has no result yet" in capsys.readouterr().err
     statuses = store["list"]("Backend_files/Status/sqsim/None")
     (demo_job,) = {name.removeprefix("status-") for name in statuses} - {job_id}
     assert sqstore.main(["--storage", "dropbox://", "verify", "sqsim", demo_job]) == 0
@@ -6479,7 +6480,7 @@ def test_work_refuses_a_bad_executor_or_option(tmp_path: Path) -> None:
         (["lab_executor"], "module:function"),
         (["lab_executor:nothing"], "has no attribute 'nothing'"),
         (["--poll", "0"], "must be positive"),
-        (["--also", str(tmp_path / "empty")], "empty has no backend to serve"),
+        (["--also", str(tmp_path / "empty")], "no storage at"),
         (["--also", str(tmp_path / "signs")], "signs: give its --key"),
     ):
         proc = worker(tmp_path, "--storage", str(store), "work", "sim", *args)
@@ -7335,6 +7336,450 @@ def test_odd_entries_stop_neither_the_sweep_nor_the_claims(local: Storage, tmp_p
 
 
 # ============================================================================
+# The command line: every mistake fails loudly
+# ============================================================================
+def sqstore_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Any:
+    """``python -m sqstore *args`` in *cwd*, without $SQSTORE_STORAGE unless *env* gives it."""
+    full_env = {k: v for k, v in os.environ.items() if k != "SQSTORE_STORAGE"}
+    full_env.update({"PYTHONPATH": f"{HERE}{os.pathsep}{cwd}", **(env or {})})
+    full_env["EXECUTED"] = str(cwd / "executed.log")
+    (cwd / "lab_executor.py").write_text(EXECUTOR)
+    return subprocess.run(
+        [sys.executable, "-m", "sqstore", *args], cwd=cwd, env=full_env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+
+
+def one_error_line(proc: Any, *needles: str) -> None:
+    """*proc* failed with exit 1 and one 'sqstore: error:' line holding every needle."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("sqstore: error: "), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
+
+
+def a_lab(root: Path) -> tuple[Storage, sqstore.JWK, str]:
+    """A storage with backend sqsim (signing), its key in root/../bob.jwk, and one job."""
+    store = sqstore.local_storage(root)
+    private, public = sqstore.generate_keypair("bobkey")
+    sqstore.upload_config(store, sqstore.demo_config("sqsim", sign=True), "sqsim", private)
+    sqstore.upload_public_key(store, public, "sqsim")
+    job_id = sqstore.upload_job(store, JOB, "sqsim", "cli")
+    sqstore.upload_status(store, "sqsim", "cli", job_id, private)
+    (root.parent / "bob.jwk").write_text(json.dumps(sqstore.to_doc(private)))
+    return store, private, job_id
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--storage", "./typo", "backends"], ["no storage at ./typo"]),
+        (["--storage", "./typo", "queue", "sqsim"], ["no storage at ./typo"]),
+        (["--storage", "./typo", "work", "sqsim", "--burst"], ["no storage at ./typo"]),
+        (["queue", "sqsm"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["submit", "sqsm", "job.json"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["work", "sqsm", "--burst"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["running", "sqsm"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["backend", "show", "sqsm"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["status", "sqsim", "not-a-job"], ["no job 'not-a-job'", "'sqsim'", "./lab"]),
+        (["result", "sqsim", "not-a-job"], ["no job 'not-a-job'", "'sqsim'", "./lab"]),
+        (["verify", "sqsim", "6b0000000000000000000000"], ["no job '6b00", "./lab"]),
+        (["requeue", "sqsim", "6b0000000000000000000000"], ["no job '6b00", "./lab"]),
+        (["result", "sqsim", "QUEUED"], ["has no result yet", "INITIALIZING", "./lab"]),
+        (["copy", "./nonexistent", "./x"], ["no storage at ./nonexistent"]),
+        (["--storage", "mongodb:/localhost", "backends"], ["did you mean mongodb://localhost?"]),
+        (["--storage", "mongodb:bob:pw@h", "backends"], ["did you mean mongodb://bob:***@h?"]),
+        (["--storage", "mongodb://localhost/mydb", "backends"], ["'mydb'", "authSource"]),
+    ],
+)
+def test_cli_typos_fail_naming_the_storage_and_the_thing(
+    tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    """A storage, backend or job that does not exist, or a malformed storage URL, is exit 1
+    and one line naming the storage and the thing (and the known backends); nothing is
+    created or changed."""
+    _, _, job_id = a_lab(tmp_path / "lab")
+    (tmp_path / "job.json").write_text(json.dumps(JOB))
+    (tmp_path / "lab_executor.py").write_text(EXECUTOR)
+    args = [job_id if arg == "QUEUED" else arg for arg in args]
+    before = {p.name for p in tmp_path.iterdir()}, tree(tmp_path / "lab")
+    proc = sqstore_cli(*args, cwd=tmp_path, env={"SQSTORE_STORAGE": "./lab"})
+    one_error_line(proc, *needles)
+    assert proc.stdout == ""
+    assert ({p.name for p in tmp_path.iterdir()}, tree(tmp_path / "lab")) == before
+
+
+def test_cli_names_an_unreachable_mongodb_in_the_users_terms(tmp_path: Path) -> None:
+    """A MongoDB that does not answer is 'cannot reach MongoDB at URL' (password hidden),
+    never the internal folder the first request was for."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"mongodb://bob:pw-secret@127.0.0.1:{port}/?serverSelectionTimeoutMS=300"
+    shown = f"mongodb://bob:***@127.0.0.1:{port}/?serverSelectionTimeoutMS=300"
+    for args in (["backends"], ["queue", "sqsim"], ["status", "sqsim", "x"], ["work", "sqsim"]):
+        proc = sqstore_cli("--storage", url, *args, cwd=tmp_path)
+        one_error_line(proc, f"cannot reach MongoDB at {shown}")
+        assert "backends/configs" not in proc.stderr and "pw-secret" not in proc.stderr
+    copy = sqstore_cli("copy", str(tmp_path / "lab"), url, cwd=tmp_path)
+    one_error_line(copy, "no storage at")
+    a_lab(tmp_path / "lab")
+    copy = sqstore_cli("copy", str(tmp_path / "lab"), url, cwd=tmp_path)
+    one_error_line(copy, f"cannot reach MongoDB at {shown}")
+
+
+@pytest.fixture
+def unwritable_lab(tmp_path: Path) -> Any:
+    """A lab (see `a_lab`) whose root cannot be written: a read-only tmpfs as root, else
+    folders without write permission."""
+    root = tmp_path / "ro"
+    root.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)]
+        proc = subprocess.run(mount, capture_output=True, text=True)
+        if proc.returncode != 0:
+            skip_or_fail(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted = True
+    try:
+        a_lab(root / "lab")
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+        else:
+            for folder in [root, *root.rglob("*")]:
+                if folder.is_dir():
+                    folder.chmod(0o555)
+        yield root / "lab"
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(root)], check=True)
+        else:
+            for folder in [root, *root.rglob("*")]:
+                if folder.is_dir():
+                    folder.chmod(0o755)
+
+
+def test_cli_never_prints_a_traceback(tmp_path: Path, unwritable_lab: Path) -> None:
+    """Every command, on an unwritable root, a missing root, a corrupt document and an
+    unreachable MongoDB, ends with exit 0 or 1 and no traceback; each error is one line."""
+    corrupt = tmp_path / "corrupt"
+    _, _, job_id = a_lab(corrupt)
+    (corrupt / "backends/configs/sqsim.json").write_text('{"display_name": "sqs')
+    (corrupt / f"status/sqsim/{job_id}.json").write_text("[1, 2")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "job.json").write_text(json.dumps(JOB))
+    (tmp_path / "cfg.json").write_text(json.dumps(sqstore.to_doc(sqstore.demo_config("sim2"))))
+    storages = {
+        "unwritable": str(unwritable_lab),
+        "missing": str(tmp_path / "missing"),
+        "corrupt": str(corrupt),
+        "unreachable": f"mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=300",
+    }
+    commands = [
+        ["submit", "sqsim", "job.json"],
+        ["status", "sqsim", job_id],
+        ["result", "sqsim", job_id],
+        ["verify", "sqsim", job_id],
+        ["backends"],
+        ["queue", "sqsim"],
+        ["running", "sqsim"],
+        ["requeue", "sqsim"],
+        ["backend", "show", "sqsim"],
+        ["backend", "add", "cfg.json"],
+        ["work", "sqsim", "lab_executor:run", "--key", "bob.jwk", "--burst"],
+        ["copy", "STORAGE", "COPY"],
+        ["copy", str(corrupt), "STORAGE"],
+        ["demo", "--jobs", "1", "--key", str(tmp_path / "demo.jwk")],  # makes a missing root
+    ]
+    (tmp_path / "bob.jwk").write_text((unwritable_lab.parent.parent / "bob.jwk").read_text())
+    for kind, url in storages.items():
+        for command in commands:
+            swap = {"STORAGE": url, "COPY": str(tmp_path / f"copy-{kind}")}
+            args = [swap.get(arg, arg) for arg in command]
+            proc = sqstore_cli("--storage", url, *args, cwd=tmp_path)
+            assert proc.returncode in (0, 1), (kind, command, proc.stderr)
+            assert "Traceback" not in proc.stderr, (kind, command, proc.stderr)
+            errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+            if proc.returncode == 1 and command[0] != "work":
+                assert proc.stderr.count("\n") == 1, (kind, command, proc.stderr)
+            assert errors or proc.returncode == 0, (kind, command, proc.stderr)
+
+
+def test_storage_urls_expand_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'~' in a storage path (--storage, $SQSTORE_STORAGE, copy) is the home directory: no
+    folder named '~' appears."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    assert sqstore.open_storage("~/lab")["name"] == "local"
+    sqstore.upload_config(sqstore.open_storage("~/lab"), sqstore.demo_config("sim"), "sim")
+    assert (home / "lab/backends/configs/sim.json").exists()
+    env = {"HOME": str(home)}
+    demo = sqstore_cli("--storage", "~/demo", "demo", "--jobs", "1", cwd=tmp_path, env=env)
+    assert demo.returncode == 0, demo.stderr
+    queue = sqstore_cli("queue", "sqsim", cwd=tmp_path, env={**env, "SQSTORE_STORAGE": "~/demo"})
+    assert queue.returncode == 0 and queue.stdout == "", queue.stderr
+    copy = sqstore_cli("copy", "~/demo", "~/copy", cwd=tmp_path, env=env)
+    assert copy.returncode == 0, copy.stderr
+    assert (home / "demo/backends/configs/sqsim.json").exists()
+    assert (home / "copy/backends/configs/sqsim.json").exists()
+    assert not list(tmp_path.rglob("~"))
+
+
+def test_mongodb_url_naming_a_database_is_refused() -> None:
+    """A MongoDB URL with a database path is refused (sqstore uses sqooler's databases and
+    would ignore it), with the URL redacted and authSource named; without one it is taken."""
+    for url in ("mongodb://bob:s3cret@db.example.org/mydb", "mongodb+srv://c.example.org/mydb?x=1"):
+        for call in (sqstore.open_storage, sqstore.mongodb_storage):
+            with pytest.raises(ValueError, match=r"'mydb'.*authSource") as info:
+                call(url)
+            assert "s3cret" not in str(info.value)
+    with pytest.raises(ValueError, match="bad MongoDB URI") as info:  # "/" in a password
+        sqstore.mongodb_storage("mongodb://bob:s3c/ret@db.example.org/")
+    assert "ret@" not in str(info.value)
+    for url in ("mongodb://db.example.org", "mongodb://db/", "mongodb://db/?authSource=mydb"):
+        assert sqstore.mongodb_storage(url, create_indexes=False)["name"] == "mongodb"
+
+
+def test_cli_copy_verify_blames_a_conflicting_key_not_the_signature(tmp_path: Path) -> None:
+    """copy --verify into a target that holds another key under the backend's kid reports
+    that conflict as why the signed documents were not copied, not a bad signature; a
+    document that its own key does not verify is still blamed on its signature."""
+    src, _, job_id = a_lab(tmp_path / "src")
+    dst = sqstore.local_storage(tmp_path / "dst")
+    _, other = sqstore.generate_keypair("bobkey")
+    dst["upload"]("backends/public_keys", "bobkey", sqstore.to_doc(other))
+    proc = sqstore_cli("copy", "--verify", "src", "dst", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert any("public_keys/bobkey" in line and "kept the different" in line for line in lines)
+    config = [line for line in lines if "configs/sqsim" in line]
+    assert len(config) == 1 and "'bobkey'" in config[0] and "conflict" in config[0], lines
+    assert "signature" not in config[0], config
+    assert not (tmp_path / "dst/backends/configs/sqsim.json").exists()
+    # a tampered config whose key is not in conflict: its signature is the cause
+    tampered = src["get"]("backends/configs", "sqsim")
+    tampered["payload"]["max_shots"] = 7
+    src["update"]("backends/configs", "sqsim", tampered)
+    shutil.rmtree(tmp_path / "dst")
+    proc = sqstore_cli("copy", "--verify", "src", "dst", cwd=tmp_path)
+    config = [line for line in proc.stderr.splitlines() if "configs/sqsim" in line]
+    assert len(config) == 1 and "conflict" not in config[0] and proc.returncode == 1, config
+    assert job_id
+
+
+def test_work_logs_to_the_sqstore_logger_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    """work() without *log* logs to the 'sqstore' logger: a finished job at INFO, a job
+    whose executor failed at WARNING; with burst=True it returns once every queue is empty."""
+    store = sqstore.memory_storage()
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    ok = sqstore.upload_job(store, JOB, "sim", "alice")
+    bad = sqstore.upload_job(store, job_with(num_wires=99), "sim", "alice")
+    with caplog.at_level("DEBUG", logger="sqstore"):
+        assert sqstore.work([store], "sim", sqstore.run_simulator, burst=True) == 2
+    records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert records[0][:2] == ("sqstore", "INFO") and f"{ok} DONE" in records[0][2], records
+    assert records[1][:2] == ("sqstore", "WARNING") and f"{bad} ERROR" in records[1][2], records
+    assert sqstore.work([store], "sim", sqstore.run_simulator, burst=True) == 0
+
+
+def test_cli_work_log_lines_carry_time_and_level_and_burst_exits(tmp_path: Path) -> None:
+    """`sqstore work --burst` serves the queued jobs and exits 0 once every queue is empty
+    (1, saying so, when a job is left that it could not claim); its log lines start with a
+    timestamp and a level; -q keeps only warnings, -v adds one line per storage operation."""
+    store, _, first = a_lab(tmp_path / "lab")
+    second = sqstore.upload_job(store, job_with(fail=True), "sqsim", "cli")
+    common = ["--storage", "lab", "work", "sqsim", "lab_executor:run", "--key", "bob.jwk"]
+    proc = sqstore_cli(*common, "--burst", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    assert re.search(rf"^{stamp} INFO sqstore: local {first} DONE in \d+ ms$", proc.stderr, re.M)
+    assert re.search(rf"^{stamp} WARNING sqstore: local {second} ERROR", proc.stderr, re.M)
+    assert all(re.match(stamp, line) for line in proc.stderr.splitlines()), proc.stderr
+    assert executed(tmp_path) == [f"sqsim {first}", f"sqsim {second}"]
+    third = sqstore.upload_job(store, JOB, "sqsim", "cli")
+    quiet = sqstore_cli(*common, "--burst", "-q", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert executed(tmp_path)[-1] == f"sqsim {third}"
+    verbose = sqstore_cli(*common, "--burst", "-v", cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stderr
+    assert re.search(rf"^{stamp} DEBUG sqstore: local list jobs/queued/sqsim", verbose.stderr, re.M)
+    held = sqstore.upload_job(store, JOB, "sqsim", "cli")  # another worker's claim, half done
+    lease = sqstore.Lease(held, "sqsim", "elsewhere:1", "t0ken", time.time() + 600)
+    store["upload"]("jobs/leases", held, sqstore.to_doc(lease))
+    left = sqstore_cli(*common, "--burst", cwd=tmp_path)
+    assert left.returncode == 1 and "Traceback" not in left.stderr, left.stderr
+    assert re.search(rf"^{stamp} ERROR sqstore: lab: 1 job left in the queue", left.stderr, re.M)
+
+
+def test_cli_work_second_ctrl_c_aborts_the_job_and_puts_it_back(tmp_path: Path) -> None:
+    """The first Ctrl-C says the current job finishes and that a second one aborts it; the
+    second aborts it (exit 130, no traceback) and puts the job back in its queue at once."""
+    store, _, job_id = a_lab(tmp_path / "lab")
+    store["delete"]("jobs/queued/sqsim", job_id)
+    long_job = sqstore.upload_job(store, job_with(sleep=60), "sqsim", "cli")
+    proc = worker(tmp_path, "--storage", "lab", "work", "sqsim", "lab_executor:run", "--key",
+                  str(tmp_path / "bob.jwk"), "--poll", "0.05")  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not executed(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert executed(tmp_path) == [f"sqsim {long_job}"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    while "SIGINT" not in line and line:
+        line = proc.stderr.readline()
+    assert "after the current job" in line and "again" in line, line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"put {long_job} back" in err, err
+    assert store["list"]("jobs/queued/sqsim") == [long_job]
+    assert store["list"]("jobs/running") == []
+    assert sqstore.running_jobs(store, "sqsim") == {}  # a lease left is released: no holder
+    assert all(not store["get"]("jobs/leases", j)["holder"] for j in store["list"]("jobs/leases"))
+
+
+def test_cli_backend_add_and_show_register_a_backend_from_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """`backend add CONFIG --key FILE` uploads a config (signed when it says so) and
+    publishes its public key, then updates it on a later run; `backend show` prints the
+    config as `add` takes it; a wrong or missing key is one error line, nothing written."""
+    keygen = sqstore_cli("keygen", "bobkey", cwd=tmp_path)
+    assert keygen.returncode == 0, keygen.stderr
+    config = sqstore.to_doc(sqstore.demo_config("sqsim", sign=True))
+    config["kid"] = "bobkey"
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    add = ["--storage", "lab", "backend", "add", "cfg.json"]
+    one_error_line(sqstore_cli(*add, cwd=tmp_path), "signs", "--key")
+    assert not (tmp_path / "lab").exists()
+    proc = sqstore_cli(*add, "--key", "bobkey.jwk", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "sqsim" in proc.stdout and "bobkey" in proc.stdout
+    store = sqstore.local_storage(tmp_path / "lab")
+    public = sqstore.from_doc(json.loads(keygen.stdout), sqstore.JWK)
+    assert sqstore.get_public_key(store, "sqsim") == public
+    assert sqstore.is_signed(store["get"]("backends/configs", "sqsim"))
+    shown = sqstore_cli("--storage", "lab", "backend", "show", "sqsim", cwd=tmp_path)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["max_shots"] == config["max_shots"]
+    (tmp_path / "cfg.json").write_text(json.dumps({**json.loads(shown.stdout), "max_shots": 9}))
+    again = sqstore_cli(*add, "--key", "bobkey.jwk", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert sqstore.get_config(store, "sqsim").max_shots == 9
+    other = sqstore_cli("keygen", "bobkey", "-o", "other.jwk", cwd=tmp_path)
+    assert other.returncode == 0
+    before = tree(tmp_path / "lab")
+    one_error_line(sqstore_cli(*add, "--key", "other.jwk", cwd=tmp_path), "sqsim")
+    (tmp_path / "bad.json").write_text('{"display_name": "x", "max_shots": "many"}')
+    bad = sqstore_cli("--storage", "lab", "backend", "add", "bad.json", cwd=tmp_path)
+    one_error_line(bad, "bad.json")
+    assert tree(tmp_path / "lab") == before
+    plain = sqstore.to_doc(sqstore.demo_config("plain"))
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    proc = sqstore_cli("--storage", "lab", "backend", "add", "plain.json", cwd=tmp_path)
+    assert proc.returncode == 0 and sqstore.get_backends(store) == ["plain", "sqsim"]
+
+
+def test_cli_backends_lists_the_others_and_marks_a_broken_config(tmp_path: Path) -> None:
+    """One corrupt config does not hide the others: `backends` lists every backend, marks
+    the broken one, says why on stderr (one line) and exits 1."""
+    store, _, _ = a_lab(tmp_path / "lab")
+    sqstore.upload_config(store, sqstore.demo_config("zeta"), "zeta")
+    (tmp_path / "lab/backends/configs/broken.json").write_text('{"display_name": ')
+    proc = sqstore_cli("--storage", "lab", "backends", cwd=tmp_path)
+    one_error_line(proc, "'broken'", "lab")
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["broken", "sqsim", "zeta"]
+    assert rows[0][1:] == ["-", "broken"] and rows[1][1] == "local_sqsim_simulator"
+
+
+def test_running_jobs_and_requeue_job(tmp_path: Path) -> None:
+    """running_jobs lists a backend's running jobs with their leases (None for a job that
+    has none); requeue_job puts one back in its queue at once, lease or not, and
+    refuses a job of another backend or one that is not running."""
+    store = sqstore.local_storage(tmp_path / "lab")
+    for dn in ("sim", "other"):
+        sqstore.upload_config(store, sqstore.demo_config(dn), dn)
+    ids = [sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(3)]
+    theirs = sqstore.upload_job(store, JOB, "other", "alice")
+    for job_id in ids:
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    for holder in ("w1", "w2"):
+        assert sqstore.claim_job(store, "sim", holder=holder, lease_seconds=600) is not None
+    assert sqstore.claim_job(store, "other", holder="w3") is not None
+    store["move"]("jobs/queued/sim", "jobs/running", ids[2])  # as sqooler claims: no lease
+    running = sqstore.running_jobs(store, "sim")
+    assert list(running) == ids
+    assert [lease.holder for lease in running.values() if lease] == ["w1", "w2"]
+    assert running[ids[2]] is None and running[ids[0]].expires > time.time() + 500
+    assert sqstore.requeue_job(store, "sim", ids[1]) is True
+    assert sqstore.requeue_job(store, "sim", ids[2]) is True
+    assert store["list"]("jobs/queued/sim") == ids[1:]
+    assert list(sqstore.running_jobs(store, "sim")) == [ids[0]]
+    with pytest.raises(sqstore.NotFoundError, match="not running"):
+        sqstore.requeue_job(store, "sim", ids[1])
+    with pytest.raises(sqstore.NotFoundError, match="'sim'"):
+        sqstore.requeue_job(store, "sim", theirs)
+    again = sqstore.claim_job(store, "sim", holder="w4")
+    assert again is not None and again[0].job_id == ids[1]
+    assert sqstore.running_jobs(store, "sim")[ids[1]].holder == "w4"
+
+
+def test_requeue_job_completes_a_recorded_finish_and_releases_a_half_claim(
+    tmp_path: Path,
+) -> None:
+    """requeue_job finishes a job whose worker died while finishing it (its lease holds the
+    final status) instead of running it again, and releases the live lease a claim left on
+    a queued job when it stopped before its move, so that the next claim takes the job."""
+    store = sqstore.local_storage(tmp_path / "lab")
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    dying, blocked = (sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(2))
+    for job_id in (dying, blocked):
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    assert sqstore.claim_job(store, "sim", holder="w1", lease_seconds=600) is not None
+    lease = store["get"]("jobs/leases", dying)
+    final = sqstore.StatusMsg(dying, "ERROR", "The executor failed.", "ValueError: x")
+    store["update"]("jobs/leases", dying, {**lease, "finish": sqstore.to_doc(final)})
+    assert sqstore.requeue_job(store, "sim", dying) is False
+    assert jobs_in(store, "deleted") == [dying] and store["list"]("jobs/running") == []
+    assert sqstore.get_status(store, "sim", "alice", dying).error_message == "ValueError: x"
+    half = sqstore.Lease(blocked, "sim", "w2", "t0ken", time.time() + 600)
+    store["upload"]("jobs/leases", blocked, sqstore.to_doc(half))
+    assert sqstore.claim_job(store, "sim", holder="w3") is None  # w2 seems to hold it
+    assert sqstore.requeue_job(store, "sim", blocked) is True
+    claimed = sqstore.claim_job(store, "sim", holder="w3")
+    assert claimed is not None and claimed[0].job_id == blocked
+
+
+def test_cli_running_and_requeue(tmp_path: Path) -> None:
+    """`running` prints each running job with holder, lease expiry and attempts;
+    `requeue DN JOB` forces that job back; `requeue DN` requeues the expired ones only."""
+    store, key, job_id = a_lab(tmp_path / "lab")
+    second = sqstore.upload_job(store, JOB, "sqsim", "cli")
+    assert sqstore.claim_job(store, "sqsim", key, holder="deadbox:42", lease_seconds=600)
+    expired = -sqstore.DEFAULT_SKEW - 1
+    assert sqstore.claim_job(store, "sqsim", key, holder="gone:7", lease_seconds=expired)
+    proc = sqstore_cli("--storage", "lab", "running", "sqsim", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert [row[:2] for row in rows] == [[job_id, "deadbox:42"], [second, "gone:7"]]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", rows[0][2]) and rows[0][3] == "1"
+    sweep = sqstore_cli("--storage", "lab", "requeue", "sqsim", cwd=tmp_path)
+    assert sweep.returncode == 0 and sweep.stdout.split() == [second], sweep.stderr
+    force = sqstore_cli("--storage", "lab", "requeue", "sqsim", job_id, cwd=tmp_path)
+    assert force.returncode == 0 and force.stdout.split() == [job_id], force.stderr
+    assert sorted(store["list"]("jobs/queued/sqsim")) == sorted([job_id, second])
+    empty = sqstore_cli("--storage", "lab", "running", "sqsim", cwd=tmp_path)
+    assert empty.returncode == 0 and empty.stdout == ""
+
+
+# ============================================================================
 # CLI and packaging
 # ============================================================================
 def run_cli(
@@ -7646,12 +8091,12 @@ def test_cli_job_commands(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["submit", "nosuch", "job.json"], "backends/configs/nosuch does not exist"),
+        (["submit", "nosuch", "job.json"], "no backend 'nosuch' on"),
         (["submit", "sim", "missing.json"], "cannot read job file missing.json"),
         (["submit", "sim", "bad.json"], "bad.json: not valid JSON"),
         (["status", "sim", "../../etc/passwd"], "no job '../../etc/passwd': a job id is"),
         (["queue", "Bad-Name"], "invalid display_name"),
-        (["verify", "sim", "6b0000000000000000000000"], "does not exist"),
+        (["verify", "sim", "6b0000000000000000000000"], "no job '6b0000000000000000000000'"),
         (["demo", "--jobs", "0"], "at least 1"),
     ],
 )
@@ -7849,13 +8294,13 @@ def test_readme_work_example_runs(readme_shell: tuple[Path, list[ShellBlock]]) -
     its log line has the form the README quotes."""
     (block,) = [b for b in readme_shell[1] if "sqstore work sqsim lab:run" in b.code]
     assert block.returncode == 0, block.stderr
-    assert re.search(r"sqstore: work: local [0-9a-f]{24} DONE in \d+ ms", block.stderr)
     assert "finished 1 job\n" in block.stderr
     quoted = re.search(
-        r"\(`(sqstore: work: [^`]+)`\)", readme_section("### Running Bob: `sqstore work`")
+        r"`(\d{4}-[^`]+ INFO sqstore: [^`]+)`", readme_section("### Running Bob: `sqstore work`")
     )
     assert quoted, "the README quotes a work log line"
-    shape = re.escape(quoted.group(1)).replace(r"6b0a\.\.\.", "[0-9a-f]{24}").replace("12", r"\d+")
+    shape = re.escape(quoted.group(1)).replace(r"6b0a\.\.\.", "JOB")
+    shape = re.sub(r"\d+", r"\\d+", shape).replace("JOB", "[0-9a-f]{24}")
     assert re.search(shape, block.stderr), (shape, block.stderr)
 
 
