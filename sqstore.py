@@ -2253,11 +2253,9 @@ def _close(
     display_name: str,
     job_id: str,
     status_doc: Doc,
-    at: float | None = None,
 ) -> None:
     """End a job's life: record the final status in its lease, move the job from
-    running to finished (DONE) or deleted (ERROR), write the status, log the finish
-    (at Unix time *at*, by default now), drop the lease.
+    running to finished (DONE) or deleted (ERROR), write the status, drop the lease.
 
     Each step is safe to repeat, and a worker that dies after the first leaves a
     lease that says what is left to do: `requeue_expired` completes it.
@@ -2281,7 +2279,6 @@ def _close(
                 f"job {job_id} is neither in {layout.running} nor in {target}"
             ) from None
     _put_status(store, display_name, None, job_id, status_doc)
-    _log_finish(store, display_name, job_id, final, time.time() if at is None else at)
     if lease_at is not None:
         with contextlib.suppress(NotFoundError):  # dropped by a sweep that completed it
             store["swap"](layout.leases, job_id, lease_at[0], None)
@@ -2677,26 +2674,19 @@ def _sweep_lease(
 
 # Idempotent submit, retention, queue insight
 #
-# Three kinds of document that sqooler never reads, in folders below the leases':
-# ``<leases>/tokens/<dn>/<client_token>`` names the job of a submit token, and
-# ``<leases>/done/<dn>/<entry>`` logs each finish, the entry's id saying when
-# (8 hex digits of Unix seconds), how (``done`` or ``error``) and which job, so
-# that counting finishes and finding old ones needs a listing and no reads.
-# Submission times come from job ids (see `new_job_id` and `_submitted_at`).
+# A submit token is a document that sqooler never reads, below the leases':
+# ``<leases>/tokens/<dn>/<client_token>`` names the job submitted with it.  Times:
+# a job's submission from its id (see `new_job_id`, `_submitted_at`), its finish
+# from ``finished_at`` in its final status (a field sqooler's readers ignore).
 
 _TOKEN_STALE = DEFAULT_SKEW + 60.0
 """Seconds after which a submit that wrote its token but not its job counts as dead."""
 
 _YEAR = 366 * 86_400.0
-_DONE_ENTRY_RE = re.compile(r"([0-9a-f]{8})-(done|error)-(.+)")
 
 
 def _token_folder(layout: Layout, display_name: str) -> str:
     return f"{layout.leases}/tokens/{display_name}"
-
-
-def _done_folder(layout: Layout, display_name: str) -> str:
-    return f"{layout.leases}/done/{display_name}"
 
 
 def _submit_holder() -> str:
@@ -2798,41 +2788,23 @@ def _queue_for_token(store: Storage, folder: str, doc: Doc, job: Doc, *, fresh: 
     return str(job_id)
 
 
-def _log_finish(store: Storage, display_name: str, job_id: str, final: Any, at: float) -> None:
-    """Add a job's finish (DONE or ERROR) at Unix time *at* to its backend's finish log."""
-    outcome = "done" if final == "DONE" else "error"
-    entry = f"{max(int(at), 0):08x}-{outcome}-{job_id}"
-    if _NAME_RE.fullmatch(entry) is None:
-        return  # a job id too long to log: the job is not counted, nor pruned
-    doc = {"job_id": job_id, "status": final, "finished": at}
-    with contextlib.suppress(AlreadyExistsError):  # logged by an earlier run of this step
-        store["upload"](_done_folder(store["layout"], display_name), entry, doc)
+def _finished_at(doc: Doc, at: float) -> Doc:
+    """A final (DONE or ERROR) status document, saying when the job finished."""
+    if doc.get("status") in ("DONE", "ERROR"):
+        doc["finished_at"] = datetime.fromtimestamp(at, timezone.utc).isoformat()
+    return doc
 
 
-@attrs.frozen
-class _Finish:
-    """A job in the finish log: its last finish time and outcome, and its log entries."""
-
-    job_id: str
-    at: float
-    done: bool
-    entries: tuple[str, ...]
-
-
-def _finish_log(store: Storage, display_name: str) -> list[_Finish]:
-    """The jobs in a backend's finish log, by their last finish (one listing, no reads)."""
-    jobs: dict[str, _Finish] = {}
-    for entry in store["list"](_done_folder(store["layout"], display_name)):
-        match = _DONE_ENTRY_RE.fullmatch(entry)
-        if match is None:
-            continue
-        at, outcome, job_id = float(int(match[1], 16)), match[2], match[3]
-        old = jobs.get(job_id)
-        entries = (*old.entries, entry) if old else (entry,)
-        if old is not None and old.at > at:
-            at, outcome = old.at, "done" if old.done else "error"
-        jobs[job_id] = _Finish(job_id, at, outcome == "done", entries)
-    return sorted(jobs.values(), key=lambda f: (f.at, f.job_id))
+def _finish_time(status: Doc) -> float | None:
+    """The Unix time at which a status document says its job finished; None if it does not."""
+    text = status.get("finished_at")
+    if not isinstance(text, str):
+        return None
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _submitted_at(layout: Layout, job_id: str) -> float | None:
@@ -2844,13 +2816,13 @@ def _submitted_at(layout: Layout, job_id: str) -> float | None:
     a time too, but an arbitrary one: callers ignore times that cannot be right.
 
     >>> _submitted_at(LOCAL_LAYOUT, '6553f100075bcd15abcdef01')
-    1700000000.123456
+    1700000000.1234567
     >>> _submitted_at(DROPBOX_LAYOUT, '20231114_221320-sim-alice-1e240')
     1700000000.123456
     """
     if _OBJECT_ID_RE.fullmatch(job_id):
         nanos = int(job_id[8:16], 16)
-        return int(job_id[:8], 16) + (round(nanos / 1e9, 6) if nanos < 1_000_000_000 else 0.0)
+        return int(job_id[:8], 16) + (nanos / 1e9 if nanos < 1_000_000_000 else 0.0)
     parts = job_id.split("-")
     if len(parts) != 4 or re.fullmatch(r"[0-9a-f]{5}", parts[3]) is None:
         return None
@@ -2866,6 +2838,14 @@ def _plausible(seconds: float) -> bool:
     return -DEFAULT_SKEW <= seconds <= _YEAR
 
 
+def _status_ids(store: Storage, display_name: str) -> list[str]:
+    """The job ids with a status of a backend (one listing)."""
+    layout = store["layout"]
+    folder = _fill(layout.status, display_name)
+    found = (_id_in_file(layout.status_file, name) for name in store["list"](folder))
+    return [job_id for job_id in found if job_id is not None]
+
+
 def prune(
     store: Storage,
     display_name: str,
@@ -2877,18 +2857,21 @@ def prune(
 ) -> dict[str, list[str]]:
     """Remove the jobs of a backend that finished (DONE or ERROR) *older_than* seconds ago.
 
-    A job's finish time is the one its worker logged (sqstore logs every finish);
-    jobs finished by other programs (sqooler) are not in that log and are left
-    alone.  For each job old enough: its submit token, its status, its result,
-    its job document, and last its log entry, in that order, so that no status
-    ever promises a result that is gone (a job without status reads as unknown,
-    `get_status`'s ERROR), and a prune that was stopped at any point is finished
-    by running it again.  With *keep_results* (seconds, at least *older_than*),
-    jobs finished between *older_than* and *keep_results* ago lose only their job
-    document (the input) and keep their status, result and token.  A queued or
+    A job's finish time is the ``finished_at`` of its status, which
+    `update_in_database` writes; a job whose status has none (finished by another
+    program, such as sqooler) is left alone.  For each job old enough, in this
+    order: a DONE status is first replaced by an ERROR one saying the job was
+    removed, so that no status ever promises a result that is gone; then go its
+    submit tokens, its result, its job document, and last its status.  So a prune
+    stopped at any point is finished by running it again (the status is how it
+    finds the job).  With *keep_results* (seconds, at least *older_than*), jobs
+    finished between *older_than* and *keep_results* ago lose only their job
+    document (the input) and keep their status, result and tokens.  A queued or
     running job is never touched, nor a job that has a lease (a worker is still
     finishing it, or a sweep must complete its finish).  With *dry_run*, nothing
-    is removed and the report says what would be.
+    is written and the report says what would be removed.  Cost: one listing of
+    the statuses, one read of each status old enough by its job id, and a few
+    reads per job old enough (its lease, where the job is, its tokens once).
 
     Returns:
         ``{"jobs": [job ids], "statuses": [job ids], "results": [job ids],
@@ -2907,8 +2890,7 @@ def prune(
         raise ValueError(f"keep_results must be at least older_than, not {keep_results!r}")
     layout, current = store["layout"], now()
     report: dict[str, list[str]] = {"jobs": [], "statuses": [], "results": [], "tokens": []}
-    due = [f for f in _finish_log(store, display_name) if f.at <= current - older_than]
-    tokens = _tokens_of_jobs(store, display_name) if due else {}
+    tokens: dict[str, list[str]] | None = None
 
     def remove(kind: str, name: str, path: str, doc_id: str) -> None:
         try:
@@ -2921,28 +2903,38 @@ def prune(
             return
         report[kind].append(name)
 
-    for job in due:
-        job_id, everything = job.job_id, job.at <= current - keep
+    for job_id in _status_ids(store, display_name):
+        submitted = _submitted_at(layout, job_id)
+        if submitted is not None and 0 <= current - submitted < older_than:
+            continue  # submitted too recently to have finished long enough ago
         try:
+            status_at = _status_location(store, display_name, None, job_id)
+            raw = _read(store, *status_at)
+            status, at = payload_of(raw), _finish_time(payload_of(raw))
+            if at is None or at > current - older_than or status.get("status") not in STATUSES:
+                continue
             if _lease_at(store, job_id) is not None:
                 continue  # a finish under way, or one that a sweep must complete
             where = _job_where(store, display_name, job_id)
             if where in ("queued", "running"):
                 continue
+            everything = at <= current - keep
+            if everything and status.get("status") == "DONE" and not dry_run:
+                removed = StatusMsg(job_id, "ERROR", "The job was removed.", "Removed by prune.")
+                store["update"](*status_at, _finished_at(to_doc(removed), at))
             if everything:
+                if tokens is None:
+                    tokens = _tokens_of_jobs(store, display_name)
                 for token in tokens.get(job_id, ()):
                     remove("tokens", token, _token_folder(layout, display_name), token)
-                remove("statuses", job_id, *_status_location(store, display_name, None, job_id))
                 remove("results", job_id, *_result_location(store, display_name, job_id))
             if where is not None:
                 path = _job_fill(layout, getattr(layout, where), display_name, job_id)
                 remove("jobs", job_id, path, _fill(layout.job_file, job_id=job_id))
-            if everything and not dry_run:
-                for entry in job.entries:
-                    with contextlib.suppress(NotFoundError):
-                        store["delete"](_done_folder(layout, display_name), entry)
-        except (InvalidDocumentError, InvalidNameError):
-            continue  # this job only: a garbage lease, an id that does not fit the layout
+            if everything:
+                remove("statuses", job_id, *status_at)
+        except (InvalidDocumentError, InvalidNameError, NotFoundError):
+            continue  # this job only: a malformed status or lease, an id that does not fit
     return report
 
 
@@ -2965,19 +2957,23 @@ def queue_stats(
     display_name: str,
     *,
     lease_seconds: float = DEFAULT_LEASE,
+    known: dict[str, Doc] | None = None,
     now: Callable[[], float] = time.time,
 ) -> QueueStats:
     """Return the state of a backend's queue now.
 
     Queued jobs are counted from the queue's listing, and the oldest one's age is
-    read from the job ids (see `_submitted_at`; an id that gives no believable time
-    is not counted in the age).  Running jobs are those whose lease is held (one
-    read per lease of any backend); a lease's age assumes the workers' lease
-    length *lease_seconds*.  Finished (DONE) and failed (ERROR) jobs, jobs/hour
-    over the last hour and the last day, and the median seconds from submission
-    to DONE come from the finish log that sqstore writes at each finish (one
-    listing): jobs finished by other programs (sqooler) are not in it, nor jobs
-    already pruned.
+    read from the job ids (an id that gives no believable time, such as
+    sqooler's random ones, counts in the number but not in the age).  Running
+    jobs are those whose lease is held (one read per lease, of any backend); a
+    lease's age assumes the workers' lease length *lease_seconds*.  Finished
+    (DONE) and failed (ERROR) jobs are counted from their statuses (one listing,
+    and one read per status of a job neither queued nor running); jobs/hour over
+    the last hour and the last day, and the median seconds from submission (the
+    job id's time) to DONE, from the ``finished_at`` of those statuses, which
+    `update_in_database` writes: jobs finished by other programs count, but are
+    not timed.  *known*, a dict kept between calls (``sqstore stats --watch``
+    does), holds the final statuses read, so that they are read only once.
 
     Raises:
         NotFoundError: the backend has no configuration.
@@ -2985,9 +2981,13 @@ def queue_stats(
     _check_handle(store)
     get_config(store, display_name)
     layout, current = store["layout"], now()
-    ages, queued = [], store["list"](_fill(layout.queued, display_name))
-    for file_id in queued:
-        submitted = _submitted_at(layout, _job_id_of(layout, file_id))
+    known = {} if known is None else known
+    queued = [
+        _job_id_of(layout, name) for name in store["list"](_fill(layout.queued, display_name))
+    ]
+    ages = []
+    for job_id in queued:
+        submitted = _submitted_at(layout, job_id)
         if submitted is not None and _plausible(current - submitted):
             ages.append(max(current - submitted, 0.0))
     running = []
@@ -3000,12 +3000,28 @@ def queue_stats(
             lease = found[1]
             age, left = current - (lease.expires - lease_seconds), lease.expires - current
             running.append(RunningJob(job_id, lease.holder, age, left, lease.attempts))
-    log = _finish_log(store, display_name)
-    waits = []
-    for job in log:
-        submitted = _submitted_at(layout, job.job_id)
-        if job.done and submitted is not None and _plausible(job.at - submitted):
-            waits.append(max(job.at - submitted, 0.0))
+    busy = {*queued, *(r.job_id for r in running)}
+    finishes: list[tuple[str, float | None, float | None]] = []  # status, finished, waited
+    for job_id in _status_ids(store, display_name):
+        if job_id in busy:
+            continue
+        status = known.get(job_id)
+        if status is None:
+            try:
+                status = payload_of(
+                    _read(store, *_status_location(store, display_name, None, job_id))
+                )
+            except (NotFoundError, InvalidDocumentError, InvalidNameError):
+                continue
+            if status.get("status") not in ("DONE", "ERROR"):
+                continue  # not final: read again next time
+            known[job_id] = status
+        at, submitted = _finish_time(status), _submitted_at(layout, job_id)
+        waited = None if at is None or submitted is None else at - submitted
+        finishes.append((str(status.get("status")), at, waited))
+    waits = [max(w, 0.0) for s, _, w in finishes if s == "DONE" and w is not None and _plausible(w)]
+    hour = sum(1 for _, at, _ in finishes if at is not None and current - 3600 < at <= current)
+    day = sum(1 for _, at, _ in finishes if at is not None and current - 86_400 < at <= current)
     import statistics
 
     return QueueStats(
@@ -3013,10 +3029,10 @@ def queue_stats(
         queued=len(queued),
         oldest_queued_age=max(ages, default=None),
         running=tuple(running),
-        finished=sum(job.done for job in log),
-        failed=sum(not job.done for job in log),
-        jobs_per_hour_last_hour=float(sum(current - 3600 < job.at <= current for job in log)),
-        jobs_per_hour_last_day=sum(current - 86_400 < job.at <= current for job in log) / 24,
+        finished=sum(s == "DONE" for s, _, _ in finishes),
+        failed=sum(s == "ERROR" for s, _, _ in finishes),
+        jobs_per_hour_last_hour=float(hour),
+        jobs_per_hour_last_day=day / 24,
         median_seconds_to_done=statistics.median(waits) if waits else None,
     )
 
@@ -3043,7 +3059,8 @@ def update_in_database(
     running by a program that takes none) is finished too.  Before anything
     moves, the final status is recorded in the lease, so a worker that dies at
     any later step leaves a job that `requeue_expired` finishes; re-running
-    this step finishes it too.  The finish is logged at *now* (see `queue_stats`).
+    this step finishes it too.  A DONE or ERROR status says when (``finished_at``,
+    from *now*), for `queue_stats` and `prune`.
 
     Raises:
         InvalidDocumentError: DONE without a result, a malformed status/result, or an
@@ -3062,7 +3079,8 @@ def update_in_database(
     lease_at = _lease_at(store, job_id)
     if lease_at is not None and lease_at[1].holder != holder:
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
-    status_doc = to_doc(status) if sign is None else sign(to_doc(status))
+    status_doc = _finished_at(to_doc(status), now())
+    status_doc = status_doc if sign is None else sign(status_doc)
     if status.status not in ("DONE", "ERROR"):  # progress: the job keeps running and its lease
         if lease_at is None and not _exists(store, layout.running, file_id):
             raise NotFoundError(f"job {job_id} is not in {layout.running}")
@@ -3096,7 +3114,7 @@ def update_in_database(
             store["upload"](path, doc_id, result)
         except AlreadyExistsError:  # a re-run after a crash or a requeue: latest wins
             store["update"](path, doc_id, result)
-    _close(store, lease_at, display_name, job_id, status_doc, now())
+    _close(store, lease_at, display_name, job_id, status_doc)
 
 
 def work(

@@ -4498,13 +4498,28 @@ def test_cli_submit_with_a_token_prints_the_same_id_twice(tmp_path: Path) -> Non
 DAY = 86_400.0
 
 
-def aged_lab(store: Storage, clock: list[float]) -> dict[str, str]:
+def old_job(store: Storage, submitted: float, display_name: str = "sim") -> str:
+    """Queue a job whose id says it was submitted at Unix time *submitted*; return its id."""
+    layout = store["layout"]
+    job_id = sqstore.new_job_id(layout, display_name, "alice", int(submitted * 1e9), 7)
+    queue, file_id = sqstore._fill(layout.queued, display_name), layout.job_file
+    store["upload"](queue, sqstore._fill(file_id, job_id=job_id), JOB)
+    return job_id
+
+
+def aged_lab(
+    store: Storage, clock: list[float], *, submitted: float | None = None
+) -> dict[str, str]:
     """A backend 'sim' with jobs finished at known times: old DONE and ERROR jobs (ten days
-    ago), a recent DONE job (an hour ago), an old job still queued and one still running."""
+    ago), a recent DONE job (an hour ago), an old job still queued and one still running.
+    They are submitted now with tokens named as the dict's keys, or at *submitted*."""
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     jobs: dict[str, str] = {}
-    for name in ("old_done", "old_error", "new_done", "running", "queued"):
-        jobs[name] = sqstore.upload_job(store, JOB, "sim", "alice", client_token=name)
+    for i, name in enumerate(("old_done", "old_error", "new_done", "running", "queued")):
+        if submitted is None:
+            jobs[name] = sqstore.upload_job(store, JOB, "sim", "alice", client_token=name)
+        else:
+            jobs[name] = old_job(store, submitted + i)
         sqstore.upload_status(store, "sim", "alice", jobs[name])
     for name, at, outcome in (
         ("old_done", clock[0] - 10 * DAY, "DONE"),
@@ -4661,11 +4676,10 @@ def test_prune_sigkilled_midway_then_run_again_removes_everything_once(tmp_path:
     root = tmp_path / "store"
     store = sqstore.local_storage(root)
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
-    jobs = 1000
-    for _ in range(jobs + 5):
-        job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    jobs, old = 1000, time.time() - 10 * DAY
+    for i in range(jobs + 5):
+        job_id = old_job(store, old - DAY + i * 0.001)
         sqstore.upload_status(store, "sim", "alice", job_id)
-    old = time.time() - 10 * DAY
     finished = []
     while (got := sqstore.claim_job(store, "sim", holder="bob")) is not None:
         at = old if len(finished) < jobs else time.time()
@@ -4705,7 +4719,7 @@ def test_cli_prune_dry_run_reports_and_keeps(tmp_path: Path) -> None:
     the same is removed; a bad duration is a clear error."""
     root = tmp_path / "data"
     store = sqstore.local_storage(root)
-    jobs = aged_lab(store, [time.time()])
+    jobs = aged_lab(store, [time.time()], submitted=time.time() - 11 * DAY)
     before = tree(root)
     base = ("--storage", str(root), "prune", "sim", "--older-than", "7d")
     dry = run_cli(*base, "--dry-run", cwd=tmp_path)
@@ -4769,7 +4783,7 @@ def test_cli_stats_json_and_text(tmp_path: Path) -> None:
     a terminal."""
     root = tmp_path / "data"
     store = sqstore.local_storage(root)
-    aged_lab(store, [time.time()])
+    aged_lab(store, [time.time()], submitted=time.time() - 11 * DAY)
     one = run_cli("--storage", str(root), "stats", "sim", "--json", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     doc = json.loads(one.stdout)
@@ -4804,11 +4818,11 @@ def test_cli_stats_watch_refreshes_in_place_on_a_terminal(tmp_path: Path) -> Non
     assert seen.count(b"\x1b[H") >= 3 and b"sim: 0 queued" in seen
 
 
-def test_tokens_logs_and_pruning_leave_sqooler_reading_as_before(
+def test_tokens_finish_times_and_pruning_leave_sqooler_reading_as_before(
     shared: tuple[Any, Storage],
 ) -> None:
     """sqooler 0.9 on the same storage still lists the backends and serves a job submitted
-    with a token, after sqstore finished, logged and pruned others there."""
+    with a token, after sqstore finished (with finished_at) and pruned another there."""
     sqooler, store = shared
     sqstore.upload_config(store, sqstore.demo_config("sq"), "sq")
     old = sqstore.upload_job(store, JOB, "sq", "alice", client_token="first")
@@ -4820,8 +4834,11 @@ def test_tokens_logs_and_pruning_leave_sqooler_reading_as_before(
                                holder="bob")  # fmt: skip
     job_id = sqstore.upload_job(store, JOB, "sq", "alice", client_token="second")
     sqstore.upload_status(store, "sq", "alice", job_id)
-    sqstore.queue_stats(store, "sq")
-    sqstore.prune(store, "sq", older_than=0, now=lambda: time.time() + 1)
+    assert "finished_at" in store["get"](*sqstore._status_location(store, "sq", None, old))
+    assert sqooler.get_status("sq", "alice", old).status == "DONE"  # finished_at is ignored
+    assert sqooler.get_result("sq", "alice", old).job_id == old
+    assert sqstore.queue_stats(store, "sq").finished == 1
+    assert sqstore.prune(store, "sq", older_than=0, now=lambda: time.time() + 1)["jobs"] == [old]
     assert sqooler.get_backends() == ["sq"]
     assert sqooler.get_status("sq", "alice", job_id).status == "INITIALIZING"
     assert sqooler.get_next_job_in_queue("sq").job_id == job_id
