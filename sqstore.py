@@ -5016,9 +5016,11 @@ def _stats_text(stats: QueueStats) -> str:
 
 
 def _cmd_stats(store: Storage, args: argparse.Namespace) -> int:
+    known: dict[str, dict[str, Doc]] = {}  # final statuses read, kept while watching
+
     def every() -> dict[str, QueueStats]:
         names = [args.display_name] if args.display_name else get_backends(store)
-        return {name: queue_stats(store, name) for name in names}
+        return {name: queue_stats(store, name, known=known.setdefault(name, {})) for name in names}
 
     if args.watch is not None:
         if not sys.stdout.isatty():

@@ -4844,6 +4844,15 @@ def test_tokens_finish_times_and_pruning_leave_sqooler_reading_as_before(
     assert sqooler.get_next_job_in_queue("sq").job_id == job_id
 
 
+@pytest.mark.parametrize("heading", ["## Idempotent submit", "## Retention", "## Queue insight"])
+def test_readme_examples_of_tokens_prune_and_stats_run(heading: str) -> None:
+    """The python examples of the README's sections on tokens, retention and stats run."""
+    blocks = re.findall(r"```python\n(.*?)```", readme_section(heading), re.S)
+    assert blocks, heading
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
 # ============================================================================
 # Interoperability with sqooler 0.9 on one directory and on Dropbox
 # ============================================================================
