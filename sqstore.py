@@ -2726,7 +2726,7 @@ def _submit_once(
         mine |= {"username": username, "digest": digest, "holder": me, "created": time.time()}
         try:
             store["upload"](folder, client_token, mine)
-            return _queue_for_token(store, folder, mine, job, fresh=True)
+            return _queue_for_token(store, display_name, username, mine, job, fresh=True)
         except AlreadyExistsError:
             pass
         try:
@@ -2748,10 +2748,10 @@ def _submit_once(
                 f"{folder}/{client_token}: another submit with client_token {client_token!r} "
                 "is under way; try again"
             )
-        taken = {**raw, "holder": me, "created": time.time()}  # its submitter died: take over
+        taken = {**raw, "holder": me, "created": time.time()}  # ours before, or a dead one's
         try:
             if store["swap"](folder, client_token, raw, taken):
-                return _queue_for_token(store, folder, taken, job, fresh=False)
+                return _queue_for_token(store, display_name, username, taken, job, fresh=False)
         except NotFoundError:
             continue
     raise TransientError(f"{folder}/{client_token}: the token keeps changing; try again")
@@ -2771,11 +2771,13 @@ def _token_fields(raw: Doc, where: str) -> tuple[str, str, float]:
     return job_id, holder, float(created)
 
 
-def _queue_for_token(store: Storage, folder: str, doc: Doc, job: Doc, *, fresh: bool) -> str:
+def _queue_for_token(
+    store: Storage, display_name: str, username: str, doc: Doc, job: Doc, *, fresh: bool
+) -> str:
     """Queue the job a token document names, unless it is somewhere already, then mark
     the token done (no holder)."""
     layout, job_id = store["layout"], doc["job_id"]
-    display_name, username = doc["display_name"], doc["username"]
+    folder = _token_folder(layout, display_name)
     if fresh or _job_where(store, display_name, job_id) is None:
         with contextlib.suppress(AlreadyExistsError):  # an upload of ours answered too late
             store["upload"](
