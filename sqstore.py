@@ -134,9 +134,11 @@ __all__ = [
     "NextJob",
     "NotFinishedError",
     "NotFoundError",
+    "QueueStats",
     "ReadOnlyError",
     "ResultDict",
     "ResultLike",
+    "RunningJob",
     "SqstoreError",
     "StatusLike",
     "StatusMsg",
@@ -181,7 +183,9 @@ __all__ = [
     "new_job_id",
     "open_storage",
     "payload_of",
+    "prune",
     "public_from_private",
+    "queue_stats",
     "read_only",
     "redact_url",
     "renew_lease",
@@ -595,6 +599,36 @@ class Lease:
     expires: float
     attempts: int = 1
     finish: Doc | None = None
+
+
+@attrs.frozen
+class RunningJob:
+    """A claimed job as `queue_stats` sees it: who holds it and how its lease stands.
+
+    ``age`` is the seconds since the lease was taken or last renewed (assuming the
+    workers' lease length), ``expires_in`` the seconds until it runs out (negative: past).
+    """
+
+    job_id: str
+    holder: str
+    age: float
+    expires_in: float
+    attempts: int
+
+
+@attrs.frozen
+class QueueStats:
+    """A backend's queue at one instant (see `queue_stats`); times in seconds."""
+
+    display_name: str
+    queued: int
+    oldest_queued_age: float | None
+    running: tuple[RunningJob, ...]
+    finished: int
+    failed: int
+    jobs_per_hour_last_hour: float
+    jobs_per_hour_last_day: float
+    median_seconds_to_done: float | None
 
 
 # ============================================================================
@@ -1775,7 +1809,8 @@ def get_backend_status(
 ) -> BackendStatus:
     """Return the Qiskit-shaped status of a backend.
 
-    ``operational`` is true when the queue was checked at most *timeout* seconds ago.
+    ``operational`` is true when the queue was checked at most *timeout* seconds ago;
+    ``pending_jobs`` is the number of jobs in its queue now (one listing).
 
     Raises:
         NotFoundError: the backend has no configuration, or *display_name* cannot
@@ -1783,7 +1818,9 @@ def get_backend_status(
     """
     _check_handle(store)
     cfg = get_config(store, display_name)
-    return backend_dict_to_qiskit_status(store, cfg, timeout=timeout, now=now)
+    status = backend_dict_to_qiskit_status(store, cfg, timeout=timeout, now=now)
+    queued = store["list"](_fill(store["layout"].queued, display_name))
+    return attrs.evolve(status, pending_jobs=len(queued))
 
 
 def timestamp_queue(
@@ -1989,22 +2026,37 @@ def create_job_id(store: Storage, display_name: str, username: str) -> str:
 
 
 def upload_job(
-    store: Storage, job_dict: Doc, display_name: str, username: str, *, private_jwk: Any = None
+    store: Storage,
+    job_dict: Doc,
+    display_name: str,
+    username: str,
+    client_token: str | None = None,
+    *,
+    private_jwk: KeyLike | None = None,
 ) -> str:
     """Queue *job_dict* (stored as given) for a backend and return its job id.
+
+    With *client_token* (a name the client picks for this submit), submitting
+    again with the same token to the same backend returns the first job id and
+    queues nothing more, so a client that lost the answer can safely retry.
 
     With *private_jwk* (a user's key, published with ``upload_public_key(...,
     role="user")``), the job is signed first, in a document of its own: see
     `verify_job` and a config's ``require_signed_jobs``.
 
     Raises:
+        AlreadyExistsError: *client_token* was used for another job or user.
         BadSignatureError: *private_jwk* is not a private key.
         InvalidDocumentError: *job_dict* is not a JSON object.
-        InvalidNameError: bad display name or username.
+        InvalidNameError: bad display name, username or client_token.
+        TransientError: another submit with *client_token* is between its two
+            writes (try again).
     """
     _check_handle(store)
     if not isinstance(job_dict, dict):
         raise InvalidDocumentError(f"job_dict must be a JSON object, not {type(job_dict).__name__}")
+    if client_token is not None:
+        return _submit_once(store, job_dict, display_name, username, client_token, private_jwk)
     layout = store["layout"]
     for attempt in range(3):  # a fresh id if two submits met in one microsecond
         job_id = create_job_id(store, display_name, username)
@@ -2919,6 +2971,378 @@ def _sweep_lease(
     return True
 
 
+# Idempotent submit, retention, queue insight
+#
+# A submit token is a document that sqooler never reads, below the leases':
+# ``<leases>/tokens/<dn>/<client_token>`` names the job submitted with it.  Times:
+# a job's submission from its id (see `new_job_id`, `_submitted_at`), its finish
+# from ``finished_at`` in its final status (a field sqooler's readers ignore).
+
+_TOKEN_STALE = DEFAULT_SKEW + 60.0
+"""Seconds after which a submit that wrote its token but not its job counts as dead."""
+
+_YEAR = 366 * 86_400.0
+
+
+def _token_folder(layout: Layout, display_name: str) -> str:
+    return f"{layout.leases}/tokens/{display_name}"
+
+
+def _submit_holder() -> str:
+    """Who is submitting: this process and thread (a retry from here is never concurrent)."""
+    return f"{_default_holder()}:{threading.get_ident()}"
+
+
+def _submit_once(
+    store: Storage,
+    job: Doc,
+    display_name: str,
+    username: str,
+    client_token: str,
+    private_jwk: KeyLike | None,
+) -> str:
+    """`upload_job` with a token: one job per token and backend, whatever the retries.
+
+    The token document is created (create-only) before the job, naming the job's
+    id and its submitter (*holder*), and its holder is cleared once the job is
+    queued.  A later submit with the token returns that id; if the job was never
+    queued, it queues it, when the holder is itself (an earlier attempt of this
+    thread) or dead (the token is older than ``_TOKEN_STALE``).
+    """
+    layout = store["layout"]
+    folder = _token_folder(layout, _check_display_name(display_name))
+    check_name(client_token, "client_token")
+    digest, me = _job_digest(job), _submit_holder()
+    for _ in range(5):
+        job_id = create_job_id(store, display_name, username)
+        mine: Doc = {"client_token": client_token, "job_id": job_id, "display_name": display_name}
+        mine |= {"username": username, "digest": digest, "holder": me, "created": time.time()}
+        try:
+            store["upload"](folder, client_token, mine)
+            return _queue_for_token(store, display_name, username, mine, job, private_jwk)
+        except AlreadyExistsError:
+            pass
+        try:
+            raw = store["get"](folder, client_token)
+        except NotFoundError:
+            continue  # removed meanwhile (pruned): a new submit
+        found, holder, created = _token_fields(raw, f"{folder}/{client_token}")
+        if raw.get("username") != username or raw.get("digest") != digest:
+            raise AlreadyExistsError(
+                f"{folder}/{client_token}: client_token {client_token!r} was used for "
+                f"another job ({found}) or by another user"
+            )
+        if not holder:
+            return found
+        if holder != me and time.time() - created < _TOKEN_STALE:
+            if _job_where(store, display_name, found) is not None:
+                return found
+            raise TransientError(
+                f"{folder}/{client_token}: another submit with client_token {client_token!r} "
+                "is under way; try again"
+            )
+        taken = {**raw, "holder": me, "created": time.time()}  # ours before, or a dead one's
+        try:
+            if store["swap"](folder, client_token, raw, taken):
+                return _queue_for_token(
+                    store, display_name, username, taken, job, private_jwk, fresh=False
+                )
+        except NotFoundError:
+            continue
+    raise TransientError(f"{folder}/{client_token}: the token keeps changing; try again")
+
+
+def _token_fields(raw: Doc, where: str) -> tuple[str, str, float]:
+    """The job id, holder and creation time of a stored token document."""
+    job_id, holder, created = raw.get("job_id"), raw.get("holder"), raw.get("created")
+    if (
+        not isinstance(job_id, str)
+        or _NAME_RE.fullmatch(job_id) is None
+        or not isinstance(holder, str)
+        or isinstance(created, bool)
+        or not isinstance(created, (int, float))
+    ):
+        raise InvalidDocumentError(f"{where}: not a submit token document")
+    return job_id, holder, float(created)
+
+
+def _queue_for_token(
+    store: Storage,
+    display_name: str,
+    username: str,
+    doc: Doc,
+    job: Doc,
+    private_jwk: KeyLike | None,
+    *,
+    fresh: bool = True,
+) -> str:
+    """Queue the job a token document names, unless it is somewhere already, then mark
+    the token done (no holder)."""
+    layout, job_id = store["layout"], doc["job_id"]
+    folder = _token_folder(layout, display_name)
+    if fresh or _job_where(store, display_name, job_id) is None:
+        if private_jwk is not None:
+            _sign_job(store, job, display_name, username, job_id, private_jwk)
+        with contextlib.suppress(AlreadyExistsError):  # an upload of ours answered too late
+            store["upload"](
+                _fill(layout.queued, display_name, username),
+                _fill(layout.job_file, job_id=job_id),
+                job,
+            )
+    with contextlib.suppress(NotFoundError):  # pruned already: nothing to mark
+        store["swap"](folder, doc["client_token"], doc, {**doc, "holder": ""})
+    return str(job_id)
+
+
+def _finished_at(doc: Doc, at: float) -> Doc:
+    """A final (DONE or ERROR) status document, saying when the job finished."""
+    if doc.get("status") in ("DONE", "ERROR"):
+        doc["finished_at"] = datetime.fromtimestamp(at, timezone.utc).isoformat()
+    return doc
+
+
+def _finish_time(status: Doc) -> float | None:
+    """The Unix time at which a status document says its job finished; None if it does not."""
+    text = status.get("finished_at")
+    if not isinstance(text, str):
+        return None
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _submitted_at(layout: Layout, job_id: str) -> float | None:
+    """When a job was submitted, as its id says (see `new_job_id`); None if it does not.
+
+    A 24-hex id gives its first 8 hex digits as seconds (as a MongoDB ObjectId does)
+    and the next 8 as nanoseconds when they can be; a dated id its UTC date and time
+    and microseconds.  Ids made at random (sqooler's on a directory or MongoDB) give
+    a time too, but an arbitrary one: callers ignore times that cannot be right.
+
+    >>> _submitted_at(LOCAL_LAYOUT, '6553f100075bcd15abcdef01')
+    1700000000.1234567
+    >>> _submitted_at(DROPBOX_LAYOUT, '20231114_221320-sim-alice-1e240')
+    1700000000.123456
+    """
+    if _OBJECT_ID_RE.fullmatch(job_id):
+        nanos = int(job_id[8:16], 16)
+        return int(job_id[:8], 16) + (nanos / 1e9 if nanos < 1_000_000_000 else 0.0)
+    parts = job_id.split("-")
+    if len(parts) != 4 or re.fullmatch(r"[0-9a-f]{5}", parts[3]) is None:
+        return None
+    try:
+        stamp = datetime.strptime(parts[0], "%Y%m%d_%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return stamp.timestamp() + int(parts[3], 16) / 1e6
+
+
+def _plausible(seconds: float) -> bool:
+    """Whether a time span between two events can be real (clocks may differ by a skew)."""
+    return -DEFAULT_SKEW <= seconds <= _YEAR
+
+
+def _status_ids(store: Storage, display_name: str) -> list[str]:
+    """The job ids with a status of a backend (one listing)."""
+    layout = store["layout"]
+    folder = _fill(layout.status, display_name)
+    found = (_id_in_file(layout.status_file, name) for name in store["list"](folder))
+    return [job_id for job_id in found if job_id is not None]
+
+
+def prune(
+    store: Storage,
+    display_name: str,
+    older_than: float,
+    keep_results: float | None = None,
+    *,
+    dry_run: bool = False,
+    now: Callable[[], float] = time.time,
+) -> dict[str, list[str]]:
+    """Remove the jobs of a backend that finished (DONE or ERROR) *older_than* seconds ago.
+
+    A job's finish time is the ``finished_at`` of its status, which
+    `update_in_database` writes; a job whose status has none (finished by another
+    program, such as sqooler) is left alone.  For each job old enough, in this
+    order: a DONE status is first replaced by an ERROR one saying the job was
+    removed, so that no status ever promises a result that is gone; then go its
+    submit tokens, its result, its job document, and last its status.  So a prune
+    stopped at any point is finished by running it again (the status is how it
+    finds the job).  With *keep_results* (seconds, at least *older_than*), jobs
+    finished between *older_than* and *keep_results* ago lose only their job
+    document (the input) and keep their status, result and tokens.  A queued or
+    running job is never touched, nor a job that has a lease (a worker is still
+    finishing it, or a sweep must complete its finish).  With *dry_run*, nothing
+    is written and the report says what would be removed.  Cost: one listing of
+    the statuses, one read of each status old enough by its job id, and a few
+    reads per job old enough (its lease, where the job is, its tokens once).
+
+    Returns:
+        ``{"jobs": [job ids], "statuses": [job ids], "results": [job ids],
+        "tokens": [tokens]}``: what was (or would be) removed.
+
+    Raises:
+        InvalidNameError: bad display name.
+        ValueError: *older_than* is negative, or *keep_results* is less than it.
+    """
+    _check_handle(store)
+    _check_display_name(display_name)
+    if not isinstance(older_than, (int, float)) or not older_than >= 0:
+        raise ValueError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
+    keep = older_than if keep_results is None else keep_results
+    if not isinstance(keep, (int, float)) or not keep >= older_than:
+        raise ValueError(f"keep_results must be at least older_than, not {keep_results!r}")
+    layout, current = store["layout"], now()
+    report: dict[str, list[str]] = {"jobs": [], "statuses": [], "results": [], "tokens": []}
+    tokens: dict[str, list[str]] | None = None
+
+    def remove(kind: str, name: str, path: str, doc_id: str) -> None:
+        try:
+            if dry_run:
+                if not _exists(store, path, doc_id):
+                    return
+            else:
+                store["delete"](path, doc_id)
+        except NotFoundError:
+            return
+        report[kind].append(name)
+
+    for job_id in _status_ids(store, display_name):
+        submitted = _submitted_at(layout, job_id)
+        if submitted is not None and 0 <= current - submitted < older_than:
+            continue  # submitted too recently to have finished long enough ago
+        try:
+            status_at = _status_location(store, display_name, None, job_id)
+            raw = _read(store, *status_at)
+            status, at = payload_of(raw), _finish_time(payload_of(raw))
+            if at is None or at > current - older_than or status.get("status") not in STATUSES:
+                continue
+            if _lease_at(store, job_id) is not None:
+                continue  # a finish under way, or one that a sweep must complete
+            where = _job_where(store, display_name, job_id)
+            if where in ("queued", "running"):
+                continue
+            everything = at <= current - keep
+            if everything and status.get("status") == "DONE" and not dry_run:
+                removed = StatusMsg(job_id, "ERROR", "The job was removed.", "Removed by prune.")
+                store["update"](*status_at, _finished_at(to_doc(removed), at))
+            if everything:
+                if tokens is None:
+                    tokens = _tokens_of_jobs(store, display_name)
+                for token in tokens.get(job_id, ()):
+                    remove("tokens", token, _token_folder(layout, display_name), token)
+                remove("results", job_id, *_result_location(store, display_name, job_id))
+            if where is not None:
+                path = _job_fill(layout, getattr(layout, where), display_name, job_id)
+                remove("jobs", job_id, path, _fill(layout.job_file, job_id=job_id))
+            if everything:
+                remove("statuses", job_id, *status_at)
+        except (InvalidDocumentError, InvalidNameError, NotFoundError):
+            continue  # this job only: a malformed status or lease, an id that does not fit
+    return report
+
+
+def _tokens_of_jobs(store: Storage, display_name: str) -> dict[str, list[str]]:
+    """The submit tokens of a backend, by the job id each names (one read per token)."""
+    folder = _token_folder(store["layout"], display_name)
+    found: dict[str, list[str]] = {}
+    for token in store["list"](folder):
+        try:
+            job_id = _token_fields(store["get"](folder, token), f"{folder}/{token}")[0]
+        except (NotFoundError, InvalidDocumentError):
+            continue
+        found.setdefault(job_id, []).append(token)
+    return found
+
+
+@_reads
+def queue_stats(
+    store: Storage,
+    display_name: str,
+    *,
+    lease_seconds: float = DEFAULT_LEASE,
+    known: dict[str, Doc] | None = None,
+    now: Callable[[], float] = time.time,
+) -> QueueStats:
+    """Return the state of a backend's queue now.
+
+    Queued jobs are counted from the queue's listing, and the oldest one's age is
+    read from the job ids (an id that gives no believable time, such as
+    sqooler's random ones, counts in the number but not in the age).  Running
+    jobs are those whose lease is held (one read per lease, of any backend); a
+    lease's age assumes the workers' lease length *lease_seconds*.  Finished
+    (DONE) and failed (ERROR) jobs are counted from their statuses (one listing,
+    and one read per status of a job neither queued nor running); jobs/hour over
+    the last hour and the last day, and the median seconds from submission (the
+    job id's time) to DONE, from the ``finished_at`` of those statuses, which
+    `update_in_database` writes: jobs finished by other programs count, but are
+    not timed.  *known*, a dict kept between calls (``sqstore stats --watch``
+    does), holds the final statuses read, so that they are read only once.
+
+    Raises:
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    get_config(store, display_name)
+    layout, current = store["layout"], now()
+    known = {} if known is None else known
+    queued = [
+        _job_id_of(layout, name) for name in store["list"](_fill(layout.queued, display_name))
+    ]
+    ages = []
+    for job_id in queued:
+        submitted = _submitted_at(layout, job_id)
+        if submitted is not None and _plausible(current - submitted):
+            ages.append(max(current - submitted, 0.0))
+    running = []
+    for job_id in store["list"](layout.leases):
+        try:
+            found = _lease_at(store, job_id)
+        except SqstoreError:
+            continue  # garbage in place of a lease: not a running job here
+        if found is not None and found[1].display_name == display_name and found[1].holder:
+            lease = found[1]
+            age, left = current - (lease.expires - lease_seconds), lease.expires - current
+            running.append(RunningJob(job_id, lease.holder, age, left, lease.attempts))
+    busy = {*queued, *(r.job_id for r in running)}
+    finishes: list[tuple[str, float | None, float | None]] = []  # status, finished, waited
+    for job_id in _status_ids(store, display_name):
+        if job_id in busy:
+            continue
+        status = known.get(job_id)
+        if status is None:
+            try:
+                status = payload_of(
+                    _read(store, *_status_location(store, display_name, None, job_id))
+                )
+            except (NotFoundError, InvalidDocumentError, InvalidNameError):
+                continue
+            if status.get("status") not in ("DONE", "ERROR"):
+                continue  # not final: read again next time
+            known[job_id] = status
+        at, submitted = _finish_time(status), _submitted_at(layout, job_id)
+        waited = None if at is None or submitted is None else at - submitted
+        finishes.append((str(status.get("status")), at, waited))
+    waits = [max(w, 0.0) for s, _, w in finishes if s == "DONE" and w is not None and _plausible(w)]
+    hour = sum(1 for _, at, _ in finishes if at is not None and current - 3600 < at <= current)
+    day = sum(1 for _, at, _ in finishes if at is not None and current - 86_400 < at <= current)
+    import statistics
+
+    return QueueStats(
+        display_name=display_name,
+        queued=len(queued),
+        oldest_queued_age=max(ages, default=None),
+        running=tuple(running),
+        finished=sum(s == "DONE" for s, _, _ in finishes),
+        failed=sum(s == "ERROR" for s, _, _ in finishes),
+        jobs_per_hour_last_hour=float(hour),
+        jobs_per_hour_last_day=day / 24,
+        median_seconds_to_done=statistics.median(waits) if waits else None,
+    )
+
+
 def update_in_database(
     store: Storage,
     result_dict: ResultLike | None,
@@ -2928,6 +3352,7 @@ def update_in_database(
     private_jwk: KeyLike | None = None,
     *,
     holder: str | None = None,
+    now: Callable[[], float] = time.time,
 ) -> None:
     """Finish a running job: Bob's last step.
 
@@ -2940,7 +3365,8 @@ def update_in_database(
     running by a program that takes none) is finished too.  Before anything
     moves, the final status is recorded in the lease, so a worker that dies at
     any later step leaves a job that `requeue_expired` finishes; re-running
-    this step finishes it too.
+    this step finishes it too.  A DONE or ERROR status says when (``finished_at``,
+    from *now*), for `queue_stats` and `prune`.
 
     Raises:
         InvalidDocumentError: DONE without a result, a malformed status/result, or an
@@ -2959,7 +3385,8 @@ def update_in_database(
     lease_at = _lease_at(store, job_id)
     if lease_at is not None and lease_at[1].holder != holder:
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
-    status_doc = to_doc(status) if sign is None else sign(to_doc(status))
+    status_doc = _finished_at(to_doc(status), now())
+    status_doc = status_doc if sign is None else sign(status_doc)
     if status.status not in ("DONE", "ERROR"):  # progress: the job keeps running and its lease
         if lease_at is None and not _exists(store, layout.running, file_id):
             raise NotFoundError(f"job {job_id} is not in {layout.running}")
@@ -5248,8 +5675,12 @@ def _read_json_file(path: str, what: str) -> Doc:
 def _cmd_submit(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
     job = _read_json_file(args.job_file, "job file")
-    job_id = upload_job(store, job, args.display_name, args.username)
-    upload_status(store, args.display_name, args.username, job_id)
+    job_id = upload_job(store, job, args.display_name, args.username, client_token=args.token)
+    try:
+        upload_status(store, args.display_name, args.username, job_id)
+    except AlreadyExistsError:
+        if args.token is None:
+            raise  # a retry with a token finds the status of its first run
     print(job_id)
     return 0
 
@@ -5405,6 +5836,92 @@ def _cmd_requeue(store: Storage, args: argparse.Namespace) -> int:
         )
         return 0
     print(args.job_id)
+    return 0
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``12h`` or ``30d`` (an argparse type)."""
+    import argparse
+
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m, 12h, 30d")
+    return seconds
+
+
+def _cmd_prune(store: Storage, args: argparse.Namespace) -> int:
+    _backend(store, args.storage, args.display_name)
+    report = prune(
+        store, args.display_name, args.older_than, args.keep_results, dry_run=args.dry_run
+    )
+    if args.json:
+        _print_json(report)
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{args.display_name}: {verb} " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
+    for job_id in report["jobs"]:
+        print(f"  {job_id}")
+    return 0
+
+
+def _age_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86_400.0), ("h", 3600.0), ("m", 60.0)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _stats_text(stats: QueueStats) -> str:
+    oldest = f" (oldest {_age_text(stats.oldest_queued_age)})" if stats.queued else ""
+    lines = [
+        f"{stats.display_name}: {stats.queued} queued{oldest}, {len(stats.running)} running, "
+        f"{stats.finished} finished, {stats.failed} failed",
+        *(
+            f"  running {r.job_id} held by {r.holder}: lease age {_age_text(r.age)}, "
+            f"expires in {_age_text(r.expires_in)}, attempt {r.attempts}"
+            for r in stats.running
+        ),
+        f"  {stats.jobs_per_hour_last_hour:g} jobs/h over the last hour, "
+        f"{stats.jobs_per_hour_last_day:.2g} over the last day; median submission to DONE "
+        f"{_age_text(stats.median_seconds_to_done)}",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_stats(store: Storage, args: argparse.Namespace) -> int:
+    known: dict[str, dict[str, Doc]] = {}  # final statuses read, kept while watching
+
+    if args.display_name:
+        _backend(store, args.storage, args.display_name)
+
+    def every() -> dict[str, QueueStats]:
+        names = [args.display_name] if args.display_name else get_backends(store)
+        return {name: queue_stats(store, name, known=known.setdefault(name, {})) for name in names}
+
+    if args.watch is not None:
+        if not sys.stdout.isatty():
+            raise _UserError("stats --watch needs a terminal; scripts use --json")
+        if not args.watch > 0:
+            raise _UserError("--watch takes a number of seconds > 0")
+        while True:  # until Ctrl-C
+            text = "\n".join(map(_stats_text, every().values())) or "no backends"
+            print("\033[H\033[J" + text, flush=True)  # redraw from the top left
+            time.sleep(args.watch)
+    stats = every()
+    if args.json:
+        docs = {name: to_doc(one) for name, one in stats.items()}
+        _print_json(docs[args.display_name] if args.display_name else docs)
+    else:
+        print("\n".join(map(_stats_text, stats.values())))
     return 0
 
 
@@ -6208,6 +6725,11 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("display_name")
     cancel.add_argument("job_id")
     cancel.add_argument("-u", "--username", default="cli", help="who cancels: the job's user")
+    submit.add_argument(
+        "--token", metavar="T",
+        help="a name for this submit: run again with the same T, it prints the same job id "
+        "and queues nothing more",
+    )  # fmt: skip
     copy = command("copy", _cmd_copy, "copy every document from one storage to another")
     copy.add_argument("src", metavar="SRC", help="the storage URL to copy from")
     copy.add_argument("dst", metavar="DST", help="the storage URL to copy to (nothing overwritten)")
@@ -6289,6 +6811,25 @@ def _parser() -> argparse.ArgumentParser:
     requeue.add_argument(
         "--skew", type=float, default=DEFAULT_SKEW, metavar="SECONDS",
         help=f"seconds past its time before a lease counts as expired (default {DEFAULT_SKEW:g})",
+    )  # fmt: skip
+    prune_ = command("prune", _cmd_prune, "remove a backend's jobs that finished long ago")
+    prune_.add_argument("display_name")
+    prune_.add_argument(
+        "--older-than", type=_duration, required=True, metavar="AGE",
+        help="remove jobs finished longer ago than AGE (90s, 15m, 12h, 30d)",
+    )  # fmt: skip
+    prune_.add_argument(
+        "--keep-results", type=_duration, metavar="AGE",
+        help="keep statuses and results until AGE (default: as --older-than)",
+    )  # fmt: skip
+    prune_.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    prune_.add_argument("--json", action="store_true", help="print what was removed as JSON")
+    stats = command("stats", _cmd_stats, "show the queue of one backend, or of each")
+    stats.add_argument("display_name", nargs="?")
+    stats.add_argument("--json", action="store_true", help="print the figures as JSON")
+    stats.add_argument(
+        "--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+        help="on a terminal, redraw every SECONDS (default 2) until Ctrl-C",
     )  # fmt: skip
     return parser
 

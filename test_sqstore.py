@@ -4287,6 +4287,573 @@ def test_mongodb_lifecycle_needs_fewer_round_trips_than_sqooler(
 
 
 # ============================================================================
+# Idempotent submit, retention, queue insight
+# ============================================================================
+def token_doc(store: Storage, display_name: str, token: str) -> dict[str, Any]:
+    """The stored token document of *token* for a backend."""
+    return store["get"](sqstore._token_folder(store["layout"], display_name), token)
+
+
+def test_submit_with_a_token_gives_one_job_per_token_and_backend(store: Storage) -> None:
+    """The same client_token on the same backend returns the first job id and queues nothing
+    more; another token, or the same token on another backend, is another job."""
+    for dn in ("sim", "other"):
+        sqstore.upload_config(store, sqstore.demo_config(dn), dn)
+    first = sqstore.upload_job(store, JOB, "sim", "alice", client_token="req-1")
+    assert sqstore.upload_job(store, JOB, "sim", "alice", client_token="req-1") == first
+    assert sqstore.upload_job(store, JOB, "sim", "alice", client_token="req-1") == first
+    second = sqstore.upload_job(store, JOB, "sim", "alice", client_token="req-2")
+    elsewhere = sqstore.upload_job(store, JOB, "other", "alice", client_token="req-1")
+    plain = sqstore.upload_job(store, JOB, "sim", "alice")
+    assert len({first, second, elsewhere, plain}) == 4
+    assert sorted(jobs_in(store, "queued")) == sorted([first, second, plain])
+    assert token_doc(store, "sim", "req-1")["job_id"] == first
+    # once claimed and finished, a retry still names that job and queues nothing
+    assert sorted(finish(store, "sim")) == sorted([first, second, plain])
+    assert sqstore.upload_job(store, JOB, "sim", "alice", client_token="req-1") == first
+    assert jobs_in(store, "queued") == []
+
+
+def test_submit_token_reused_for_another_job_or_user_is_refused(store: Storage) -> None:
+    """A token already used for another job or by another user raises AlreadyExistsError
+    naming it; a token that cannot be a name raises InvalidNameError before any write."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice", client_token="t1")
+    with pytest.raises(sqstore.AlreadyExistsError, match="t1"):
+        sqstore.upload_job(store, {"other": {}}, "sim", "alice", client_token="t1")
+    with pytest.raises(sqstore.AlreadyExistsError, match="t1"):
+        sqstore.upload_job(store, JOB, "sim", "bob", client_token="t1")
+    for bad in ("../x", "", "a/b", "$where", 5):
+        with pytest.raises(sqstore.InvalidNameError):
+            sqstore.upload_job(store, JOB, "sim", "alice", client_token=bad)  # type: ignore[arg-type]
+    assert jobs_in(store, "queued") == [job_id]
+
+
+def test_submit_token_whose_submitter_died_before_its_job_is_completed(store: Storage) -> None:
+    """A token whose submitter died between its token and its job: the same process's retry
+    queues the job at once; another's, while the token is fresh, gets TransientError (try
+    again), and once it is stale takes it over; either way one job, under the token's id."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    folder = sqstore._token_folder(store["layout"], "sim")
+
+    def dead_submit(token: str, holder: str, created: float) -> str:
+        job_id = sqstore.create_job_id(store, "sim", "alice")
+        digest = sqstore._job_digest(JOB)
+        doc = {"client_token": token, "job_id": job_id, "display_name": "sim", "username": "alice"}
+        doc |= {"digest": digest, "holder": holder, "created": created}
+        store["upload"](folder, token, doc)
+        return job_id
+
+    mine = dead_submit("own", sqstore._submit_holder(), time.time())
+    assert sqstore.upload_job(store, JOB, "sim", "alice", client_token="own") == mine
+    theirs = dead_submit("theirs", "elsewhere:1:1", time.time())
+    with pytest.raises(sqstore.TransientError, match="theirs"):
+        sqstore.upload_job(store, JOB, "sim", "alice", client_token="theirs")
+    stale = dead_submit("stale", "elsewhere:1:1", time.time() - 3600)
+    assert sqstore.upload_job(store, JOB, "sim", "alice", client_token="stale") == stale
+    assert sorted(jobs_in(store, "queued")) == sorted([mine, stale])
+    assert theirs not in jobs_in(store, "queued")
+    for token in ("own", "stale"):
+        assert token_doc(store, "sim", token)["holder"] == ""
+
+
+@pytest.mark.parametrize("lost", ["token", "job"])
+def test_submit_retried_after_a_lost_mongodb_answer_queues_one_job(lossy: Any, lost: str) -> None:
+    """A submit whose answer MongoDB sent but the client never got (the connection dropped,
+    no retry below) raises TransientError; the retry with the same token returns the same
+    job id, and the backend has one job."""
+    proxy, _ = lossy
+    store = sqstore.mongodb_storage(proxy.uri, retries=0)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    uploads = [0]
+
+    def arm(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            uploads[0] += 1
+            if uploads[0] == (1 if lost == "token" else 2):
+                proxy.lose.append("insert")
+            return fn(*args)
+
+        return call
+
+    armed = sqstore._map_ops(store, arm, only=("upload",))
+    with pytest.raises(sqstore.TransientError):
+        sqstore.upload_job(armed, JOB, "sim", "alice", client_token="retry-me")
+    assert proxy.lost == ["insert"], "the proxy lost no answer"
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice", client_token="retry-me")
+    assert jobs_in(store, "queued") == [job_id]
+    assert sqstore.upload_job(store, JOB, "sim", "alice", client_token="retry-me") == job_id
+
+
+def test_submit_without_a_token_after_a_lost_answer_queues_two_jobs(lossy: Any) -> None:
+    """Why tokens exist: the same retry without one queues the job twice."""
+    proxy, _ = lossy
+    store = sqstore.mongodb_storage(proxy.uri, retries=0)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    proxy.lose.append("insert")
+    with pytest.raises(sqstore.TransientError):
+        sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.upload_job(store, JOB, "sim", "alice")
+    assert len(jobs_in(store, "queued")) == 2
+
+
+@pytest.mark.parametrize("how", ["503", "drop"])
+def test_submit_retried_after_a_lost_dropbox_answer_queues_one_job(
+    dropbox_fake: Any, how: str
+) -> None:
+    """A Dropbox submit whose upload took effect but whose answer was lost (a 503, or a
+    dropped connection) and then retried with its token queues one job under one id."""
+    store = dropbox_store(dropbox_fake, retries=0)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for route_count in (1, 2):  # the token's upload, then the job's
+        token = f"t{route_count}"
+        dropbox_fake.reset_counts()
+        if route_count == 2:
+            dropbox_fake.after_next(
+                "files/upload", lambda: dropbox_fake.lose_next("files/upload", how)
+            )
+        else:
+            dropbox_fake.lose_next("files/upload", how)
+        with pytest.raises(sqstore.SqstoreError):
+            sqstore.upload_job(store, JOB, "sim", "alice", client_token=token)
+        job_id = sqstore.upload_job(store, JOB, "sim", "alice", client_token=token)
+        assert job_id in jobs_in(store, "queued")
+    assert len(jobs_in(store, "queued")) == 2
+
+
+def _token_submitter(root: str, tokens: list[str], out: str, start: Any) -> None:
+    store = sqstore.open_storage(root)
+    start.wait()
+    got = []
+    for token in tokens:
+        for _ in range(200):
+            try:
+                got.append(sqstore.upload_job(store, JOB, "sim", "alice", client_token=token))
+                break
+            except sqstore.TransientError:
+                time.sleep(0.01)  # another submit with this token is between its two writes
+    Path(out).write_text(json.dumps(got))
+
+
+def _token_claimer(root: str, out: str, start: Any, stop: Any) -> None:
+    store = sqstore.open_storage(root)
+    start.wait()
+    claimed = []
+    while True:
+        got = sqstore.claim_job(store, "sim", holder=f"w{os.getpid()}")
+        if got is not None:
+            claimed.append(got[0].job_id)
+            finish_as(store, got[0].job_id, got[1], f"w{os.getpid()}")
+        elif stop.is_set():
+            break
+    Path(out).write_text(json.dumps(claimed))
+
+
+def test_submits_racing_with_one_token_and_a_worker_make_one_job_each(url: str) -> None:
+    """Four processes submit the same 30 tokens at once while a worker drains the queue:
+    every process gets the same id per token, and each token's job runs exactly once."""
+    store = sqstore.open_storage(url)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    tokens = [f"tok{i}" for i in range(30)]
+    ctx = multiprocessing.get_context("spawn")
+    start, stop = ctx.Event(), ctx.Event()
+    tmp = Path(tempfile.mkdtemp())
+    submitters = [
+        ctx.Process(target=_token_submitter, args=(url, tokens, str(tmp / f"s{i}"), start))
+        for i in range(4)
+    ]
+    worker = ctx.Process(target=_token_claimer, args=(url, str(tmp / "w"), start, stop))
+    for proc in (*submitters, worker):
+        proc.start()
+    start.set()
+    for proc in submitters:
+        proc.join(120)
+        assert proc.exitcode == 0
+    stop.set()
+    worker.join(120)
+    assert worker.exitcode == 0
+    answers = [json.loads((tmp / f"s{i}").read_text()) for i in range(4)]
+    assert all(len(a) == 30 for a in answers) and answers[1:] == answers[:-1]
+    claimed = json.loads((tmp / "w").read_text())
+    claimed += [got[0].job_id for got in iter(lambda: sqstore.claim_job(store, "sim"), None)]
+    assert sorted(claimed) == sorted(answers[0])
+    shutil.rmtree(tmp)
+
+
+def test_cli_submit_with_a_token_prints_the_same_id_twice(tmp_path: Path) -> None:
+    """`sqstore submit --token T` run twice prints one job id and queues one job."""
+    store = sqstore.local_storage(tmp_path / "data")
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    (tmp_path / "job.json").write_text(json.dumps(JOB))
+    args = ("--storage", str(tmp_path / "data"), "submit", "sim", "job.json", "--token", "abc")
+    first, again = run_cli(*args, cwd=tmp_path), run_cli(*args, cwd=tmp_path)
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert first.stdout == again.stdout and len(first.stdout.strip()) == 24
+    assert store["list"]("jobs/queued/sim") == [first.stdout.strip()]
+    bad = run_cli(*args[:-1], "../x", cwd=tmp_path)
+    assert bad.returncode == 1 and "client_token" in bad.stderr
+
+
+# -- retention -------------------------------------------------------------------------------
+DAY = 86_400.0
+
+
+def old_job(store: Storage, submitted: float, display_name: str = "sim") -> str:
+    """Queue a job whose id says it was submitted at Unix time *submitted*; return its id."""
+    layout = store["layout"]
+    job_id = sqstore.new_job_id(layout, display_name, "alice", int(submitted * 1e9), 7)
+    queue, file_id = sqstore._fill(layout.queued, display_name), layout.job_file
+    store["upload"](queue, sqstore._fill(file_id, job_id=job_id), JOB)
+    return job_id
+
+
+def aged_lab(
+    store: Storage, clock: list[float], *, submitted: float | None = None
+) -> dict[str, str]:
+    """A backend 'sim' with jobs finished at known times: old DONE and ERROR jobs (ten days
+    ago), a recent DONE job (an hour ago), an old job still queued and one still running.
+    They are submitted now with tokens named as the dict's keys, or at *submitted*."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    jobs: dict[str, str] = {}
+    for i, name in enumerate(("old_done", "old_error", "new_done", "running", "queued")):
+        if submitted is None:
+            jobs[name] = sqstore.upload_job(store, JOB, "sim", "alice", client_token=name)
+        else:
+            jobs[name] = old_job(store, submitted + i)
+        sqstore.upload_status(store, "sim", "alice", jobs[name])
+    for name, at, outcome in (
+        ("old_done", clock[0] - 10 * DAY, "DONE"),
+        ("old_error", clock[0] - 10 * DAY, "ERROR"),
+        ("new_done", clock[0] - 3600, "DONE"),
+        ("running", clock[0] - 10 * DAY, None),
+    ):
+        got = sqstore.claim_job(store, "sim", holder="bob", now=lambda at=at: at)
+        assert got is not None and got[0].job_id == jobs[name]
+        if outcome is None:
+            break
+        result = sqstore.run_simulator(got[1], jobs[name], "sim") if outcome == "DONE" else None
+        status = sqstore.StatusMsg(jobs[name], outcome, "x", "None")
+        sqstore.update_in_database(
+            store, result, status, jobs[name], "sim", holder="bob", now=lambda at=at: at
+        )
+    return jobs
+
+
+def left_of(store: Storage, job_id: str) -> set[str]:
+    """Which of a job's documents exist: its job file (anywhere), status, result, token."""
+    found = set()
+    if sqstore._job_where(store, "sim", job_id) is not None:
+        found.add("job")
+    if sqstore._exists(store, *sqstore._status_location(store, "sim", None, job_id)):
+        found.add("status")
+    if sqstore._exists(store, *sqstore._result_location(store, "sim", job_id)):
+        found.add("result")
+    return found
+
+
+def test_prune_removes_old_finished_and_failed_jobs_only(store: Storage) -> None:
+    """prune removes the job, status, result and token of each job finished or failed longer
+    ago than older_than, and reports them; it leaves younger ones and never touches a queued
+    or running job, however old; a dry run reports the same and removes nothing."""
+    clock = [T0]
+    jobs = aged_lab(store, clock)
+    before = {name: left_of(store, job_id) for name, job_id in jobs.items()}
+    assert before["old_done"] == {"job", "status", "result"}
+    plan = sqstore.prune(store, "sim", older_than=7 * DAY, dry_run=True, now=lambda: T0)
+    assert {name: left_of(store, job_id) for name, job_id in jobs.items()} == before
+    assert sorted(plan["jobs"]) == sorted([jobs["old_done"], jobs["old_error"]])
+    assert plan["results"] == [jobs["old_done"]]
+    assert sorted(plan["statuses"]) == sorted(plan["jobs"])
+    assert sorted(plan["tokens"]) == ["old_done", "old_error"]
+    done = sqstore.prune(store, "sim", older_than=7 * DAY, now=lambda: T0)
+    assert {k: sorted(v) for k, v in done.items()} == {k: sorted(v) for k, v in plan.items()}
+    assert left_of(store, jobs["old_done"]) == left_of(store, jobs["old_error"]) == set()
+    for name in ("new_done", "running", "queued"):
+        assert left_of(store, jobs[name]) == before[name], name
+    assert sqstore.get_status(store, "sim", "alice", jobs["old_done"]).status == "ERROR"
+    assert sqstore.prune(store, "sim", older_than=7 * DAY, now=lambda: T0) == {
+        "jobs": [], "statuses": [], "results": [], "tokens": []
+    }  # fmt: skip
+    # a pruned token is free again: a new submit with it is a new job
+    assert (
+        sqstore.upload_job(store, JOB, "sim", "alice", client_token="old_done") not in jobs.values()
+    )
+    # the rest goes once old enough; the running and queued jobs stay
+    sqstore.prune(store, "sim", older_than=0, now=lambda: T0)
+    assert left_of(store, jobs["new_done"]) == set()
+    assert left_of(store, jobs["running"]) == before["running"]
+    assert left_of(store, jobs["queued"]) == before["queued"]
+
+
+def test_prune_keep_results_removes_inputs_first(store: Storage) -> None:
+    """With keep_results longer than older_than, the job documents (the inputs) of old jobs
+    go while their statuses and results stay until keep_results; then those go too."""
+    jobs = aged_lab(store, [T0])
+    got = sqstore.prune(store, "sim", older_than=DAY, keep_results=30 * DAY, now=lambda: T0)
+    assert sorted(got["jobs"]) == sorted([jobs["old_done"], jobs["old_error"]])
+    assert got["statuses"] == got["results"] == got["tokens"] == []
+    assert left_of(store, jobs["old_done"]) == {"status", "result"}
+    assert sqstore.get_result(store, "sim", "alice", jobs["old_done"]).status == "DONE"
+    later = sqstore.prune(store, "sim", older_than=DAY, keep_results=30 * DAY,
+                          now=lambda: T0 + 25 * DAY)  # fmt: skip
+    assert left_of(store, jobs["old_done"]) == set() and later["results"] == [jobs["old_done"]]
+    with pytest.raises(ValueError, match="keep_results"):
+        sqstore.prune(store, "sim", older_than=DAY, keep_results=1.0)
+    with pytest.raises(ValueError, match="older_than"):
+        sqstore.prune(store, "sim", older_than=-1)
+    with pytest.raises(sqstore.InvalidNameError):
+        sqstore.prune(store, "../sim", older_than=DAY)
+
+
+def stopping_after(count: int) -> Callable[[str, Callable[..., Any]], Callable[..., Any]]:
+    """A wrap for `_map_ops` that ends the process's work (KeyboardInterrupt) right after
+    the *count*-th wrapped call took effect."""
+    calls = [0]
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            out = fn(*args)
+            calls[0] += 1
+            if calls[0] == count:
+                raise KeyboardInterrupt
+            return out
+
+        return call
+
+    return wrap
+
+
+def test_prune_stopped_after_any_delete_never_leaves_a_done_status_without_result(
+    tmp_path: Path,
+) -> None:
+    """A prune that stops after any one of its deletes leaves no DONE status whose result is
+    gone; run again, it removes the rest."""
+    for stop_after in range(1, 12):
+        store = sqstore.local_storage(tmp_path / f"s{stop_after}")
+        jobs = aged_lab(store, [T0])
+        with contextlib.suppress(KeyboardInterrupt):
+            stopping = sqstore._map_ops(store, stopping_after(stop_after), only=("delete",))
+            sqstore.prune(stopping, "sim", older_than=DAY, now=lambda: T0)
+        for job_id in jobs.values():
+            left = left_of(store, job_id)
+            status = sqstore.get_status(store, "sim", "alice", job_id).status
+            assert not (status == "DONE" and "result" not in left), (stop_after, left)
+        sqstore.prune(store, "sim", older_than=DAY, now=lambda: T0)
+        assert left_of(store, jobs["old_done"]) == left_of(store, jobs["old_error"]) == set()
+        assert left_of(store, jobs["new_done"]) == {"job", "status", "result"}
+
+
+def test_prune_leaves_a_job_whose_worker_is_finishing_it(store: Storage) -> None:
+    """A job whose lease still exists (its finish is under way, or a sweep must complete
+    it) is left alone by prune, however old; once the finish completes it can go."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.upload_status(store, "sim", "alice", job_id)
+    got = sqstore.claim_job(store, "sim", holder="bob", now=lambda: T0)
+    assert got is not None
+    result = sqstore.run_simulator(got[1], job_id, "sim")
+    status = sqstore.StatusMsg(job_id, "DONE", "x", "None")
+
+    def late(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(path: str, *args: Any) -> Any:
+            if path == store["layout"].leases and args[-1] is None:  # the lease's drop
+                assert sqstore.prune(store, "sim", older_than=0, now=lambda: T0 + DAY) == {
+                    "jobs": [], "statuses": [], "results": [], "tokens": []
+                }  # fmt: skip
+            return fn(path, *args)
+
+        return call
+
+    slow = sqstore._map_ops(store, late, only=("swap",))
+    sqstore.update_in_database(slow, result, status, job_id, "sim", holder="bob", now=lambda: T0)
+    done_once(store, job_id)
+    assert sqstore.prune(store, "sim", older_than=0, now=lambda: T0 + DAY)["jobs"] == [job_id]
+
+
+def test_prune_sigkilled_midway_then_run_again_removes_everything_once(tmp_path: Path) -> None:
+    """`sqstore prune` SIGKILLed midway and run again removes every old job, and no young
+    one; no DONE status is left without its result."""
+    root = tmp_path / "store"
+    store = sqstore.local_storage(root)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    jobs, old = 1000, time.time() - 10 * DAY
+    for i in range(jobs + 5):
+        job_id = old_job(store, old - DAY + i * 0.001)
+        sqstore.upload_status(store, "sim", "alice", job_id)
+    finished = []
+    while (got := sqstore.claim_job(store, "sim", holder="bob")) is not None:
+        at = old if len(finished) < jobs else time.time()
+        result = sqstore.run_simulator(got[1], got[0].job_id, "sim")
+        status = sqstore.StatusMsg(got[0].job_id, "DONE", "x", "None")
+        sqstore.update_in_database(
+            store, result, status, got[0].job_id, "sim", holder="bob", now=lambda at=at: at
+        )
+        finished.append(got[0].job_id)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sqstore", "--storage", str(root), "prune", "sim",
+         "--older-than", "7d"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    results = root / "results" / "sim"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(results.glob("*.json"))) > jobs - 200:
+        time.sleep(0.002)
+    child.kill()
+    assert child.wait() == -signal.SIGKILL, "the prune ended before it could be killed"
+    assert 5 < len(list(results.glob("*.json"))) <= jobs - 200
+    for job_id in finished:
+        left = left_of(store, job_id)
+        assert "status" not in left or "result" in left
+    proc = run_cli("--storage", str(root), "prune", "sim", "--older-than", "7d", "--json",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["jobs"]) > 0
+    assert sorted(jobs_in(store, "finished")) == sorted(finished[jobs:])
+    assert sorted(store["list"]("results/sim")) == sorted(finished[jobs:])
+    assert sorted(store["list"]("status/sim")) == sorted(finished[jobs:])
+
+
+def test_cli_prune_dry_run_reports_and_keeps(tmp_path: Path) -> None:
+    """`sqstore prune --dry-run` names what it would remove and removes nothing; without it
+    the same is removed; a bad duration is a clear error."""
+    root = tmp_path / "data"
+    store = sqstore.local_storage(root)
+    jobs = aged_lab(store, [time.time()], submitted=time.time() - 11 * DAY)
+    before = tree(root)
+    base = ("--storage", str(root), "prune", "sim", "--older-than", "7d")
+    dry = run_cli(*base, "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert tree(root) == before
+    assert "would remove 2 jobs" in dry.stdout and jobs["old_done"] in dry.stdout
+    real = run_cli(*base, "--json", cwd=tmp_path)
+    assert real.returncode == 0, real.stderr
+    assert sorted(json.loads(real.stdout)["jobs"]) == sorted([jobs["old_done"], jobs["old_error"]])
+    bad = run_cli("--storage", str(root), "prune", "sim", "--older-than", "soon", cwd=tmp_path)
+    assert bad.returncode == 2 and "soon" in bad.stderr
+
+
+# -- queue insight ---------------------------------------------------------------------------
+def test_queue_stats_counts_and_times(store: Storage) -> None:
+    """queue_stats reports the queued count and the oldest one's age, the running jobs with
+    holder and lease ages, finished and failed counts, jobs/hour over the last hour and day
+    and the median submission-to-DONE time; pending_jobs is the queued count."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    layout = store["layout"]
+    submitted = {}
+    for i, ago in enumerate((5000.0, 4000.0, 3000.0, 2000.0, 1000.0, 900.0)):
+        ns = int((T0 - ago) * 1e9)
+        job_id = sqstore.new_job_id(layout, "sim", "alice", ns + i * 1000, i)
+        store["upload"](sqstore._fill(layout.queued, "sim"),
+                        sqstore._fill(layout.job_file, job_id=job_id), JOB)  # fmt: skip
+        submitted[job_id] = T0 - ago
+    ids = sorted(submitted)
+    assert sqstore.get_backend_status(store, "sim").pending_jobs == 6
+    outcomes = {ids[0]: ("DONE", T0 - 4000), ids[1]: ("DONE", T0 - 1000),
+                ids[2]: ("ERROR", T0 - 1000), ids[3]: ("DONE", T0 - 100)}  # fmt: skip
+    for job_id in ids[:4]:
+        got = sqstore.claim_job(store, "sim", holder="bob", now=lambda: T0 - 5000)
+        assert got is not None and got[0].job_id == job_id
+        outcome, at = outcomes[job_id]
+        result = sqstore.run_simulator(got[1], job_id, "sim") if outcome == "DONE" else None
+        status = sqstore.StatusMsg(job_id, outcome, "x", "None")
+        sqstore.update_in_database(store, result, status, job_id, "sim", holder="bob",
+                                   now=lambda at=at: at)  # fmt: skip
+    got = sqstore.claim_job(store, "sim", holder="carol", lease_seconds=600, now=lambda: T0 - 60)
+    assert got is not None and got[0].job_id == ids[4]
+    stats = sqstore.queue_stats(store, "sim", now=lambda: T0)
+    assert stats.display_name == "sim"
+    assert stats.queued == 1 and stats.oldest_queued_age == pytest.approx(900.0, abs=0.01)
+    assert [(r.job_id, r.holder) for r in stats.running] == [(ids[4], "carol")]
+    assert stats.running[0].age == pytest.approx(60.0) and stats.running[0].expires_in == 540.0
+    assert (stats.finished, stats.failed) == (3, 1)
+    assert stats.jobs_per_hour_last_hour == 3.0  # two at T0-1000, one at T0-100
+    assert stats.jobs_per_hour_last_day == pytest.approx(4 / 24)
+    # submission to DONE: 1000, 3000 and 1900 seconds -> median 1900
+    assert stats.median_seconds_to_done == pytest.approx(1900.0, abs=0.01)
+    assert sqstore.get_backend_status(store, "sim").pending_jobs == 1
+    empty = sqstore.queue_stats(store, "sim", now=lambda: T0 + 10 * DAY)
+    assert empty.jobs_per_hour_last_day == 0 and empty.finished == 3
+    with pytest.raises(sqstore.NotFoundError):
+        sqstore.queue_stats(store, "nosuch")
+
+
+def test_cli_stats_json_and_text(tmp_path: Path) -> None:
+    """`sqstore stats [DISPLAY_NAME] [--json]` prints each backend's figures; --watch needs
+    a terminal."""
+    root = tmp_path / "data"
+    store = sqstore.local_storage(root)
+    aged_lab(store, [time.time()], submitted=time.time() - 11 * DAY)
+    one = run_cli("--storage", str(root), "stats", "sim", "--json", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    doc = json.loads(one.stdout)
+    assert (doc["queued"], doc["finished"], doc["failed"]) == (1, 2, 1)
+    assert doc["running"][0]["holder"] == "bob"
+    every = run_cli("--storage", str(root), "stats", cwd=tmp_path)
+    assert every.returncode == 0 and every.stdout.startswith("sim: 1 queued"), every.stdout
+    watch = run_cli("--storage", str(root), "stats", "--watch", cwd=tmp_path)
+    assert watch.returncode == 1 and "terminal" in watch.stderr
+
+
+def test_cli_stats_watch_refreshes_in_place_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, `sqstore stats --watch` redraws in place until Ctrl-C, then exits 130."""
+    import pty
+
+    root = tmp_path / "data"
+    sqstore.upload_config(sqstore.local_storage(root), sqstore.demo_config("sim"), "sim")
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sqstore", "--storage", str(root), "stats", "--watch", "0.05"],
+        stdin=child_fd, stdout=child_fd, stderr=child_fd, env=env,
+    )  # fmt: skip
+    os.close(child_fd)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while seen.count(b"\x1b[H") < 3 and time.monotonic() < deadline:
+        seen += os.read(main_fd, 4096)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    os.close(main_fd)
+    assert seen.count(b"\x1b[H") >= 3 and b"sim: 0 queued" in seen
+
+
+def test_tokens_finish_times_and_pruning_leave_sqooler_reading_as_before(
+    shared: tuple[Any, Storage],
+) -> None:
+    """sqooler 0.9 on the same storage still lists the backends and serves a job submitted
+    with a token, after sqstore finished (with finished_at) and pruned another there."""
+    sqooler, store = shared
+    sqstore.upload_config(store, sqstore.demo_config("sq"), "sq")
+    old = sqstore.upload_job(store, JOB, "sq", "alice", client_token="first")
+    sqstore.upload_status(store, "sq", "alice", old)
+    got = sqstore.claim_job(store, "sq", holder="bob")
+    assert got is not None
+    sqstore.update_in_database(store, sqstore.run_simulator(got[1], old, "sq"),
+                               sqstore.StatusMsg(old, "DONE", "x", "None"), old, "sq",
+                               holder="bob")  # fmt: skip
+    job_id = sqstore.upload_job(store, JOB, "sq", "alice", client_token="second")
+    sqstore.upload_status(store, "sq", "alice", job_id)
+    assert "finished_at" in store["get"](*sqstore._status_location(store, "sq", None, old))
+    assert sqooler.get_status("sq", "alice", old).status == "DONE"  # finished_at is ignored
+    assert sqooler.get_result("sq", "alice", old).job_id == old
+    assert sqstore.queue_stats(store, "sq").finished == 1
+    assert sqstore.prune(store, "sq", older_than=0, now=lambda: time.time() + 1)["jobs"] == [old]
+    assert sqooler.get_backends() == ["sq"]
+    assert sqooler.get_status("sq", "alice", job_id).status == "INITIALIZING"
+    assert sqooler.get_next_job_in_queue("sq").job_id == job_id
+
+
+@pytest.mark.parametrize("heading", ["## Idempotent submit", "## Retention", "## Queue insight"])
+def test_readme_examples_of_tokens_prune_and_stats_run(heading: str) -> None:
+    """The python examples of the README's sections on tokens, retention and stats run."""
+    blocks = re.findall(r"```python\n(.*?)```", readme_section(heading), re.S)
+    assert blocks, heading
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+# ============================================================================
 # Interoperability with sqooler 0.9 on one directory and on Dropbox
 # ============================================================================
 @pytest.fixture
