@@ -3433,8 +3433,12 @@ _CANONICAL_JSON = json.JSONEncoder(
 )
 
 
+def _cancel_folder(layout: Layout) -> str:
+    return f"{layout.leases}/cancel"
+
+
 def _cancel_location(store: Storage, job_id: str) -> tuple[str, str]:
-    return f"{store['layout'].leases}/cancel", check_name(job_id, "job_id")
+    return _cancel_folder(store["layout"]), check_name(job_id, "job_id")
 
 
 def _cancelled(job_id: str, username: str, why: str) -> StatusMsg:
@@ -3589,9 +3593,12 @@ def _honour_cancel(
     return None, _cancelled(job_id, who[0], why)
 
 
+def _signature_folder(layout: Layout, display_name: str) -> str:
+    return f"{_fill(layout.status, _check_display_name(display_name))}/signatures"
+
+
 def _job_signature_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
-    folder = _fill(store["layout"].status, _check_display_name(display_name))
-    return f"{folder}/signatures", check_name(job_id, "job_id")
+    return _signature_folder(store["layout"], display_name), check_name(job_id, "job_id")
 
 
 def _job_digest(job: Any) -> str:
@@ -3942,7 +3949,18 @@ def _malformed_result(result: Any) -> str:
     return ""
 
 
-_COPY_KINDS = ("public_keys", "configs", "jobs", "statuses", "results", "leases")
+_COPY_KINDS = (
+    "public_keys",
+    "user_keys",
+    "configs",
+    "job_signatures",
+    "submit_tokens",
+    "cancel_requests",
+    "jobs",
+    "statuses",
+    "results",
+    "leases",
+)
 _COPY_COUNTS = ("copied", "present", "conflicts", "rejected")
 # (kind, the Layout folder, the Layout file template or "" for the bare job id)
 _JOB_FOLDERS = (
@@ -3964,7 +3982,9 @@ def copy_storage(
     progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Copy every public key, config, job, status, result and lease from *src* to *dst*.
+    """Copy every document of an exchange from *src* to *dst*: public keys (of backends
+    and users), configs, job signatures, submit tokens, cancel requests, jobs, statuses,
+    results and leases.
 
     Each document goes to the place *dst*'s layout gives it, under the same
     name and job id (e.g. from a sqooler Dropbox folder to MongoDB).  Nothing in
@@ -3984,7 +4004,8 @@ def copy_storage(
 
     Returns:
         ``{kind: {"copied": n, "present": n, "conflicts": n, "rejected": n}}``
-        for kinds public_keys, configs, jobs, statuses, results, leases.
+        for kinds public_keys, user_keys, configs, job_signatures, submit_tokens,
+        cancel_requests, jobs, statuses, results, leases.
 
     Raises:
         ValueError: the two layouts disagree on which folders are per backend.
@@ -4008,13 +4029,20 @@ def copy_storage(
             progress(counts)
 
     def one(
-        kind: str, src_at: tuple[str, str], dst_at: tuple[str, str], dn: str | None = None
+        kind: str,
+        src_at: tuple[str, str],
+        dst_at: tuple[str, str],
+        dn: str | None = None,
+        among: list[Doc] | None = None,
     ) -> Doc | None:
+        """Copy one document; *among* the keys that verify it, if not its backend's."""
         where = "/".join(src_at)
         try:
             doc = src["get"](*src_at)
             if verify and is_signed(doc):
-                verify_doc(doc, keys if dn is None else keys_of.get(dn, []))
+                if among is None:
+                    among = keys if dn is None else keys_of.get(dn, [])
+                verify_doc(doc, among)
         except NotFoundError:
             return None
         except (InvalidDocumentError, BadSignatureError) as exc:
@@ -4060,11 +4088,18 @@ def copy_storage(
             return []
         return own
 
+    def copy_all(kind: str, folders: tuple[str, str], among: list[Doc] | None = None) -> list[Doc]:
+        """Copy every document the source folder lists; return those *dst* now holds."""
+        held = (
+            one(kind, (folders[0], i), (folders[1], i), among=among)
+            for i in src["list"](folders[0])
+        )
+        return [doc for doc in held if doc is not None]
+
     keys_of: dict[str, list[Doc]] = {}  # a backend's own key, for its documents
     clashing_of: dict[str, list[Doc]] = {}  # ... when that key is in conflict in *dst*
-    for kid in src["list"](src_layout.public_keys):
-        doc = one("public_keys", (src_layout.public_keys, kid), (dst_layout.public_keys, kid))
-        keys += [doc] if doc is not None else []
+    keys += copy_all("public_keys", (src_layout.public_keys, dst_layout.public_keys))
+    user_keys = copy_all("user_keys", (_key_folder(src, "user"), _key_folder(dst, "user")))
     display_names = []
     for dn in get_backends(src):
         try:
@@ -4101,6 +4136,11 @@ def copy_storage(
             )
         return list(ids)
 
+    for dn in display_names:  # a job's signature and token before the job itself
+        folders = (_signature_folder(src_layout, dn), _signature_folder(dst_layout, dn))
+        copy_all("job_signatures", folders, among=user_keys)
+        copy_all("submit_tokens", (_token_folder(src_layout, dn), _token_folder(dst_layout, dn)))
+    copy_all("cancel_requests", (_cancel_folder(src_layout), _cancel_folder(dst_layout)))
     for kind, folder, file in _JOB_FOLDERS:  # running, deleted, leases: one folder for all
         if "{display_name}" not in getattr(src_layout, folder):
             copy_folder(kind, folder, file, "", None)

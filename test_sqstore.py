@@ -6704,14 +6704,20 @@ def test_installed_package_types_reach_a_users_mypy(
 # Copying between storages
 # ============================================================================
 def exchange(store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]) -> dict[str, str]:
-    """A signing and a plain backend with jobs in every state; returns ids by state."""
+    """A signing and a plain backend with jobs in every state; returns ids by state. The
+    first job (DONE) is signed by its user and submitted with a token; the running one has
+    a cancel request."""
     private, public = keys
+    user_private, user_public = rfc_keys("user0-key")
     sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
     sqstore.upload_public_key(store, public, "sim")
+    sqstore.upload_public_key(store, user_public, "user0", role="user")
     sqstore.upload_config(store, sqstore.demo_config("plain"), "plain")
     for dn, n in (("sim", 4), ("plain", 2)):
         for i in range(n):
-            job_id = sqstore.upload_job(store, JOB, dn, f"user{i}")
+            first = dn == "sim" and i == 0
+            signer, token = (user_private, "token0") if first else (None, None)
+            job_id = sqstore.upload_job(store, JOB, dn, f"user{i}", token, private_jwk=signer)
             sqstore.upload_status(store, dn, f"user{i}", job_id, private if dn == "sim" else None)
     ids = {}
     for state in ("DONE", "ERROR", "running"):
@@ -6723,12 +6729,24 @@ def exchange(store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]) -> dict[str,
             status = sqstore.StatusMsg(job_id, state, "ok", "None")
             sqstore.update_in_database(store, result, status, job_id, "sim", private)
     ids["queued"] = store["list"](sqstore._fill(store["layout"].queued, "sim"))[0]
+    assert sqstore.cancel_job(store, "sim", "user2", ids["running"]) == "requested"
     finish(store, "plain")
     return ids
 
 
 def copy_counts(**copied: int) -> dict[str, dict[str, int]]:
-    kinds = ("public_keys", "configs", "jobs", "statuses", "results", "leases")
+    kinds = (
+        "public_keys",
+        "user_keys",
+        "configs",
+        "job_signatures",
+        "submit_tokens",
+        "cancel_requests",
+        "jobs",
+        "statuses",
+        "results",
+        "leases",
+    )
     return {
         kind: {"copied": copied.get(kind, 0), "present": 0, "conflicts": 0, "rejected": 0}
         for kind in kinds
@@ -6749,13 +6767,19 @@ def test_copy_round_trip_local_mongodb_dropbox_local(
     mongo = mongo_store(mongodb_server)
     dbx = sqstore.open_storage("dropbox://")
     last = sqstore.local_storage(tmp_path / "last")
-    expected = copy_counts(public_keys=1, configs=2, jobs=6, statuses=6, results=3, leases=1)
+    expected = copy_counts(
+        public_keys=1, user_keys=1, configs=2, job_signatures=1, submit_tokens=1,
+        cancel_requests=1, jobs=6, statuses=6, results=3, leases=1,
+    )  # fmt: skip
     for src, dst in ((first, mongo), (mongo, dbx), (dbx, last)):
         assert sqstore.copy_storage(src, dst, verify=True) == expected
     assert visible(tmp_path / "last") == visible(tmp_path / "first")
     for store in (mongo, dbx, last):  # each copy works through the API, signatures included
         assert sqstore.get_status(store, "sim", "user0", ids["DONE"]).status == "DONE"
         assert sqstore.verify_result(store, "sim", ids["DONE"])
+        assert sqstore.verify_job(store, "sim", "user0", ids["DONE"])
+        assert sqstore.upload_job(store, JOB, "sim", "user0", "token0") == ids["DONE"]
+        assert sqstore.cancel_requested(store, ids["running"]) == "user2"
         assert sqstore.get_status(store, "sim", "user1", ids["ERROR"]).status == "ERROR"
         assert sqstore.get_job(store, store["layout"].running, ids["running"]) == JOB
     assert "/Backend_files/Result/sim/None/result-" + ids["DONE"] + ".json" in dropbox_env.files()
@@ -6787,7 +6811,7 @@ def recorded(store: Storage) -> tuple[Storage, set[tuple[str, str]]]:
     first=st.sampled_from([sqstore.LOCAL_LAYOUT, sqstore.DROPBOX_LAYOUT]),
     steps=st.lists(
         st.tuples(
-            st.sampled_from(["submit", "claim", "done", "error"]),
+            st.sampled_from(["submit", "signed", "token", "claim", "done", "error", "cancel"]),
             st.sampled_from(["sim", "plain"]),
             st.sampled_from(["alice", "bob"]),
         ),
@@ -6797,19 +6821,28 @@ def recorded(store: Storage) -> tuple[Storage, set[tuple[str, str]]]:
 def test_copy_there_and_back_keeps_every_document(
     first: sqstore.Layout, steps: list[tuple[str, str, str]]
 ) -> None:
-    """Whatever state an exchange is in, copying it to the other layout and back gives back
-    every document it holds, and nothing else."""
+    """Whatever state an exchange is in (signed submissions, submit tokens and cancel requests
+    included), copying it to the other layout and back gives back every document it holds,
+    and nothing else."""
     private, public = rfc_keys()
+    user_private, user_public = rfc_keys("alice-key")
     src, held = recorded(sqstore.memory_storage(layout=first))
     sqstore.upload_config(src, sqstore.demo_config("sim", sign=True), "sim", private)
     sqstore.upload_public_key(src, public, "sim")
+    sqstore.upload_public_key(src, user_public, "alice", role="user")
     sqstore.upload_config(src, sqstore.demo_config("plain"), "plain")
     running: dict[str, list[str]] = {"sim": [], "plain": []}
-    for action, dn, user in steps:
+    submitted: list[tuple[str, str, str]] = []
+    for n, (action, dn, user) in enumerate(steps):
         key = private if dn == "sim" else None
-        if action == "submit":
-            job_id = sqstore.upload_job(src, JOB, dn, user)
+        if action in ("submit", "signed", "token"):
+            signer = user_private if action == "signed" else None
+            token = f"t{n}" if action == "token" else None
+            job_id = sqstore.upload_job(src, JOB, dn, user, token, private_jwk=signer)
             sqstore.upload_status(src, dn, user, job_id, key)
+            submitted.append((dn, user, job_id))
+        elif action == "cancel" and submitted:
+            sqstore.cancel_job(src, *submitted[-1])
         elif action == "claim" and (claimed := sqstore.claim_job(src, dn, key)) is not None:
             running[dn].append(claimed[0].job_id)
         elif action in ("done", "error") and running[dn]:
