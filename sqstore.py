@@ -3476,7 +3476,8 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
     and the request is there for its worker (``"requested"``): `work` hands it
     to the executor and ends the job as cancelled, dropping its result, unless
     the worker had begun to finish the job before it saw the request.  A job
-    that had ended already is left as it is (``"finished"``).
+    that had ended already is left as it is (``"finished"``).  A cancel stopped
+    half-way (its process killed) is completed by calling it again.
 
     Returns:
         ``"cancelled"``, ``"requested"`` or ``"finished"``.
@@ -3491,7 +3492,7 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
     layout = store["layout"]
     where = _find_job(store, display_name, job_id)
     if where in ("finished", "deleted"):
-        return "finished"
+        return _after_the_end(store, display_name, username, job_id, where)
     path, doc_id = _cancel_location(store, job_id)
     request = {"job_id": job_id, "display_name": display_name, "username": username}
     with contextlib.suppress(AlreadyExistsError):  # asked before: that request stands
@@ -3514,6 +3515,30 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
         return "requested"
     _forget_cancel(store, job_id)  # it ended meanwhile: nothing is left to ask
     return "finished"
+
+
+def _after_the_end(
+    store: Storage, display_name: str, username: str, job_id: str, where: str
+) -> str:
+    """Cancel a job that has ended: a request left behind is dropped, and a job in deleted
+    whose status is not final was moved there by a cancel that stopped before writing
+    its status, which is written now."""
+    if cancel_requested(store, job_id) is None:
+        return "finished"
+    outcome = "finished"
+    if where == "deleted":
+        try:
+            final = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
+        except (NotFoundError, InvalidDocumentError):
+            final = {}
+        if final.get("status") not in ("DONE", "ERROR"):
+            why = "The job was cancelled before it ran."
+            _put_status(
+                store, display_name, None, job_id, to_doc(_cancelled(job_id, username, why))
+            )
+            outcome = "cancelled"
+    _forget_cancel(store, job_id)
+    return outcome
 
 
 @_reads

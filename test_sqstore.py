@@ -7450,6 +7450,55 @@ def test_readme_cancel_and_signed_submission_examples_run(heading: str, printed:
 
 
 # ============================================================================
+# Attacks on cancel, signed submissions and idempotent submit
+# ============================================================================
+class Stopped(BaseException):
+    """A process killed before a storage call: nothing after it runs, no handler sees it."""
+
+
+def stopped_at(store: Storage, index: int) -> tuple[Storage, list[int]]:
+    """*store* whose *index*-th call (from 1) stops the caller dead before it reaches the
+    storage, and the count of calls made through it."""
+    calls = [0]
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == index:
+                raise Stopped(f"{op} {args[:2]}")
+            return fn(*args)
+
+        return call
+
+    return sqstore._map_ops(store, wrap), calls
+
+
+def test_a_cancel_stopped_at_any_call_is_completed_by_running_it_again(store: Storage) -> None:
+    """A cancel of a queued job killed before any of its storage calls, then run again,
+    leaves the job in deleted with the cancelled status and no request behind; it never runs."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for index in range(1, 40):
+        job_id = queued_job(store)
+        doomed, calls = stopped_at(store, index)
+        try:
+            outcome = sqstore.cancel_job(doomed, "sim", "alice", job_id)
+        except Stopped:
+            outcome = sqstore.cancel_job(store, "sim", "alice", job_id)
+            assert outcome in ("cancelled", "finished"), index
+        else:
+            assert outcome == "cancelled" and calls[0] < index
+        status = sqstore.get_status(store, "sim", "alice", job_id)
+        assert (status.status, status.detail) == ("ERROR", "Cancelled by alice."), index
+        assert job_id in jobs_in(store, "deleted", job_id), index
+        assert sqstore.cancel_requested(store, job_id) is None, index
+        assert sqstore.claim_job(store, "sim") is None, index
+        if calls[0] < index:
+            break  # the cancel made fewer calls than index: every stop point was tried
+    else:
+        pytest.fail("a cancel should make fewer than 40 calls")
+
+
+# ============================================================================
 # Faults, races and hostile input: each guarantee attacked
 # ============================================================================
 T0 = 1_800_000_000.0
