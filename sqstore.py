@@ -2745,7 +2745,8 @@ def requeue_expired(
     finishing it is finished (its lease holds the final status); a job claimed
     *max_attempts* times already (a poison job that kills its worker) is moved
     to deleted with an ERROR status; any other running job goes back to its
-    queue.  A running job that has no lease (its lease was garbage, or it was
+    queue, unless its cancel was requested (`cancel_job`): then it ends
+    cancelled.  A running job that has no lease (its lease was garbage, or it was
     moved there by a program that takes none) gets one that expires after
     *grace* seconds, and is then requeued like the others if it is still
     there.  Every step is a `swap` of the lease as read, so of several sweeps
@@ -2849,7 +2850,8 @@ def requeue_job(
     worker that is still running it loses its lease (its finish then fails
     with `LeaseLostError`).  A job whose worker died
     while finishing it is finished instead (its lease holds the final status,
-    signed with *private_jwk* when given).  A lease left on a queued job by a
+    signed with *private_jwk* when given), and so is a job whose cancel was
+    requested (`cancel_job`): it ends cancelled.  A lease left on a queued job by a
     claim that stopped half-way is released.
 
     Returns:
@@ -2890,8 +2892,8 @@ def requeue_job(
             store, display_name, private_jwk, found, now(), -math.inf, sys.maxsize, 0.0
         ):
             return True
-        if lease.finish is not None and _job_where(store, display_name, job_id) != "running":
-            return False  # its recorded finish was completed
+        if _job_where(store, display_name, job_id) in ("finished", "deleted"):
+            return False  # its recorded finish was completed, or its cancel request honoured
     raise LeaseLostError(f"job {job_id}: its lease keeps changing; another worker acts on it")
 
 
@@ -2949,15 +2951,22 @@ def _sweep_lease(
         adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
         store["swap"](layout.leases, job_id, raw, _lease_doc(raw, adopted))
         return False
-    if lease.attempts >= max_attempts:
-        why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
-        status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
+    cancelled_by = cancel_requested(store, job_id)  # asked while it ran: it ends here
+    if cancelled_by is not None or lease.attempts >= max_attempts:
+        if cancelled_by is not None:
+            why = "Its worker stopped before it ended; the job was not run again."
+            status = _cancelled(job_id, cancelled_by, why)
+        else:
+            why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
+            status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
         doc = to_doc(status)
         if private_jwk is not None and (
             sign := _backend_signer(store, get_config(store, dn), private_jwk)
         ):
             doc = sign(doc)
         _close(store, found, dn, job_id, doc)
+        if cancelled_by is not None:
+            _forget_cancel(store, job_id)
         return False
     released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
     if not store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):

@@ -7498,6 +7498,26 @@ def test_a_cancel_stopped_at_any_call_is_completed_by_running_it_again(store: St
         pytest.fail("a cancel should make fewer than 40 calls")
 
 
+def test_a_job_cancelled_while_its_worker_died_is_not_run_again(store: Storage) -> None:
+    """A running job with a cancel request whose worker dies is not requeued when its lease
+    expires, nor by an operator's requeue: it ends cancelled, and no claim gets it again."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for how in ("sweep", "requeue_job"):
+        job_id = queued_job(store)
+        assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+        assert sqstore.cancel_job(store, "sim", "alice", job_id) == "requested"
+        if how == "sweep":
+            assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == []
+        else:
+            assert sqstore.requeue_job(store, "sim", job_id, now=lambda: T0 + 10) is False
+        assert sqstore.claim_job(store, "sim", now=lambda: T0 + 20) is None, how
+        status = sqstore.get_status(store, "sim", "alice", job_id)
+        assert (status.status, status.detail) == ("ERROR", "Cancelled by alice."), how
+        assert job_id in jobs_in(store, "deleted", job_id), how
+        assert job_id not in jobs_in(store, "leases"), how
+        assert sqstore.cancel_requested(store, job_id) is None, how
+
+
 # ============================================================================
 # Faults, races and hostile input: each guarantee attacked
 # ============================================================================
