@@ -7161,7 +7161,7 @@ def test_cancel_races_a_claim_paused_at_each_step(store: Storage) -> None:
 
 
 CANCEL_RACE_CLAIMER = """
-import sys
+import os, sys, time
 import sqstore
 
 store = sqstore.open_storage(sys.argv[1])
@@ -7173,17 +7173,24 @@ with open(sys.argv[2], "a") as log:
         job_id = claimed[0].job_id
         log.write(f"{job_id} {sqstore.cancel_requested(store, job_id)}\\n")
         log.flush()
+        while not os.path.exists(sys.argv[4]):  # one claim each before the cancels start
+            time.sleep(0.001)
         result = sqstore.run_simulator(claimed[1], job_id, "sim")
         status = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
         sqstore.update_in_database(store, result, status, job_id, "sim", holder=sys.argv[3])
 """
 
 CANCEL_RACE_CANCELLER = """
-import json, sys
+import json, os, sys, time
 import sqstore
 
 store = sqstore.open_storage(sys.argv[1])
-outcomes = {job_id: sqstore.cancel_job(store, "sim", "alice", job_id) for job_id in sys.argv[2:]}
+go, logs, job_ids = sys.argv[2], sys.argv[3:5], sys.argv[5:]
+while not all(os.path.exists(log) and os.path.getsize(log) for log in logs):
+    time.sleep(0.001)
+outcomes = {job_ids[0]: sqstore.cancel_job(store, "sim", "alice", job_ids[0])}
+open(go, "w").close()  # the rest race the claims
+outcomes |= {job_id: sqstore.cancel_job(store, "sim", "alice", job_id) for job_id in job_ids[1:]}
 print(json.dumps(outcomes))
 """
 
@@ -7197,9 +7204,10 @@ def test_cancel_races_claiming_workers_in_real_processes(tmp_path: Path) -> None
     job_ids = [queued_job(store) for _ in range(40)]
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     url = f"file://{root}"
+    go, logs = str(tmp_path / "go"), [str(tmp_path / f"w{i}.log") for i in range(2)]
     claimers = [
         subprocess.Popen(
-            [sys.executable, "-c", CANCEL_RACE_CLAIMER, url, str(tmp_path / f"w{i}.log"), f"w{i}"],
+            [sys.executable, "-c", CANCEL_RACE_CLAIMER, url, logs[i], f"w{i}", go],
             env=env,
             stderr=subprocess.PIPE,
             text=True,
@@ -7207,7 +7215,7 @@ def test_cancel_races_claiming_workers_in_real_processes(tmp_path: Path) -> None
         for i in range(2)
     ]
     canceller = subprocess.run(
-        [sys.executable, "-c", CANCEL_RACE_CANCELLER, url, *job_ids[::-1]],
+        [sys.executable, "-c", CANCEL_RACE_CANCELLER, url, go, *logs, *job_ids[::-1]],
         env=env, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     for proc in claimers:
