@@ -7526,6 +7526,46 @@ def test_a_job_cancelled_while_its_worker_died_is_not_run_again(store: Storage) 
         assert sqstore.cancel_requested(store, job_id) is None, how
 
 
+def test_a_token_retry_racing_a_claim_never_queues_its_job_twice(store: Storage) -> None:
+    """A retry with a token whose first submit queued the job but lost the answer, while a
+    worker claims that job between any two of the retry's storage calls, returns the job's
+    id and leaves it in one place: it runs once."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+
+    def lose_the_queued_answer(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            out = fn(*args)
+            if args[0] == folder(store, "queued"):
+                raise sqstore.TransientError("the answer was lost")
+            return out
+
+        return call
+
+    lossy = sqstore._map_ops(store, lose_the_queued_answer, only=("upload",))
+    for index in range(1, 40):
+        token = f"t{index}"
+        with pytest.raises(sqstore.TransientError):
+            sqstore.upload_job(lossy, JOB, "sim", "alice", client_token=token)
+        claimed: list[Any] = []
+
+        def claim(claimed: list[Any] = claimed) -> None:
+            claimed.append(sqstore.claim_job(store, "sim"))
+
+        racing = paused_at(store, index, claim)
+        job_id = sqstore.upload_job(racing, JOB, "sim", "alice", client_token=token)
+        places = [kind for kind in ("queued", "running") if job_id in jobs_in(store, kind, job_id)]
+        assert len(places) == 1, (index, places)
+        while (got := sqstore.claim_job(store, "sim")) is not None:
+            finish_as(store, got[0].job_id, got[1], sqstore._default_holder())
+        for nxt in claimed:
+            if nxt is not None:
+                finish_as(store, nxt[0].job_id, nxt[1], sqstore._default_holder())
+        if not claimed:
+            break  # the retry made fewer calls than index: every pause point was tried
+    else:
+        pytest.fail("a retry should make fewer than 40 calls")
+
+
 # ============================================================================
 # Faults, races and hostile input: each guarantee attacked
 # ============================================================================
