@@ -7566,6 +7566,30 @@ def test_a_token_retry_racing_a_claim_never_queues_its_job_twice(store: Storage)
         pytest.fail("a retry should make fewer than 40 calls")
 
 
+def test_prune_removes_a_jobs_signature_and_cancel_request_with_it(
+    store: Storage, user_keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """Pruning a signed job, or one whose cancel came too late, leaves neither its signature
+    nor its cancel request behind; a dry run removes neither."""
+    signed_job = queued_job(store, key=user_keys[0])
+    late = queued_job(store)
+    got = sqstore.claim_job(store, "sim", holder="w")
+    assert got is not None and got[0].job_id == signed_job
+    finish_as(store, signed_job, got[1], "w")
+    got = sqstore.claim_job(store, "sim", holder="w")
+    assert got is not None
+    assert sqstore.cancel_job(store, "sim", "alice", late) == "requested"
+    finish_as(store, late, got[1], "w")  # a worker of its own, which never looked
+    signatures = f"{folder(store, 'status')}/signatures"
+    cancels = f"{store['layout'].leases}/cancel"
+    later = time.time() + 8 * DAY
+    sqstore.prune(store, "sim", older_than=7 * DAY, dry_run=True, now=lambda: later)
+    assert (store["list"](signatures), store["list"](cancels)) == ([signed_job], [late])
+    report = sqstore.prune(store, "sim", older_than=7 * DAY, now=lambda: later)
+    assert sorted(report["jobs"]) == sorted([signed_job, late])
+    assert (store["list"](signatures), store["list"](cancels)) == ([], [])
+
+
 # ============================================================================
 # Faults, races and hostile input: each guarantee attacked
 # ============================================================================
