@@ -3681,7 +3681,7 @@ def _job_signature_problem(
         kid = _open_signed(raw)[2].get("kid") if is_signed(raw) else None
     except NotFoundError:
         return "the job is not signed"
-    except InvalidDocumentError as exc:
+    except (InvalidDocumentError, StorageError) as exc:  # a claim must not hold the job
         return f"its signature cannot be read: {exc}"
     if not isinstance(kid, str):
         return "the job is not signed with a key id"
@@ -3692,6 +3692,8 @@ def _job_signature_problem(
         payload = verify_doc(raw, [key])
     except NotFoundError:
         return f"it is signed with an unknown key {kid!r}"
+    except StorageError as exc:
+        return f"its key {kid!r} cannot be read: {exc}"
     except (BadSignatureError, InvalidDocumentError):
         return f"its signature does not verify with key {kid!r}"
     names = (payload.get("job_id"), payload.get("display_name"), payload.get("username"))

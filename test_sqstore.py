@@ -7590,6 +7590,34 @@ def test_prune_removes_a_jobs_signature_and_cancel_request_with_it(
     assert (store["list"](signatures), store["list"](cancels)) == ([], [])
 
 
+def test_a_signature_that_cannot_be_read_sets_its_job_aside(tmp_path: Path) -> None:
+    """A job whose signature cannot be read (a directory in its place) on a backend requiring
+    signed jobs is set aside with an ERROR status naming why, not left held and running; the
+    next job is claimed."""
+    store = sqstore.local_storage(tmp_path)
+    private, public = sqstore.generate_keypair("alicekey")
+    sqstore.upload_public_key(store, public, "alice", role="user")
+    sqstore.upload_config(store, strict_config(require_signed_jobs=True), "sim")
+    carol, carol_public = sqstore.generate_keypair("carolkey")
+    sqstore.upload_public_key(store, carol_public, "carol", role="user")
+    odd = queued_job(store, key=private)
+    odd_key = queued_job(store, key=carol, user="carol")
+    good = queued_job(store, key=private)
+    for path in (
+        tmp_path / folder(store, "status") / "signatures" / f"{odd}.json",
+        tmp_path / store["layout"].public_keys / "users" / "carolkey.json",
+    ):
+        path.unlink()
+        path.mkdir()
+    got = sqstore.claim_job(store, "sim")
+    assert got is not None and got[0].job_id == good
+    for job_id, why in ((odd, "its signature cannot be read"), (odd_key, "key 'carolkey' cannot")):
+        status = sqstore.get_status(store, "sim", "alice", job_id)
+        assert status.status == "ERROR" and why in status.error_message, status
+        assert job_id in jobs_in(store, "deleted", job_id)
+    assert jobs_in(store, "leases") == [good]
+
+
 # ============================================================================
 # Faults, races and hostile input: each guarantee attacked
 # ============================================================================
