@@ -5765,6 +5765,7 @@ def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(store: Storage, args: argparse.Namespace) -> int:
+    _backend(store, args.storage, args.display_name)
     outcome = cancel_job(store, args.display_name, args.username, args.job_id)
     print(f"{args.job_id}: {outcome}")
     return 0

@@ -7618,6 +7618,17 @@ def test_a_signature_that_cannot_be_read_sets_its_job_aside(tmp_path: Path) -> N
     assert jobs_in(store, "leases") == [good]
 
 
+def test_cli_cancel_on_an_unknown_backend_names_the_known_ones(tmp_path: Path) -> None:
+    """`sqstore cancel` on a backend that does not exist says so in one line, listing the
+    known backends, exit 1, as every command that names a backend does."""
+    store = sqstore.local_storage(tmp_path / "data")
+    job_id = queued_job(store)
+    proc = run_cli("--storage", "data", "cancel", "sm", job_id, "-u", "alice", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no backend 'sm'" in proc.stderr and "sim" in proc.stderr, proc.stderr
+    assert jobs_in(store, "queued") == [job_id]
+
+
 # ============================================================================
 # Faults, races and hostile input: each guarantee attacked
 # ============================================================================
