@@ -2951,7 +2951,10 @@ def _sweep_lease(
         adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
         store["swap"](layout.leases, job_id, raw, _lease_doc(raw, adopted))
         return False
-    cancelled_by = cancel_requested(store, job_id)  # asked while it ran: it ends here
+    try:
+        cancelled_by = cancel_requested(store, job_id)  # asked while it ran: it ends here
+    except StorageError:
+        cancelled_by = None  # unreadable: it runs again, and its worker looks again
     if cancelled_by is not None or lease.attempts >= max_attempts:
         if cancelled_by is not None:
             why = "Its worker stopped before it ended; the job was not run again."

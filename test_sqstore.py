@@ -7526,6 +7526,17 @@ def test_a_job_cancelled_while_its_worker_died_is_not_run_again(store: Storage) 
         assert sqstore.cancel_requested(store, job_id) is None, how
 
 
+def test_a_cancel_request_that_cannot_be_read_never_strands_a_job(tmp_path: Path) -> None:
+    """A dead worker's job whose cancel request cannot be read (a directory in its place) is
+    still requeued when its lease expires, and runs."""
+    store = sqstore.local_storage(tmp_path)
+    job_id = queued_job(store)
+    assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+    (tmp_path / store["layout"].leases / "cancel" / f"{job_id}.json").mkdir(parents=True)
+    assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == [job_id]
+    assert finish(store, "sim") == [job_id]
+
+
 def test_a_token_retry_racing_a_claim_never_queues_its_job_twice(store: Storage) -> None:
     """A retry with a token whose first submit queued the job but lost the answer, while a
     worker claims that job between any two of the retry's storage calls, returns the job's
