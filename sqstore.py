@@ -2745,7 +2745,8 @@ def requeue_expired(
     finishing it is finished (its lease holds the final status); a job claimed
     *max_attempts* times already (a poison job that kills its worker) is moved
     to deleted with an ERROR status; any other running job goes back to its
-    queue.  A running job that has no lease (its lease was garbage, or it was
+    queue, unless its cancel was requested (`cancel_job`): then it ends
+    cancelled.  A running job that has no lease (its lease was garbage, or it was
     moved there by a program that takes none) gets one that expires after
     *grace* seconds, and is then requeued like the others if it is still
     there.  Every step is a `swap` of the lease as read, so of several sweeps
@@ -2849,7 +2850,8 @@ def requeue_job(
     worker that is still running it loses its lease (its finish then fails
     with `LeaseLostError`).  A job whose worker died
     while finishing it is finished instead (its lease holds the final status,
-    signed with *private_jwk* when given).  A lease left on a queued job by a
+    signed with *private_jwk* when given), and so is a job whose cancel was
+    requested (`cancel_job`): it ends cancelled.  A lease left on a queued job by a
     claim that stopped half-way is released.
 
     Returns:
@@ -2890,8 +2892,8 @@ def requeue_job(
             store, display_name, private_jwk, found, now(), -math.inf, sys.maxsize, 0.0
         ):
             return True
-        if lease.finish is not None and _job_where(store, display_name, job_id) != "running":
-            return False  # its recorded finish was completed
+        if _job_where(store, display_name, job_id) in ("finished", "deleted"):
+            return False  # its recorded finish was completed, or its cancel request honoured
     raise LeaseLostError(f"job {job_id}: its lease keeps changing; another worker acts on it")
 
 
@@ -2949,15 +2951,25 @@ def _sweep_lease(
         adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
         store["swap"](layout.leases, job_id, raw, _lease_doc(raw, adopted))
         return False
-    if lease.attempts >= max_attempts:
-        why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
-        status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
+    try:
+        cancelled_by = cancel_requested(store, job_id)  # asked while it ran: it ends here
+    except StorageError:
+        cancelled_by = None  # unreadable: it runs again, and its worker looks again
+    if cancelled_by is not None or lease.attempts >= max_attempts:
+        if cancelled_by is not None:
+            why = "Its worker stopped before it ended; the job was not run again."
+            status = _cancelled(job_id, cancelled_by, why)
+        else:
+            why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
+            status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
         doc = to_doc(status)
         if private_jwk is not None and (
             sign := _backend_signer(store, get_config(store, dn), private_jwk)
         ):
             doc = sign(doc)
         _close(store, found, dn, job_id, doc)
+        if cancelled_by is not None:
+            _forget_cancel(store, job_id)
         return False
     released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
     if not store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
@@ -3080,7 +3092,8 @@ def _queue_for_token(
     the token done (no holder)."""
     layout, job_id = store["layout"], doc["job_id"]
     folder = _token_folder(layout, display_name)
-    if fresh or _job_where(store, display_name, job_id) is None:
+    # looked for twice, as `_find_job` does: a claim between two reads hides it from one
+    if fresh or all(_job_where(store, display_name, job_id) is None for _ in range(2)):
         if private_jwk is not None:
             _sign_job(store, job, display_name, username, job_id, private_jwk)
         with contextlib.suppress(AlreadyExistsError):  # an upload of ours answered too late
@@ -3168,7 +3181,8 @@ def prune(
     program, such as sqooler) is left alone.  For each job old enough, in this
     order: a DONE status is first replaced by an ERROR one saying the job was
     removed, so that no status ever promises a result that is gone; then go its
-    submit tokens, its result, its job document, and last its status.  So a prune
+    submit tokens, its result, its job document (with its signature and any
+    cancel request), and last its status.  So a prune
     stopped at any point is finished by running it again (the status is how it
     finds the job).  With *keep_results* (seconds, at least *older_than*), jobs
     finished between *older_than* and *keep_results* ago lose only their job
@@ -3234,6 +3248,13 @@ def prune(
                 for token in tokens.get(job_id, ()):
                     remove("tokens", token, _token_folder(layout, display_name), token)
                 remove("results", job_id, *_result_location(store, display_name, job_id))
+            for path, doc_id in (  # what goes with the job, reported with it
+                _job_signature_location(store, display_name, job_id),
+                _cancel_location(store, job_id),
+            ):
+                if not dry_run:
+                    with contextlib.suppress(NotFoundError):
+                        store["delete"](path, doc_id)
             if where is not None:
                 path = _job_fill(layout, getattr(layout, where), display_name, job_id)
                 remove("jobs", job_id, path, _fill(layout.job_file, job_id=job_id))
@@ -3480,7 +3501,8 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
     and the request is there for its worker (``"requested"``): `work` hands it
     to the executor and ends the job as cancelled, dropping its result, unless
     the worker had begun to finish the job before it saw the request.  A job
-    that had ended already is left as it is (``"finished"``).
+    that had ended already is left as it is (``"finished"``).  A cancel stopped
+    half-way (its process killed) is completed by calling it again.
 
     Returns:
         ``"cancelled"``, ``"requested"`` or ``"finished"``.
@@ -3495,7 +3517,7 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
     layout = store["layout"]
     where = _find_job(store, display_name, job_id)
     if where in ("finished", "deleted"):
-        return "finished"
+        return _after_the_end(store, display_name, username, job_id, where)
     path, doc_id = _cancel_location(store, job_id)
     request = {"job_id": job_id, "display_name": display_name, "username": username}
     with contextlib.suppress(AlreadyExistsError):  # asked before: that request stands
@@ -3518,6 +3540,30 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
         return "requested"
     _forget_cancel(store, job_id)  # it ended meanwhile: nothing is left to ask
     return "finished"
+
+
+def _after_the_end(
+    store: Storage, display_name: str, username: str, job_id: str, where: str
+) -> str:
+    """Cancel a job that has ended: a request left behind is dropped, and a job in deleted
+    whose status is not final was moved there by a cancel that stopped before writing
+    its status, which is written now."""
+    if cancel_requested(store, job_id) is None:
+        return "finished"
+    outcome = "finished"
+    if where == "deleted":
+        try:
+            final = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
+        except (NotFoundError, InvalidDocumentError):
+            final = {}
+        if final.get("status") not in ("DONE", "ERROR"):
+            why = "The job was cancelled before it ran."
+            _put_status(
+                store, display_name, None, job_id, to_doc(_cancelled(job_id, username, why))
+            )
+            outcome = "cancelled"
+    _forget_cancel(store, job_id)
+    return outcome
 
 
 @_reads
@@ -3645,7 +3691,7 @@ def _job_signature_problem(
         kid = _open_signed(raw)[2].get("kid") if is_signed(raw) else None
     except NotFoundError:
         return "the job is not signed"
-    except InvalidDocumentError as exc:
+    except (InvalidDocumentError, StorageError) as exc:  # a claim must not hold the job
         return f"its signature cannot be read: {exc}"
     if not isinstance(kid, str):
         return "the job is not signed with a key id"
@@ -3656,6 +3702,8 @@ def _job_signature_problem(
         payload = verify_doc(raw, [key])
     except NotFoundError:
         return f"it is signed with an unknown key {kid!r}"
+    except StorageError as exc:
+        return f"its key {kid!r} cannot be read: {exc}"
     except (BadSignatureError, InvalidDocumentError):
         return f"its signature does not verify with key {kid!r}"
     names = (payload.get("job_id"), payload.get("display_name"), payload.get("username"))
@@ -5760,6 +5808,7 @@ def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(store: Storage, args: argparse.Namespace) -> int:
+    _backend(store, args.storage, args.display_name)
     outcome = cancel_job(store, args.display_name, args.username, args.job_id)
     print(f"{args.job_id}: {outcome}")
     return 0

@@ -7194,7 +7194,7 @@ def test_cancel_races_a_claim_paused_at_each_step(store: Storage) -> None:
 
 
 CANCEL_RACE_CLAIMER = """
-import sys
+import os, sys, time
 import sqstore
 
 store = sqstore.open_storage(sys.argv[1])
@@ -7206,17 +7206,24 @@ with open(sys.argv[2], "a") as log:
         job_id = claimed[0].job_id
         log.write(f"{job_id} {sqstore.cancel_requested(store, job_id)}\\n")
         log.flush()
+        while not os.path.exists(sys.argv[4]):  # one claim each before the cancels start
+            time.sleep(0.001)
         result = sqstore.run_simulator(claimed[1], job_id, "sim")
         status = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
         sqstore.update_in_database(store, result, status, job_id, "sim", holder=sys.argv[3])
 """
 
 CANCEL_RACE_CANCELLER = """
-import json, sys
+import json, os, sys, time
 import sqstore
 
 store = sqstore.open_storage(sys.argv[1])
-outcomes = {job_id: sqstore.cancel_job(store, "sim", "alice", job_id) for job_id in sys.argv[2:]}
+go, logs, job_ids = sys.argv[2], sys.argv[3:5], sys.argv[5:]
+while not all(os.path.exists(log) and os.path.getsize(log) for log in logs):
+    time.sleep(0.001)
+outcomes = {job_ids[0]: sqstore.cancel_job(store, "sim", "alice", job_ids[0])}
+open(go, "w").close()  # the rest race the claims
+outcomes |= {job_id: sqstore.cancel_job(store, "sim", "alice", job_id) for job_id in job_ids[1:]}
 print(json.dumps(outcomes))
 """
 
@@ -7230,9 +7237,10 @@ def test_cancel_races_claiming_workers_in_real_processes(tmp_path: Path) -> None
     job_ids = [queued_job(store) for _ in range(40)]
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     url = f"file://{root}"
+    go, logs = str(tmp_path / "go"), [str(tmp_path / f"w{i}.log") for i in range(2)]
     claimers = [
         subprocess.Popen(
-            [sys.executable, "-c", CANCEL_RACE_CLAIMER, url, str(tmp_path / f"w{i}.log"), f"w{i}"],
+            [sys.executable, "-c", CANCEL_RACE_CLAIMER, url, logs[i], f"w{i}", go],
             env=env,
             stderr=subprocess.PIPE,
             text=True,
@@ -7240,7 +7248,7 @@ def test_cancel_races_claiming_workers_in_real_processes(tmp_path: Path) -> None
         for i in range(2)
     ]
     canceller = subprocess.run(
-        [sys.executable, "-c", CANCEL_RACE_CANCELLER, url, *job_ids[::-1]],
+        [sys.executable, "-c", CANCEL_RACE_CANCELLER, url, go, *logs, *job_ids[::-1]],
         env=env, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     for proc in claimers:
@@ -7480,6 +7488,189 @@ def test_readme_cancel_and_signed_submission_examples_run(heading: str, printed:
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120,
     )  # fmt: skip
     assert (out.returncode, out.stdout) == (0, printed), out.stderr
+
+
+# ============================================================================
+# Attacks on cancel, signed submissions and idempotent submit
+# ============================================================================
+class Stopped(BaseException):
+    """A process killed before a storage call: nothing after it runs, no handler sees it."""
+
+
+def stopped_at(store: Storage, index: int) -> tuple[Storage, list[int]]:
+    """*store* whose *index*-th call (from 1) stops the caller dead before it reaches the
+    storage, and the count of calls made through it."""
+    calls = [0]
+
+    def wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == index:
+                raise Stopped(f"{op} {args[:2]}")
+            return fn(*args)
+
+        return call
+
+    return sqstore._map_ops(store, wrap), calls
+
+
+def test_a_cancel_stopped_at_any_call_is_completed_by_running_it_again(store: Storage) -> None:
+    """A cancel of a queued job killed before any of its storage calls, then run again,
+    leaves the job in deleted with the cancelled status and no request behind; it never runs."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for index in range(1, 40):
+        job_id = queued_job(store)
+        doomed, calls = stopped_at(store, index)
+        try:
+            outcome = sqstore.cancel_job(doomed, "sim", "alice", job_id)
+        except Stopped:
+            outcome = sqstore.cancel_job(store, "sim", "alice", job_id)
+            assert outcome in ("cancelled", "finished"), index
+        else:
+            assert outcome == "cancelled" and calls[0] < index
+        status = sqstore.get_status(store, "sim", "alice", job_id)
+        assert (status.status, status.detail) == ("ERROR", "Cancelled by alice."), index
+        assert job_id in jobs_in(store, "deleted", job_id), index
+        assert sqstore.cancel_requested(store, job_id) is None, index
+        assert sqstore.claim_job(store, "sim") is None, index
+        if calls[0] < index:
+            break  # the cancel made fewer calls than index: every stop point was tried
+    else:
+        pytest.fail("a cancel should make fewer than 40 calls")
+
+
+def test_a_job_cancelled_while_its_worker_died_is_not_run_again(store: Storage) -> None:
+    """A running job with a cancel request whose worker dies is not requeued when its lease
+    expires, nor by an operator's requeue: it ends cancelled, and no claim gets it again."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for how in ("sweep", "requeue_job"):
+        job_id = queued_job(store)
+        assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+        assert sqstore.cancel_job(store, "sim", "alice", job_id) == "requested"
+        if how == "sweep":
+            assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == []
+        else:
+            assert sqstore.requeue_job(store, "sim", job_id, now=lambda: T0 + 10) is False
+        assert sqstore.claim_job(store, "sim", now=lambda: T0 + 20) is None, how
+        status = sqstore.get_status(store, "sim", "alice", job_id)
+        assert (status.status, status.detail) == ("ERROR", "Cancelled by alice."), how
+        assert job_id in jobs_in(store, "deleted", job_id), how
+        assert job_id not in jobs_in(store, "leases"), how
+        assert sqstore.cancel_requested(store, job_id) is None, how
+
+
+def test_a_cancel_request_that_cannot_be_read_never_strands_a_job(tmp_path: Path) -> None:
+    """A dead worker's job whose cancel request cannot be read (a directory in its place) is
+    still requeued when its lease expires, and runs."""
+    store = sqstore.local_storage(tmp_path)
+    job_id = queued_job(store)
+    assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+    (tmp_path / store["layout"].leases / "cancel" / f"{job_id}.json").mkdir(parents=True)
+    assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == [job_id]
+    assert finish(store, "sim") == [job_id]
+
+
+def test_a_token_retry_racing_a_claim_never_queues_its_job_twice(store: Storage) -> None:
+    """A retry with a token whose first submit queued the job but lost the answer, while a
+    worker claims that job between any two of the retry's storage calls, returns the job's
+    id and leaves it in one place: it runs once."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+
+    def lose_the_queued_answer(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            out = fn(*args)
+            if args[0] == folder(store, "queued"):
+                raise sqstore.TransientError("the answer was lost")
+            return out
+
+        return call
+
+    lossy = sqstore._map_ops(store, lose_the_queued_answer, only=("upload",))
+    for index in range(1, 40):
+        token = f"t{index}"
+        with pytest.raises(sqstore.TransientError):
+            sqstore.upload_job(lossy, JOB, "sim", "alice", client_token=token)
+        claimed: list[Any] = []
+
+        def claim(claimed: list[Any] = claimed) -> None:
+            claimed.append(sqstore.claim_job(store, "sim"))
+
+        racing = paused_at(store, index, claim)
+        job_id = sqstore.upload_job(racing, JOB, "sim", "alice", client_token=token)
+        places = [kind for kind in ("queued", "running") if job_id in jobs_in(store, kind, job_id)]
+        assert len(places) == 1, (index, places)
+        while (got := sqstore.claim_job(store, "sim")) is not None:
+            finish_as(store, got[0].job_id, got[1], sqstore._default_holder())
+        for nxt in claimed:
+            if nxt is not None:
+                finish_as(store, nxt[0].job_id, nxt[1], sqstore._default_holder())
+        if not claimed:
+            break  # the retry made fewer calls than index: every pause point was tried
+    else:
+        pytest.fail("a retry should make fewer than 40 calls")
+
+
+def test_prune_removes_a_jobs_signature_and_cancel_request_with_it(
+    store: Storage, user_keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """Pruning a signed job, or one whose cancel came too late, leaves neither its signature
+    nor its cancel request behind; a dry run removes neither."""
+    signed_job = queued_job(store, key=user_keys[0])
+    late = queued_job(store)
+    got = sqstore.claim_job(store, "sim", holder="w")
+    assert got is not None and got[0].job_id == signed_job
+    finish_as(store, signed_job, got[1], "w")
+    got = sqstore.claim_job(store, "sim", holder="w")
+    assert got is not None
+    assert sqstore.cancel_job(store, "sim", "alice", late) == "requested"
+    finish_as(store, late, got[1], "w")  # a worker of its own, which never looked
+    signatures = f"{folder(store, 'status')}/signatures"
+    cancels = f"{store['layout'].leases}/cancel"
+    later = time.time() + 8 * DAY
+    sqstore.prune(store, "sim", older_than=7 * DAY, dry_run=True, now=lambda: later)
+    assert (store["list"](signatures), store["list"](cancels)) == ([signed_job], [late])
+    report = sqstore.prune(store, "sim", older_than=7 * DAY, now=lambda: later)
+    assert sorted(report["jobs"]) == sorted([signed_job, late])
+    assert (store["list"](signatures), store["list"](cancels)) == ([], [])
+
+
+def test_a_signature_that_cannot_be_read_sets_its_job_aside(tmp_path: Path) -> None:
+    """A job whose signature cannot be read (a directory in its place) on a backend requiring
+    signed jobs is set aside with an ERROR status naming why, not left held and running; the
+    next job is claimed."""
+    store = sqstore.local_storage(tmp_path)
+    private, public = sqstore.generate_keypair("alicekey")
+    sqstore.upload_public_key(store, public, "alice", role="user")
+    sqstore.upload_config(store, strict_config(require_signed_jobs=True), "sim")
+    carol, carol_public = sqstore.generate_keypair("carolkey")
+    sqstore.upload_public_key(store, carol_public, "carol", role="user")
+    odd = queued_job(store, key=private)
+    odd_key = queued_job(store, key=carol, user="carol")
+    good = queued_job(store, key=private)
+    for path in (
+        tmp_path / folder(store, "status") / "signatures" / f"{odd}.json",
+        tmp_path / store["layout"].public_keys / "users" / "carolkey.json",
+    ):
+        path.unlink()
+        path.mkdir()
+    got = sqstore.claim_job(store, "sim")
+    assert got is not None and got[0].job_id == good
+    for job_id, why in ((odd, "its signature cannot be read"), (odd_key, "key 'carolkey' cannot")):
+        status = sqstore.get_status(store, "sim", "alice", job_id)
+        assert status.status == "ERROR" and why in status.error_message, status
+        assert job_id in jobs_in(store, "deleted", job_id)
+    assert jobs_in(store, "leases") == [good]
+
+
+def test_cli_cancel_on_an_unknown_backend_names_the_known_ones(tmp_path: Path) -> None:
+    """`sqstore cancel` on a backend that does not exist says so in one line, listing the
+    known backends, exit 1, as every command that names a backend does."""
+    store = sqstore.local_storage(tmp_path / "data")
+    job_id = queued_job(store)
+    proc = run_cli("--storage", "data", "cancel", "sm", job_id, "-u", "alice", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no backend 'sm'" in proc.stderr and "sim" in proc.stderr, proc.stderr
+    assert jobs_in(store, "queued") == [job_id]
 
 
 # ============================================================================
