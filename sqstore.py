@@ -704,6 +704,22 @@ def configure_converter(converter: cattrs.Converter) -> None:
     converter.register_structure_hook_func(lambda t: t == _KeyText, _key_text)
 
 
+_TRUE_WORDS = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE_WORDS = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def _structure_bool(value: Any, _: Any) -> bool:
+    """A true/false field as sqooler's pydantic models read it: a bool, 0 or 1, or one of
+    their words in any case (``"false"`` is False, where ``bool("false")`` is True)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.lower() in _TRUE_WORDS
+    raise ValueError(f"not true or false: {value!r}")
+
+
 def _make_converter() -> cattrs.Converter:
     """Liberal in what it reads: a stored document's unknown fields are ignored (sqooler
     0.4-0.8 wrote ``operational`` into every config; newer programs add their own).  A
@@ -716,6 +732,7 @@ def _make_converter() -> cattrs.Converter:
         )
     conv.register_unstructure_hook(datetime, datetime.isoformat)
     conv.register_structure_hook(datetime, _parse_datetime)
+    conv.register_structure_hook(bool, _structure_bool)
     conv.register_structure_hook_func(lambda t: t == Doc, _structure_object)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _tuple_of(str, "strings"))
     conv.register_structure_hook_func(lambda t: t == tuple[Doc, ...], _tuple_of(dict, "objects"))

@@ -5367,6 +5367,28 @@ def test_a_user_key_cannot_take_a_backends_kid(store: Storage) -> None:
     assert sqstore.verify_result(store, "sqsim", job_id)
 
 
+BOOL_TEXTS = ["false", "False", "0", "no", "off", "f", "N", "true", "1", "YES", "on", "t", "y"]
+NOT_BOOLS = [" true", "maybe", "", 2, 0.5, None, [], {}]
+
+
+@pytest.mark.parametrize("value", [*BOOL_TEXTS, 0, 1, 0.0, 1.0, True, False, *NOT_BOOLS])
+def test_a_configs_flags_read_as_sqooler_reads_them(value: Any) -> None:
+    """A config's true/false field written by another program (``"sign": "false"``) reads as
+    sqooler 0.9's pydantic model reads it, and what that model refuses is refused."""
+    from sqooler.schemes import BackendConfigSchemaIn
+
+    doc = {**sqstore.to_doc(sqstore.demo_config("sq")), "sign": value, "simulator": value}
+    try:
+        model = BackendConfigSchemaIn(**doc)
+    except ValueError:  # pydantic's ValidationError
+        with pytest.raises(sqstore.InvalidDocumentError, match="sign"):
+            sqstore.from_doc(doc, sqstore.BackendConfig)
+        return
+    config = sqstore.from_doc(doc, sqstore.BackendConfig)
+    assert (config.sign, config.simulator) == (model.sign, model.simulator)
+    assert type(config.sign) is bool and type(config.simulator) is bool
+
+
 # Documents as sqooler 0.4-0.8 wrote them, field for field (read from each release's
 # schemes.py and storage providers; built here, not copied).  A config is
 # BackendConfigSchemaIn.model_dump() in that release's field order: 0.4.0 ends with
