@@ -2610,7 +2610,7 @@ def _claim_one(
         job = get_job(store, layout.running, job_id)
     except (InvalidDocumentError, StorageError) as exc:
         status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", str(exc))
-        _close(store, lease_at, display_name, job_id, to_doc(status))
+        _close(store, lease_at, display_name, job_id, _finished_at(to_doc(status), now))
         return None
     return NextJob(job_id, layout.running), job
 
@@ -2952,7 +2952,7 @@ def _sweep_lease(
     if lease.attempts >= max_attempts:
         why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
         status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
-        doc = to_doc(status)
+        doc = _finished_at(to_doc(status), now)
         if private_jwk is not None and (
             sign := _backend_signer(store, get_config(store, dn), private_jwk)
         ):
@@ -3164,7 +3164,8 @@ def prune(
     """Remove the jobs of a backend that finished (DONE or ERROR) *older_than* seconds ago.
 
     A job's finish time is the ``finished_at`` of its status, which
-    `update_in_database` writes; a job whose status has none (finished by another
+    `update_in_database` writes (and `cancel_job` and a claim or sweep that sets a
+    job aside or gives it up); a job whose status has none (finished by another
     program, such as sqooler) is left alone.  For each job old enough, in this
     order: a DONE status is first replaced by an ERROR one saying the job was
     removed, so that no status ever promises a result that is gone; then go its
@@ -3277,7 +3278,7 @@ def queue_stats(
     and one read per status of a job neither queued nor running); jobs/hour over
     the last hour and the last day, and the median seconds from submission (the
     job id's time) to DONE, from the ``finished_at`` of those statuses, which
-    `update_in_database` writes: jobs finished by other programs count, but are
+    sqstore writes into every final status: jobs finished by other programs count, but are
     not timed.  *known*, a dict kept between calls (``sqstore stats --watch``
     does), holds the final statuses read, so that they are read only once.
 
@@ -3507,7 +3508,8 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
             where = _find_job(store, display_name, job_id)
             continue
         why = "The job was cancelled before it ran."
-        _put_status(store, display_name, None, job_id, to_doc(_cancelled(job_id, username, why)))
+        doc = _finished_at(to_doc(_cancelled(job_id, username, why)), time.time())
+        _put_status(store, display_name, None, job_id, doc)
         _forget_cancel(store, job_id)
         return "cancelled"
     if where in ("running", "queued"):
@@ -3698,7 +3700,8 @@ def _set_aside(
     status = StatusMsg(
         job_id, "ERROR", "The job was set aside: its signature is not accepted.", why
     )
-    _close(store, _lease_at(store, job_id), display_name, job_id, to_doc(status))
+    doc = _finished_at(to_doc(status), time.time())
+    _close(store, _lease_at(store, job_id), display_name, job_id, doc)
     return True
 
 

@@ -7903,6 +7903,55 @@ def test_odd_entries_stop_neither_the_sweep_nor_the_claims(local: Storage, tmp_p
 
 
 # ============================================================================
+# Attacks on retention, queue insight and the command line
+# ============================================================================
+def ended_every_way(store: Storage) -> dict[str, str]:
+    """On backend 'sim' (which runs signed jobs only), one job ended each way sqstore ends a
+    job other than by a worker's finish: cancelled while queued, set aside at its claim, and
+    given up by the sweep after its worker died; a 'plain' job finished by a worker."""
+    sqstore.upload_config(store, strict_config(require_signed_jobs=True), "sim")
+    ended = {"cancelled": queued_job(store)}
+    assert sqstore.cancel_job(store, "sim", "alice", ended["cancelled"]) == "cancelled"
+    ended["set_aside"] = queued_job(store)
+    assert sqstore.claim_job(store, "sim") is None  # unsigned: set aside
+    sqstore.update_config(store, sqstore.demo_config("sim"), "sim")  # now it runs any job
+    ended["given_up"] = queued_job(store)
+    assert sqstore.claim_job(store, "sim", holder="dead:1", lease_seconds=-1000) is not None
+    assert sqstore.requeue_expired(store, "sim", skew=0, max_attempts=1) == []
+    ended["finished"] = queued_job(store)
+    assert finish(store, "sim") == [ended["finished"]]
+    for how, job_id in ended.items():
+        assert sqstore.get_status(store, "sim", "alice", job_id).status in ("ERROR", "DONE"), how
+    return ended
+
+
+def test_every_job_sqstore_ends_is_pruned_and_counted(store: Storage) -> None:
+    """A job cancelled, set aside or given up has a final status with ``finished_at`` like a
+    finished one: `queue_stats` counts it in jobs/hour and `prune` removes it in time."""
+    ended = ended_every_way(store)
+    for how, job_id in ended.items():
+        raw = store["get"](*sqstore._status_location(store, "sim", None, job_id))
+        assert isinstance(sqstore.payload_of(raw).get("finished_at"), str), how
+    stats = sqstore.queue_stats(store, "sim")
+    assert (stats.finished, stats.failed, stats.jobs_per_hour_last_hour) == (1, 3, 4.0)
+    later = time.time() + 2 * DAY
+    got = sqstore.prune(store, "sim", older_than=DAY, now=lambda: later)
+    assert sorted(got["statuses"]) == sorted(ended.values())
+    assert all(left_of(store, job_id) == set() for job_id in ended.values())
+
+
+def test_a_job_that_is_not_json_ends_with_a_finish_time(tmp_path: Path) -> None:
+    """A queued job that cannot be read, set aside at its claim, gets ``finished_at`` too."""
+    store = sqstore.local_storage(tmp_path)
+    job_id = queued_job(store)
+    (tmp_path / f"jobs/queued/sim/{job_id}.json").write_text("[1, 2")
+    assert sqstore.claim_job(store, "sim") is None
+    assert sqstore.prune(store, "sim", older_than=0, now=lambda: time.time() + 1)["jobs"] == [
+        job_id
+    ]
+
+
+# ============================================================================
 # The command line: every mistake fails loudly
 # ============================================================================
 def sqstore_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Any:
