@@ -3169,7 +3169,8 @@ def prune(
     program, such as sqooler) is left alone.  For each job old enough, in this
     order: a DONE status is first replaced by an ERROR one saying the job was
     removed, so that no status ever promises a result that is gone; then go its
-    submit tokens, its result, its job document, and last its status.  So a prune
+    submit tokens, its result, its job document (with its signature, if it was
+    submitted signed), and last its status.  So a prune
     stopped at any point is finished by running it again (the status is how it
     finds the job).  With *keep_results* (seconds, at least *older_than*), jobs
     finished between *older_than* and *keep_results* ago lose only their job
@@ -3235,6 +3236,9 @@ def prune(
                 for token in tokens.get(job_id, ()):
                     remove("tokens", token, _token_folder(layout, display_name), token)
                 remove("results", job_id, *_result_location(store, display_name, job_id))
+            if not dry_run:  # a signed submission's signature goes with its job
+                with contextlib.suppress(NotFoundError):
+                    store["delete"](*_job_signature_location(store, display_name, job_id))
             if where is not None:
                 path = _job_fill(layout, getattr(layout, where), display_name, job_id)
                 remove("jobs", job_id, path, _fill(layout.job_file, job_id=job_id))

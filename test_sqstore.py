@@ -7951,6 +7951,25 @@ def test_a_job_that_is_not_json_ends_with_a_finish_time(tmp_path: Path) -> None:
     ]
 
 
+def test_prune_removes_the_signature_of_a_signed_submission(
+    store: Storage, user_keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """A job submitted signed leaves nothing behind once pruned: its detached signature goes
+    with its job document (with keep_results, too)."""
+    signed_ids = [queued_job(store, key=user_keys[0]) for _ in range(2)]
+    assert finish(store, "sim") == signed_ids
+    signatures = f"{folder(store, 'status')}/signatures"
+    assert sorted(store["list"](signatures)) == sorted(signed_ids)
+    later = time.time() + 2 * DAY
+    kept = sqstore.prune(store, "sim", older_than=DAY, keep_results=3 * DAY, now=lambda: later)
+    assert kept["jobs"] == signed_ids and kept["results"] == []
+    assert store["list"](signatures) == []
+    assert sqstore.get_result(store, "sim", "alice", signed_ids[0]).status == "DONE"
+    got = sqstore.prune(store, "sim", older_than=DAY, now=lambda: later + 2 * DAY)
+    assert got["statuses"] == signed_ids
+    assert all(left_of(store, job_id) == set() for job_id in signed_ids)
+
+
 # ============================================================================
 # The command line: every mistake fails loudly
 # ============================================================================
