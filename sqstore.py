@@ -5727,7 +5727,12 @@ def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(store: Storage, args: argparse.Namespace) -> int:
-    outcome = cancel_job(store, args.display_name, args.username, args.job_id)
+    _backend(store, args.storage, args.display_name)
+    try:
+        outcome = cancel_job(store, args.display_name, args.username, args.job_id)
+    except NotFoundError:
+        no_job = _no_job(store, args.storage, args.display_name, args.job_id, args.username)
+        raise _UserError(no_job) from None
     print(f"{args.job_id}: {outcome}")
     return 0
 
@@ -5865,6 +5870,11 @@ def _duration(text: str) -> float:
 
 def _cmd_prune(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
+    if args.keep_results is not None and args.keep_results < args.older_than:
+        raise _UserError(
+            f"--keep-results ({_age_text(args.keep_results)}) must be at least --older-than "
+            f"({_age_text(args.older_than)})"
+        )
     report = prune(
         store, args.display_name, args.older_than, args.keep_results, dry_run=args.dry_run
     )

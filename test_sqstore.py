@@ -7297,7 +7297,7 @@ def test_cli_cancel_prints_the_outcome_and_refuses_unknown_jobs(tmp_path: Path) 
     other = sqstore.create_job_id(store, "sim", "cli")
     proc = run_cli("--storage", "data", "cancel", "sim", other, "-u", "alice", cwd=tmp_path)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"no job {other}" in proc.stderr
+    assert f"no job {other!r} on backend 'sim' at data" in proc.stderr
 
 
 @pytest.fixture
@@ -7968,6 +7968,33 @@ def test_prune_removes_the_signature_of_a_signed_submission(
     got = sqstore.prune(store, "sim", older_than=DAY, now=lambda: later + 2 * DAY)
     assert got["statuses"] == signed_ids
     assert all(left_of(store, job_id) == set() for job_id in signed_ids)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (
+            ["cancel", "sqsm", "6b0000000000000000000000"],
+            ["no backend 'sqsm' on ./lab (known: sqsim)"],
+        ),
+        (["cancel", "sqsim", "6b0000000000000000000000"], ["no job '6b00", "'sqsim' at ./lab"]),
+        (["cancel", "sqsim", "../etc"], ["'../etc'"]),
+        (["prune", "sqsm", "--older-than", "1d"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["stats", "sqsm"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["prune", "sqsim", "--older-than", "2d", "--keep-results", "1d"], ["--keep-results"]),
+    ],
+)
+def test_cli_cancel_prune_and_stats_name_what_does_not_exist(
+    tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    """`cancel`, `prune` and `stats` given an unknown backend or job, or a --keep-results
+    shorter than --older-than, exit 1 with one line in the command line's terms; nothing
+    is written."""
+    a_lab(tmp_path / "lab")
+    before = tree(tmp_path / "lab")
+    proc = sqstore_cli(*args, cwd=tmp_path, env={"SQSTORE_STORAGE": "./lab"})
+    one_error_line(proc, *needles)
+    assert proc.stdout == "" and tree(tmp_path / "lab") == before
 
 
 # ============================================================================
