@@ -5556,6 +5556,8 @@ def _backend(store: Storage, url: str, display_name: str) -> BackendConfig:
         known = get_backends(store)
         has = f"known: {', '.join(known)}" if known else "it has none"
         raise _UserError(f"no backend {display_name!r} on {redact_url(url)} ({has})") from None
+    except InvalidDocumentError as exc:  # as `backends` says it
+        raise _UserError(f"backend {display_name!r} on {redact_url(url)}: {exc}") from None
 
 
 def _no_job(store: Storage, url: str, display_name: str, job_id: str, user: str = "") -> str:
@@ -5920,9 +5922,27 @@ def _cmd_stats(store: Storage, args: argparse.Namespace) -> int:
     if args.display_name:
         _backend(store, args.storage, args.display_name)
 
-    def every() -> dict[str, QueueStats]:
+    broken: dict[str, str] = {}  # a backend whose figures cannot be read: why
+
+    def every() -> dict[str, QueueStats | None]:
         names = [args.display_name] if args.display_name else get_backends(store)
-        return {name: queue_stats(store, name, known=known.setdefault(name, {})) for name in names}
+        found: dict[str, QueueStats | None] = {}
+        for name in names:
+            try:
+                found[name] = queue_stats(store, name, known=known.setdefault(name, {}))
+            except TransientError:
+                raise
+            except SqstoreError as exc:
+                if args.display_name:
+                    raise
+                found[name] = None  # one broken config hides no other backend
+                broken[name] = f"backend {name!r} on {redact_url(args.storage)}: {exc}"
+        return found
+
+    def text(stats: dict[str, QueueStats | None]) -> str:
+        return "\n".join(
+            _stats_text(one) if one else f"{name}: broken" for name, one in stats.items()
+        )
 
     if args.watch is not None:
         if not sys.stdout.isatty():
@@ -5930,16 +5950,18 @@ def _cmd_stats(store: Storage, args: argparse.Namespace) -> int:
         if not args.watch > 0:
             raise _UserError("--watch takes a number of seconds > 0")
         while True:  # until Ctrl-C
-            text = "\n".join(map(_stats_text, every().values())) or "no backends"
-            print("\033[H\033[J" + text, flush=True)  # redraw from the top left
+            print("\033[H\033[J" + (text(every()) or "no backends"), flush=True)  # redraw
             time.sleep(args.watch)
     stats = every()
     if args.json:
-        docs = {name: to_doc(one) for name, one in stats.items()}
+        docs = {name: one and to_doc(one) for name, one in stats.items()}
         _print_json(docs[args.display_name] if args.display_name else docs)
     else:
-        print("\n".join(map(_stats_text, stats.values())))
-    return 0
+        print(text(stats))
+    sys.stdout.flush()
+    for line in broken.values():
+        print(f"sqstore: error: {line}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def _demo_key(url: str, key_file: str | None, kid: str) -> JWK:

@@ -7997,6 +7997,31 @@ def test_cli_cancel_prune_and_stats_name_what_does_not_exist(
     assert proc.stdout == "" and tree(tmp_path / "lab") == before
 
 
+def test_cli_stats_shows_the_other_backends_when_one_config_is_broken(tmp_path: Path) -> None:
+    """One corrupt config does not hide the other backends' figures: `stats` (and `stats
+    --json`) show every readable backend, mark the broken one, say why on stderr in one
+    line naming the backend and the storage, and exit 1."""
+    store, _, job_id = a_lab(tmp_path / "lab")
+    sqstore.upload_config(store, sqstore.demo_config("zeta"), "zeta")
+    (tmp_path / "lab/backends/configs/broken.json").write_text('{"display_name": ')
+    text = sqstore_cli("--storage", "lab", "stats", cwd=tmp_path)
+    one_error_line(text, "'broken'", "lab")
+    lines = text.stdout.splitlines()
+    assert lines[0] == "broken: broken", lines
+    assert "sqsim: 1 queued" in text.stdout and "zeta: 0 queued" in text.stdout
+    as_json = sqstore_cli("--storage", "lab", "stats", "--json", cwd=tmp_path)
+    one_error_line(as_json, "'broken'")
+    docs = json.loads(as_json.stdout)
+    assert sorted(docs) == ["broken", "sqsim", "zeta"] and docs["broken"] is None
+    assert docs["sqsim"]["queued"] == 1
+    one = sqstore_cli("--storage", "lab", "stats", "broken", cwd=tmp_path)
+    one_error_line(one, "backend 'broken' on lab: ")
+    assert one.stdout == "" and job_id
+    for command in (["queue"], ["running"], ["backend", "show"], ["prune", "--older-than", "1d"]):
+        proc = sqstore_cli("--storage", "lab", *command, "broken", cwd=tmp_path)
+        one_error_line(proc, "backend 'broken' on lab: ")
+
+
 # ============================================================================
 # The command line: every mistake fails loudly
 # ============================================================================
