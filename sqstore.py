@@ -3348,6 +3348,15 @@ def queue_stats(
     )
 
 
+def _final_status(store: Storage, display_name: str, job_id: str) -> bool:
+    """Whether a job's stored status is DONE or ERROR (False if it has none, or is garbage)."""
+    try:
+        raw = _read(store, *_status_location(store, display_name, None, job_id))
+    except (NotFoundError, InvalidDocumentError):
+        return False
+    return payload_of(raw).get("status") in ("DONE", "ERROR")
+
+
 def update_in_database(
     store: Storage,
     result_dict: ResultLike | None,
@@ -3370,7 +3379,10 @@ def update_in_database(
     running by a program that takes none) is finished too.  Before anything
     moves, the final status is recorded in the lease, so a worker that dies at
     any later step leaves a job that `requeue_expired` finishes; re-running
-    this step finishes it too.  A DONE or ERROR status says when (``finished_at``,
+    this step finishes it too.  A job without a lease that is finished already
+    (in finished or deleted, with a DONE or ERROR status) is left as it is: a
+    re-run changes nothing, nor does a worker that lost its lease and finishes
+    after another worker did.  A DONE or ERROR status says when (``finished_at``,
     from *now*), for `queue_stats` and `prune`.
 
     Raises:
@@ -3397,11 +3409,16 @@ def update_in_database(
             raise NotFoundError(f"job {job_id} is not in {layout.running}")
         _put_status(store, display_name, None, job_id, status_doc)
         return
-    if lease_at is None:  # a job without a lease: running, or finished by an earlier run
+    if lease_at is None and not _exists(store, layout.running, file_id):
+        # Finished already?  The status is read before the job is looked for: `prune`
+        # removes a job before its status, so a job found after is not being removed.
+        finished = _final_status(store, display_name, job_id)
         target = layout.finished if status.status == "DONE" else layout.deleted
         target = _job_fill(layout, target, display_name, job_id)
-        if not _exists(store, layout.running, file_id) and not _exists(store, target, file_id):
+        if not _exists(store, target, file_id):
             raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
+        if finished:
+            return  # by an earlier run of this step, or by another worker: that finish stands
     recorded = None if lease_at is None or lease_at[1].finish is None else lease_at[1].finish
     if (
         recorded is not None

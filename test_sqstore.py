@@ -8022,6 +8022,58 @@ def test_cli_stats_shows_the_other_backends_when_one_config_is_broken(tmp_path: 
         one_error_line(proc, "backend 'broken' on lab: ")
 
 
+def late_finisher_lab(root: Path) -> tuple[Storage, str, Callable[[], None]]:
+    """A job of backend 'sim' finished (by 'bob') long ago after its first worker lost its
+    lease; and that worker finishing it late (a callable)."""
+    store = sqstore.local_storage(root)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = old_job(store, T0 - 11 * DAY)
+    sqstore.upload_status(store, "sim", "alice", job_id)
+    claimed = sqstore.claim_job(store, "sim", holder="late", lease_seconds=60,
+                                now=lambda: T0 - 11 * DAY)  # fmt: skip
+    assert claimed is not None
+    assert sqstore.requeue_expired(store, "sim", now=lambda: T0 - 10 * DAY) == [job_id]
+    got = sqstore.claim_job(store, "sim", holder="bob", now=lambda: T0 - 10 * DAY)
+    assert got is not None
+    finish_as(store, job_id, got[1], "bob")
+    where = sqstore._status_location(store, "sim", None, job_id)
+    store["update"](*where, {**store["get"](*where), "finished_at": "2026-12-01T00:00:00+00:00"})
+
+    def late(store: Storage = store) -> None:
+        result = sqstore.run_simulator(claimed[1], job_id, "sim")
+        done = sqstore.StatusMsg(job_id, "DONE", "late", "None")
+        with contextlib.suppress(sqstore.NotFoundError):
+            sqstore.update_in_database(store, result, done, job_id, "sim", holder="late")
+
+    return store, job_id, late
+
+
+@pytest.mark.parametrize("paused", ["prune", "late finisher"])
+def test_prune_and_a_late_finisher_paused_at_each_call_leave_no_orphan(
+    tmp_path: Path, paused: str
+) -> None:
+    """A worker that lost its lease (the sweep requeued its job and another worker finished
+    it) finishing late while a prune runs, either paused between any two storage calls of
+    the other, leaves the other worker's finish as it was or nothing: never a document that
+    no status leads to, nor a DONE status without its result."""
+    for index in range(1, 20):
+        store, job_id, late = late_finisher_lab(tmp_path / f"s{index}")
+        if paused == "prune":
+            sqstore.prune(paused_at(store, index, late), "sim", older_than=DAY,
+                          now=lambda: T0 + 1000 * DAY)  # fmt: skip
+        else:
+            prune = functools.partial(
+                sqstore.prune, store, "sim", older_than=DAY, now=lambda: T0 + 1000 * DAY
+            )
+            late(paused_at(store, index, prune))
+        left = left_of(store, job_id)
+        assert not left or "status" in left, (index, left)
+        if "status" in left:
+            status = sqstore.get_status(store, "sim", "alice", job_id)
+            assert status.detail == DONE_STATUS, (index, status)  # bob's finish stands
+            assert status.status != "DONE" or "result" in left, (index, left)
+
+
 # ============================================================================
 # The command line: every mistake fails loudly
 # ============================================================================
