@@ -3348,13 +3348,13 @@ def queue_stats(
     )
 
 
-def _final_status(store: Storage, display_name: str, job_id: str) -> bool:
-    """Whether a job's stored status is DONE or ERROR (False if it has none, or is garbage)."""
+def _final_status(store: Storage, display_name: str, job_id: str) -> Doc | None:
+    """A job's stored status if it is DONE or ERROR (None if not, or none, or garbage)."""
     try:
-        raw = _read(store, *_status_location(store, display_name, None, job_id))
+        status = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
     except (NotFoundError, InvalidDocumentError):
-        return False
-    return payload_of(raw).get("status") in ("DONE", "ERROR")
+        return None
+    return status if status.get("status") in ("DONE", "ERROR") else None
 
 
 def update_in_database(
@@ -3381,15 +3381,17 @@ def update_in_database(
     any later step leaves a job that `requeue_expired` finishes; re-running
     this step finishes it too.  A job without a lease that is finished already
     (in finished or deleted, with a DONE or ERROR status) is left as it is: a
-    re-run changes nothing, nor does a worker that lost its lease and finishes
-    after another worker did.  A DONE or ERROR status says when (``finished_at``,
+    re-run changes nothing, and a worker that lost its lease and finishes after
+    another worker did gets `LeaseLostError` (unless it finishes with the very
+    same status).  A DONE or ERROR status says when (``finished_at``,
     from *now*), for `queue_stats` and `prune`.
 
     Raises:
         InvalidDocumentError: DONE without a result, a malformed status/result, or an
             earlier run of this step moved the job with the other outcome (that
             outcome is then completed, and stands).
-        LeaseLostError: the lease is another worker's, or changed meanwhile.
+        LeaseLostError: the lease is another worker's, or changed meanwhile, or
+            another worker finished the job already.
         NotFoundError: the job is neither running nor already finished.
     """
     _check_handle(store)
@@ -3417,8 +3419,10 @@ def update_in_database(
         target = _job_fill(layout, target, display_name, job_id)
         if not _exists(store, target, file_id):
             raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
-        if finished:
-            return  # by an earlier run of this step, or by another worker: that finish stands
+        if finished is not None:  # that finish stands
+            if {**finished, "finished_at": None} != {**to_doc(status), "finished_at": None}:
+                raise LeaseLostError(f"job {job_id} was finished by another worker already")
+            return  # by an earlier run of this step
     recorded = None if lease_at is None or lease_at[1].finish is None else lease_at[1].finish
     if (
         recorded is not None

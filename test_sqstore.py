@@ -8042,7 +8042,7 @@ def late_finisher_lab(root: Path) -> tuple[Storage, str, Callable[[], None]]:
     def late(store: Storage = store) -> None:
         result = sqstore.run_simulator(claimed[1], job_id, "sim")
         done = sqstore.StatusMsg(job_id, "DONE", "late", "None")
-        with contextlib.suppress(sqstore.NotFoundError):
+        with contextlib.suppress(sqstore.NotFoundError, sqstore.LeaseLostError):
             sqstore.update_in_database(store, result, done, job_id, "sim", holder="late")
 
     return store, job_id, late
@@ -8072,6 +8072,13 @@ def test_prune_and_a_late_finisher_paused_at_each_call_leave_no_orphan(
             status = sqstore.get_status(store, "sim", "alice", job_id)
             assert status.detail == DONE_STATUS, (index, status)  # bob's finish stands
             assert status.status != "DONE" or "result" in left, (index, left)
+    store, job_id, _ = late_finisher_lab(tmp_path / "plain")
+    late = sqstore.StatusMsg(job_id, "DONE", "late", "None")
+    with pytest.raises(sqstore.LeaseLostError, match="another worker"):
+        sqstore.update_in_database(store, sqstore.run_simulator(JOB, job_id, "sim"), late,
+                                   job_id, "sim", holder="late")  # fmt: skip
+    finish_as(store, job_id, JOB, "late")  # the very same finish again: a re-run, no change
+    assert sqstore.get_status(store, "sim", "alice", job_id).detail == DONE_STATUS
 
 
 # ============================================================================
