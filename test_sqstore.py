@@ -8081,6 +8081,23 @@ def test_prune_and_a_late_finisher_paused_at_each_call_leave_no_orphan(
     assert sqstore.get_status(store, "sim", "alice", job_id).detail == DONE_STATUS
 
 
+def test_cli_output_cut_short_by_its_reader_exits_quietly(tmp_path: Path) -> None:
+    """A reader that goes away after one line (`| head -1`) ends a listing command quietly
+    with 141, as a tool killed by SIGPIPE does: no traceback, nothing on stderr."""
+    store = sqstore.local_storage(tmp_path / "lab")
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for _ in range(3000):
+        sqstore.upload_job(store, JOB, "sim", "alice")
+    env = {**os.environ, "PYTHONPATH": str(HERE), "SQSTORE_STORAGE": "lab", "PY": sys.executable}
+    for args in (["queue", "sim"], ["stats", "--json"], ["backends"]):
+        line = '"$PY" -m sqstore ' + " ".join(args) + " | head -1 >/dev/null; exit ${PIPESTATUS[0]}"
+        proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode in (0, 141) and proc.stderr == "", (args, proc)
+        if args[0] == "queue":
+            assert proc.returncode == 141, proc
+
+
 # ============================================================================
 # The command line: every mistake fails loudly
 # ============================================================================
