@@ -2627,7 +2627,7 @@ def _claim_one(
         job = get_job(store, layout.running, job_id)
     except (InvalidDocumentError, StorageError) as exc:
         status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", str(exc))
-        _close(store, lease_at, display_name, job_id, to_doc(status))
+        _close(store, lease_at, display_name, job_id, _finished_at(to_doc(status), now))
         return None
     return NextJob(job_id, layout.running), job
 
@@ -2979,7 +2979,7 @@ def _sweep_lease(
         else:
             why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
             status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
-        doc = to_doc(status)
+        doc = _finished_at(to_doc(status), now)
         if private_jwk is not None and (
             sign := _backend_signer(store, get_config(store, dn), private_jwk)
         ):
@@ -3194,7 +3194,8 @@ def prune(
     """Remove the jobs of a backend that finished (DONE or ERROR) *older_than* seconds ago.
 
     A job's finish time is the ``finished_at`` of its status, which
-    `update_in_database` writes; a job whose status has none (finished by another
+    `update_in_database` writes (and `cancel_job` and a claim or sweep that sets a
+    job aside or gives it up); a job whose status has none (finished by another
     program, such as sqooler) is left alone.  For each job old enough, in this
     order: a DONE status is first replaced by an ERROR one saying the job was
     removed, so that no status ever promises a result that is gone; then go its
@@ -3315,7 +3316,7 @@ def queue_stats(
     and one read per status of a job neither queued nor running); jobs/hour over
     the last hour and the last day, and the median seconds from submission (the
     job id's time) to DONE, from the ``finished_at`` of those statuses, which
-    `update_in_database` writes: jobs finished by other programs count, but are
+    sqstore writes into every final status: jobs finished by other programs count, but are
     not timed.  *known*, a dict kept between calls (``sqstore stats --watch``
     does), holds the final statuses read, so that they are read only once.
 
@@ -3381,6 +3382,15 @@ def queue_stats(
     )
 
 
+def _final_status(store: Storage, display_name: str, job_id: str) -> Doc | None:
+    """A job's stored status if it is DONE or ERROR (None if not, or none, or garbage)."""
+    try:
+        status = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
+    except (NotFoundError, InvalidDocumentError):
+        return None
+    return status if status.get("status") in ("DONE", "ERROR") else None
+
+
 def update_in_database(
     store: Storage,
     result_dict: ResultLike | None,
@@ -3403,14 +3413,19 @@ def update_in_database(
     running by a program that takes none) is finished too.  Before anything
     moves, the final status is recorded in the lease, so a worker that dies at
     any later step leaves a job that `requeue_expired` finishes; re-running
-    this step finishes it too.  A DONE or ERROR status says when (``finished_at``,
+    this step finishes it too.  A job without a lease that is finished already
+    (in finished or deleted, with a DONE or ERROR status) is left as it is: a
+    re-run changes nothing, and a worker that lost its lease and finishes after
+    another worker did gets `LeaseLostError` (unless it finishes with the very
+    same status).  A DONE or ERROR status says when (``finished_at``,
     from *now*), for `queue_stats` and `prune`.
 
     Raises:
         InvalidDocumentError: DONE without a result, a malformed status/result, or an
             earlier run of this step moved the job with the other outcome (that
             outcome is then completed, and stands).
-        LeaseLostError: the lease is another worker's, or changed meanwhile.
+        LeaseLostError: the lease is another worker's, or changed meanwhile, or
+            another worker finished the job already.
         NotFoundError: the job is neither running nor already finished.
     """
     _check_handle(store)
@@ -3430,11 +3445,18 @@ def update_in_database(
             raise NotFoundError(f"job {job_id} is not in {layout.running}")
         _put_status(store, display_name, None, job_id, status_doc)
         return
-    if lease_at is None:  # a job without a lease: running, or finished by an earlier run
+    if lease_at is None and not _exists(store, layout.running, file_id):
+        # Finished already?  The status is read before the job is looked for: `prune`
+        # removes a job before its status, so a job found after is not being removed.
+        finished = _final_status(store, display_name, job_id)
         target = layout.finished if status.status == "DONE" else layout.deleted
         target = _job_fill(layout, target, display_name, job_id)
-        if not _exists(store, layout.running, file_id) and not _exists(store, target, file_id):
+        if not _exists(store, target, file_id):
             raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
+        if finished is not None:  # that finish stands
+            if {**finished, "finished_at": None} != {**to_doc(status), "finished_at": None}:
+                raise LeaseLostError(f"job {job_id} was finished by another worker already")
+            return  # by an earlier run of this step
     recorded = None if lease_at is None or lease_at[1].finish is None else lease_at[1].finish
     if (
         recorded is not None
@@ -3481,6 +3503,12 @@ def _cancel_location(store: Storage, job_id: str) -> tuple[str, str]:
 
 def _cancelled(job_id: str, username: str, why: str) -> StatusMsg:
     return StatusMsg(job_id, "ERROR", f"Cancelled by {username}.", why)
+
+
+def _cancelled_before(job_id: str, username: str) -> Doc:
+    """The status of a job cancelled in the queue, finished now."""
+    status = _cancelled(job_id, username, "The job was cancelled before it ran.")
+    return _finished_at(to_doc(status), time.time())
 
 
 def _check_job_names(store: Storage, display_name: str, username: str, job_id: str) -> str:
@@ -3549,8 +3577,7 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
         except NotFoundError:  # claimed meanwhile: it runs, and its worker gets the request
             where = _find_job(store, display_name, job_id)
             continue
-        why = "The job was cancelled before it ran."
-        _put_status(store, display_name, None, job_id, to_doc(_cancelled(job_id, username, why)))
+        _put_status(store, display_name, None, job_id, _cancelled_before(job_id, username))
         _forget_cancel(store, job_id)
         return "cancelled"
     if where in ("running", "queued"):
@@ -3574,10 +3601,7 @@ def _after_the_end(
         except (NotFoundError, InvalidDocumentError):
             final = {}
         if final.get("status") not in ("DONE", "ERROR"):
-            why = "The job was cancelled before it ran."
-            _put_status(
-                store, display_name, None, job_id, to_doc(_cancelled(job_id, username, why))
-            )
+            _put_status(store, display_name, None, job_id, _cancelled_before(job_id, username))
             outcome = "cancelled"
     _forget_cancel(store, job_id)
     return outcome
@@ -3770,7 +3794,8 @@ def _set_aside(
     status = StatusMsg(
         job_id, "ERROR", "The job was set aside: its signature is not accepted.", why
     )
-    _close(store, _lease_at(store, job_id), display_name, job_id, to_doc(status))
+    doc = _finished_at(to_doc(status), time.time())
+    _close(store, _lease_at(store, job_id), display_name, job_id, doc)
     return True
 
 
@@ -5654,6 +5679,8 @@ def _backend(store: Storage, url: str, display_name: str) -> BackendConfig:
         known = get_backends(store)
         has = f"known: {', '.join(known)}" if known else "it has none"
         raise _UserError(f"no backend {display_name!r} on {redact_url(url)} ({has})") from None
+    except InvalidDocumentError as exc:  # as `backends` says it
+        raise _UserError(f"backend {display_name!r} on {redact_url(url)}: {exc}") from None
 
 
 def _no_job(store: Storage, url: str, display_name: str, job_id: str, user: str = "") -> str:
@@ -5826,7 +5853,11 @@ def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
 
 def _cmd_cancel(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
-    outcome = cancel_job(store, args.display_name, args.username, args.job_id)
+    try:
+        outcome = cancel_job(store, args.display_name, args.username, args.job_id)
+    except NotFoundError:
+        no_job = _no_job(store, args.storage, args.display_name, args.job_id, args.username)
+        raise _UserError(no_job) from None
     print(f"{args.job_id}: {outcome}")
     return 0
 
@@ -5964,6 +5995,11 @@ def _duration(text: str) -> float:
 
 def _cmd_prune(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
+    if args.keep_results is not None and args.keep_results < args.older_than:
+        raise _UserError(
+            f"--keep-results ({_age_text(args.keep_results)}) must be at least --older-than "
+            f"({_age_text(args.older_than)})"
+        )
     report = prune(
         store, args.display_name, args.older_than, args.keep_results, dry_run=args.dry_run
     )
@@ -6009,9 +6045,27 @@ def _cmd_stats(store: Storage, args: argparse.Namespace) -> int:
     if args.display_name:
         _backend(store, args.storage, args.display_name)
 
-    def every() -> dict[str, QueueStats]:
+    broken: dict[str, str] = {}  # a backend whose figures cannot be read: why
+
+    def every() -> dict[str, QueueStats | None]:
         names = [args.display_name] if args.display_name else get_backends(store)
-        return {name: queue_stats(store, name, known=known.setdefault(name, {})) for name in names}
+        found: dict[str, QueueStats | None] = {}
+        for name in names:
+            try:
+                found[name] = queue_stats(store, name, known=known.setdefault(name, {}))
+            except TransientError:
+                raise
+            except SqstoreError as exc:
+                if args.display_name:
+                    raise
+                found[name] = None  # one broken config hides no other backend
+                broken[name] = f"backend {name!r} on {redact_url(args.storage)}: {exc}"
+        return found
+
+    def text(stats: dict[str, QueueStats | None]) -> str:
+        return "\n".join(
+            _stats_text(one) if one else f"{name}: broken" for name, one in stats.items()
+        )
 
     if args.watch is not None:
         if not sys.stdout.isatty():
@@ -6019,16 +6073,18 @@ def _cmd_stats(store: Storage, args: argparse.Namespace) -> int:
         if not args.watch > 0:
             raise _UserError("--watch takes a number of seconds > 0")
         while True:  # until Ctrl-C
-            text = "\n".join(map(_stats_text, every().values())) or "no backends"
-            print("\033[H\033[J" + text, flush=True)  # redraw from the top left
+            print("\033[H\033[J" + (text(every()) or "no backends"), flush=True)  # redraw
             time.sleep(args.watch)
     stats = every()
     if args.json:
-        docs = {name: to_doc(one) for name, one in stats.items()}
+        docs = {name: one and to_doc(one) for name, one in stats.items()}
         _print_json(docs[args.display_name] if args.display_name else docs)
     else:
-        print("\n".join(map(_stats_text, stats.values())))
-    return 0
+        print(text(stats))
+    sys.stdout.flush()
+    for line in broken.values():
+        print(f"sqstore: error: {line}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def _demo_key(url: str, key_file: str | None, kid: str) -> JWK:

@@ -7360,7 +7360,7 @@ def test_cli_cancel_prints_the_outcome_and_refuses_unknown_jobs(tmp_path: Path) 
     other = sqstore.create_job_id(store, "sim", "cli")
     proc = run_cli("--storage", "data", "cancel", "sim", other, "-u", "alice", cwd=tmp_path)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"no job {other}" in proc.stderr
+    assert f"no job {other!r} on backend 'sim' at data" in proc.stderr
 
 
 @pytest.fixture
@@ -7552,6 +7552,8 @@ def test_a_cancel_stopped_at_any_call_is_completed_by_running_it_again(store: St
             assert outcome == "cancelled" and calls[0] < index
         status = sqstore.get_status(store, "sim", "alice", job_id)
         assert (status.status, status.detail) == ("ERROR", "Cancelled by alice."), index
+        raw = store["get"](*sqstore._status_location(store, "sim", None, job_id))
+        assert isinstance(raw.get("finished_at"), str), index  # so prune and stats see it
         assert job_id in jobs_in(store, "deleted", job_id), index
         assert sqstore.cancel_requested(store, job_id) is None, index
         assert sqstore.claim_job(store, "sim") is None, index
@@ -8146,6 +8148,202 @@ def test_odd_entries_stop_neither_the_sweep_nor_the_claims(local: Storage, tmp_p
     assert sqstore.requeue_expired(local, now=lambda: T0 + 10, skew=0) == [dead]
     last = sqstore.upload_job(local, JOB, "sim", "alice")
     assert finish(local, "sim") == [dead, last]
+
+
+# ============================================================================
+# Attacks on retention, queue insight and the command line
+# ============================================================================
+def ended_every_way(store: Storage) -> dict[str, str]:
+    """On backend 'sim' (which runs signed jobs only), one job ended each way sqstore ends a
+    job other than by a worker's finish: cancelled while queued, set aside at its claim, and
+    given up by the sweep after its worker died; a 'plain' job finished by a worker."""
+    sqstore.upload_config(store, strict_config(require_signed_jobs=True), "sim")
+    ended = {"cancelled": queued_job(store)}
+    assert sqstore.cancel_job(store, "sim", "alice", ended["cancelled"]) == "cancelled"
+    ended["set_aside"] = queued_job(store)
+    assert sqstore.claim_job(store, "sim") is None  # unsigned: set aside
+    sqstore.update_config(store, sqstore.demo_config("sim"), "sim")  # now it runs any job
+    ended["given_up"] = queued_job(store)
+    assert sqstore.claim_job(store, "sim", holder="dead:1", lease_seconds=-1000) is not None
+    assert sqstore.requeue_expired(store, "sim", skew=0, max_attempts=1) == []
+    ended["finished"] = queued_job(store)
+    assert finish(store, "sim") == [ended["finished"]]
+    for how, job_id in ended.items():
+        assert sqstore.get_status(store, "sim", "alice", job_id).status in ("ERROR", "DONE"), how
+    return ended
+
+
+def test_every_job_sqstore_ends_is_pruned_and_counted(store: Storage) -> None:
+    """A job cancelled, set aside or given up has a final status with ``finished_at`` like a
+    finished one: `queue_stats` counts it in jobs/hour and `prune` removes it in time."""
+    ended = ended_every_way(store)
+    for how, job_id in ended.items():
+        raw = store["get"](*sqstore._status_location(store, "sim", None, job_id))
+        assert isinstance(sqstore.payload_of(raw).get("finished_at"), str), how
+    stats = sqstore.queue_stats(store, "sim")
+    assert (stats.finished, stats.failed, stats.jobs_per_hour_last_hour) == (1, 3, 4.0)
+    later = time.time() + 2 * DAY
+    got = sqstore.prune(store, "sim", older_than=DAY, now=lambda: later)
+    assert sorted(got["statuses"]) == sorted(ended.values())
+    assert all(left_of(store, job_id) == set() for job_id in ended.values())
+
+
+def test_a_job_that_is_not_json_ends_with_a_finish_time(tmp_path: Path) -> None:
+    """A queued job that cannot be read, set aside at its claim, gets ``finished_at`` too."""
+    store = sqstore.local_storage(tmp_path)
+    job_id = queued_job(store)
+    (tmp_path / f"jobs/queued/sim/{job_id}.json").write_text("[1, 2")
+    assert sqstore.claim_job(store, "sim") is None
+    assert sqstore.prune(store, "sim", older_than=0, now=lambda: time.time() + 1)["jobs"] == [
+        job_id
+    ]
+
+
+def test_prune_removes_the_signature_of_a_signed_submission(
+    store: Storage, user_keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """A job submitted signed leaves nothing behind once pruned: its detached signature goes
+    with its job document (with keep_results, too)."""
+    signed_ids = [queued_job(store, key=user_keys[0]) for _ in range(2)]
+    assert finish(store, "sim") == signed_ids
+    signatures = f"{folder(store, 'status')}/signatures"
+    assert sorted(store["list"](signatures)) == sorted(signed_ids)
+    later = time.time() + 2 * DAY
+    kept = sqstore.prune(store, "sim", older_than=DAY, keep_results=3 * DAY, now=lambda: later)
+    assert kept["jobs"] == signed_ids and kept["results"] == []
+    assert store["list"](signatures) == []
+    assert sqstore.get_result(store, "sim", "alice", signed_ids[0]).status == "DONE"
+    got = sqstore.prune(store, "sim", older_than=DAY, now=lambda: later + 2 * DAY)
+    assert got["statuses"] == signed_ids
+    assert all(left_of(store, job_id) == set() for job_id in signed_ids)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (
+            ["cancel", "sqsm", "6b0000000000000000000000"],
+            ["no backend 'sqsm' on ./lab (known: sqsim)"],
+        ),
+        (["cancel", "sqsim", "6b0000000000000000000000"], ["no job '6b00", "'sqsim' at ./lab"]),
+        (["cancel", "sqsim", "../etc"], ["'../etc'"]),
+        (["prune", "sqsm", "--older-than", "1d"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["stats", "sqsm"], ["no backend 'sqsm' on ./lab (known: sqsim)"]),
+        (["prune", "sqsim", "--older-than", "2d", "--keep-results", "1d"], ["--keep-results"]),
+    ],
+)
+def test_cli_cancel_prune_and_stats_name_what_does_not_exist(
+    tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    """`cancel`, `prune` and `stats` given an unknown backend or job, or a --keep-results
+    shorter than --older-than, exit 1 with one line in the command line's terms; nothing
+    is written."""
+    a_lab(tmp_path / "lab")
+    before = tree(tmp_path / "lab")
+    proc = sqstore_cli(*args, cwd=tmp_path, env={"SQSTORE_STORAGE": "./lab"})
+    one_error_line(proc, *needles)
+    assert proc.stdout == "" and tree(tmp_path / "lab") == before
+
+
+def test_cli_stats_shows_the_other_backends_when_one_config_is_broken(tmp_path: Path) -> None:
+    """One corrupt config does not hide the other backends' figures: `stats` (and `stats
+    --json`) show every readable backend, mark the broken one, say why on stderr in one
+    line naming the backend and the storage, and exit 1."""
+    store, _, job_id = a_lab(tmp_path / "lab")
+    sqstore.upload_config(store, sqstore.demo_config("zeta"), "zeta")
+    (tmp_path / "lab/backends/configs/broken.json").write_text('{"display_name": ')
+    text = sqstore_cli("--storage", "lab", "stats", cwd=tmp_path)
+    one_error_line(text, "'broken'", "lab")
+    lines = text.stdout.splitlines()
+    assert lines[0] == "broken: broken", lines
+    assert "sqsim: 1 queued" in text.stdout and "zeta: 0 queued" in text.stdout
+    as_json = sqstore_cli("--storage", "lab", "stats", "--json", cwd=tmp_path)
+    one_error_line(as_json, "'broken'")
+    docs = json.loads(as_json.stdout)
+    assert sorted(docs) == ["broken", "sqsim", "zeta"] and docs["broken"] is None
+    assert docs["sqsim"]["queued"] == 1
+    one = sqstore_cli("--storage", "lab", "stats", "broken", cwd=tmp_path)
+    one_error_line(one, "backend 'broken' on lab: ")
+    assert one.stdout == "" and job_id
+    for command in (["queue"], ["running"], ["backend", "show"], ["prune", "--older-than", "1d"]):
+        proc = sqstore_cli("--storage", "lab", *command, "broken", cwd=tmp_path)
+        one_error_line(proc, "backend 'broken' on lab: ")
+
+
+def late_finisher_lab(root: Path) -> tuple[Storage, str, Callable[[], None]]:
+    """A job of backend 'sim' finished (by 'bob') long ago after its first worker lost its
+    lease; and that worker finishing it late (a callable)."""
+    store = sqstore.local_storage(root)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = old_job(store, T0 - 11 * DAY)
+    sqstore.upload_status(store, "sim", "alice", job_id)
+    claimed = sqstore.claim_job(store, "sim", holder="late", lease_seconds=60,
+                                now=lambda: T0 - 11 * DAY)  # fmt: skip
+    assert claimed is not None
+    assert sqstore.requeue_expired(store, "sim", now=lambda: T0 - 10 * DAY) == [job_id]
+    got = sqstore.claim_job(store, "sim", holder="bob", now=lambda: T0 - 10 * DAY)
+    assert got is not None
+    finish_as(store, job_id, got[1], "bob")
+    where = sqstore._status_location(store, "sim", None, job_id)
+    store["update"](*where, {**store["get"](*where), "finished_at": "2026-12-01T00:00:00+00:00"})
+
+    def late(store: Storage = store) -> None:
+        result = sqstore.run_simulator(claimed[1], job_id, "sim")
+        done = sqstore.StatusMsg(job_id, "DONE", "late", "None")
+        with contextlib.suppress(sqstore.NotFoundError, sqstore.LeaseLostError):
+            sqstore.update_in_database(store, result, done, job_id, "sim", holder="late")
+
+    return store, job_id, late
+
+
+@pytest.mark.parametrize("paused", ["prune", "late finisher"])
+def test_prune_and_a_late_finisher_paused_at_each_call_leave_no_orphan(
+    tmp_path: Path, paused: str
+) -> None:
+    """A worker that lost its lease (the sweep requeued its job and another worker finished
+    it) finishing late while a prune runs, either paused between any two storage calls of
+    the other, leaves the other worker's finish as it was or nothing: never a document that
+    no status leads to, nor a DONE status without its result."""
+    for index in range(1, 20):
+        store, job_id, late = late_finisher_lab(tmp_path / f"s{index}")
+        if paused == "prune":
+            sqstore.prune(paused_at(store, index, late), "sim", older_than=DAY,
+                          now=lambda: T0 + 1000 * DAY)  # fmt: skip
+        else:
+            prune = functools.partial(
+                sqstore.prune, store, "sim", older_than=DAY, now=lambda: T0 + 1000 * DAY
+            )
+            late(paused_at(store, index, prune))
+        left = left_of(store, job_id)
+        assert not left or "status" in left, (index, left)
+        if "status" in left:
+            status = sqstore.get_status(store, "sim", "alice", job_id)
+            assert status.detail == DONE_STATUS, (index, status)  # bob's finish stands
+            assert status.status != "DONE" or "result" in left, (index, left)
+    store, job_id, _ = late_finisher_lab(tmp_path / "plain")
+    late = sqstore.StatusMsg(job_id, "DONE", "late", "None")
+    with pytest.raises(sqstore.LeaseLostError, match="another worker"):
+        sqstore.update_in_database(store, sqstore.run_simulator(JOB, job_id, "sim"), late,
+                                   job_id, "sim", holder="late")  # fmt: skip
+    finish_as(store, job_id, JOB, "late")  # the very same finish again: a re-run, no change
+    assert sqstore.get_status(store, "sim", "alice", job_id).detail == DONE_STATUS
+
+
+def test_cli_output_cut_short_by_its_reader_exits_quietly(tmp_path: Path) -> None:
+    """A reader that goes away after one line (`| head -1`) ends a listing command quietly
+    with 141, as a tool killed by SIGPIPE does: no traceback, nothing on stderr."""
+    store = sqstore.local_storage(tmp_path / "lab")
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for _ in range(3000):
+        sqstore.upload_job(store, JOB, "sim", "alice")
+    env = {**os.environ, "PYTHONPATH": str(HERE), "SQSTORE_STORAGE": "lab", "PY": sys.executable}
+    for args in (["queue", "sim"], ["stats", "--json"], ["backends"]):
+        line = '"$PY" -m sqstore ' + " ".join(args) + " | head -1 >/dev/null; exit ${PIPESTATUS[0]}"
+        proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode in (0, 141) and proc.stderr == "", (args, proc)
+        if args[0] == "queue":
+            assert proc.returncode == 141, proc
 
 
 # ============================================================================
