@@ -5807,7 +5807,24 @@ def _read_json_file(path: str, what: str) -> Doc:
 def _cmd_submit(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
     job = _read_json_file(args.job_file, "job file")
-    job_id = upload_job(store, job, args.display_name, args.username, client_token=args.token)
+    key = _load_jwk(args.key) if args.key else None
+    if key is not None:  # the user's public key, published once (again: a no-op)
+        try:
+            upload_public_key(store, public_from_private(key), args.username, role="user")
+        except AlreadyExistsError:
+            raise _UserError(
+                f"{args.key}: another user key {key.kid!r} is published on "
+                f"{redact_url(args.storage)}; use a key of another kid"
+            ) from None
+    try:
+        job_id = upload_job(
+            store, job, args.display_name, args.username, args.token, private_jwk=key
+        )
+    except AlreadyExistsError:  # only a token does that
+        raise _UserError(
+            f"token {args.token!r} on backend {args.display_name!r} at "
+            f"{redact_url(args.storage)} was used for another job or by another user"
+        ) from None
     try:
         upload_status(store, args.display_name, args.username, job_id)
     except AlreadyExistsError:
@@ -5838,6 +5855,14 @@ def _cmd_result(store: Storage, args: argparse.Namespace) -> int:
 def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
     check_name(args.job_id, "job_id")
+    if args.job:
+        try:
+            chain = verify_job(store, args.display_name, args.username, args.job_id)
+        except NotFoundError:
+            pass  # no such job, or no result yet: said below
+        else:
+            print(f"{args.job_id}: {'job and result verified' if chain else 'NOT VERIFIED'}")
+            return 0 if chain else 1
     if not _exists(store, *_result_location(store, args.display_name, args.job_id)):
         where = _job_where(store, args.display_name, args.job_id)
         if where is None:
@@ -6070,7 +6095,7 @@ def _cmd_stats(store: Storage, args: argparse.Namespace) -> int:
     if args.watch is not None:
         if not sys.stdout.isatty():
             raise _UserError("stats --watch needs a terminal; scripts use --json")
-        if not args.watch > 0:
+        if not 0 < args.watch < math.inf:
             raise _UserError("--watch takes a number of seconds > 0")
         while True:  # until Ctrl-C
             print("\033[H\033[J" + (text(every()) or "no backends"), flush=True)  # redraw
@@ -6205,9 +6230,10 @@ def _cmd_copy(store: Storage | None, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(counts)
     else:
-        print(f"{'kind':<12}" + "".join(f"{name:>10}" for name in _COPY_COUNTS))
+        wide = max(map(len, counts)) + 2
+        print(f"{'kind':<{wide}}" + "".join(f"{name:>10}" for name in _COPY_COUNTS))
         for kind, row in counts.items():
-            print(f"{kind:<12}" + "".join(f"{row[name]:>10}" for name in _COPY_COUNTS))
+            print(f"{kind:<{wide}}" + "".join(f"{row[name]:>10}" for name in _COPY_COUNTS))
     return 1 if any(row["conflicts"] or row["rejected"] for row in counts.values()) else 0
 
 
@@ -6878,9 +6904,17 @@ def _parser() -> argparse.ArgumentParser:
         cmd = command(name, func, text)
         cmd.add_argument("display_name")
         cmd.add_argument("job_id")
-        if name != "verify":
-            cmd.add_argument("-u", "--username", default="cli", help="the job's user")
+        cmd.add_argument("-u", "--username", default="cli", help="the job's user")
+    cmd.add_argument(
+        "--job", action="store_true",
+        help="check the chain: the job signed by its user, the result by the backend, for it",
+    )  # fmt: skip
     submit.add_argument("-u", "--username", default="cli", help="who submits (default cli)")
+    submit.add_argument(
+        "--key", metavar="FILE",
+        help="sign the job with the user's private JWK (or env:NAME); its public half is "
+        "published as a user key",
+    )  # fmt: skip
     cancel = command(
         "cancel", _cmd_cancel, "cancel a job (prints cancelled, requested or finished)"
     )
@@ -6902,6 +6936,7 @@ def _parser() -> argparse.ArgumentParser:
     work_.add_argument(
         "executor",
         nargs="?",
+        metavar="MODULE:FUNCTION",
         default="sqstore:run_simulator",
         help="module:function called as f(job, job_id, display_name) -> result "
         "(default sqstore:run_simulator)",

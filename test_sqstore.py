@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -4818,6 +4818,29 @@ def test_cli_stats_watch_refreshes_in_place_on_a_terminal(tmp_path: Path) -> Non
     assert seen.count(b"\x1b[H") >= 3 and b"sim: 0 queued" in seen
 
 
+@pytest.mark.parametrize("seconds", ["inf", "nan", "0", "-1"])
+def test_cli_stats_watch_refuses_a_period_that_is_not_a_time(tmp_path: Path, seconds: str) -> None:
+    """On a terminal, `stats --watch` with no finite positive period is one error line, exit 1."""
+    import pty
+
+    root = tmp_path / "data"
+    sqstore.upload_config(sqstore.local_storage(root), sqstore.demo_config("sim"), "sim")
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sqstore", "--storage", str(root), "stats", "--watch", seconds],
+        stdin=child_fd, stdout=child_fd, stderr=child_fd,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+    )  # fmt: skip
+    os.close(child_fd)
+    assert proc.wait(60) == 1
+    seen = b""
+    with contextlib.suppress(OSError):  # EIO once the child's side is closed
+        while chunk := os.read(main_fd, 4096):
+            seen += chunk
+    os.close(main_fd)
+    assert seen.decode().strip() == "sqstore: error: --watch takes a number of seconds > 0"
+
+
 def test_tokens_finish_times_and_pruning_leave_sqooler_reading_as_before(
     shared: tuple[Any, Storage],
 ) -> None:
@@ -7363,6 +7386,82 @@ def test_cli_cancel_prints_the_outcome_and_refuses_unknown_jobs(tmp_path: Path) 
     assert f"no job {other!r} on backend 'sim' at data" in proc.stderr
 
 
+def test_readme_command_table_names_every_command_and_option() -> None:
+    """The README's command table has a row for every subcommand, and that row's synopsis
+    names each of its options and arguments."""
+    import argparse
+
+    rows = [
+        line for line in readme_section("## Command line").splitlines() if line.startswith("| `")
+    ]
+
+    def commands(
+        parser: argparse.ArgumentParser, prefix: str
+    ) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    has_verbs = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+                    if has_verbs:
+                        yield from commands(sub, f"{prefix}{name} ")
+                    else:
+                        yield f"{prefix}{name}", sub
+
+    missing = []
+    for name, sub in commands(sqstore._parser(), "sqstore "):
+        row = next(
+            (r for r in rows if r.startswith(f"| `{name} ") or r.startswith(f"| `{name}`")), None
+        )
+        if row is None:
+            missing.append(name)
+            continue
+        synopsis = re.split(r"(?<!\\)\|", row)[1]
+        for action in sub._actions:
+            if action.option_strings and "--help" not in action.option_strings:
+                if not any(opt in synopsis for opt in action.option_strings):
+                    missing.append(f"{name} {action.option_strings[-1]}")
+            elif (
+                not action.option_strings
+                and (action.metavar or action.dest.upper()) not in synopsis
+            ):
+                missing.append(f"{name} {action.metavar or action.dest}")
+    assert missing == [], "\n".join(missing)
+
+
+def test_cli_signed_submission_from_submit_to_verify(tmp_path: Path) -> None:
+    """`submit --key` signs a job with the user's key and publishes its public half;
+    a backend requiring signed jobs runs it, `verify --job` checks the chain (exit 0) and
+    fails (exit 1) for an unsigned job; a token used for another job is one line, exit 1."""
+    store = sqstore.local_storage(tmp_path / "data")
+    bob, bob_public = sqstore.generate_keypair("bobkey")
+    config = attrs.evolve(sqstore.demo_config("sim", sign=True), require_signed_jobs=True)
+    sqstore.upload_config(store, config, "sim", bob)
+    sqstore.upload_public_key(store, bob_public, "sim")
+    (tmp_path / "job.json").write_text(json.dumps(JOB))
+    assert run_cli("keygen", "alicekey", "-o", "alice.jwk", cwd=tmp_path).returncode == 0
+    cli = ("--storage", "data")
+    signed = run_cli(*cli, "submit", "sim", "job.json", "-u", "alice", "--key", "alice.jwk",
+                     cwd=tmp_path)  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    plain = run_cli(*cli, "submit", "sim", "job.json", "-u", "mallory", cwd=tmp_path)
+    signed_id, plain_id = signed.stdout.strip(), plain.stdout.strip()
+    assert sqstore.get_public_key_from_kid(store, "alicekey", role="user").kid == "alicekey"
+    assert (
+        sqstore.work([store], "sim", sqstore.run_simulator, bob, burst=True) == 1
+    )  # one set aside
+    ok = run_cli(*cli, "verify", "sim", signed_id, "--job", "-u", "alice", cwd=tmp_path)
+    assert (ok.returncode, ok.stdout) == (0, f"{signed_id}: job and result verified\n"), ok.stderr
+    bad = run_cli(*cli, "verify", "sim", plain_id, "--job", "-u", "mallory", cwd=tmp_path)
+    assert (bad.returncode, bad.stdout) == (1, f"{plain_id}: NOT VERIFIED\n"), bad.stderr
+    first = run_cli(*cli, "submit", "sim", "job.json", "--token", "t1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "other.json").write_text(json.dumps(job_with(shots=7)))
+    clash = run_cli(*cli, "submit", "sim", "other.json", "--token", "t1", cwd=tmp_path)
+    assert clash.returncode == 1 and clash.stderr.count("\n") == 1, clash.stderr
+    assert "token 't1' on backend 'sim' at data was used for another job" in clash.stderr
+    assert "leases" not in clash.stderr  # no internal folder
+
+
 @pytest.fixture
 def user_keys(store: Storage) -> tuple[sqstore.JWK, sqstore.JWK]:
     """Alice's key pair, her public key published as a user key."""
@@ -9341,7 +9440,7 @@ def test_every_public_name_has_a_docstring() -> None:
         if (inspect.isfunction(obj := getattr(sqstore, name)) or inspect.isclass(obj))
         and len((obj.__doc__ or "").strip()) < 20
     ]
-    assert missing == []
+    assert missing == [], "\n".join(missing)
     page = subprocess.run(
         [sys.executable, "-m", "pydoc", "sqstore"], capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(HERE)}, check=True,
