@@ -59,7 +59,17 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec, TypedDict, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    cast,
+)
 
 import attrs
 import cattrs
@@ -99,6 +109,7 @@ __all__ = [
     "Layout",
     "Lease",
     "LeaseLostError",
+    "ListFn",
     "NextJob",
     "NotFoundError",
     "ReadOnlyError",
@@ -792,6 +803,12 @@ def _keeping_unknown(doc: Doc, old: Mapping[str, Any], cls: type) -> Doc:
 # ============================================================================
 
 
+class ListFn(Protocol):
+    """``list(path)``: a folder's ids; ``list(path, n)``: a walk's next step (see `Storage`)."""
+
+    def __call__(self, path: str, limit: int | None = None, /) -> list[str]: ...
+
+
 class Storage(TypedDict):
     """The CRUD callables of one provider. Make with a factory, change with a layer.
 
@@ -806,6 +823,17 @@ class Storage(TypedDict):
     against every other ``swap`` and ``upload`` of that document, so a document
     that is only ever created with ``upload`` and changed with ``swap`` (a
     lease) has one history that every worker agrees on.
+
+    ``list(path)`` returns every id in the folder, oldest first, as it is now.
+    ``list(path, n)`` walks the folder in steps of at most *n* ids, so that a
+    worker finds the next queued job in O(1) however long the queue: each call
+    returns the next ids, oldest first, of this handle's last listing of the
+    folder, and lists afresh (or, on MongoDB, reads the next ids in ``_id``
+    order) once that listing is used up.  An id so returned may be gone by then;
+    one added meanwhile comes in a later step (ids sort by creation time, so it
+    would come later anyway); ``[]`` means the folder was empty when listed.
+    The walk is the handle's: of several threads sharing it, each step goes to
+    one of them.
     """
 
     name: str
@@ -815,7 +843,7 @@ class Storage(TypedDict):
     get: Callable[[str, str], Doc]
     move: Callable[[str, str, str], None]
     delete: Callable[[str, str], None]
-    list: Callable[[str], list[str]]
+    list: ListFn
     swap: Callable[[str, str, Doc, Doc | None], bool]
 
 
@@ -2253,7 +2281,9 @@ def claim_jobs(
     workers to the queue.  A job that cannot be read as a JSON object is set
     aside (moved to deleted, with an ERROR status) and the next one is tried;
     any other failure of one queued job skips that job only.  The queue is
-    listed once per pass, not once per job.  ``last_queue_check`` is written at
+    walked one id per step (``list(queue, 1)``), so a claim costs O(1) however
+    long the queue, and a pass ends when the walk comes round to ids it has
+    tried already.  ``last_queue_check`` is written at
     most every *heartbeat* seconds, and each time it is, expired leases of this
     backend are requeued (see `requeue_expired` for *skew* and *max_attempts*).
 
@@ -2295,7 +2325,7 @@ def claim_jobs(
     while True:
         beat()
         found = False
-        for file_id in store["list"](queue):
+        for file_id in _queue_walk(store, queue):
             beat()
             try:
                 claimed = _claim_one(
@@ -2314,6 +2344,18 @@ def claim_jobs(
                 yield claimed
         if not found:
             return
+
+
+def _queue_walk(store: Storage, queue: str) -> Iterator[str]:
+    """The ids of *queue*, oldest first, one ``list(queue, 1)`` step at a time, until a
+    step brings an id already walked (the handle's walk has come round) or none."""
+    walked: set[str] = set()
+    while True:
+        step = store["list"](queue, 1)
+        if not step or step[0] in walked:
+            return
+        walked.add(step[0])
+        yield step[0]
 
 
 def _claim_one(
@@ -2716,7 +2758,8 @@ def work(
     """Run Bob's worker loop: serve a backend's queue on each of *stores* in turn.
 
     Round-robin, one job per store per pass (so one worker can serve several
-    frontends): claim the oldest job (`claim_job`), run
+    frontends): claim the oldest job (`claim_jobs`, one claimer per store kept
+    from job to job, so its heartbeat does not read the config each time), run
     ``executor(job, job_id, display_name)``, and finish the job with its result
     and a DONE status, or with an ERROR status whose ``error_message`` is the
     exception's type and text.  While the executor runs, a thread renews the
@@ -2755,6 +2798,7 @@ def work(
     labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
     done = 0
     next_requeue = [-math.inf] * len(stores)
+    claimers: list[Iterator[tuple[NextJob, Doc]] | None] = [None] * len(stores)
     while not stop.is_set() and (max_jobs is None or done < max_jobs):
         idle = True
         for i, (store, label) in enumerate(zip(stores, labels, strict=True)):
@@ -2772,15 +2816,20 @@ def work(
                         grace=lease_seconds,
                     ):
                         say(f"{label}: requeued {', '.join(requeued)} (lease expired)")
-                claimed = claim_job(
-                    store,
-                    display_name,
-                    private_jwk,
-                    holder=holder,
-                    lease_seconds=lease_seconds,
-                    heartbeat=heartbeat,
-                    skew=skew,
-                    max_attempts=max_attempts,
+                claimed = _next_claim(
+                    claimers,
+                    i,
+                    functools.partial(
+                        claim_jobs,
+                        store,
+                        display_name,
+                        private_jwk,
+                        holder=holder,
+                        lease_seconds=lease_seconds,
+                        heartbeat=heartbeat,
+                        skew=skew,
+                        max_attempts=max_attempts,
+                    ),
                 )
             except SqstoreError as exc:
                 say(f"{label}: cannot claim: {type(exc).__name__}: {exc}")
@@ -2801,6 +2850,27 @@ def work(
         if idle:
             stop.wait(poll)
     return done
+
+
+def _next_claim(
+    claimers: list[Iterator[tuple[NextJob, Doc]] | None],
+    i: int,
+    start: Callable[[], Iterator[tuple[NextJob, Doc]]],
+) -> tuple[NextJob, Doc] | None:
+    """The next job of store *i*'s `claim_jobs` (begun by *start* if there is none), or
+    None when its queue is empty: one claimer per store, so that its heartbeat (a
+    config read) comes every *heartbeat* seconds, not with every job."""
+    claimer = claimers[i]
+    if claimer is None:
+        claimer = claimers[i] = start()
+    try:
+        claimed = next(claimer, None)
+    except BaseException:
+        claimers[i] = None
+        raise
+    if claimed is None:
+        claimers[i] = None
+    return claimed
 
 
 def _work_one(
@@ -3068,6 +3138,33 @@ def _loads(text: str | bytes, where: str) -> Doc:
     return doc
 
 
+def _walker(list_all: Callable[[str], list[str]]) -> ListFn:
+    """``list`` for a backend that lists a whole folder at once: ``list(path, n)``
+    serves the rest of the last listing of *path*, *n* ids at a time (see `Storage`)."""
+    rests: dict[str, list[str]] = {}  # folder -> the ids not served yet, newest first
+    lock = threading.Lock()
+
+    def list_ids(path: str, limit: int | None = None, /) -> list[str]:
+        if limit is None:
+            return list_all(path)
+        _check_limit(limit)
+        _check_path(path)
+        with lock:
+            rest = rests.get(path)
+            if not rest:
+                rest = rests[path] = list_all(path)[::-1]
+            step = rest[: -limit - 1 : -1]
+            del rest[-limit:]
+        return step
+
+    return list_ids
+
+
+def _check_limit(limit: Any) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"a list step must be a whole number of at least 1, not {limit!r}")
+
+
 def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> Storage:
     """Return an in-process store; its state lives in this handle only.
 
@@ -3118,7 +3215,7 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
             if folders.get(path, {}).pop(doc_id, None) is None:
                 raise NotFoundError(f"{where} does not exist")
 
-    def list_ids(path: str) -> list[str]:
+    def list_all(path: str) -> list[str]:
         _check_path(path)
         with lock:
             return sorted(folders.get(path, ()))
@@ -3145,9 +3242,37 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
         get=get,
         move=move,
         delete=delete,
-        list=list_ids,
+        list=_walker(list_all),
         swap=swap,
     )
+
+
+def _renameat2_noreplace() -> Callable[[int, str, int, str], None] | None:
+    """Linux's ``renameat2(..., RENAME_NOREPLACE)`` (through libc), or None elsewhere:
+    a create-only rename in one system call, where ``link`` + ``unlink`` take two."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28, some musl)
+        return None
+    renameat2.argtypes = (
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    )
+    renameat2.restype = ctypes.c_int
+
+    def rename(source: int, name: str, target: int, new_name: str) -> None:
+        if renameat2(source, os.fsencode(name), target, os.fsencode(new_name), 1) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), name)
+
+    return rename
 
 
 _TEMP_RE = re.compile(rf"\.{_NAME_RE.pattern}\.[0-9]+\.[0-9a-f]{{8}}\.tmp")
@@ -3167,11 +3292,14 @@ def local_storage(
     """Return a store in directory *root*, in sqooler's local layout.
 
     Documents are ``<root>/<path>/<id>.json``, written to a temporary file in the
-    same folder and then linked (create-only) or renamed (update) into place, so
-    a crash never leaves a partial document.  ``move`` is one ``rename``: of
-    several racing movers exactly one wins.  ``list`` sorts ids, which for
-    sqstore's ids is the order of creation.  With *durable*, files and folders
-    are fsynced, so a power loss cannot lose a write that returned.
+    same folder and then renamed into place: create-only with one ``renameat2``
+    (``RENAME_NOREPLACE``) on Linux, or a ``link`` and an ``unlink`` where the
+    system or file system has none; an update with a plain rename.  So a crash
+    never leaves a partial document.  ``move`` is one ``rename`` (create-only
+    where the system has one): of several racing movers exactly one wins.
+    ``list`` sorts ids, which for sqstore's ids is the order of creation.  With
+    *durable*, files and folders are fsynced, so a power loss cannot lose a
+    write that returned.
 
     No symbolic link below *root* is ever followed (*root* itself may be one):
     each folder is opened relative to its parent with ``O_NOFOLLOW``, so a link
@@ -3183,6 +3311,7 @@ def local_storage(
     """
     _check_store_name(name)
     base = os.fspath(root)
+    noreplace = _renameat2_noreplace()
 
     def where(path: str, doc_id: str) -> tuple[str, str]:
         """(file name, 'path/id' for messages), after validating path and id."""
@@ -3312,15 +3441,36 @@ def local_storage(
         if durable:
             os.fsync(folder)
 
+    def rename_new(source: int, name: str, target: int, new_name: str) -> bool:
+        """Rename unless *new_name* exists (`FileExistsError`), in one ``renameat2``
+        with ``RENAME_NOREPLACE``; False (nothing done) where there is none."""
+        nonlocal noreplace
+        if noreplace is None:
+            return False
+        try:
+            noreplace(source, name, target, new_name)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            noreplace = None  # this file system has no create-only rename
+            return False
+        return True
+
     def upload(path: str, doc_id: str, doc: Doc) -> None:
         file, what = where(path, doc_id)
         data = _dumps(doc, what).encode()
         with opened(path, what, create=True) as folder:
             temp = write_temp(folder, doc_id, data)
             try:
-                os.link(temp, file, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
-            finally:
+                renamed = rename_new(folder, temp, folder, file)
+            except BaseException:
                 os.unlink(temp, dir_fd=folder)
+                raise
+            if not renamed:
+                try:
+                    os.link(temp, file, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+                finally:
+                    os.unlink(temp, dir_fd=folder)
             if durable:
                 os.fsync(folder)
 
@@ -3349,11 +3499,16 @@ def local_storage(
                     raise NotFoundError(f"{what} does not exist") from None
                 target = open_folder(dst, target_what, create=True)
             try:
-                if exists(target, file):
-                    if not exists(source, file):
-                        raise NotFoundError(f"{what} does not exist")
-                    raise AlreadyExistsError(f"{target_what} already exists")
-                os.rename(file, file, src_dir_fd=source, dst_dir_fd=target)
+                try:
+                    renamed = rename_new(source, file, target, file)
+                except FileExistsError:
+                    renamed = False
+                if not renamed:
+                    if exists(target, file):
+                        if not exists(source, file):
+                            raise NotFoundError(f"{what} does not exist")
+                        raise AlreadyExistsError(f"{target_what} already exists")
+                    os.rename(file, file, src_dir_fd=source, dst_dir_fd=target)
                 if durable:
                     os.fsync(target)
                     os.fsync(source)
@@ -3376,7 +3531,7 @@ def local_storage(
         except OSError:
             pass  # removed by another lister, or a read-only storage: nothing to do
 
-    def list_ids(path: str) -> list[str]:
+    def list_all(path: str) -> list[str]:
         ids = []
         try:
             with opened(_check_path(path), path) as folder:
@@ -3428,12 +3583,13 @@ def local_storage(
         get=get,
         move=move,
         delete=delete,
-        list=list_ids,
+        list=_walker(list_all),
         swap=swap,
     )
 
 
 _MONGO_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_MONGO_LIST_STEP = 64  # ids read at once by a step of list(path, n): fresh enough, few commands
 _MONGO_NAME_FIELD = "_sqstore_name"  # names a keyed document that carries no name of its own
 
 
@@ -3777,7 +3933,7 @@ def mongodb_storage(
         replace = lambda: bool(source.replace_one(unchanged, body).matched_count)  # noqa: E731
         return call(what, lambda: send(replace, replaced_again))
 
-    def list_ids(path: str) -> list[str]:
+    def list_all(path: str) -> list[str]:
         source = collection(path)
         if path in keyed:
             fields = (*keyed[path], _MONGO_NAME_FIELD)
@@ -3788,6 +3944,46 @@ def mongodb_storage(
             docs = call(path, lambda: send(lambda: list(source.find({}, {"_id": 1}))))
             names = (str(d["_id"]) for d in docs)
         return sorted(n for n in names if isinstance(n, str) and _NAME_RE.fullmatch(n))
+
+    walk = _walker(list_all)  # keyed folders: names are fields, not _ids
+    rests: dict[str, list[Any]] = {}  # folder -> _ids read, not served yet, newest first
+    after: dict[str, Any] = {}  # folder -> the last _id served
+    lock = threading.Lock()
+
+    def fetch(path: str, last: Any, count: int) -> list[Any]:
+        """The next *count* valid ids after *last* (None: from the first), newest first:
+        one sorted, limited ``find`` on the ``_id`` index, however long the folder."""
+        source = collection(path)
+
+        def page(query: dict[str, Any]) -> list[Any]:
+            return list(source.find(query, {"_id": 1}).sort("_id", 1).limit(count))
+
+        while True:
+            query = {} if last is None else {"_id": {"$gt": last}}
+            docs = call(path, functools.partial(send, functools.partial(page, query)))
+            ids = [d["_id"] for d in docs]
+            good = [i for i in ids if _NAME_RE.fullmatch(str(i))]
+            if good or len(ids) < count:
+                return good[::-1]
+            last = ids[-1]  # a page of foreign names only: read on
+
+    def list_ids(path: str, limit: int | None = None, /) -> list[str]:
+        if limit is None or path in keyed:
+            return walk(path, limit)
+        _check_limit(limit)
+        _check_path(path)
+        count = max(limit, _MONGO_LIST_STEP)
+        with lock:
+            rest = rests.get(path)
+            if not rest:
+                rest = rests[path] = fetch(path, after.get(path), count)
+                if not rest and after.pop(path, None) is not None:  # the end: come round
+                    rest = rests[path] = fetch(path, None, count)
+            step = rest[: -limit - 1 : -1]
+            del rest[-limit:]
+            if step:
+                after[path] = step[-1]
+        return [str(i) for i in step]
 
     if create_indexes:
         for path, fields in keyed.items():
@@ -4071,7 +4267,7 @@ def dropbox_storage(
                     return False  # changed (a new rev) or removed since it was read
         return False
 
-    def list_ids(path: str) -> list[str]:
+    def list_all(path: str) -> list[str]:
         folder = f"/{_check_path(path)}"
         try:
             page = call(path, lambda: client.files_list_folder(folder), not_found(path))
@@ -4096,7 +4292,7 @@ def dropbox_storage(
         get=get,
         move=move,
         delete=delete,
-        list=list_ids,
+        list=_walker(list_all),
         swap=swap,
     )
 
@@ -4239,6 +4435,8 @@ def _where(op: str, args: tuple[Any, ...]) -> str:
     """``path/id`` of a call (``src/id -> dst`` for a move, the folder for a list)."""
     if op == "move":
         return f"{args[0]}/{args[2]} -> {args[1]}"
+    if op == "list":
+        return str(args[0]) if len(args) < 2 else f"{args[0]} (step of {args[1]})"
     return "/".join(str(a) for a in args[:2])
 
 
