@@ -1103,6 +1103,10 @@ class StorageComparison(RuleBasedStateMachine):
                 old = self.stores[0]["get"](path, doc_id)
         self.agree("swap", path, doc_id, old, new)
 
+    @rule(path=paths, step=st.integers(1, 3))
+    def list_step(self, path: str, step: int) -> None:
+        self.agree("list", path, step)
+
     @invariant()
     def lists_agree(self) -> None:
         for path in ("a", "a/b", "c"):
