@@ -6838,13 +6838,15 @@ def test_cli_bench_prints_figures_and_cleans_up(tmp_path: Path) -> None:
     assert figures["long_queue"] == 20
     assert set(figures["ratios"]) == {
         "round_trip_per_raw", "signed_per_unsigned", "verify_per_bare",
-        "verify_key_given_per_bare", "long_queue_claim_per_short",
+        "verify_key_given_per_bare", "long_queue_claim_per_short", "claim_job_long_per_short",
+        "work_long_per_short", "round_trip_per_sqooler",
     }  # fmt: skip
     assert figures["verify_result_key_given"] > 0
     assert proc.stderr == "", "progress is shown only on a terminal"
     assert list(tmp_path.iterdir()) == []
     table = run_cli("bench", "--jobs", "2", "--repeats", "1", "--queue", "5", cwd=tmp_path)
-    assert "round trip / raw baseline" in table.stdout and table.returncode == 0
+    assert "round trip / floor (same file operations)" in table.stdout and table.returncode == 0
+    assert "floor: the file operations of one sqstore job life" in table.stdout
 
 
 def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
