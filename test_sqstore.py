@@ -1103,6 +1103,10 @@ class StorageComparison(RuleBasedStateMachine):
                 old = self.stores[0]["get"](path, doc_id)
         self.agree("swap", path, doc_id, old, new)
 
+    @rule(path=paths, step=st.integers(1, 3))
+    def list_step(self, path: str, step: int) -> None:
+        self.agree("list", path, step)
+
     @invariant()
     def lists_agree(self) -> None:
         for path in ("a", "a/b", "c"):
@@ -1299,14 +1303,14 @@ def test_claim_is_exactly_once_and_leased(store: Storage) -> None:
 
 
 def test_draining_lists_the_queue_once_per_pass(store: Storage) -> None:
-    """claim_jobs lists a long queue once, not once per job, and keeps FIFO order."""
+    """claim_jobs walks a long queue one id per step (never the whole queue per job), FIFO."""
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     submitted = [sqstore.upload_job(store, {"e": {}}, "sim", "alice") for _ in range(40)]
     sqstore.timestamp_queue(store, "sim")  # a fresh heartbeat: no lease sweep in this drain
     counted, counts = counting(store)
     claimed = [nxt.job_id for nxt, _ in sqstore.claim_jobs(counted, "sim")]
     assert claimed == submitted
-    assert counts["list"] == 2, "one pass over the queue, then one pass that finds it empty"
+    assert counts["list"] == len(submitted) + 2, "a step per job, then two that find it empty"
 
 
 def test_draining_keeps_the_heartbeat(store: Storage) -> None:
@@ -7002,6 +7006,170 @@ def test_copy_killed_then_resumed_copies_everything_once(tmp_path: Path) -> None
 
 
 # ============================================================================
+# Performance: what each cut removes
+# ============================================================================
+def hex_ids(count: int) -> list[str]:
+    """*count* ids that sort as they are made, as job ids do (24 hex: an ObjectId on MongoDB)."""
+    return [f"{i:024x}" for i in range(1, count + 1)]
+
+
+def test_list_in_steps_walks_the_folder_then_comes_round(store: Storage) -> None:
+    """``list(path, n)`` serves the next n ids of one listing, oldest first, then lists afresh."""
+    path = "jobs/queued/sim"
+    assert store["list"](path, 2) == []
+    ids = hex_ids(5)
+    for doc_id in reversed(ids):
+        store["upload"](path, doc_id, {"n": doc_id})
+    assert store["list"](path, 2) == ids[:2]
+    store["delete"](path, ids[0])
+    late = "f" * 24
+    store["upload"](path, late, {})
+    assert store["list"](path, 2) == ids[2:4]
+    step = store["list"](path, 2)
+    assert step[0] == ids[4] and set(step[1:]) <= {late}, "one listing, whatever came since"
+    walked = step + [i for _ in range(6) for i in store["list"](path, 1)]
+    assert late in walked, "what came meanwhile comes in a later step"
+    assert store["list"](path) == [*ids[1:], late], "a plain list is always fresh"
+    for doc_id in store["list"](path):
+        store["delete"](path, doc_id)
+    seen = [store["list"](path, 3) for _ in range(3)]
+    assert seen[-1] == [], "an empty step means the folder is empty now"
+    with pytest.raises(ValueError):
+        store["list"](path, 0)
+    with pytest.raises(sqstore.InvalidNameError):
+        store["list"]("../x", 1)
+
+
+def finish_benchlike(job: Any, job_id: str, display_name: str) -> Any:
+    """An executor that returns a small valid result at once."""
+    return sqstore._bench_result(job_id)
+
+
+def listed_entries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record how many names each directory listing of this process returns."""
+    sizes: list[int] = []
+    listdir = os.listdir
+
+    def counted(*args: Any) -> list[str]:
+        names = listdir(*args)
+        sizes.append(len(names))
+        return names
+
+    monkeypatch.setattr(os, "listdir", counted)
+    return sizes
+
+
+@pytest.mark.parametrize("drain", ["claim_job", "work"])
+def test_a_claim_lists_a_constant_share_of_a_long_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drain: str
+) -> None:
+    """claim_job in a loop and work() read O(1) directory entries per job at any queue length."""
+    per_job = {}
+    for queued in (100, 2000):
+        store = sqstore.local_storage(tmp_path / f"q{queued}")
+        sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+        for _ in range(queued):
+            sqstore.upload_job(store, {"e": {}}, "sim", "alice")
+        sizes = listed_entries(monkeypatch)
+        if drain == "claim_job":
+            while sqstore.claim_job(store, "sim") is not None:
+                pass
+        else:
+            done = sqstore.work([store], "sim", finish_benchlike, max_jobs=queued)
+            assert done == queued
+        monkeypatch.undo()
+        assert store["list"]("jobs/queued/sim") == []
+        per_job[queued] = sum(sizes) / queued
+    assert per_job[2000] <= 1.5 * per_job[100] + 1, per_job
+
+
+def test_claim_job_lists_one_id_per_step(store: Storage) -> None:
+    """Each claim_job asks the queue for the next id only, on every backend (storage calls)."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    submitted = [sqstore.upload_job(store, {"e": {}}, "sim", "alice") for _ in range(12)]
+    sqstore.timestamp_queue(store, "sim")  # a fresh heartbeat: no lease sweep meanwhile
+    steps: list[tuple[Any, ...]] = []
+    plain = store["list"]
+
+    def listing(*args: Any) -> list[str]:
+        steps.append(args[1:])
+        return plain(*args)
+
+    counted: Any = {**store, "list": listing}
+    claimed = []
+    while (got := sqstore.claim_job(counted, "sim")) is not None:
+        claimed.append(got[0].job_id)
+    assert claimed == submitted, "oldest first"
+    assert steps and all(step == (1,) for step in steps), steps
+    assert len(steps) <= len(submitted) + 2
+
+
+def test_work_reads_the_config_once_per_job(tmp_path: Path) -> None:
+    """work() keeps one claimer per store: the config is read by the finish, not by each claim."""
+    store = sqstore.local_storage(tmp_path / "store")
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    for _ in range(20):
+        sqstore.upload_job(store, {"e": {}}, "sim", "alice")
+    reads: list[str] = []
+    plain = store["get"]
+
+    def get(path: str, doc_id: str) -> Any:
+        reads.append(path)
+        return plain(path, doc_id)
+
+    counted: Any = {**store, "get": get}
+    assert sqstore.work([counted], "sim", finish_benchlike, max_jobs=20) == 20
+    assert reads.count(store["layout"].configs) <= 20 + 3, reads.count(store["layout"].configs)
+
+
+def test_create_only_upload_is_one_rename_that_never_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Linux an upload renames its temporary file into place with RENAME_NOREPLACE: no link."""
+    if sys.platform != "linux":
+        pytest.skip("renameat2 is Linux's")
+    store = sqstore.local_storage(tmp_path / "store")
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("link used")
+
+    monkeypatch.setattr(os, "link", refused)
+    store["upload"]("a", "x", {"v": 1})
+    with pytest.raises(sqstore.AlreadyExistsError):
+        store["upload"]("a", "x", {"v": 2})
+    assert store["get"]("a", "x") == {"v": 1}
+    assert sorted(p.name for p in (tmp_path / "store" / "a").iterdir()) == ["x.json"]
+
+
+def test_local_move_is_one_rename_that_never_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Linux a move is one RENAME_NOREPLACE: it checks nothing first, and refuses a target."""
+    if sys.platform != "linux":
+        pytest.skip("renameat2 is Linux's")
+    store = sqstore.local_storage(tmp_path / "store")
+    for path in ("a", "b"):
+        store["upload"](path, "x", {"in": path})
+    store["upload"]("a", "y", {"in": "a"})
+    stats: list[Any] = []
+    real_stat = os.stat
+
+    def stat(*args: Any, **kwargs: Any) -> Any:
+        stats.append(args)
+        return real_stat(*args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    store["move"]("a", "b", "y")
+    assert stats == [], "no existence checks before the rename"
+    with pytest.raises(sqstore.AlreadyExistsError):
+        store["move"]("a", "b", "x")
+    with pytest.raises(sqstore.NotFoundError):
+        store["move"]("a", "b", "z")
+    monkeypatch.undo()
+    assert store["get"]("b", "x") == {"in": "b"} and store["get"]("a", "x") == {"in": "a"}
+
+
+# ============================================================================
 # The worker loop: real processes and signals
 # ============================================================================
 EXECUTOR = """
@@ -8942,13 +9110,15 @@ def test_cli_bench_prints_figures_and_cleans_up(tmp_path: Path) -> None:
     assert figures["long_queue"] == 20
     assert set(figures["ratios"]) == {
         "round_trip_per_raw", "signed_per_unsigned", "verify_per_bare",
-        "verify_key_given_per_bare", "long_queue_claim_per_short",
+        "verify_key_given_per_bare", "long_queue_claim_per_short", "claim_job_long_per_short",
+        "work_long_per_short", "round_trip_per_sqooler",
     }  # fmt: skip
     assert figures["verify_result_key_given"] > 0
     assert proc.stderr == "", "progress is shown only on a terminal"
     assert list(tmp_path.iterdir()) == []
     table = run_cli("bench", "--jobs", "2", "--repeats", "1", "--queue", "5", cwd=tmp_path)
-    assert "round trip / raw baseline" in table.stdout and table.returncode == 0
+    assert "round trip / floor (same file operations)" in table.stdout and table.returncode == 0
+    assert "floor: the file operations of one sqstore job life" in table.stdout
 
 
 def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
