@@ -6721,13 +6721,13 @@ def _bench_sqooler(root: str, jobs: int) -> float | None:
     """sqooler 0.9's local provider through the same job life; None if it cannot be imported."""
     try:
         warnings.filterwarnings("ignore", module="pydantic")  # its own, at import
-        from sqooler.schemes import (  # type: ignore[import-untyped]
+        from sqooler.schemes import (  # type: ignore[import-not-found, import-untyped, unused-ignore]
             BackendConfigSchemaIn,
             LocalLoginInformation,
             StatusMsgDict,
         )
         from sqooler.schemes import ResultDict as SqoolerResult
-        from sqooler.storage_providers.local import (  # type: ignore[import-untyped]
+        from sqooler.storage_providers.local import (  # type: ignore[import-not-found, import-untyped, unused-ignore]
             LocalProviderExtended,
         )
     except ImportError:
