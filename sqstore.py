@@ -154,7 +154,6 @@ __all__ = [
     "claim_job",
     "claim_jobs",
     "configure_converter",
-    "copy_storage",
     "create_job_id",
     "demo_config",
     "dropbox_storage",
@@ -178,7 +177,6 @@ __all__ = [
     "load_jwk",
     "local_storage",
     "long_backend_name",
-    "main",
     "memory_storage",
     "mongodb_storage",
     "new_job_id",
@@ -192,7 +190,6 @@ __all__ = [
     "renew_lease",
     "requeue_expired",
     "requeue_job",
-    "run_simulator",
     "running_jobs",
     "save_jwk",
     "sign_doc",
@@ -212,7 +209,6 @@ __all__ = [
     "with_logging",
     "with_metrics",
     "with_retry",
-    "work",
 ]
 
 # ============================================================================
@@ -1521,82 +1517,6 @@ _GATE_DOCS: tuple[tuple[str, list[str], str], ...] = (
     ("rz", ["theta"], "rotation about z"),
     ("cz", [], "controlled Z"),
 )
-
-
-def _apply_gate(state: list[complex], name: str, wires: list[int], params: list[float]) -> None:
-    n_states = len(state)
-    if name == "cz":
-        mask = (1 << wires[0]) | (1 << wires[1])
-        for i in range(n_states):
-            if i & mask == mask:
-                state[i] = -state[i]
-        return
-    theta = params[0] if params else 0.0
-    c, s = math.cos(theta / 2), math.sin(theta / 2)
-    matrix = {
-        "x": (0j, 1 + 0j, 1 + 0j, 0j),
-        "h": (math.sqrt(0.5) + 0j, math.sqrt(0.5) + 0j, math.sqrt(0.5) + 0j, -math.sqrt(0.5) + 0j),
-        "rx": (c + 0j, -1j * s, -1j * s, c + 0j),
-        "rz": (complex(c, -s), 0j, 0j, complex(c, s)),
-    }[name]
-    bit = 1 << wires[0]
-    for i in range(n_states):
-        if not i & bit:
-            a, b = state[i], state[i | bit]
-            state[i] = matrix[0] * a + matrix[1] * b
-            state[i | bit] = matrix[2] * a + matrix[3] * b
-
-
-def run_simulator(job: Doc, job_id: str, display_name: str) -> ResultDict:
-    """Run a sqooler-format *job* on a tiny state-vector simulator, return its result.
-
-    Each experiment is ``{"instructions": [[name, wires, params], ...], "num_wires":
-    n, "shots": k, ...}`` with gates ``x h rx rz cz``, ``measure`` and ``barrier``.
-
-    Raises:
-        InvalidDocumentError: the job is not of that form.
-
-    >>> job = {"e": {"instructions": [["x", [0], []], ["measure", [0], []]],
-    ...              "num_wires": 1, "shots": 3, "wire_order": "sequential", "seed": 1}}
-    >>> run_simulator(job, "j1", "sim").results[0].data.memory
-    ('1', '1', '1')
-    """
-    import random
-
-    experiments = []
-    for name, exp in job.items():
-        try:
-            n_wires, shots = int(exp["num_wires"]), int(exp["shots"])
-            if not 1 <= n_wires <= 10 or not 0 <= shots <= 100_000:
-                raise ValueError("num_wires must be 1..10 and shots 0..100000")
-            state = [0j] * (1 << n_wires)
-            state[0] = 1 + 0j
-            measured: list[int] = []
-            gates = []
-            for gate, wires, params in exp["instructions"]:
-                if any(not 0 <= w < n_wires for w in wires):
-                    raise ValueError(f"wire out of range in {gate}")
-                gates.append(GateDict(gate, tuple(wires), tuple(params)))
-                if gate == "measure":
-                    measured.extend(w for w in wires if w not in measured)
-                elif gate != "barrier":
-                    _apply_gate(state, gate, wires, params)
-            rng = random.Random(exp.get("seed"))
-            weights = [abs(a) ** 2 for a in state]
-            samples = rng.choices(range(len(state)), weights, k=shots)
-            memory = tuple(" ".join(str(s >> w & 1) for w in measured) for s in samples)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise InvalidDocumentError(f"job {job_id}: experiment {name!r}: {exc!r}") from None
-        experiments.append(
-            ExperimentDict({"name": name}, shots, True, DataDict(memory, tuple(gates)))
-        )
-    return ResultDict(
-        display_name=display_name,
-        backend_version="0.1.0",
-        job_id=job_id,
-        status="DONE",
-        results=tuple(experiments),
-    )
 
 
 # ============================================================================
@@ -3669,51 +3589,6 @@ def _forget_cancel(store: Storage, job_id: str) -> None:
         store["delete"](*_cancel_location(store, job_id))
 
 
-def _watch_cancel(store: Storage, job_id: str, cancel: threading.Event, who: list[str]) -> None:
-    """Set *cancel* (and note who asked in *who*) once the job has a cancel request."""
-    if cancel.is_set():
-        return
-    with contextlib.suppress(SqstoreError):  # unreadable now: the next look decides
-        requester = cancel_requested(store, job_id)
-        if requester is not None:
-            who.append(requester)
-            cancel.set()
-
-
-def _run_executor(
-    executor: Callable[..., Any], job: Doc, job_id: str, display_name: str, cancel: threading.Event
-) -> Any:
-    """Run *executor*, handing it *cancel* (a `threading.Event`) if it takes ``cancel=``."""
-    import inspect
-
-    try:
-        params = list(inspect.signature(executor).parameters.values())
-    except (TypeError, ValueError):  # a builtin without a signature: the three arguments
-        params = []
-    if any(p.name == "cancel" or p.kind is p.VAR_KEYWORD for p in params):
-        return executor(job, job_id, display_name, cancel=cancel)
-    return executor(job, job_id, display_name)
-
-
-def _honour_cancel(
-    store: Storage,
-    job_id: str,
-    cancel: threading.Event,
-    who: list[str],
-    result: Any,
-    status: StatusMsg,
-) -> tuple[Any, StatusMsg]:
-    """The result and status a worker finishes a job with: a job whose cancel request
-    it sees (during the run, or in a last look now) ends ERROR and its result is dropped."""
-    _watch_cancel(store, job_id, cancel, who)
-    if not cancel.is_set():
-        return result, status
-    why = "Cancelled while running; " + (
-        "its result was dropped." if result is not None else f"it ended: {status.error_message}"
-    )
-    return None, _cancelled(job_id, who[0], why)
-
-
 def _signature_folder(layout: Layout, display_name: str) -> str:
     return f"{_fill(layout.status, _check_display_name(display_name))}/signatures"
 
@@ -3856,457 +3731,6 @@ def verify_job(store: Storage, display_name: str, username: str, job_id: str) ->
     if _job_signature_problem(store, display_name, username, job_id, job):
         return False
     return verify_result(store, display_name, job_id)
-
-
-def work(
-    stores: Sequence[Storage],
-    display_name: str,
-    executor: Callable[[Doc, str, str], Any],
-    private_jwk: KeyLike | None = None,
-    *,
-    holder: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE,
-    heartbeat: float = DEFAULT_HEARTBEAT,
-    poll: float = 1.0,
-    skew: float = DEFAULT_SKEW,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    max_jobs: int | None = None,
-    stop: threading.Event | None = None,
-    log: Callable[[str], None] | None = None,
-    logger: Any = None,
-    burst: bool = False,
-) -> int:
-    """Run Bob's worker loop: serve a backend's queue on each of *stores* in turn.
-
-    Round-robin, one job per store per pass (so one worker can serve several
-    frontends): claim the oldest job (`claim_jobs`, one claimer per store kept
-    from job to job, so its heartbeat does not read the config each time), run
-    ``executor(job, job_id, display_name)``, and finish the job with its result
-    and a DONE status, or with an ERROR status whose ``error_message`` is the
-    exception's type and text.  While the executor runs, a thread renews the
-    lease every third of *lease_seconds*; jobs whose lease expired (their worker
-    died) are requeued at the start and then every *heartbeat* seconds.  When
-    no store has a job, waits *poll* seconds.  Returns after *max_jobs* jobs,
-    or once *stop* is set, which never interrupts a running job (set it from a
-    signal handler), or, with *burst*, once a pass over every store claims no
-    job (a store that cannot be read counts as empty: its error is logged).
-    Each finished job and each storage error is one line to *log* if given,
-    else to *logger* (default: ``logging.getLogger("sqstore")``; a job at INFO,
-    a failed job and a lost lease at WARNING, a storage error at ERROR), and
-    the loop goes on; a job whose finishing failed keeps its lease and is
-    requeued when that expires.  A cancel request (`cancel_job`) is looked for
-    at each renewal and before finishing; an executor that takes a ``cancel``
-    keyword gets it as a `threading.Event`, and a job cancelled while running
-    ends ERROR without its result.
-
-    Raises:
-        ValueError: no store given.
-        InvalidNameError: bad display name.
-        BadSignatureError: a backend signs and *private_jwk* is not its key
-            (checked at the start, before any job is claimed).
-
-    Returns:
-        The number of jobs finished (DONE or ERROR).
-    """
-    if not stores:
-        raise ValueError("work needs at least one store")
-    for store in stores:
-        _check_handle(store)
-    _check_display_name(display_name)
-    for store in stores if private_jwk is not None else ():  # a wrong key fails now
-        try:
-            cfg = get_config(store, display_name)
-        except SqstoreError:
-            continue  # no config (yet), or unreadable: the loop reports it
-        _backend_signer(store, cfg, private_jwk)
-    stop = stop or threading.Event()
-    holder = holder or _default_holder()
-    say = _reporter(log, logger)
-    names = [store["name"] for store in stores]  # numbered where they repeat: local1, local2
-    labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
-    done = 0
-    next_requeue = [-math.inf] * len(stores)
-    claimers: list[Iterator[tuple[NextJob, Doc]] | None] = [None] * len(stores)
-    while not stop.is_set() and (max_jobs is None or done < max_jobs):
-        idle = True
-        for i, (store, label) in enumerate(zip(stores, labels, strict=True)):
-            if stop.is_set() or (max_jobs is not None and done >= max_jobs):
-                break
-            try:
-                if time.monotonic() >= next_requeue[i]:  # at start, then every heartbeat
-                    next_requeue[i] = time.monotonic() + heartbeat  # (a failed sweep too)
-                    if requeued := requeue_expired(
-                        store,
-                        display_name,
-                        private_jwk,
-                        skew=skew,
-                        max_attempts=max_attempts,
-                        grace=lease_seconds,
-                    ):
-                        say(f"{label}: requeued {', '.join(requeued)} (lease expired)", _INFO)
-                claimed = _next_claim(
-                    claimers,
-                    i,
-                    functools.partial(
-                        claim_jobs,
-                        store,
-                        display_name,
-                        private_jwk,
-                        holder=holder,
-                        lease_seconds=lease_seconds,
-                        heartbeat=heartbeat,
-                        skew=skew,
-                        max_attempts=max_attempts,
-                    ),
-                )
-            except SqstoreError as exc:
-                say(f"{label}: cannot claim: {type(exc).__name__}: {exc}", _ERROR)
-                continue
-            if claimed is not None:
-                idle = False
-                done += _work_one(
-                    store,
-                    label,
-                    display_name,
-                    executor,
-                    private_jwk,
-                    claimed,
-                    holder,
-                    lease_seconds,
-                    say,
-                )
-        if idle and burst:
-            break
-        if idle:
-            stop.wait(poll)
-    return done
-
-
-_INFO, _WARNING, _ERROR = 20, 30, 40  # logging's levels (logging loads only when used)
-
-
-def _reporter(log: Callable[[str], None] | None, logger: Any) -> Callable[[str, int], None]:
-    """How `work` reports a line at a level: to *log*, else to *logger* or sqstore's."""
-    if log is not None:
-        return lambda line, level: log(line)
-    if logger is None:
-        import logging
-
-        logger = logging.getLogger("sqstore")
-    return cast(Callable[[str, int], None], lambda line, level: logger.log(level, line))
-
-
-def _next_claim(
-    claimers: list[Iterator[tuple[NextJob, Doc]] | None],
-    i: int,
-    start: Callable[[], Iterator[tuple[NextJob, Doc]]],
-) -> tuple[NextJob, Doc] | None:
-    """The next job of store *i*'s `claim_jobs` (begun by *start* if there is none), or
-    None when its queue is empty: one claimer per store, so that its heartbeat (a
-    config read) comes every *heartbeat* seconds, not with every job."""
-    claimer = claimers[i]
-    if claimer is None:
-        claimer = claimers[i] = start()
-    try:
-        claimed = next(claimer, None)
-    except BaseException:
-        claimers[i] = None
-        raise
-    if claimed is None:
-        claimers[i] = None
-    return claimed
-
-
-def _work_one(
-    store: Storage,
-    label: str,
-    display_name: str,
-    executor: Callable[[Doc, str, str], Any],
-    private_jwk: Any,
-    claimed: tuple[NextJob, Doc],
-    holder: str,
-    lease_seconds: float,
-    say: Callable[[str, int], None],
-) -> int:
-    """Run and finish one claimed job, renewing its lease meanwhile; 1 if finished."""
-    job_id, job = claimed[0].job_id, claimed[1]
-    finished, cancel, cancelled_by = threading.Event(), threading.Event(), list[str]()
-
-    def renew() -> None:
-        while not finished.wait(lease_seconds / 3):
-            _watch_cancel(store, job_id, cancel, cancelled_by)
-            try:
-                renew_lease(store, job_id, holder=holder, lease_seconds=lease_seconds)
-            except LeaseLostError:
-                say(f"{label} {job_id}: lease lost; another worker may run the job", _WARNING)
-                return
-            except SqstoreError as exc:  # try again at the next third
-                say(f"{label} {job_id}: cannot renew the lease: {exc}", _WARNING)
-
-    renewer = threading.Thread(target=renew, name=f"renew-{job_id}", daemon=True)
-    renewer.start()
-    start = time.perf_counter()
-    try:
-        result = _run_executor(executor, job, job_id, display_name, cancel)
-        status = StatusMsg(job_id, "DONE", "The job is done.", _NONE)
-    except Exception as exc:
-        result = None
-        status = StatusMsg(job_id, "ERROR", "The executor failed.", f"{type(exc).__name__}: {exc}")
-    finally:
-        finished.set()
-        renewer.join()
-    result, status = _honour_cancel(store, job_id, cancel, cancelled_by, result, status)
-    ms = (time.perf_counter() - start) * 1000
-    for attempt in range(_FINISH_TRIES):
-        try:
-            update_in_database(
-                store, result, status, job_id, display_name, private_jwk, holder=holder
-            )
-            break
-        except SqstoreError as exc:
-            if (
-                result is not None
-                and isinstance(exc, InvalidDocumentError)
-                and (malformed := _malformed_result(result))
-            ):  # only the executor's own output turns a job into ERROR
-                result = None
-                status = StatusMsg(
-                    job_id, "ERROR", "The executor's result is malformed.", malformed
-                )
-                continue
-            if attempt + 1 == _FINISH_TRIES or isinstance(exc, (LeaseLostError, NotFoundError)):
-                say(f"{label} {job_id}: cannot finish: {type(exc).__name__}: {exc}", _ERROR)
-                return 0  # the lease expires and the job is requeued
-            say(
-                f"{label} {job_id}: cannot finish yet, trying again: {type(exc).__name__}: {exc}",
-                _WARNING,
-            )
-            time.sleep(0.05 * 4**attempt)
-    if cancelled_by:  # honoured: the request is done with
-        _forget_cancel(store, job_id)
-    why = f": {status.error_message}" if status.status == "ERROR" else ""
-    say(f"{label} {job_id} {status.status} in {ms:.0f} ms{why}", _WARNING if why else _INFO)
-    return 1
-
-
-_FINISH_TRIES = 4  # a finish that fails for a passing reason (a torn read, a lost connection)
-
-
-def _malformed_result(result: Any) -> str:
-    """Why *result* cannot be stored as a job's result; "" when it can."""
-    try:
-        _json_bytes(to_doc(_coerce(result, ResultDict, "the executor's result")), "the result")
-    except InvalidDocumentError as exc:
-        return str(exc)
-    return ""
-
-
-_COPY_KINDS = (
-    "public_keys",
-    "user_keys",
-    "configs",
-    "job_signatures",
-    "submit_tokens",
-    "cancel_requests",
-    "jobs",
-    "statuses",
-    "results",
-    "leases",
-)
-_COPY_COUNTS = ("copied", "present", "conflicts", "rejected")
-# (kind, the Layout folder, the Layout file template or "" for the bare job id)
-_JOB_FOLDERS = (
-    ("jobs", "queued", "job_file"),
-    ("statuses", "status", "status_file"),
-    ("jobs", "running", "job_file"),
-    ("jobs", "deleted", "job_file"),
-    ("jobs", "finished", "job_file"),
-    ("results", "results", "result_file"),
-    ("leases", "leases", ""),
-)
-
-
-def copy_storage(
-    src: Storage,
-    dst: Storage,
-    *,
-    verify: bool = False,
-    progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
-    warn: Callable[[str], None] | None = None,
-) -> dict[str, dict[str, int]]:
-    """Copy every document of an exchange from *src* to *dst*: public keys (of backends
-    and users), configs, job signatures, submit tokens, cancel requests, jobs, statuses,
-    results and leases.
-
-    Each document goes to the place *dst*'s layout gives it, under the same
-    name and job id (e.g. from a sqooler Dropbox folder to MongoDB).  Nothing in
-    *dst* is overwritten: a document already there and equal counts as
-    ``present``, a different one as a ``conflict`` (left as it is), so an
-    interrupted copy is finished by running it again.  With *verify*, a signed
-    document is ``rejected`` unless its own backend's key verifies it: the key
-    *src* publishes under the kid of that backend's config (a config whose own
-    signature fails gives its backend no key); a signed document of no backend
-    (a running or deleted job, a lease) needs the key its header names.  So is
-    one that cannot be read.  *warn* is told of each conflict and
-    rejection, *progress* gets the counts after each document.
-
-    Finished jobs and results in a layout whose folders carry the username
-    (Dropbox) are found through the job's status or queue entry; ids without a
-    username go under ``None`` there (see `_job_fill`).
-
-    Returns:
-        ``{kind: {"copied": n, "present": n, "conflicts": n, "rejected": n}}``
-        for kinds public_keys, user_keys, configs, job_signatures, submit_tokens,
-        cancel_requests, jobs, statuses, results, leases.
-
-    Raises:
-        ValueError: the two layouts disagree on which folders are per backend.
-    """
-    _check_handle(src)
-    _check_handle(dst)
-    layouts = src_layout, dst_layout = src["layout"], dst["layout"]
-    for _, folder, _ in _JOB_FOLDERS:
-        per_backend = ["{display_name}" in getattr(lay, folder) for lay in (src_layout, dst_layout)]
-        if per_backend[0] != per_backend[1]:
-            raise ValueError(f"cannot copy: {folder} is per backend in one layout only")
-    counts = {kind: dict.fromkeys(_COPY_COUNTS, 0) for kind in _COPY_KINDS}
-    keys: list[Doc] = []
-    clashing: list[Doc] = []  # source keys whose kid *dst* holds another key for
-
-    def tell(kind: str, outcome: str, message: str = "") -> None:
-        counts[kind][outcome] += 1
-        if message and warn is not None:
-            warn(message)
-        if progress is not None:
-            progress(counts)
-
-    def one(
-        kind: str,
-        src_at: tuple[str, str],
-        dst_at: tuple[str, str],
-        dn: str | None = None,
-        among: list[Doc] | None = None,
-    ) -> Doc | None:
-        """Copy one document; *among* the keys that verify it, if not its backend's."""
-        where = "/".join(src_at)
-        try:
-            doc = src["get"](*src_at)
-            if verify and is_signed(doc):
-                if among is None:
-                    among = keys if dn is None else keys_of.get(dn, [])
-                verify_doc(doc, among)
-        except NotFoundError:
-            return None
-        except (InvalidDocumentError, BadSignatureError) as exc:
-            tell(kind, "rejected", f"{where}: not copied: {clash(doc, dn) or exc}")
-            return None
-        try:
-            dst["upload"](*dst_at, doc)
-        except AlreadyExistsError:
-            if dst["get"](*dst_at) != doc:
-                if kind == "public_keys":
-                    clashing.append(doc)
-                tell(kind, "conflicts", f"{where}: kept the different {'/'.join(dst_at)}")
-                return None
-            tell(kind, "present")
-            return doc
-        tell(kind, "copied")
-        return doc
-
-    def clash(doc: Doc, dn: str | None) -> str:
-        """Why *doc* is not copied when the source key that verifies it is one whose kid
-        the target holds another key for (a conflict); "" when that is not the cause."""
-        own = clashing if dn is None else clashing_of.get(dn, [])
-        try:
-            verify_doc(doc, own)
-        except (InvalidDocumentError, BadSignatureError):
-            return ""
-        kids = sorted({str(key.get("kid")) for key in own})
-        return (
-            f"its key {', '.join(map(repr, kids))} is in conflict: the target holds another "
-            "key of that kid, which would not verify it"
-        )
-
-    def backend_keys(src_at: tuple[str, str], among: list[Doc]) -> list[Doc]:
-        """The key *among* those given of the kid a config names, if the config is
-        unsigned or its own signature verifies with it; else none."""
-        try:
-            doc = src["get"](*src_at)
-            kid = payload_of(doc).get("kid")
-            own = [key for key in among if key.get("kid") == kid and kid is not None]
-            if is_signed(doc):
-                verify_doc(doc, own)
-        except (NotFoundError, InvalidDocumentError, BadSignatureError):
-            return []
-        return own
-
-    def copy_all(kind: str, folders: tuple[str, str], among: list[Doc] | None = None) -> list[Doc]:
-        """Copy every document the source folder lists; return those *dst* now holds."""
-        held = (
-            one(kind, (folders[0], i), (folders[1], i), among=among)
-            for i in src["list"](folders[0])
-        )
-        return [doc for doc in held if doc is not None]
-
-    keys_of: dict[str, list[Doc]] = {}  # a backend's own key, for its documents
-    clashing_of: dict[str, list[Doc]] = {}  # ... when that key is in conflict in *dst*
-    keys += copy_all("public_keys", (src_layout.public_keys, dst_layout.public_keys))
-    user_keys = copy_all("user_keys", (_key_folder(src, "user"), _key_folder(dst, "user")))
-    display_names = []
-    for dn in get_backends(src):
-        try:
-            src_at = _config_location(src, dn)
-        except InvalidNameError as exc:
-            tell("configs", "rejected", f"{src_layout.configs}/{dn}: not copied: {exc}")
-            continue
-        display_names.append(dn)
-        keys_of[dn] = backend_keys(src_at, keys) if verify else []
-        clashing_of[dn] = backend_keys(src_at, clashing) if verify and clashing else []
-        one("configs", src_at, _config_location(dst, dn), dn)
-
-    def copy_folder(
-        kind: str, folder: str, file: str, dn: str, ids: Sequence[str] | None
-    ) -> list[str]:
-        """Copy the jobs *ids* of *folder* (all it lists when None); return their ids."""
-        src_file, dst_file = (getattr(lay, file) if file else "{job_id}" for lay in layouts)
-        src_folder, dst_folder = (getattr(lay, folder) for lay in layouts)
-        if ids is None:
-            found = (_id_in_file(src_file, f) for f in src["list"](_fill(src_folder, dn)))
-            ids = [job_id for job_id in found if job_id is not None]
-        for job_id in ids:
-            try:
-                src_at = _job_fill(src_layout, src_folder, dn, job_id)
-                dst_at = _job_fill(dst_layout, dst_folder, dn, job_id)
-            except InvalidNameError as exc:
-                tell(kind, "rejected", f"{_fill(src_folder, dn)}/{job_id}: not copied: {exc}")
-                continue
-            one(
-                kind,
-                (src_at, _fill(src_file, job_id=job_id)),
-                (dst_at, _fill(dst_file, job_id=job_id)),
-                dn or None,
-            )
-        return list(ids)
-
-    for dn in display_names:  # a job's signature and token before the job itself
-        folders = (_signature_folder(src_layout, dn), _signature_folder(dst_layout, dn))
-        copy_all("job_signatures", folders, among=user_keys)
-        copy_all("submit_tokens", (_token_folder(src_layout, dn), _token_folder(dst_layout, dn)))
-    copy_all("cancel_requests", (_cancel_folder(src_layout), _cancel_folder(dst_layout)))
-    for kind, folder, file in _JOB_FOLDERS:  # running, deleted, leases: one folder for all
-        if "{display_name}" not in getattr(src_layout, folder):
-            copy_folder(kind, folder, file, "", None)
-    for dn in display_names:
-        known: set[str] = set()  # this backend's job ids seen so far
-        for kind, folder, file in _JOB_FOLDERS:
-            template = getattr(src_layout, folder)
-            if "{display_name}" not in template:
-                continue
-            if "{username}" in template:  # not listable: look for the jobs seen so far
-                copy_folder(kind, folder, file, dn, sorted(known))
-            else:
-                known.update(copy_folder(kind, folder, file, dn, None))
-    return counts
 
 
 # ============================================================================
@@ -5838,8 +5262,597 @@ def with_metrics(store: Storage, *, counts: dict[str, int]) -> Storage:
 
 
 # ============================================================================
-# CLI
+# Programs
 # ============================================================================
+# Built on the library above, which names nothing below this line (so its
+# __all__ grows here): the demo simulator, Bob's worker loop, copying a whole
+# storage, and the command line with the demo and the bench.
+
+__all__ += ["copy_storage", "main", "run_simulator", "work"]
+
+
+# The simulator ---------------------------------------------------------------
+
+
+def _apply_gate(state: list[complex], name: str, wires: list[int], params: list[float]) -> None:
+    n_states = len(state)
+    if name == "cz":
+        mask = (1 << wires[0]) | (1 << wires[1])
+        for i in range(n_states):
+            if i & mask == mask:
+                state[i] = -state[i]
+        return
+    theta = params[0] if params else 0.0
+    c, s = math.cos(theta / 2), math.sin(theta / 2)
+    matrix = {
+        "x": (0j, 1 + 0j, 1 + 0j, 0j),
+        "h": (math.sqrt(0.5) + 0j, math.sqrt(0.5) + 0j, math.sqrt(0.5) + 0j, -math.sqrt(0.5) + 0j),
+        "rx": (c + 0j, -1j * s, -1j * s, c + 0j),
+        "rz": (complex(c, -s), 0j, 0j, complex(c, s)),
+    }[name]
+    bit = 1 << wires[0]
+    for i in range(n_states):
+        if not i & bit:
+            a, b = state[i], state[i | bit]
+            state[i] = matrix[0] * a + matrix[1] * b
+            state[i | bit] = matrix[2] * a + matrix[3] * b
+
+
+def run_simulator(job: Doc, job_id: str, display_name: str) -> ResultDict:
+    """Run a sqooler-format *job* on a tiny state-vector simulator, return its result.
+
+    Each experiment is ``{"instructions": [[name, wires, params], ...], "num_wires":
+    n, "shots": k, ...}`` with gates ``x h rx rz cz``, ``measure`` and ``barrier``.
+
+    Raises:
+        InvalidDocumentError: the job is not of that form.
+
+    >>> job = {"e": {"instructions": [["x", [0], []], ["measure", [0], []]],
+    ...              "num_wires": 1, "shots": 3, "wire_order": "sequential", "seed": 1}}
+    >>> run_simulator(job, "j1", "sim").results[0].data.memory
+    ('1', '1', '1')
+    """
+    import random
+
+    experiments = []
+    for name, exp in job.items():
+        try:
+            n_wires, shots = int(exp["num_wires"]), int(exp["shots"])
+            if not 1 <= n_wires <= 10 or not 0 <= shots <= 100_000:
+                raise ValueError("num_wires must be 1..10 and shots 0..100000")
+            state = [0j] * (1 << n_wires)
+            state[0] = 1 + 0j
+            measured: list[int] = []
+            gates = []
+            for gate, wires, params in exp["instructions"]:
+                if any(not 0 <= w < n_wires for w in wires):
+                    raise ValueError(f"wire out of range in {gate}")
+                gates.append(GateDict(gate, tuple(wires), tuple(params)))
+                if gate == "measure":
+                    measured.extend(w for w in wires if w not in measured)
+                elif gate != "barrier":
+                    _apply_gate(state, gate, wires, params)
+            rng = random.Random(exp.get("seed"))
+            weights = [abs(a) ** 2 for a in state]
+            samples = rng.choices(range(len(state)), weights, k=shots)
+            memory = tuple(" ".join(str(s >> w & 1) for w in measured) for s in samples)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise InvalidDocumentError(f"job {job_id}: experiment {name!r}: {exc!r}") from None
+        experiments.append(
+            ExperimentDict({"name": name}, shots, True, DataDict(memory, tuple(gates)))
+        )
+    return ResultDict(
+        display_name=display_name,
+        backend_version="0.1.0",
+        job_id=job_id,
+        status="DONE",
+        results=tuple(experiments),
+    )
+
+
+# The worker loop -------------------------------------------------------------
+
+
+def _watch_cancel(store: Storage, job_id: str, cancel: threading.Event, who: list[str]) -> None:
+    """Set *cancel* (and note who asked in *who*) once the job has a cancel request."""
+    if cancel.is_set():
+        return
+    with contextlib.suppress(SqstoreError):  # unreadable now: the next look decides
+        requester = cancel_requested(store, job_id)
+        if requester is not None:
+            who.append(requester)
+            cancel.set()
+
+
+def _run_executor(
+    executor: Callable[..., Any], job: Doc, job_id: str, display_name: str, cancel: threading.Event
+) -> Any:
+    """Run *executor*, handing it *cancel* (a `threading.Event`) if it takes ``cancel=``."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(executor).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the three arguments
+        params = []
+    if any(p.name == "cancel" or p.kind is p.VAR_KEYWORD for p in params):
+        return executor(job, job_id, display_name, cancel=cancel)
+    return executor(job, job_id, display_name)
+
+
+def _honour_cancel(
+    store: Storage,
+    job_id: str,
+    cancel: threading.Event,
+    who: list[str],
+    result: Any,
+    status: StatusMsg,
+) -> tuple[Any, StatusMsg]:
+    """The result and status a worker finishes a job with: a job whose cancel request
+    it sees (during the run, or in a last look now) ends ERROR and its result is dropped."""
+    _watch_cancel(store, job_id, cancel, who)
+    if not cancel.is_set():
+        return result, status
+    why = "Cancelled while running; " + (
+        "its result was dropped." if result is not None else f"it ended: {status.error_message}"
+    )
+    return None, _cancelled(job_id, who[0], why)
+
+
+def work(
+    stores: Sequence[Storage],
+    display_name: str,
+    executor: Callable[[Doc, str, str], Any],
+    private_jwk: KeyLike | None = None,
+    *,
+    holder: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+    poll: float = 1.0,
+    skew: float = DEFAULT_SKEW,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    max_jobs: int | None = None,
+    stop: threading.Event | None = None,
+    log: Callable[[str], None] | None = None,
+    logger: Any = None,
+    burst: bool = False,
+) -> int:
+    """Run Bob's worker loop: serve a backend's queue on each of *stores* in turn.
+
+    Round-robin, one job per store per pass (so one worker can serve several
+    frontends): claim the oldest job (`claim_jobs`, one claimer per store kept
+    from job to job, so its heartbeat does not read the config each time), run
+    ``executor(job, job_id, display_name)``, and finish the job with its result
+    and a DONE status, or with an ERROR status whose ``error_message`` is the
+    exception's type and text.  While the executor runs, a thread renews the
+    lease every third of *lease_seconds*; jobs whose lease expired (their worker
+    died) are requeued at the start and then every *heartbeat* seconds.  When
+    no store has a job, waits *poll* seconds.  Returns after *max_jobs* jobs,
+    or once *stop* is set, which never interrupts a running job (set it from a
+    signal handler), or, with *burst*, once a pass over every store claims no
+    job (a store that cannot be read counts as empty: its error is logged).
+    Each finished job and each storage error is one line to *log* if given,
+    else to *logger* (default: ``logging.getLogger("sqstore")``; a job at INFO,
+    a failed job and a lost lease at WARNING, a storage error at ERROR), and
+    the loop goes on; a job whose finishing failed keeps its lease and is
+    requeued when that expires.  A cancel request (`cancel_job`) is looked for
+    at each renewal and before finishing; an executor that takes a ``cancel``
+    keyword gets it as a `threading.Event`, and a job cancelled while running
+    ends ERROR without its result.
+
+    Raises:
+        ValueError: no store given.
+        InvalidNameError: bad display name.
+        BadSignatureError: a backend signs and *private_jwk* is not its key
+            (checked at the start, before any job is claimed).
+
+    Returns:
+        The number of jobs finished (DONE or ERROR).
+    """
+    if not stores:
+        raise ValueError("work needs at least one store")
+    for store in stores:
+        _check_handle(store)
+    _check_display_name(display_name)
+    for store in stores if private_jwk is not None else ():  # a wrong key fails now
+        try:
+            cfg = get_config(store, display_name)
+        except SqstoreError:
+            continue  # no config (yet), or unreadable: the loop reports it
+        _backend_signer(store, cfg, private_jwk)
+    stop = stop or threading.Event()
+    holder = holder or _default_holder()
+    say = _reporter(log, logger)
+    names = [store["name"] for store in stores]  # numbered where they repeat: local1, local2
+    labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
+    done = 0
+    next_requeue = [-math.inf] * len(stores)
+    claimers: list[Iterator[tuple[NextJob, Doc]] | None] = [None] * len(stores)
+    while not stop.is_set() and (max_jobs is None or done < max_jobs):
+        idle = True
+        for i, (store, label) in enumerate(zip(stores, labels, strict=True)):
+            if stop.is_set() or (max_jobs is not None and done >= max_jobs):
+                break
+            try:
+                if time.monotonic() >= next_requeue[i]:  # at start, then every heartbeat
+                    next_requeue[i] = time.monotonic() + heartbeat  # (a failed sweep too)
+                    if requeued := requeue_expired(
+                        store,
+                        display_name,
+                        private_jwk,
+                        skew=skew,
+                        max_attempts=max_attempts,
+                        grace=lease_seconds,
+                    ):
+                        say(f"{label}: requeued {', '.join(requeued)} (lease expired)", _INFO)
+                claimed = _next_claim(
+                    claimers,
+                    i,
+                    functools.partial(
+                        claim_jobs,
+                        store,
+                        display_name,
+                        private_jwk,
+                        holder=holder,
+                        lease_seconds=lease_seconds,
+                        heartbeat=heartbeat,
+                        skew=skew,
+                        max_attempts=max_attempts,
+                    ),
+                )
+            except SqstoreError as exc:
+                say(f"{label}: cannot claim: {type(exc).__name__}: {exc}", _ERROR)
+                continue
+            if claimed is not None:
+                idle = False
+                done += _work_one(
+                    store,
+                    label,
+                    display_name,
+                    executor,
+                    private_jwk,
+                    claimed,
+                    holder,
+                    lease_seconds,
+                    say,
+                )
+        if idle and burst:
+            break
+        if idle:
+            stop.wait(poll)
+    return done
+
+
+_INFO, _WARNING, _ERROR = 20, 30, 40  # logging's levels (logging loads only when used)
+
+
+def _reporter(log: Callable[[str], None] | None, logger: Any) -> Callable[[str, int], None]:
+    """How `work` reports a line at a level: to *log*, else to *logger* or sqstore's."""
+    if log is not None:
+        return lambda line, level: log(line)
+    if logger is None:
+        import logging
+
+        logger = logging.getLogger("sqstore")
+    return cast(Callable[[str, int], None], lambda line, level: logger.log(level, line))
+
+
+def _next_claim(
+    claimers: list[Iterator[tuple[NextJob, Doc]] | None],
+    i: int,
+    start: Callable[[], Iterator[tuple[NextJob, Doc]]],
+) -> tuple[NextJob, Doc] | None:
+    """The next job of store *i*'s `claim_jobs` (begun by *start* if there is none), or
+    None when its queue is empty: one claimer per store, so that its heartbeat (a
+    config read) comes every *heartbeat* seconds, not with every job."""
+    claimer = claimers[i]
+    if claimer is None:
+        claimer = claimers[i] = start()
+    try:
+        claimed = next(claimer, None)
+    except BaseException:
+        claimers[i] = None
+        raise
+    if claimed is None:
+        claimers[i] = None
+    return claimed
+
+
+def _work_one(
+    store: Storage,
+    label: str,
+    display_name: str,
+    executor: Callable[[Doc, str, str], Any],
+    private_jwk: Any,
+    claimed: tuple[NextJob, Doc],
+    holder: str,
+    lease_seconds: float,
+    say: Callable[[str, int], None],
+) -> int:
+    """Run and finish one claimed job, renewing its lease meanwhile; 1 if finished."""
+    job_id, job = claimed[0].job_id, claimed[1]
+    finished, cancel, cancelled_by = threading.Event(), threading.Event(), list[str]()
+
+    def renew() -> None:
+        while not finished.wait(lease_seconds / 3):
+            _watch_cancel(store, job_id, cancel, cancelled_by)
+            try:
+                renew_lease(store, job_id, holder=holder, lease_seconds=lease_seconds)
+            except LeaseLostError:
+                say(f"{label} {job_id}: lease lost; another worker may run the job", _WARNING)
+                return
+            except SqstoreError as exc:  # try again at the next third
+                say(f"{label} {job_id}: cannot renew the lease: {exc}", _WARNING)
+
+    renewer = threading.Thread(target=renew, name=f"renew-{job_id}", daemon=True)
+    renewer.start()
+    start = time.perf_counter()
+    try:
+        result = _run_executor(executor, job, job_id, display_name, cancel)
+        status = StatusMsg(job_id, "DONE", "The job is done.", _NONE)
+    except Exception as exc:
+        result = None
+        status = StatusMsg(job_id, "ERROR", "The executor failed.", f"{type(exc).__name__}: {exc}")
+    finally:
+        finished.set()
+        renewer.join()
+    result, status = _honour_cancel(store, job_id, cancel, cancelled_by, result, status)
+    ms = (time.perf_counter() - start) * 1000
+    for attempt in range(_FINISH_TRIES):
+        try:
+            update_in_database(
+                store, result, status, job_id, display_name, private_jwk, holder=holder
+            )
+            break
+        except SqstoreError as exc:
+            if (
+                result is not None
+                and isinstance(exc, InvalidDocumentError)
+                and (malformed := _malformed_result(result))
+            ):  # only the executor's own output turns a job into ERROR
+                result = None
+                status = StatusMsg(
+                    job_id, "ERROR", "The executor's result is malformed.", malformed
+                )
+                continue
+            if attempt + 1 == _FINISH_TRIES or isinstance(exc, (LeaseLostError, NotFoundError)):
+                say(f"{label} {job_id}: cannot finish: {type(exc).__name__}: {exc}", _ERROR)
+                return 0  # the lease expires and the job is requeued
+            say(
+                f"{label} {job_id}: cannot finish yet, trying again: {type(exc).__name__}: {exc}",
+                _WARNING,
+            )
+            time.sleep(0.05 * 4**attempt)
+    if cancelled_by:  # honoured: the request is done with
+        _forget_cancel(store, job_id)
+    why = f": {status.error_message}" if status.status == "ERROR" else ""
+    say(f"{label} {job_id} {status.status} in {ms:.0f} ms{why}", _WARNING if why else _INFO)
+    return 1
+
+
+_FINISH_TRIES = 4  # a finish that fails for a passing reason (a torn read, a lost connection)
+
+
+def _malformed_result(result: Any) -> str:
+    """Why *result* cannot be stored as a job's result; "" when it can."""
+    try:
+        _json_bytes(to_doc(_coerce(result, ResultDict, "the executor's result")), "the result")
+    except InvalidDocumentError as exc:
+        return str(exc)
+    return ""
+
+
+# Copying a storage -----------------------------------------------------------
+
+
+_COPY_KINDS = (
+    "public_keys",
+    "user_keys",
+    "configs",
+    "job_signatures",
+    "submit_tokens",
+    "cancel_requests",
+    "jobs",
+    "statuses",
+    "results",
+    "leases",
+)
+_COPY_COUNTS = ("copied", "present", "conflicts", "rejected")
+# (kind, the Layout folder, the Layout file template or "" for the bare job id)
+_JOB_FOLDERS = (
+    ("jobs", "queued", "job_file"),
+    ("statuses", "status", "status_file"),
+    ("jobs", "running", "job_file"),
+    ("jobs", "deleted", "job_file"),
+    ("jobs", "finished", "job_file"),
+    ("results", "results", "result_file"),
+    ("leases", "leases", ""),
+)
+
+
+def copy_storage(
+    src: Storage,
+    dst: Storage,
+    *,
+    verify: bool = False,
+    progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Copy every document of an exchange from *src* to *dst*: public keys (of backends
+    and users), configs, job signatures, submit tokens, cancel requests, jobs, statuses,
+    results and leases.
+
+    Each document goes to the place *dst*'s layout gives it, under the same
+    name and job id (e.g. from a sqooler Dropbox folder to MongoDB).  Nothing in
+    *dst* is overwritten: a document already there and equal counts as
+    ``present``, a different one as a ``conflict`` (left as it is), so an
+    interrupted copy is finished by running it again.  With *verify*, a signed
+    document is ``rejected`` unless its own backend's key verifies it: the key
+    *src* publishes under the kid of that backend's config (a config whose own
+    signature fails gives its backend no key); a signed document of no backend
+    (a running or deleted job, a lease) needs the key its header names.  So is
+    one that cannot be read.  *warn* is told of each conflict and
+    rejection, *progress* gets the counts after each document.
+
+    Finished jobs and results in a layout whose folders carry the username
+    (Dropbox) are found through the job's status or queue entry; ids without a
+    username go under ``None`` there (see `_job_fill`).
+
+    Returns:
+        ``{kind: {"copied": n, "present": n, "conflicts": n, "rejected": n}}``
+        for kinds public_keys, user_keys, configs, job_signatures, submit_tokens,
+        cancel_requests, jobs, statuses, results, leases.
+
+    Raises:
+        ValueError: the two layouts disagree on which folders are per backend.
+    """
+    _check_handle(src)
+    _check_handle(dst)
+    layouts = src_layout, dst_layout = src["layout"], dst["layout"]
+    for _, folder, _ in _JOB_FOLDERS:
+        per_backend = ["{display_name}" in getattr(lay, folder) for lay in (src_layout, dst_layout)]
+        if per_backend[0] != per_backend[1]:
+            raise ValueError(f"cannot copy: {folder} is per backend in one layout only")
+    counts = {kind: dict.fromkeys(_COPY_COUNTS, 0) for kind in _COPY_KINDS}
+    keys: list[Doc] = []
+    clashing: list[Doc] = []  # source keys whose kid *dst* holds another key for
+
+    def tell(kind: str, outcome: str, message: str = "") -> None:
+        counts[kind][outcome] += 1
+        if message and warn is not None:
+            warn(message)
+        if progress is not None:
+            progress(counts)
+
+    def one(
+        kind: str,
+        src_at: tuple[str, str],
+        dst_at: tuple[str, str],
+        dn: str | None = None,
+        among: list[Doc] | None = None,
+    ) -> Doc | None:
+        """Copy one document; *among* the keys that verify it, if not its backend's."""
+        where = "/".join(src_at)
+        try:
+            doc = src["get"](*src_at)
+            if verify and is_signed(doc):
+                if among is None:
+                    among = keys if dn is None else keys_of.get(dn, [])
+                verify_doc(doc, among)
+        except NotFoundError:
+            return None
+        except (InvalidDocumentError, BadSignatureError) as exc:
+            tell(kind, "rejected", f"{where}: not copied: {clash(doc, dn) or exc}")
+            return None
+        try:
+            dst["upload"](*dst_at, doc)
+        except AlreadyExistsError:
+            if dst["get"](*dst_at) != doc:
+                if kind == "public_keys":
+                    clashing.append(doc)
+                tell(kind, "conflicts", f"{where}: kept the different {'/'.join(dst_at)}")
+                return None
+            tell(kind, "present")
+            return doc
+        tell(kind, "copied")
+        return doc
+
+    def clash(doc: Doc, dn: str | None) -> str:
+        """Why *doc* is not copied when the source key that verifies it is one whose kid
+        the target holds another key for (a conflict); "" when that is not the cause."""
+        own = clashing if dn is None else clashing_of.get(dn, [])
+        try:
+            verify_doc(doc, own)
+        except (InvalidDocumentError, BadSignatureError):
+            return ""
+        kids = sorted({str(key.get("kid")) for key in own})
+        return (
+            f"its key {', '.join(map(repr, kids))} is in conflict: the target holds another "
+            "key of that kid, which would not verify it"
+        )
+
+    def backend_keys(src_at: tuple[str, str], among: list[Doc]) -> list[Doc]:
+        """The key *among* those given of the kid a config names, if the config is
+        unsigned or its own signature verifies with it; else none."""
+        try:
+            doc = src["get"](*src_at)
+            kid = payload_of(doc).get("kid")
+            own = [key for key in among if key.get("kid") == kid and kid is not None]
+            if is_signed(doc):
+                verify_doc(doc, own)
+        except (NotFoundError, InvalidDocumentError, BadSignatureError):
+            return []
+        return own
+
+    def copy_all(kind: str, folders: tuple[str, str], among: list[Doc] | None = None) -> list[Doc]:
+        """Copy every document the source folder lists; return those *dst* now holds."""
+        held = (
+            one(kind, (folders[0], i), (folders[1], i), among=among)
+            for i in src["list"](folders[0])
+        )
+        return [doc for doc in held if doc is not None]
+
+    keys_of: dict[str, list[Doc]] = {}  # a backend's own key, for its documents
+    clashing_of: dict[str, list[Doc]] = {}  # ... when that key is in conflict in *dst*
+    keys += copy_all("public_keys", (src_layout.public_keys, dst_layout.public_keys))
+    user_keys = copy_all("user_keys", (_key_folder(src, "user"), _key_folder(dst, "user")))
+    display_names = []
+    for dn in get_backends(src):
+        try:
+            src_at = _config_location(src, dn)
+        except InvalidNameError as exc:
+            tell("configs", "rejected", f"{src_layout.configs}/{dn}: not copied: {exc}")
+            continue
+        display_names.append(dn)
+        keys_of[dn] = backend_keys(src_at, keys) if verify else []
+        clashing_of[dn] = backend_keys(src_at, clashing) if verify and clashing else []
+        one("configs", src_at, _config_location(dst, dn), dn)
+
+    def copy_folder(
+        kind: str, folder: str, file: str, dn: str, ids: Sequence[str] | None
+    ) -> list[str]:
+        """Copy the jobs *ids* of *folder* (all it lists when None); return their ids."""
+        src_file, dst_file = (getattr(lay, file) if file else "{job_id}" for lay in layouts)
+        src_folder, dst_folder = (getattr(lay, folder) for lay in layouts)
+        if ids is None:
+            found = (_id_in_file(src_file, f) for f in src["list"](_fill(src_folder, dn)))
+            ids = [job_id for job_id in found if job_id is not None]
+        for job_id in ids:
+            try:
+                src_at = _job_fill(src_layout, src_folder, dn, job_id)
+                dst_at = _job_fill(dst_layout, dst_folder, dn, job_id)
+            except InvalidNameError as exc:
+                tell(kind, "rejected", f"{_fill(src_folder, dn)}/{job_id}: not copied: {exc}")
+                continue
+            one(
+                kind,
+                (src_at, _fill(src_file, job_id=job_id)),
+                (dst_at, _fill(dst_file, job_id=job_id)),
+                dn or None,
+            )
+        return list(ids)
+
+    for dn in display_names:  # a job's signature and token before the job itself
+        folders = (_signature_folder(src_layout, dn), _signature_folder(dst_layout, dn))
+        copy_all("job_signatures", folders, among=user_keys)
+        copy_all("submit_tokens", (_token_folder(src_layout, dn), _token_folder(dst_layout, dn)))
+    copy_all("cancel_requests", (_cancel_folder(src_layout), _cancel_folder(dst_layout)))
+    for kind, folder, file in _JOB_FOLDERS:  # running, deleted, leases: one folder for all
+        if "{display_name}" not in getattr(src_layout, folder):
+            copy_folder(kind, folder, file, "", None)
+    for dn in display_names:
+        known: set[str] = set()  # this backend's job ids seen so far
+        for kind, folder, file in _JOB_FOLDERS:
+            template = getattr(src_layout, folder)
+            if "{display_name}" not in template:
+                continue
+            if "{username}" in template:  # not listable: look for the jobs seen so far
+                copy_folder(kind, folder, file, dn, sorted(known))
+            else:
+                known.update(copy_folder(kind, folder, file, dn, None))
+    return counts
+
+
+# The command line ------------------------------------------------------------
 
 _DEFAULT_STORAGE = "./sqstore-data"
 

@@ -9626,7 +9626,10 @@ def test_all_is_sorted_and_complete() -> None:
     def group(name: str) -> tuple[int, str]:
         return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
 
-    assert sqstore.__all__ == sorted(sqstore.__all__, key=group)
+    programs = ["copy_storage", "main", "run_simulator", "work"]  # added below the library
+    library = [name for name in sqstore.__all__ if name not in programs]
+    assert sqstore.__all__ == library + programs
+    assert library == sorted(library, key=group)
     public = {
         name
         for name, value in vars(sqstore).items()
@@ -9640,6 +9643,65 @@ def test_all_is_sorted_and_complete() -> None:
     }
     public -= {"T", "TYPE_CHECKING", "ColdAtomType", "WireOrder", "annotations"}
     assert set(sqstore.__all__) == public
+
+
+PROGRAMS_BANNER = "# " + "=" * 76 + "\n# Programs\n# " + "=" * 76 + "\n"
+
+LIBRARY_ALONE = """
+import os, sys, tempfile, types
+
+text = open(sys.argv[1]).read()
+module = types.ModuleType("sqstore")
+module.__file__ = sys.argv[1]
+sys.modules["sqstore"] = module  # what `import sqstore` gives the examples
+exec(compile(text[: text.index(sys.argv[2])], sys.argv[1], "exec"), module.__dict__)
+print(sorted(n for n in ("copy_storage", "main", "run_simulator", "work") if hasattr(module, n)))
+store = module.local_storage(os.path.join(tempfile.gettempdir(), "sqstore-exchange"))
+module.upload_config(store, module.demo_config("sqsim"), "sqsim")  # Alice needs Bob's backend
+for path in sys.argv[3:]:
+    exec(compile(open(path).read(), path, "exec"), {"__name__": "__main__"})
+"""
+
+
+def test_the_library_stands_alone_without_the_programs(tmp_path: Path) -> None:
+    """The text above the Programs banner names nothing defined below it, and executed on its
+    own (no programs defined) it runs the README's library examples."""
+    import ast
+
+    text = (HERE / "sqstore.py").read_text()
+    assert text.count(PROGRAMS_BANNER) == 1
+    library, programs = text.split(PROGRAMS_BANNER)
+    below: set[str] = set()  # what the programs define at module level
+    for node in ast.parse(programs).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            below.add(node.name)
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        targets += [node.target] if isinstance(node, ast.AnnAssign) else []
+        below |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    named = sorted(  # names, and strings such as __all__'s, in the library
+        f"{node.lineno}: {name}"
+        for node in ast.walk(ast.parse(library))
+        for name in [getattr(node, "id", None) or getattr(node, "value", None)]
+        if isinstance(name, str) and name in below
+    )
+    assert {"work", "copy_storage", "run_simulator", "main", "_cmd_work"} <= below
+    assert named == []
+    blocks = []
+    for heading in ("### Alice (frontend)", "### Layers", "## Idempotent submit",
+                    "## Queue insight", "### Records are frozen"):  # fmt: skip
+        code = readme_block(heading, "python")
+        assert not re.search(r"sqstore\.(work|copy_storage|run_simulator|main)\b", code), heading
+        blocks.append(tmp_path / f"block{len(blocks)}.py")
+        blocks[-1].write_text(code)
+    (tmp_path / "alone.py").write_text(LIBRARY_ALONE)
+    proc = subprocess.run(
+        [sys.executable, "alone.py", str(HERE / "sqstore.py"), PROGRAMS_BANNER, *map(str, blocks)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("[]\n")  # no program was defined
+    assert "pending: INITIALIZING" in proc.stdout  # Alice's example ran to its end
 
 
 def test_module_carries_its_licence() -> None:
