@@ -109,6 +109,7 @@ __all__ = [
     "DROPBOX_LAYOUT",
     "JWK",
     "LOCAL_LAYOUT",
+    "LOCATIONS",
     "STATUSES",
     "AlreadyExistsError",
     "BackendConfig",
@@ -173,9 +174,11 @@ __all__ = [
     "get_result",
     "get_status",
     "is_signed",
+    "job_id_from",
     "jwk_thumbprint",
     "load_jwk",
     "local_storage",
+    "locate",
     "long_backend_name",
     "memory_storage",
     "mongodb_storage",
@@ -1122,6 +1125,104 @@ def _id_in_file(template: str, file_id: str) -> str | None:
     return file_id[len(prefix) : len(prefix) + inner]
 
 
+LOCATIONS = (
+    "config",
+    "public_key",
+    "user_key",
+    "queued",
+    "running",
+    "finished",
+    "deleted",
+    "lease",
+    "status",
+    "result",
+    "job_signature",
+    "cancel_request",
+    "submit_token",
+)
+"""The kinds of document `locate` places: a backend's config; the public key of a
+backend or a user; a job in one of its four folders; a job's lease, status, result,
+signature (of a signed submission) and cancel request; a submit token."""
+
+
+def _folder_template(layout: Layout, kind: str) -> str:
+    if kind not in LOCATIONS:
+        raise ValueError(f"kind must be one of {', '.join(LOCATIONS)}, not {kind!r}")
+    derived = {
+        "config": layout.configs,
+        "public_key": layout.public_keys,
+        "user_key": f"{layout.public_keys}/users",
+        "lease": layout.leases,
+        "result": layout.results,
+        "job_signature": f"{layout.status}/signatures",
+        "cancel_request": f"{layout.leases}/cancel",
+        "submit_token": f"{layout.leases}/tokens/{{display_name}}",
+    }
+    return derived.get(kind) or str(getattr(layout, kind))
+
+
+def _id_template(layout: Layout, kind: str) -> str:
+    files = {"config": layout.config_id, "status": layout.status_file, "result": layout.result_file}
+    job_kinds = ("queued", "running", "finished", "deleted")
+    return files.get(kind) or (layout.job_file if kind in job_kinds else "{job_id}")
+
+
+def locate(
+    layout: Layout,
+    kind: str,
+    display_name: str = "",
+    username: str | None = None,
+    job_id: str = "",
+) -> tuple[str, str]:
+    """Return where a document of *kind* (one of `LOCATIONS`) lives: ``(folder, id)``.
+
+    *job_id* is the job's id for a job's documents (the stored id is made from
+    it by the layout's file template), the kid for ``public_key`` and
+    ``user_key``, the token for ``submit_token``.  Without it the id is ``""``:
+    the folder alone, e.g. to list it (a config's id is its backend's).  A folder
+    that carries the username (Dropbox's finished jobs and results) takes
+    *username*, else reads it from a dated *job_id*; a 24-hex id there goes
+    under ``None``, sqooler's word for "unknown".  Pure: no storage is touched.
+
+    Raises:
+        InvalidNameError: a name that cannot be part of a path, or none where
+            the place needs one.
+        ValueError: an unknown *kind*.
+
+    >>> locate(LOCAL_LAYOUT, "status", "sim", job_id="6553f100075bcd15abcdef01")
+    ('status/sim', '6553f100075bcd15abcdef01')
+    >>> locate(DROPBOX_LAYOUT, "result", "sim", job_id="20231114_221320-sim-alice-1e240")
+    ('Backend_files/Result/sim/alice', 'result-20231114_221320-sim-alice-1e240')
+    >>> locate(DROPBOX_LAYOUT, "queued", "sim")
+    ('Backend_files/Queued_Jobs/sim', '')
+    """
+    folder, file = _folder_template(layout, kind), _id_template(layout, kind)
+    if "{display_name}" in folder + file:
+        _check_display_name(display_name)
+    if job_id:
+        names = {"public_key": "kid", "user_key": "kid", "submit_token": "client_token"}
+        check_name(job_id, names.get(kind, "job_id"))
+    if username is not None:
+        folder = _fill(folder, display_name, check_name(username, "username"))
+    elif "{username}" in folder:
+        folder = _job_fill(layout, folder, display_name, job_id)
+    folder = _fill(folder, display_name)
+    doc_id = _fill(file, display_name, job_id=job_id) if job_id or kind == "config" else ""
+    return folder, doc_id
+
+
+def job_id_from(layout: Layout, kind: str, stored_id: str) -> str | None:
+    """The job id in a stored id of *kind* (the inverse of `locate`'s id), or None when
+    *stored_id* is not one of that kind.
+
+    >>> job_id_from(DROPBOX_LAYOUT, "queued", "job-20231114_221320-sim-alice-1e240")
+    '20231114_221320-sim-alice-1e240'
+    >>> job_id_from(DROPBOX_LAYOUT, "result", "job-abc") is None
+    True
+    """
+    return _id_in_file(_id_template(layout, kind), stored_id)
+
+
 def _b64url(data: bytes, *, pad: bool) -> str:
     text = base64.urlsafe_b64encode(data).decode("ascii")
     return text if pad else text.rstrip("=")
@@ -1567,11 +1668,7 @@ def _parse(raw: Doc, cls: type[T], where: str) -> T:
 
 
 def _config_location(store: Storage, display_name: str) -> tuple[str, str]:
-    layout = store["layout"]
-    return (
-        _fill(layout.configs, _check_display_name(display_name)),
-        _fill(layout.config_id, display_name),
-    )
+    return locate(store["layout"], "config", display_name)
 
 
 def _read_config(store: Storage, display_name: str) -> tuple[Doc, BackendConfig]:
@@ -2053,12 +2150,7 @@ def _status_location(
     store: Storage, display_name: str, username: str | None, job_id: str
 ) -> tuple[str, str]:
     """Where a job's status lives; *username* None when the caller does not know it."""
-    layout = store["layout"]
-    user = "" if username is None else check_name(username, "username")
-    return (
-        _fill(layout.status, _check_display_name(display_name), user, job_id),
-        _fill(layout.status_file, job_id=check_name(job_id, "job_id")),
-    )
+    return locate(store["layout"], "status", display_name, username, check_name(job_id, "job_id"))
 
 
 def upload_status(
@@ -2120,11 +2212,7 @@ def _unfinished_status(store: Storage, display_name: str, job_id: str) -> str | 
 
 
 def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
-    layout = store["layout"]
-    return (
-        _job_fill(layout, layout.results, _check_display_name(display_name), job_id),
-        _fill(layout.result_file, job_id=check_name(job_id, "job_id")),
-    )
+    return locate(store["layout"], "result", display_name, None, check_name(job_id, "job_id"))
 
 
 def upload_result(
@@ -2299,8 +2387,7 @@ def _key_folder(store: Storage, role: str) -> str:
     """Where the public keys of backends, or of users (``role="user"``), are published."""
     if role not in ("backend", "user"):
         raise ValueError(f"role must be 'backend' or 'user', not {role!r}")
-    folder = store["layout"].public_keys
-    return folder if role == "backend" else f"{folder}/users"
+    return locate(store["layout"], "public_key" if role == "backend" else "user_key")[0]
 
 
 @_reads
@@ -2968,7 +3055,7 @@ _YEAR = 366 * 86_400.0
 
 
 def _token_folder(layout: Layout, display_name: str) -> str:
-    return f"{layout.leases}/tokens/{display_name}"
+    return locate(layout, "submit_token", display_name)[0]
 
 
 def _submit_holder() -> str:
@@ -3448,7 +3535,7 @@ _CANONICAL_JSON = json.JSONEncoder(
 
 
 def _cancel_folder(layout: Layout) -> str:
-    return f"{layout.leases}/cancel"
+    return locate(layout, "cancel_request")[0]
 
 
 def _cancel_location(store: Storage, job_id: str) -> tuple[str, str]:
@@ -3590,7 +3677,7 @@ def _forget_cancel(store: Storage, job_id: str) -> None:
 
 
 def _signature_folder(layout: Layout, display_name: str) -> str:
-    return f"{_fill(layout.status, _check_display_name(display_name))}/signatures"
+    return locate(layout, "job_signature", display_name)[0]
 
 
 def _job_signature_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
@@ -5657,16 +5744,17 @@ _COPY_KINDS = (
     "leases",
 )
 _COPY_COUNTS = ("copied", "present", "conflicts", "rejected")
-# (kind, the Layout folder, the Layout file template or "" for the bare job id)
-_JOB_FOLDERS = (
-    ("jobs", "queued", "job_file"),
-    ("statuses", "status", "status_file"),
-    ("jobs", "running", "job_file"),
-    ("jobs", "deleted", "job_file"),
-    ("jobs", "finished", "job_file"),
-    ("results", "results", "result_file"),
-    ("leases", "leases", ""),
+# (what copy_storage counts it as, where `locate` puts it), in the order copied
+_COPY_PLACES = (
+    ("jobs", "queued"),
+    ("statuses", "status"),
+    ("jobs", "running"),
+    ("jobs", "deleted"),
+    ("jobs", "finished"),
+    ("results", "result"),
+    ("leases", "lease"),
 )
+_LAYOUT_FIELDS = {"result": "results", "lease": "leases"}  # the Layout field of a place
 
 
 def copy_storage(
@@ -5708,10 +5796,11 @@ def copy_storage(
     _check_handle(src)
     _check_handle(dst)
     layouts = src_layout, dst_layout = src["layout"], dst["layout"]
-    for _, folder, _ in _JOB_FOLDERS:
-        per_backend = ["{display_name}" in getattr(lay, folder) for lay in (src_layout, dst_layout)]
+    for _, place in _COPY_PLACES:
+        field = _LAYOUT_FIELDS.get(place, place)
+        per_backend = ["{display_name}" in getattr(lay, field) for lay in (src_layout, dst_layout)]
         if per_backend[0] != per_backend[1]:
-            raise ValueError(f"cannot copy: {folder} is per backend in one layout only")
+            raise ValueError(f"cannot copy: {field} is per backend in one layout only")
     counts = {kind: dict.fromkeys(_COPY_COUNTS, 0) for kind in _COPY_KINDS}
     keys: list[Doc] = []
     clashing: list[Doc] = []  # source keys whose kid *dst* holds another key for
@@ -5783,72 +5872,63 @@ def copy_storage(
             return []
         return own
 
-    def copy_all(kind: str, folders: tuple[str, str], among: list[Doc] | None = None) -> list[Doc]:
-        """Copy every document the source folder lists; return those *dst* now holds."""
-        held = (
-            one(kind, (folders[0], i), (folders[1], i), among=among)
-            for i in src["list"](folders[0])
+    def copy_all(kind: str, place: str, dn: str = "", among: list[Doc] | None = None) -> list[Doc]:
+        """Copy every document the source lists at *place*; return those *dst* now holds."""
+        src_folder, dst_folder = (locate(lay, place, dn)[0] for lay in layouts)
+        copied = (
+            one(kind, (src_folder, i), (dst_folder, i), among=among)
+            for i in src["list"](src_folder)
         )
-        return [doc for doc in held if doc is not None]
+        return [doc for doc in copied if doc is not None]
 
     keys_of: dict[str, list[Doc]] = {}  # a backend's own key, for its documents
     clashing_of: dict[str, list[Doc]] = {}  # ... when that key is in conflict in *dst*
-    keys += copy_all("public_keys", (src_layout.public_keys, dst_layout.public_keys))
-    user_keys = copy_all("user_keys", (_key_folder(src, "user"), _key_folder(dst, "user")))
+    keys += copy_all("public_keys", "public_key")
+    user_keys = copy_all("user_keys", "user_key")
     display_names = []
     for dn in get_backends(src):
         try:
-            src_at = _config_location(src, dn)
+            src_at = locate(src_layout, "config", dn)
         except InvalidNameError as exc:
             tell("configs", "rejected", f"{src_layout.configs}/{dn}: not copied: {exc}")
             continue
         display_names.append(dn)
         keys_of[dn] = backend_keys(src_at, keys) if verify else []
         clashing_of[dn] = backend_keys(src_at, clashing) if verify and clashing else []
-        one("configs", src_at, _config_location(dst, dn), dn)
+        one("configs", src_at, locate(dst_layout, "config", dn), dn)
 
-    def copy_folder(
-        kind: str, folder: str, file: str, dn: str, ids: Sequence[str] | None
-    ) -> list[str]:
-        """Copy the jobs *ids* of *folder* (all it lists when None); return their ids."""
-        src_file, dst_file = (getattr(lay, file) if file else "{job_id}" for lay in layouts)
-        src_folder, dst_folder = (getattr(lay, folder) for lay in layouts)
+    def copy_folder(kind: str, place: str, dn: str, ids: Sequence[str] | None) -> list[str]:
+        """Copy the jobs *ids* of a *place* (all it lists when None); return their ids."""
         if ids is None:
-            found = (_id_in_file(src_file, f) for f in src["list"](_fill(src_folder, dn)))
+            listed = src["list"](locate(src_layout, place, dn)[0])
+            found = (job_id_from(src_layout, place, stored) for stored in listed)
             ids = [job_id for job_id in found if job_id is not None]
         for job_id in ids:
             try:
-                src_at = _job_fill(src_layout, src_folder, dn, job_id)
-                dst_at = _job_fill(dst_layout, dst_folder, dn, job_id)
+                src_at, dst_at = (locate(lay, place, dn, job_id=job_id) for lay in layouts)
             except InvalidNameError as exc:
-                tell(kind, "rejected", f"{_fill(src_folder, dn)}/{job_id}: not copied: {exc}")
+                tell(kind, "rejected", f"{place} {job_id}: not copied: {exc}")
                 continue
-            one(
-                kind,
-                (src_at, _fill(src_file, job_id=job_id)),
-                (dst_at, _fill(dst_file, job_id=job_id)),
-                dn or None,
-            )
+            one(kind, src_at, dst_at, dn or None)
         return list(ids)
 
     for dn in display_names:  # a job's signature and token before the job itself
-        folders = (_signature_folder(src_layout, dn), _signature_folder(dst_layout, dn))
-        copy_all("job_signatures", folders, among=user_keys)
-        copy_all("submit_tokens", (_token_folder(src_layout, dn), _token_folder(dst_layout, dn)))
-    copy_all("cancel_requests", (_cancel_folder(src_layout), _cancel_folder(dst_layout)))
-    for kind, folder, file in _JOB_FOLDERS:  # running, deleted, leases: one folder for all
-        if "{display_name}" not in getattr(src_layout, folder):
-            copy_folder(kind, folder, file, "", None)
+        copy_all("job_signatures", "job_signature", dn, among=user_keys)
+        copy_all("submit_tokens", "submit_token", dn)
+    copy_all("cancel_requests", "cancel_request")
+    for kind, place in _COPY_PLACES:  # running, deleted, leases: one folder for all
+        if "{display_name}" not in getattr(src_layout, _LAYOUT_FIELDS.get(place, place)):
+            copy_folder(kind, place, "", None)
     for dn in display_names:
         known: set[str] = set()  # this backend's job ids seen so far
-        for kind, folder, file in _JOB_FOLDERS:
-            template = getattr(src_layout, folder)
+        for kind, place in _COPY_PLACES:
+            template = getattr(src_layout, _LAYOUT_FIELDS.get(place, place))
             if "{display_name}" not in template:
                 continue
             if "{username}" in template:  # not listable: look for the jobs seen so far
-                copy_folder(kind, folder, file, dn, sorted(known))
+                copy_folder(kind, place, dn, sorted(known))
             else:
-                known.update(copy_folder(kind, folder, file, dn, None))
+                known.update(copy_folder(kind, place, dn, None))
     return counts
 
 
@@ -5921,7 +6001,9 @@ def _job_status(store: Storage, args: argparse.Namespace) -> StatusMsg:
     """The status of the job the command names, which must exist."""
     _backend(store, args.storage, args.display_name)
     status = get_status(store, args.display_name, args.username, args.job_id)
-    if not _exists(store, *_status_location(store, args.display_name, args.username, args.job_id)):
+    if not _exists(
+        store, *locate(store["layout"], "status", args.display_name, args.username, args.job_id)
+    ):
         raise _UserError(
             _no_job(store, args.storage, args.display_name, args.job_id, args.username)
         )
@@ -6071,7 +6153,9 @@ def _cmd_status(store: Storage, args: argparse.Namespace) -> int:
 def _cmd_result(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
     check_name(args.job_id, "job_id")
-    if not _exists(store, *_result_location(store, args.display_name, args.job_id)):
+    if not _exists(
+        store, *locate(store["layout"], "result", args.display_name, job_id=args.job_id)
+    ):
         status = _job_status(store, args)
         job = f"job {args.job_id!r} on backend {args.display_name!r} at {redact_url(args.storage)}"
         if status.status == "ERROR":
@@ -6092,7 +6176,9 @@ def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
         else:
             print(f"{args.job_id}: {'job and result verified' if chain else 'NOT VERIFIED'}")
             return 0 if chain else 1
-    if not _exists(store, *_result_location(store, args.display_name, args.job_id)):
+    if not _exists(
+        store, *locate(store["layout"], "result", args.display_name, job_id=args.job_id)
+    ):
         where = _job_where(store, args.display_name, args.job_id)
         if where is None:
             raise _UserError(_no_job(store, args.storage, args.display_name, args.job_id))
@@ -6137,9 +6223,9 @@ def _cmd_backends(store: Storage, args: argparse.Namespace) -> int:
 
 def _cmd_queue(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
-    queue = _fill(store["layout"].queued, args.display_name)
-    for file_id in store["list"](queue):
-        print(_job_id_of(store["layout"], file_id))
+    layout = store["layout"]
+    for stored in store["list"](locate(layout, "queued", args.display_name)[0]):
+        print(job_id_from(layout, "queued", stored) or stored)
     return 0
 
 
@@ -6572,7 +6658,9 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
         logger.info(f"finished {done} job{'' if done == 1 else 's'}")
         if args.burst and not stop.is_set() and (args.max_jobs is None or done < args.max_jobs):
             for url, each in zip(urls, stores, strict=True):  # a job it could not claim
-                if left := len(each["list"](_fill(each["layout"].queued, args.display_name))):
+                if left := len(
+                    each["list"](locate(each["layout"], "queued", args.display_name)[0])
+                ):
                     logger.error(
                         f"{redact_url(url)}: {left} job{'' if left == 1 else 's'} left in the "
                         "queue that this worker could not claim (or that came in at the end)"
@@ -6843,7 +6931,7 @@ def _bench_verify(store: Storage, job_ids: list[str]) -> tuple[float, float, flo
             if not verify_result(store, "bench", job_id, public_jwk=key):
                 raise AssertionError(f"result {job_id} does not verify")
         rates.append(len(job_ids) / (time.perf_counter() - start))
-    raw = _read(store, "results/bench", job_ids[0])
+    raw = store["get"](*locate(store["layout"], "result", "bench", job_id=job_ids[0]))
     signing_input, signature = _signing_input(_open_signed(raw)[0])
     verify_key = VerifyKey(_key_bytes(public, "x"))
     rounds = max(len(job_ids), 200)
@@ -6934,7 +7022,8 @@ def _bench(root: str, jobs: int, repeats: int, queue: int, progress: Callable[[s
     def verify_rates() -> tuple[float, float, float]:
         store, key = fresh("verify", True)
         _bench_lifecycles(store, key, jobs)
-        return _bench_verify(store, store["list"]("jobs/finished/bench"))
+        finished = locate(store["layout"], "finished", "bench")[0]
+        return _bench_verify(store, store["list"](finished))
 
     figures: Doc = {
         "storage": "local",

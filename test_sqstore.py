@@ -6908,6 +6908,47 @@ def test_copy_there_and_back_keeps_every_document(
     assert {at: back["get"](*at) for at in back_held} == {at: src["get"](*at) for at in held}
 
 
+@pytest.mark.parametrize("layout", [sqstore.LOCAL_LAYOUT, sqstore.DROPBOX_LAYOUT])
+def test_locate_names_every_place_the_operations_write(layout: sqstore.Layout) -> None:
+    """Every document a job's life writes (signed, with a token, a cancel request and a user
+    key) is where `locate` says a document of its kind lives, and nowhere else."""
+    private, public = rfc_keys()
+    user_private, user_public = rfc_keys("alice-key")
+    store, held = recorded(sqstore.memory_storage(layout=layout))
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    sqstore.upload_public_key(store, user_public, "alice", role="user")
+    done = sqstore.upload_job(store, JOB, "sim", "alice", "t1", private_jwk=user_private)
+    sqstore.upload_status(store, "sim", "alice", done, private)
+    running = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.upload_status(store, "sim", "alice", running, private)
+    claimed = sqstore.claim_job(store, "sim", private)
+    assert claimed is not None
+    result = sqstore.run_simulator(claimed[1], done, "sim")
+    status = sqstore.StatusMsg(done, "DONE", "", "None")
+    sqstore.update_in_database(store, result, status, done, "sim", private)
+    assert sqstore.claim_job(store, "sim", private) is not None
+    assert sqstore.cancel_job(store, "sim", "alice", running) == "requested"
+    places = {
+        sqstore.locate(layout, "config", "sim"),
+        sqstore.locate(layout, "public_key", job_id="rfc8037"),
+        sqstore.locate(layout, "user_key", job_id="alice-key"),
+        sqstore.locate(layout, "finished", "sim", job_id=done),
+        sqstore.locate(layout, "status", "sim", job_id=done),
+        sqstore.locate(layout, "result", "sim", job_id=done),
+        sqstore.locate(layout, "job_signature", "sim", job_id=done),
+        sqstore.locate(layout, "submit_token", "sim", job_id="t1"),
+        sqstore.locate(layout, "running", "sim", job_id=running),
+        sqstore.locate(layout, "status", "sim", job_id=running),
+        sqstore.locate(layout, "lease", job_id=running),
+        sqstore.locate(layout, "cancel_request", job_id=running),
+    }
+    assert held == places
+    assert {sqstore.job_id_from(layout, "finished", at[1]) for at in held if "inish" in at[0]} == {
+        done
+    }
+
+
 def test_copy_moves_a_sqooler_lab_from_dropbox_to_mongodb(
     sqooler_dropbox: Any, sqooler_mongodb: Any, dropbox_fake: Any, mongodb_server: Any
 ) -> None:
