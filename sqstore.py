@@ -2141,9 +2141,7 @@ def get_job(store: Storage, storage_path: str, job_id: str) -> Doc:
     _check_handle(store)
     _check_path(storage_path)
     doc_id = _fill(store["layout"].job_file, job_id=check_name(job_id, "job_id"))
-    job = _read(store, storage_path, doc_id)
-    job.pop("_id", None)
-    return job
+    return _read(store, storage_path, doc_id)
 
 
 def _status_location(
@@ -2401,9 +2399,7 @@ def get_public_key_from_kid(store: Storage, kid: str, role: str = "backend") -> 
     """
     _check_handle(store)
     folder = _key_folder(store, role)
-    raw = _read(store, folder, check_name(kid, "kid"))
-    raw.pop("_id", None)
-    return from_doc(raw, JWK, where=f"{folder}/{kid}")
+    return from_doc(_read(store, folder, check_name(kid, "kid")), JWK, where=f"{folder}/{kid}")
 
 
 @_reads
