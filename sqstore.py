@@ -4450,9 +4450,10 @@ def mongodb_storage(
             }
             client = pymongo.MongoClient(uri_or_client, **timeouts)
         except (errors.ConfigurationError, ValueError) as exc:
-            userinfo = uri_or_client.partition("://")[2].rpartition("@")[0]  # see redact_url
-            password = userinfo.partition(":")[2]
-            message = str(exc).replace(password, "***") if password else str(exc)
+            info = _userinfo(uri_or_client.partition("://")[2])[0] or ""
+            user, colon, password = info.partition(":")
+            secret = password if colon else user  # as redact_url hides it
+            message = str(exc).replace(secret, "***") if secret else str(exc)
             raise ValueError(f"mongodb_storage: bad MongoDB URI: {message}") from None
     codecs: Any = CodecOptions(tz_aware=True, tzinfo=timezone.utc)
     keyed = {layout.configs: ("display_name", "payload.display_name"), layout.public_keys: ("kid",)}
@@ -5058,12 +5059,20 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    at = rest.rfind("@")  # a password may hold "/", "?" or "@" unescaped: hide too much
-    if at >= 0:
-        user, colon, _ = rest[:at].partition(":")
-        rest = (f"{user}:***" if colon else "***") + rest[at:]
+    info, rest = _userinfo(rest)
+    if info is not None:  # a user alone may be a token: hidden too
+        user, colon, _ = info.partition(":")
+        rest = (f"{user}:***" if colon else "***") + rest
     netloc, slash, tail = rest.partition("/")
     return f"{scheme}://{netloc}{slash}" + _SECRET_QUERY_RE.sub(r"\1***", tail)
+
+
+def _userinfo(rest: str) -> tuple[str | None, str]:
+    """Split what follows a URL's ``://`` into its user info (``user:password``; None
+    without) and the rest, from the ``@`` on.  The last ``@`` ends it: a password may
+    hold "/", "?" or "@" unescaped (better to hide too much)."""
+    at = rest.rfind("@")
+    return (None, rest) if at < 0 else (rest[:at], rest[at:])
 
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URL's scheme (two letters or more)
