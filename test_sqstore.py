@@ -2633,6 +2633,7 @@ def test_mongodb_unreachable_server_is_a_transient_error_naming_the_operation() 
         "mongodb://u:s3cret-pw@127.0.0.1:99999/",
         "mongodb://u:s3cret-pw/@127.0.0.1/",  # unescaped: pymongo refuses it
         "mongodb://u:s3cret-pw@@127.0.0.1/",
+        "mongodb://s3cret-token@@127.0.0.1/",  # a user alone may be a token
     ):
         with pytest.raises(ValueError, match="bad MongoDB URI") as exc:
             sqstore.mongodb_storage(bad)
