@@ -6493,16 +6493,7 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
         job_ids.append(job_id)
     print(f"Alice: submitted {len(job_ids)} jobs")
 
-    done = 0
-    while (claimed := claim_job(store, display_name, private)) is not None:
-        nxt, job = claimed
-        try:
-            result = run_simulator(job, nxt.job_id, display_name)
-            status = StatusMsg(nxt.job_id, "DONE", "Simulated.", "None")
-        except InvalidDocumentError as exc:
-            result, status = None, StatusMsg(nxt.job_id, "ERROR", "Failed.", str(exc))
-        update_in_database(store, result, status, nxt.job_id, display_name, private)
-        done += 1
+    done = work([store], display_name, run_simulator, private, burst=True)
     print(f"Bob:   claimed and simulated {done} jobs")
 
     verified = 0
