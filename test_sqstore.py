@@ -9058,6 +9058,53 @@ def test_cli_running_and_requeue(tmp_path: Path) -> None:
 
 
 # ============================================================================
+# A newcomer's first hour
+# ============================================================================
+# Blocks that need a server, credentials or a lab's own files: pasted, they must parse.
+_FRAGMENT_HEADINGS = ("### Dropbox", "### MongoDB", "### Keeping sqooler's Spooler")
+
+
+def readme_python_blocks() -> list[tuple[str, str]]:
+    """Every ```python block of README.md, in order, with the heading it sits under."""
+    text = (HERE / "README.md").read_text()
+    blocks = []
+    for match in re.finditer(r"^```python\n(.*?)^```$", text, re.S | re.M):
+        headings = re.findall(r"^#+ .*$", text[: match.start()], re.M)
+        blocks.append((headings[-1], match.group(1)))
+    return blocks
+
+
+def test_readme_python_examples_paste_into_the_interpreter(tmp_path: Path) -> None:
+    """Every Python example of the README, pasted into an interactive `python` (in README
+    order, in one temporary folder), parses there, and each self-contained one runs without
+    a traceback."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
+           "PYTHONPATH": str(HERE)}  # fmt: skip
+    failed = []
+    for heading, code in readme_python_blocks():
+        proc = subprocess.run(
+            [sys.executable, "-i", "-q"], input=code + "\n", cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        fragment = heading.startswith(_FRAGMENT_HEADINGS)
+        bad = ("SyntaxError", "IndentationError") + (() if fragment else ("Traceback",))
+        if any(word in proc.stderr for word in bad):
+            failed.append(f"{heading}:\n{proc.stderr[-800:]}")
+    assert failed == [], "\n\n".join(failed)
+
+
+def test_readme_alice_says_how_to_read_her_result_later() -> None:
+    """The README tells Alice to read her result in the same Python session, after Bob ran
+    again: her script run anew submits a new job, which is pending again."""
+    alice = readme_block("### Alice (frontend)", "python")
+    marker = re.search(r"^# later, when Bob has run again\n(.*)$", alice, re.M)
+    assert marker and "same session" in marker.group(1), alice
+    text = (HERE / "README.md").read_text()
+    prose = text[text.index("### Alice (frontend)") : text.index("### Dropbox")]
+    assert re.search(r"same Python\s+session", prose) and "pending in turn" in prose
+
+
+# ============================================================================
 # CLI and packaging
 # ============================================================================
 def run_cli(
