@@ -4354,7 +4354,10 @@ def mongodb_storage(
         from bson.errors import InvalidBSON, InvalidDocument  # type: ignore[import-not-found, import-untyped, unused-ignore]
         from pymongo import errors  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError as exc:
-        raise SqstoreError("mongodb_storage needs: pip install 'sqstore[mongodb]'") from exc
+        raise SqstoreError(
+            "mongodb_storage needs pymongo: pip install 'pymongo>=4.3' "
+            "(or '.[mongodb]' in sqstore's checkout)"
+        ) from exc
     client: Any = uri_or_client
     if isinstance(uri_or_client, str):
         _refuse_mongodb_database(uri_or_client)
@@ -4709,7 +4712,10 @@ def dropbox_storage(
         from dropbox import exceptions as dbx  # type: ignore[import-not-found, import-untyped, unused-ignore]
         from dropbox.files import WriteMode  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError as exc:
-        raise SqstoreError("dropbox_storage needs: pip install 'sqstore[dropbox]'") from exc
+        raise SqstoreError(
+            "dropbox_storage needs the Dropbox SDK: pip install 'dropbox>=11.36' "
+            "(or '.[dropbox]' in sqstore's checkout)"
+        ) from exc
     # The SDK must repeat nothing itself: only here is it known that an answer was lost.
     if client is None:
         given = {"app_key": app_key, "app_secret": app_secret, "refresh_token": refresh_token}

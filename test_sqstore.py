@@ -9104,6 +9104,26 @@ def test_readme_alice_says_how_to_read_her_result_later() -> None:
     assert re.search(r"same Python\s+session", prose) and "pending in turn" in prose
 
 
+def test_cli_missing_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    """Without pymongo or the Dropbox SDK, a MongoDB or Dropbox storage is one error line
+    naming the package to install, never the package index name sqstore does not have."""
+    for package in ("pymongo", "dropbox"):
+        (tmp_path / "absent" / package).mkdir(parents=True)
+        (tmp_path / "absent" / package / "__init__.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{package}'\", name='{package}')\n"
+        )
+    env = {"PYTHONPATH": f"{tmp_path / 'absent'}{os.pathsep}{HERE}",
+           "SQSTORE_DROPBOX_APP_KEY": "k", "SQSTORE_DROPBOX_APP_SECRET": "s",
+           "SQSTORE_DROPBOX_REFRESH_TOKEN": "t"}  # fmt: skip
+    for url, package, extra in (
+        ("mongodb://127.0.0.1:1/", "pymongo", "mongodb"),
+        ("dropbox://", "dropbox", "dropbox"),
+    ):
+        proc = sqstore_cli("--storage", url, "backends", cwd=tmp_path, env=env)
+        one_error_line(proc, f"pip install '{package}", f"'.[{extra}]'")
+        assert "sqstore[" not in proc.stderr, proc.stderr
+
+
 # ============================================================================
 # CLI and packaging
 # ============================================================================
