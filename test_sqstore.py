@@ -9124,6 +9124,57 @@ def test_cli_missing_extra_says_how_to_install_it(tmp_path: Path) -> None:
         assert "sqstore[" not in proc.stderr, proc.stderr
 
 
+def test_cli_demo_and_backend_add_with_another_key_say_so_in_user_terms(tmp_path: Path) -> None:
+    """`demo --key` or `backend add --key` with a key other than the one the backend's config
+    is signed with is one line naming the key file, the backend, the storage and the kid the
+    config is signed with, not a folder of the layout."""
+    first = run_cli("--storage", "lab", "demo", "--jobs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    keygen = run_cli("keygen", "other", "-o", "other.jwk", cwd=tmp_path)
+    assert keygen.returncode == 0, keygen.stderr
+    config = {**sqstore.to_doc(sqstore.demo_config("sqsim", sign=True)), "kid": None}
+    (tmp_path / "sqsim.json").write_text(json.dumps(config))
+    for args in (
+        ["demo", "--key", "other.jwk"],
+        ["backend", "add", "sqsim.json", "--key", "other.jwk"],
+    ):
+        proc = run_cli("--storage", "lab", *args, cwd=tmp_path)
+        one_error_line(proc, "other.jwk", "backend 'sqsim'", "lab", "'sqsim-demo'")
+        assert "backends/" not in proc.stderr, proc.stderr
+    again = run_cli("--storage", "lab", "demo", "--jobs", "1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
+def test_cli_demo_counts_read_as_english(tmp_path: Path) -> None:
+    """`sqstore demo --jobs 1` (the README's worker example runs it) says "1 job", not "1 jobs"."""
+    proc = run_cli("demo", "--jobs", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted 1 job\n" in proc.stdout and "simulated 1 job\n" in proc.stdout, proc.stdout
+    assert "1 round trip in" in proc.stdout, proc.stdout
+
+
+def test_cli_cancel_says_the_username_is_not_checked(tmp_path: Path) -> None:
+    """`cancel -u USER` records USER as who cancelled without checking it is the job's user
+    (an unsigned job's user is not recorded on every backend): help and README say so."""
+    store, _, job_id = a_lab(tmp_path / "lab")
+    proc = run_cli("--storage", "lab", "cancel", "sqsim", job_id, "-u", "mallory", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (0, f"{job_id}: cancelled\n"), proc.stderr
+    assert sqstore.get_status(store, "sqsim", "cli", job_id).detail == "Cancelled by mallory."
+    helptext = " ".join(run_cli("cancel", "--help", cwd=tmp_path).stdout.split())
+    assert "not checked" in helptext, helptext
+    assert "not checked" in " ".join(readme_section("## Cancelling a job").split())
+
+
+def test_cli_backend_add_names_a_bad_config_file_once(tmp_path: Path) -> None:
+    """`backend add` of a file that is not a backend config is one line naming the file once."""
+    (tmp_path / "lab").mkdir()
+    for name, text in (("bad.json", "not json"), ("partial.json", '{"display_name": "x"}')):
+        (tmp_path / name).write_text(text)
+        proc = run_cli("--storage", "lab", "backend", "add", name, cwd=tmp_path)
+        one_error_line(proc, name, "not a backend config")
+        assert proc.stderr.count(name) == 1, proc.stderr
+
+
 # ============================================================================
 # CLI and packaging
 # ============================================================================
