@@ -4437,7 +4437,10 @@ def mongodb_storage(
         from bson.errors import InvalidBSON, InvalidDocument  # type: ignore[import-not-found, import-untyped, unused-ignore]
         from pymongo import errors  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError as exc:
-        raise SqstoreError("mongodb_storage needs: pip install 'sqstore[mongodb]'") from exc
+        raise SqstoreError(
+            "mongodb_storage needs pymongo: pip install 'pymongo>=4.3' "
+            "(or '.[mongodb]' in sqstore's checkout)"
+        ) from exc
     client: Any = uri_or_client
     if isinstance(uri_or_client, str):
         _refuse_mongodb_database(uri_or_client)
@@ -4793,7 +4796,10 @@ def dropbox_storage(
         from dropbox import exceptions as dbx  # type: ignore[import-not-found, import-untyped, unused-ignore]
         from dropbox.files import WriteMode  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError as exc:
-        raise SqstoreError("dropbox_storage needs: pip install 'sqstore[dropbox]'") from exc
+        raise SqstoreError(
+            "dropbox_storage needs the Dropbox SDK: pip install 'dropbox>=11.36' "
+            "(or '.[dropbox]' in sqstore's checkout)"
+        ) from exc
     # The SDK must repeat nothing itself: only here is it known that an answer was lost.
     if client is None:
         given = {"app_key": app_key, "app_secret": app_secret, "refresh_token": refresh_token}
@@ -6234,12 +6240,40 @@ def _cmd_queue(store: Storage, args: argparse.Namespace) -> int:
     return 0
 
 
+def _update_or_upload(
+    store: Storage, config: Any, display_name: str, private: JWK | None, key: str, shown: str
+) -> str:
+    """Update backend *display_name*'s config, or upload it if it has none; say which.  A
+    config signed with another key than *private* (from *key*) is one line naming its kid."""
+    try:
+        update_config(store, config, display_name, private)
+        return "updated"
+    except NotFoundError:
+        upload_config(store, config, display_name, private)
+        return "uploaded"
+    except BadSignatureError:
+        if private is None:
+            raise
+        path = get_attribute_path(store, "configs", display_name)
+        stored = store["get"](path, get_attribute_id(store, "configs", "", display_name))
+        try:
+            verify_doc(stored, [public_from_private(private)])
+        except BadSignatureError:
+            kid = get_config(store, display_name).kid
+            raise _UserError(
+                f"{key}: not the key of backend {display_name!r} on {shown}: its config is "
+                f"signed with another key (kid {kid!r}): give that key with --key, or use another "
+                "storage"
+            ) from None
+        raise
+
+
 def _cmd_backend_add(store: Storage, args: argparse.Namespace) -> int:
     path, shown = args.config_file, redact_url(args.storage)
     try:
         cfg = _coerce(_read_json_file(path, "config file"), BackendConfig, path)
     except InvalidDocumentError as exc:
-        raise _UserError(f"{path}: not a backend config: {exc}") from None
+        raise _UserError(f"not a backend config: {exc}") from None  # exc names the file
     if not cfg.display_name:
         raise _UserError(f"{path}: the config has no display_name (the backend's name)")
     display_name = _check_display_name(cfg.display_name)
@@ -6258,12 +6292,7 @@ def _cmd_backend_add(store: Storage, args: argparse.Namespace) -> int:
     try:
         if public is not None:  # before anything is written
             _check_signing_key(store, cfg, private)
-        try:
-            update_config(store, cfg, display_name, private)
-            done = "updated"
-        except NotFoundError:
-            upload_config(store, cfg, display_name, private)
-            done = "uploaded"
+        done = _update_or_upload(store, cfg, display_name, private, args.key, shown)
     except BadSignatureError as exc:
         whose = f"{args.key}: not the key of" if args.key else "no --key for"
         raise _UserError(f"{whose} backend {display_name!r} on {shown}: {exc}") from None
@@ -6479,10 +6508,9 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
     private = _demo_key(args.storage, args.key, "sqsim-demo")
     public = public_from_private(private)
     config = demo_config(display_name, sign=True)
-    try:
-        update_config(store, config, display_name, private)
-    except NotFoundError:
-        upload_config(store, config, display_name, private)
+    root = _local_root(args.storage)
+    key = args.key or (os.path.join(root, ".demo-key.jwk") if root else "sqstore-demo-key.jwk")
+    _update_or_upload(store, config, display_name, private, key, redact_url(args.storage))
     upload_public_key(store, public, display_name)
     print(f"Bob:   backend {display_name!r} configured, results signed by kid {public.kid!r}")
 
@@ -6491,10 +6519,11 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
         job_id = upload_job(store, job, display_name, username)
         upload_status(store, display_name, username, job_id)
         job_ids.append(job_id)
-    print(f"Alice: submitted {len(job_ids)} jobs")
+    jobs = f"{len(job_ids)} job{'' if len(job_ids) == 1 else 's'}"
+    print(f"Alice: submitted {jobs}")
 
     done = work([store], display_name, run_simulator, private, burst=True)
-    print(f"Bob:   claimed and simulated {done} jobs")
+    print(f"Bob:   claimed and simulated {done} job{'' if done == 1 else 's'}")
 
     verified = 0
     for job_id in job_ids:
@@ -6510,7 +6539,8 @@ def _cmd_demo(store: Storage, args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(
         f"{verified}/{len(job_ids)} results verified; "
-        f"{len(job_ids)} round trips in {elapsed * 1000:.0f} ms on {redact_url(args.storage)}"
+        f"{jobs.replace('job', 'round trip')} in {elapsed * 1000:.0f} ms on "
+        f"{redact_url(args.storage)}"
     )
     return 0 if verified == len(job_ids) else 1
 
@@ -7408,7 +7438,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     cancel.add_argument("display_name")
     cancel.add_argument("job_id")
-    cancel.add_argument("-u", "--username", default="cli", help="who cancels: the job's user")
+    cancel.add_argument(
+        "-u", "--username", default="cli",
+        help="who cancels, as the status will say (not checked against the job's user)",
+    )  # fmt: skip
     submit.add_argument(
         "--token", metavar="T",
         help="a name for this submit: run again with the same T, it prints the same job id "

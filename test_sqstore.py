@@ -9100,6 +9100,124 @@ def test_cli_running_and_requeue(tmp_path: Path) -> None:
 
 
 # ============================================================================
+# A newcomer's first hour
+# ============================================================================
+# Blocks that need a server, credentials or a lab's own files: pasted, they must parse.
+_FRAGMENT_HEADINGS = ("### Dropbox", "### MongoDB", "### Keeping sqooler's Spooler")
+
+
+def readme_python_blocks() -> list[tuple[str, str]]:
+    """Every ```python block of README.md, in order, with the heading it sits under."""
+    text = (HERE / "README.md").read_text()
+    blocks = []
+    for match in re.finditer(r"^```python\n(.*?)^```$", text, re.S | re.M):
+        headings = re.findall(r"^#+ .*$", text[: match.start()], re.M)
+        blocks.append((headings[-1], match.group(1)))
+    return blocks
+
+
+def test_readme_python_examples_paste_into_the_interpreter(tmp_path: Path) -> None:
+    """Every Python example of the README, pasted into an interactive `python` (in README
+    order, in one temporary folder), parses there, and each self-contained one runs without
+    a traceback."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
+           "PYTHONPATH": str(HERE)}  # fmt: skip
+    failed = []
+    for heading, code in readme_python_blocks():
+        proc = subprocess.run(
+            [sys.executable, "-i", "-q"], input=code + "\n", cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        fragment = heading.startswith(_FRAGMENT_HEADINGS)
+        bad = ("SyntaxError", "IndentationError") + (() if fragment else ("Traceback",))
+        if any(word in proc.stderr for word in bad):
+            failed.append(f"{heading}:\n{proc.stderr[-800:]}")
+    assert failed == [], "\n\n".join(failed)
+
+
+def test_readme_alice_says_how_to_read_her_result_later() -> None:
+    """The README tells Alice to read her result in the same Python session, after Bob ran
+    again: her script run anew submits a new job, which is pending again."""
+    alice = readme_block("### Alice (frontend)", "python")
+    marker = re.search(r"^# later, when Bob has run again\n(.*)$", alice, re.M)
+    assert marker and "same session" in marker.group(1), alice
+    text = (HERE / "README.md").read_text()
+    prose = text[text.index("### Alice (frontend)") : text.index("### Dropbox")]
+    assert re.search(r"same Python\s+session", prose) and "pending in turn" in prose
+
+
+def test_cli_missing_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    """Without pymongo or the Dropbox SDK, a MongoDB or Dropbox storage is one error line
+    naming the package to install, never the package index name sqstore does not have."""
+    for package in ("pymongo", "dropbox"):
+        (tmp_path / "absent" / package).mkdir(parents=True)
+        (tmp_path / "absent" / package / "__init__.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{package}'\", name='{package}')\n"
+        )
+    env = {"PYTHONPATH": f"{tmp_path / 'absent'}{os.pathsep}{HERE}",
+           "SQSTORE_DROPBOX_APP_KEY": "k", "SQSTORE_DROPBOX_APP_SECRET": "s",
+           "SQSTORE_DROPBOX_REFRESH_TOKEN": "t"}  # fmt: skip
+    for url, package, extra in (
+        ("mongodb://127.0.0.1:1/", "pymongo", "mongodb"),
+        ("dropbox://", "dropbox", "dropbox"),
+    ):
+        proc = sqstore_cli("--storage", url, "backends", cwd=tmp_path, env=env)
+        one_error_line(proc, f"pip install '{package}", f"'.[{extra}]'")
+        assert "sqstore[" not in proc.stderr, proc.stderr
+
+
+def test_cli_demo_and_backend_add_with_another_key_say_so_in_user_terms(tmp_path: Path) -> None:
+    """`demo --key` or `backend add --key` with a key other than the one the backend's config
+    is signed with is one line naming the key file, the backend, the storage and the kid the
+    config is signed with, not a folder of the layout."""
+    first = run_cli("--storage", "lab", "demo", "--jobs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    keygen = run_cli("keygen", "other", "-o", "other.jwk", cwd=tmp_path)
+    assert keygen.returncode == 0, keygen.stderr
+    config = {**sqstore.to_doc(sqstore.demo_config("sqsim", sign=True)), "kid": None}
+    (tmp_path / "sqsim.json").write_text(json.dumps(config))
+    for args in (
+        ["demo", "--key", "other.jwk"],
+        ["backend", "add", "sqsim.json", "--key", "other.jwk"],
+    ):
+        proc = run_cli("--storage", "lab", *args, cwd=tmp_path)
+        one_error_line(proc, "other.jwk", "backend 'sqsim'", "lab", "'sqsim-demo'")
+        assert "backends/" not in proc.stderr, proc.stderr
+    again = run_cli("--storage", "lab", "demo", "--jobs", "1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
+def test_cli_demo_counts_read_as_english(tmp_path: Path) -> None:
+    """`sqstore demo --jobs 1` (the README's worker example runs it) says "1 job", not "1 jobs"."""
+    proc = run_cli("demo", "--jobs", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted 1 job\n" in proc.stdout and "simulated 1 job\n" in proc.stdout, proc.stdout
+    assert "1 round trip in" in proc.stdout, proc.stdout
+
+
+def test_cli_cancel_says_the_username_is_not_checked(tmp_path: Path) -> None:
+    """`cancel -u USER` records USER as who cancelled without checking it is the job's user
+    (an unsigned job's user is not recorded on every backend): help and README say so."""
+    store, _, job_id = a_lab(tmp_path / "lab")
+    proc = run_cli("--storage", "lab", "cancel", "sqsim", job_id, "-u", "mallory", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (0, f"{job_id}: cancelled\n"), proc.stderr
+    assert sqstore.get_status(store, "sqsim", "cli", job_id).detail == "Cancelled by mallory."
+    helptext = " ".join(run_cli("cancel", "--help", cwd=tmp_path).stdout.split())
+    assert "not checked" in helptext, helptext
+    assert "not checked" in " ".join(readme_section("## Cancelling a job").split())
+
+
+def test_cli_backend_add_names_a_bad_config_file_once(tmp_path: Path) -> None:
+    """`backend add` of a file that is not a backend config is one line naming the file once."""
+    (tmp_path / "lab").mkdir()
+    for name, text in (("bad.json", "not json"), ("partial.json", '{"display_name": "x"}')):
+        (tmp_path / name).write_text(text)
+        proc = run_cli("--storage", "lab", "backend", "add", name, cwd=tmp_path)
+        one_error_line(proc, name, "not a backend config")
+        assert proc.stderr.count(name) == 1, proc.stderr
+
+
+# ============================================================================
 # CLI and packaging
 # ============================================================================
 def run_cli(
