@@ -6653,8 +6653,8 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         stop.set()  # before saying so: a second signal may come as soon as it is said
         logger.warning(
-            f"{signal.Signals(signum).name}: stopping after the current job; send it again "
-            "(Ctrl-C) to abort the job and put it back in its queue"
+            f"{signal.Signals(signum).name}: stopping once the job that runs, if any, is done; "
+            "send it again (Ctrl-C) to abort that job and put it back in its queue"
         )
 
     try:
