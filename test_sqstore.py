@@ -8954,7 +8954,7 @@ def test_cli_work_second_ctrl_c_aborts_the_job_and_puts_it_back(tmp_path: Path) 
     line = proc.stderr.readline()
     while "SIGINT" not in line and line:
         line = proc.stderr.readline()
-    assert "after the current job" in line and "again" in line, line
+    assert "once the job that runs, if any, is done" in line and "again" in line, line
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
