@@ -5336,7 +5336,9 @@ def dropbox_storage(
     *session*, a ``requests.Session``, if given) or a ready ``dropbox.Dropbox``
     *client*.  One client serves every call, and each call is one HTTP request
     (``update`` is two: it checks that the file exists, then overwrites it; as
-    on a local disk, the last of several writers wins).
+    on a local disk, the last of several writers wins; it is one, a write at
+    the rev, when this handle wrote or read the file last and it has not
+    changed since).
     ``upload`` adds with ``strict_conflict``, ``move`` is ``files_move_v2`` so
     that one of several racing movers wins, ``list`` follows every page.
 
@@ -5503,11 +5505,29 @@ def dropbox_storage(
     def update(path: str, doc_id: str, doc: Doc) -> None:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
         data = _dumps(doc, what).encode()
+        if (known := seen.get(file)) is not None:  # at the rev this handle saw: one request
+            at_rev = functools.partial(
+                client.files_upload,
+                data,
+                file,
+                mode=WriteMode.update(known[0]),
+                strict_conflict=True,
+                mute=True,
+            )
+
+            def ours(error: Any) -> bool:  # a conflict with our own bytes: the lost attempt
+                return conflict(what)(error) is not None and holds(file, what, data)
+
+            with contextlib.suppress(AlreadyExistsError, NotFoundError):  # changed since
+                if (meta := call(what, at_rev, conflict(what), ours)) is not None:
+                    remember(file, meta, data)
+                return
         call(what, lambda: client.files_get_metadata(file), not_found(what))
         overwrite = functools.partial(
             client.files_upload, data, file, mode=WriteMode.overwrite, mute=True
         )
-        call(what, overwrite, lambda error: None)  # repeating an overwrite is harmless
+        if (meta := call(what, overwrite, lambda error: None)) is not None:  # harmless to repeat
+            remember(file, meta, data)
 
     def get(path: str, doc_id: str) -> Doc:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"

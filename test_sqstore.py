@@ -3843,12 +3843,12 @@ def _make_handler(fake: FakeDropbox) -> type[http.server.BaseHTTPRequestHandler]
 # The Dropbox backend through the real SDK
 # ============================================================================
 def test_dropbox_costs_one_request_per_operation(dbx: Storage, dropbox_fake: Any) -> None:
-    """Each verb is exactly one HTTP request (update two), with one token refresh at start."""
+    """Each verb is exactly one HTTP request (update two, or one at the rev this handle saw
+    last, as here), with one token refresh at start."""
     expected = [
         (lambda: dbx["upload"]("f", "a", {"v": 1}), {"/oauth2/token": 1, "/2/files/upload": 1}),
         (lambda: dbx["get"]("f", "a"), {"/2/files/download": 1}),
-        (lambda: dbx["update"]("f", "a", {"v": 2}),
-         {"/2/files/get_metadata": 1, "/2/files/upload": 1}),
+        (lambda: dbx["update"]("f", "a", {"v": 2}), {"/2/files/upload": 1}),
         (lambda: dbx["move"]("f", "g", "a"), {"/2/files/move_v2": 1}),
         (lambda: dbx["list"]("g"), {"/2/files/list_folder": 1}),
         (lambda: dbx["delete"]("g", "a"), {"/2/files/delete_v2": 1}),
@@ -7306,6 +7306,33 @@ def test_mongodb_move_out_of_running_is_two_commands(mongodb_server: Any) -> Non
     assert store["list"]("jobs/running") == [ids[1]]
 
 
+def test_dropbox_job_life_is_18_requests(dbx: Storage, dropbox_fake: Any) -> None:
+    """A Dropbox job life on one handle is 18 HTTP requests: the final status overwrites the
+    rev this handle wrote, with no existence check first."""
+    steps = life_steps(dbx, lambda: sum(dropbox_fake.counts.values()))
+    assert steps["finish"] == 7 and sum(steps.values()) == 18, steps
+
+
+def test_dropbox_update_at_a_known_rev_still_replaces_and_refuses(
+    dbx: Storage, dropbox_fake: Any
+) -> None:
+    """An update of a file this handle saw is one request; if another client changed it
+    since, it is still replaced (the last writer wins); a file deleted since is NotFoundError."""
+    other = dropbox_store(dropbox_fake)
+    dropbox_fake.reset_counts()
+    dbx["upload"]("jobs/a", "x", {"v": 1})
+    dbx["update"]("jobs/a", "x", {"v": 2})
+    files = {k: v for k, v in dropbox_fake.counts.items() if k.startswith("/2/files/")}
+    assert files == {"/2/files/upload": 2}, files
+    other["update"]("jobs/a", "x", {"v": 3})
+    dbx["update"]("jobs/a", "x", {"v": 4})
+    assert other["get"]("jobs/a", "x") == {"v": 4}
+    other["delete"]("jobs/a", "x")
+    with pytest.raises(sqstore.NotFoundError):
+        dbx["update"]("jobs/a", "x", {"v": 5})
+    assert other["list"]("jobs/a") == []
+
+
 # ============================================================================
 # The worker loop: real processes and signals
 # ============================================================================
@@ -9291,7 +9318,7 @@ def test_cli_bench_on_dropbox_counts_requests_and_cleans_up(
     dropbox_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`sqstore --storage dropbox:// bench` counts HTTP requests per round trip and per claim
-    (19 per round trip, as the lifecycle test counts), and leaves only what was there."""
+    (18 per round trip, as the lifecycle test counts), and leaves only what was there."""
     store = sqstore.open_storage("dropbox://")
     sqstore.upload_config(store, sqstore.demo_config("keep"), "keep")
     kept = dropbox_env.files()
@@ -9300,7 +9327,7 @@ def test_cli_bench_on_dropbox_counts_requests_and_cleans_up(
     figures = json.loads(capsys.readouterr().out)
     assert figures["storage"] == "dropbox" and figures["sizes"] == [7, 10]
     calls = figures["calls_per_round_trip"]
-    assert sum(calls.values()) == 19 and "users/get_current_account" not in calls
+    assert sum(calls.values()) == 18 and "users/get_current_account" not in calls
     for n in (7, 10):  # lease upload, move, download; a list page per 3 (the fake's page size)
         assert 3 <= figures[f"claim_calls_{n}"] <= 4, figures
     assert dropbox_env.files() == kept
