@@ -937,6 +937,11 @@ class Storage(TypedDict):
     would come later anyway), and so does an older one put back by another
     program (one this handle moves in restarts its walk of that folder);
     ``[]`` means the folder was empty when listed.
+
+    ``move(src, dst, id)`` may return the document it moved, as ``get`` would
+    read it at *dst*, when it had it in hand anyway (MongoDB's move into the
+    running folder reads it); it returns None otherwise, and a caller that needs
+    the document then reads it.
     The walk is the handle's: of several threads sharing it, each step goes to
     one of them.
     """
@@ -946,7 +951,7 @@ class Storage(TypedDict):
     upload: Callable[[str, str, Doc], None]
     update: Callable[[str, str, Doc], None]
     get: Callable[[str, str], Doc]
-    move: Callable[[str, str, str], None]
+    move: Callable[[str, str, str], Doc | None]
     delete: Callable[[str, str], None]
     list: ListFn
     swap: Callable[[str, str, Doc, Doc | None], bool]
@@ -2655,13 +2660,13 @@ def _claim_one(
             return None  # another worker took it first
         lease_at, replaced = (taken_doc, taken), found[0]
     try:
-        store["move"](queue, layout.running, file_id)
+        moved = store["move"](queue, layout.running, file_id)
     except NotFoundError:  # gone meanwhile (a stale listing, or a worker without leases)
         with contextlib.suppress(NotFoundError):  # the lease it had goes back as it was
             store["swap"](layout.leases, job_id, lease_at[0], replaced)
         return None
     try:
-        job = get_job(store, layout.running, job_id)
+        job = moved if isinstance(moved, dict) else get_job(store, layout.running, job_id)
     except (InvalidDocumentError, StorageError) as exc:
         status = StatusMsg(job_id, "ERROR", "The job is not a valid JSON object.", str(exc))
         _close(store, lease_at, display_name, job_id, _finished_at(to_doc(status), now))
@@ -3875,15 +3880,16 @@ def _walker(list_all: Callable[[str], list[str]]) -> tuple[ListFn, Callable[[str
 
 
 def _moving_on(
-    move: Callable[[str, str, str], None], forget: Callable[[str], None]
-) -> Callable[[str, str, str], None]:
+    move: Callable[[str, str, str], Doc | None], forget: Callable[[str], None]
+) -> Callable[[str, str, str], Doc | None]:
     """*move*, after which this handle's walk of the target folder starts afresh: a job
     this handle puts back in a queue (a requeue) comes in its next step, in order."""
 
     @functools.wraps(move)
-    def moving(src: str, dst: str, doc_id: str) -> None:
-        move(src, dst, doc_id)
+    def moving(src: str, dst: str, doc_id: str) -> Doc | None:
+        moved = move(src, dst, doc_id)
         forget(dst)
+        return moved
 
     return moving
 
@@ -4388,9 +4394,15 @@ def mongodb_storage(
     when signed) and by ``kid``; sqstore writes them under an ``_id`` derived from
     the name, so two racing uploads cannot both create one.
 
-    Needs no transactions: ``upload`` is an insert (a duplicate ``_id`` fails),
-    and ``move`` reads the source, inserts it into the target, then deletes the
-    source.  Who wins a race to move one document:
+    Needs no transactions: ``upload`` is an insert (a duplicate ``_id`` fails);
+    ``swap`` is one replace or delete whose filter matches the document only if
+    it is exactly the old one (read first only when it is not); ``move`` into
+    the running folder reads the source, inserts it into the target, then
+    deletes the source, and returns the document it read (a claim needs no
+    second read); a ``move`` into any other folder copies on the server (an
+    aggregate ``$merge`` that only inserts) and then deletes the source, and
+    says `NotFoundError` if the delete finds nothing.  Who wins a race to move
+    one document into running:
 
     - the insert succeeds and the delete deletes: this mover;
     - the insert finds the same document there already (left by a move that
@@ -4591,9 +4603,42 @@ def mongodb_storage(
         query = key(path, result_id)
         return send(lambda: collection(path).find_one(query, {"_id": 1})) is not None
 
-    def move(src: str, dst: str, doc_id: str) -> None:
+    def copied(src: str, dst: str, doc_id: str) -> bool | None:
+        """Copy the document on the server (an aggregate ``$merge`` that inserts only):
+        True if no error (copied, or the source was missing), False if the target
+        exists, None if this move cannot be done so (other databases, keyed folders,
+        a server without ``$merge``)."""
+        if src in keyed or dst in keyed or src.split("/")[0] != dst.split("/")[0]:
+            return None
+        query, target = key(src, doc_id), ".".join(_check_path(dst).split("/")[1:])
+        collection(dst)  # checks the folder
+        into = {"into": target, "whenMatched": "fail", "whenNotMatched": "insert"}
+        pipeline = [{"$match": query}, {"$merge": into}]
+        try:
+            call(f"{dst}/{doc_id}", lambda: send(lambda: list(collection(src).aggregate(pipeline))))
+        except AlreadyExistsError:
+            return False
+        except (InvalidDocumentError, StorageError) as exc:
+            if isinstance(exc.__cause__, errors.OperationFailure):
+                return None  # e.g. MongoDB before 4.2: read, insert and delete instead
+            raise
+        return True
+
+    def move(src: str, dst: str, doc_id: str) -> Doc | None:
         what, query = f"{src}/{doc_id}", key(src, doc_id)
         source, target = collection(src), collection(dst)
+        if dst != layout.running and copied(src, dst, doc_id):
+            drop_it = functools.partial(source.delete_one, query)
+            deleted = call(
+                what,
+                lambda: send(
+                    lambda: drop_it().deleted_count,
+                    lambda: drop_it().deleted_count or 1,  # an earlier try may have deleted it
+                ),
+            )
+            if deleted:
+                return None
+            raise NotFoundError(f"{what} does not exist")  # gone before, or another mover won
         found = call(what, lambda: send(lambda: source.find_one(query)))
         if found is None:
             raise NotFoundError(f"{what} does not exist")
@@ -4622,14 +4667,21 @@ def mongodb_storage(
             ),
         )
         if deleted:
-            return
+            return moved(dst, doc_id, found)
         if inserted and dst == layout.running:
             # A sqooler mover deleted the source.  If its copy has not come and gone
             # already (it ran: it has a result), its insert into running fails: ours won.
             if not call(what, lambda: ran_already(src, doc_id)):
-                return
+                return moved(dst, doc_id, found)
             call(what, lambda: send(lambda: target.delete_one({"_id": body["_id"]})))
         raise NotFoundError(f"{what} does not exist")  # another mover won
+
+    def moved(dst: str, doc_id: str, found: Doc) -> Doc | None:
+        """The document just moved, as ``get`` would read it (None if it cannot be read)."""
+        try:
+            return read(dst, doc_id, dict(found))
+        except InvalidDocumentError:
+            return None  # a reader gets the error
 
     def delete(path: str, doc_id: str) -> None:
         query, source = key(path, doc_id), collection(path)
@@ -4648,6 +4700,8 @@ def mongodb_storage(
         still has the value read (one atomic command on the server)."""
         what, source = f"{path}/{doc_id}", collection(path)
         body = None if new is None else stored(path, doc_id, new)
+        if path not in keyed and swapped_as_read(path, doc_id, old, body):
+            return True
         found = call(what, lambda: send(lambda: source.find_one(key(path, doc_id))))
         if read(path, doc_id, dict(found) if found is not None else None) != old:
             return False
@@ -4670,6 +4724,35 @@ def mongodb_storage(
             return now is not None and {k: v for k, v in now.items() if k != "_id"} == body
 
         replace = lambda: bool(source.replace_one(unchanged, body).matched_count)  # noqa: E731
+        return call(what, lambda: send(replace, replaced_again))
+
+    def swapped_as_read(path: str, doc_id: str, old: Doc, body: Doc | None) -> bool:
+        """Replace or delete the document in one command if it is exactly *old* (the
+        same fields, in the same order, with equal values: it is as it was read or
+        written); False if not, and then `swap` reads it to tell a change from a
+        different order or a missing document."""
+        if not isinstance(old, dict) or "_id" in old:
+            return False
+        what, source, ident = f"{path}/{doc_id}", collection(path), key(path, doc_id)["_id"]
+        exact = {"_id": ident, "$expr": {"$eq": ["$$ROOT", {"$literal": {"_id": ident, **old}}]}}
+        if body is None:
+
+            def deleted_again() -> bool:  # an earlier try may have deleted it
+                return bool(source.delete_one(exact).deleted_count) or (
+                    source.find_one({"_id": ident}, {"_id": 1}) is None
+                )
+
+            remove = lambda: bool(source.delete_one(exact).deleted_count)  # noqa: E731
+            return call(what, lambda: send(remove, deleted_again))
+        new = {k: v for k, v in body.items() if k != "_id"}
+
+        def replaced_again() -> bool:  # an earlier try may have replaced it
+            if source.replace_one(exact, new).matched_count:
+                return True
+            now = source.find_one({"_id": ident})
+            return now is not None and {k: v for k, v in now.items() if k != "_id"} == new
+
+        replace = lambda: bool(source.replace_one(exact, new).matched_count)  # noqa: E731
         return call(what, lambda: send(replace, replaced_again))
 
     def list_all(path: str) -> list[str]:
@@ -4764,7 +4847,9 @@ def dropbox_storage(
     *session*, a ``requests.Session``, if given) or a ready ``dropbox.Dropbox``
     *client*.  One client serves every call, and each call is one HTTP request
     (``update`` is two: it checks that the file exists, then overwrites it; as
-    on a local disk, the last of several writers wins).
+    on a local disk, the last of several writers wins; it is one, a write at
+    the rev, when this handle wrote or read the file last and it has not
+    changed since).
     ``upload`` adds with ``strict_conflict``, ``move`` is ``files_move_v2`` so
     that one of several racing movers wins, ``list`` follows every page.
 
@@ -4934,11 +5019,29 @@ def dropbox_storage(
     def update(path: str, doc_id: str, doc: Doc) -> None:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
         data = _dumps(doc, what).encode()
+        if (known := seen.get(file)) is not None:  # at the rev this handle saw: one request
+            at_rev = functools.partial(
+                client.files_upload,
+                data,
+                file,
+                mode=WriteMode.update(known[0]),
+                strict_conflict=True,
+                mute=True,
+            )
+
+            def ours(error: Any) -> bool:  # a conflict with our own bytes: the lost attempt
+                return conflict(what)(error) is not None and holds(file, what, data)
+
+            with contextlib.suppress(AlreadyExistsError, NotFoundError):  # changed since
+                if (meta := call(what, at_rev, conflict(what), ours)) is not None:
+                    remember(file, meta, data)
+                return
         call(what, lambda: client.files_get_metadata(file), not_found(what))
         overwrite = functools.partial(
             client.files_upload, data, file, mode=WriteMode.overwrite, mute=True
         )
-        call(what, overwrite, lambda error: None)  # repeating an overwrite is harmless
+        if (meta := call(what, overwrite, lambda error: None)) is not None:  # harmless to repeat
+            remember(file, meta, data)
 
     def get(path: str, doc_id: str) -> Doc:
         file, what = file_of(path, doc_id), f"{path}/{doc_id}"
