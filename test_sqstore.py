@@ -9806,3 +9806,12 @@ def test_ruff() -> None:
         text=True,
     )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_ruff_is_the_version_the_test_extra_pins() -> None:
+    """The test extra pins ruff to one version, the one that checks and formats the files here."""
+    pins = re.findall(r'"ruff([^"]*)"', (HERE / "pyproject.toml").read_text())
+    version = subprocess.run(
+        [_tool("ruff"), "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    assert pins == [f"=={version}"], pins
