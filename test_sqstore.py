@@ -179,6 +179,15 @@ def dropbox_store(fake: Any, **options: Any) -> Storage:
     return sqstore.dropbox_storage(**credentials, **options)
 
 
+SERVER_BACKENDS = frozenset({"dropbox", "mongodb"})
+"""The backends whose tests start a server: the fake Dropbox API, a MongoDB-wire server."""
+
+
+def backend_params(*names: str) -> list[object]:
+    """Fixture params *names*, each of SERVER_BACKENDS marked slow (``pytest -m "not slow"``)."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SERVER_BACKENDS else n for n in names]
+
+
 BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Storage]] = {
     "memory": lambda tmp, request: sqstore.memory_storage(),
     "memory-dropbox-layout": lambda tmp, request: sqstore.memory_storage(
@@ -196,7 +205,7 @@ BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Storage]] = {
 }
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=backend_params(*sorted(BACKENDS)))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     return BACKENDS[request.param](tmp_path, request)
 
@@ -318,6 +327,7 @@ def test_swap_replaces_or_deletes_only_what_was_read(store: Storage) -> None:
     assert store["list"]("t/a") == []
 
 
+@pytest.mark.slow
 def test_racing_swaps_have_one_winner(store: Storage) -> None:
     """Of several workers swapping the same document from the same value, one wins."""
     store["upload"]("t/a", "lease", {"holder": "nobody"})
@@ -2122,6 +2132,7 @@ def race_processes(
     return [json.loads(Path(out).read_text()) for out in outs]
 
 
+@pytest.mark.slow
 def test_racing_uploads_and_moves_have_one_winner(tmp_path: Path) -> None:
     """Processes racing to create or to move the same ids: exactly one wins each id."""
     root = str(tmp_path / "store")
@@ -2142,7 +2153,7 @@ def test_racing_uploads_and_moves_have_one_winner(tmp_path: Path) -> None:
         assert all(store["get"]("race/up", d) == {"by": i} for d in won["upload"])
 
 
-@pytest.fixture(params=["local", "mongodb"])
+@pytest.fixture(params=backend_params("local", "mongodb"))
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty store that other processes open by URL: a directory or MongoDB."""
     if request.param == "local":
@@ -2165,6 +2176,7 @@ def _claim_worker(root: str, name: str, out: str, start: Any) -> None:
     Path(out).write_text(json.dumps(done))
 
 
+@pytest.mark.slow
 def test_four_processes_claim_500_jobs_exactly_once(url: str, tmp_path: Path) -> None:
     """Four worker processes on one queue process each of 500 jobs exactly once."""
     root = url
@@ -2200,6 +2212,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_never_leaves_a_torn_document(tmp_path: Path) -> None:
     """A writer killed with SIGKILL at random instants leaves only complete documents."""
     root = tmp_path / "store"
@@ -2237,6 +2250,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_job_loses_nothing(url: str) -> None:
     """A worker SIGKILLed while holding a job: after its lease the job is requeued and done."""
     root = url
@@ -2485,6 +2499,7 @@ def mongo(mongodb_server: Any) -> Storage:
     return mongo_store(mongodb_server)
 
 
+@pytest.mark.slow
 def test_mongodb_server_refuses_duplicate_ids_and_keeps_dotted_collections(
     mongodb_server: Any,
 ) -> None:
@@ -2519,6 +2534,7 @@ def _find_and_modify_racer(uri: str, out: str, start: Any) -> None:
     Path(out).write_text(json.dumps([taken, deleted]))
 
 
+@pytest.mark.slow
 def test_mongodb_server_hands_each_document_to_one_racer(
     mongodb_server: Any, tmp_path: Path
 ) -> None:
@@ -2543,6 +2559,7 @@ def own_server(mongodb_server: Any) -> MongoServer:
     return mongodb_server
 
 
+@pytest.mark.slow
 def test_mongodb_server_keeps_its_data_through_sigkill(mongodb_server: Any) -> None:
     """The test server: what it acknowledged survives a SIGKILL and a restart."""
     server = own_server(mongodb_server)
@@ -2557,6 +2574,7 @@ def test_mongodb_server_keeps_its_data_through_sigkill(mongodb_server: Any) -> N
     assert store["get"]("jobs/kept", "d49") == {"i": [[49]]}
 
 
+@pytest.mark.slow
 def test_mongodb_layout_is_sqoolers(mongo: Storage, mongodb_server: Any) -> None:
     """Jobs, statuses and results are ObjectId documents in sqooler's databases and collections."""
     import pymongo
@@ -2577,6 +2595,7 @@ def test_mongodb_layout_is_sqoolers(mongo: Storage, mongodb_server: Any) -> None
     assert sqstore.get_backends(mongo) == ["sim"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "path",
     ["jobs", "jobs/queued/a.b", "jobs/queued.x", "a.b/c", "jobs/a@b", "jobs/a+b", "x" * 64 + "/c"],
@@ -2596,6 +2615,7 @@ def test_mongodb_refuses_folders_that_are_not_database_and_collection(
     assert after == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", ["display_name", "username", "job_id"])
 @pytest.mark.parametrize("bad", ["{'$gt': ''}", "$where", "$ne", "sim\x00", "sim/../x", "a b"])
 def test_mongodb_injection_through_names_reaches_no_query(
@@ -2631,6 +2651,7 @@ def test_mongodb_injection_through_names_reaches_no_query(
     assert counter.commands == []
 
 
+@pytest.mark.slow
 def test_mongodb_oversized_document_is_refused_before_it_is_sent(mongo: Storage) -> None:
     """A document over MongoDB's 16 MiB limit gets a clear error and nothing is stored."""
     big = {"memory": ["0" * 1024] * (17 * 1024)}
@@ -2639,6 +2660,7 @@ def test_mongodb_oversized_document_is_refused_before_it_is_sent(mongo: Storage)
     assert mongo["list"]("jobs/queued/sim") == []
 
 
+@pytest.mark.slow
 def test_mongodb_unreachable_server_is_a_transient_error_naming_the_operation() -> None:
     """No server: a TransientError that names the document, and no pymongo exception."""
     with socket.socket() as probe:  # a port nobody listens on
@@ -2665,6 +2687,7 @@ def test_mongodb_unreachable_server_is_a_transient_error_naming_the_operation() 
         assert "s3cret" not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_mongodb_interrupted_move_is_finished_by_the_next(mongo: Storage) -> None:
     """A move stopped between its insert and its delete leaves two copies; moving again mends it."""
     mongo["upload"]("jobs/running", "0" * 24, {"v": 1})
@@ -2678,6 +2701,7 @@ def test_mongodb_interrupted_move_is_finished_by_the_next(mongo: Storage) -> Non
     assert mongo["get"]("jobs/running", "0" * 24) == {"v": 2}
 
 
+@pytest.mark.slow
 def test_mongodb_racing_moves_have_one_winner(mongodb_server: Any) -> None:
     """Of 8 threads moving one document to different folders, exactly one succeeds."""
     mongo = mongo_store(mongodb_server)
@@ -2727,6 +2751,7 @@ print(json.dumps(done), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_mongodb_server_killed_mid_run_loses_and_repeats_nothing(mongodb_server: Any) -> None:
     """SIGKILL the database while two workers drain 300 jobs, restart it: each job runs once."""
     server = own_server(mongodb_server)
@@ -2891,6 +2916,7 @@ def _mixed_worker(kind: str, where: str, i: int, out: str, start: Any) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["mongodb", "local"])
 def test_sqooler_and_sqstore_workers_share_a_queue_without_losing_jobs(
     where: str, request: pytest.FixtureRequest, tmp_path: Path
@@ -3031,6 +3057,7 @@ MONGO_LOST_ANSWERS: dict[
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(MONGO_LOST_ANSWERS))
 def test_mongodb_lost_answer_counts_as_done(case: str, lossy: Any) -> None:
     """A write the server applied but whose answer was lost returns as done, state intact."""
@@ -3049,6 +3076,7 @@ def test_mongodb_lost_answer_counts_as_done(case: str, lossy: Any) -> None:
         assert store["get"]("jobs/b", "0" * 24) == in_b
 
 
+@pytest.mark.slow
 def test_mongodb_lost_answers_in_claim_and_finish_run_each_job_once(lossy: Any) -> None:
     """Answers lost in the lease insert, the claim's move and the finish: each job runs once."""
     proxy, store = lossy
@@ -3088,6 +3116,7 @@ def test_mongodb_lost_answers_in_claim_and_finish_run_each_job_once(lossy: Any) 
         assert sqstore.get_result(store, "sim", "alice", job_id).success
 
 
+@pytest.mark.slow
 def test_mongodb_claim_paused_inside_its_move_while_sqooler_takes_the_job(
     mongodb_server: Any, sqooler_mongodb: Any
 ) -> None:
@@ -3861,6 +3890,7 @@ def _make_handler(fake: FakeDropbox) -> type[http.server.BaseHTTPRequestHandler]
 # ============================================================================
 # The Dropbox backend through the real SDK
 # ============================================================================
+@pytest.mark.slow
 def test_dropbox_costs_one_request_per_operation(dbx: Storage, dropbox_fake: Any) -> None:
     """Each verb is exactly one HTTP request (update two), with one token refresh at start."""
     expected: list[tuple[Callable[[], object], dict[str, int]]] = [
@@ -3880,6 +3910,7 @@ def test_dropbox_costs_one_request_per_operation(dbx: Storage, dropbox_fake: Any
     assert "/2/users/get_current_account" not in dropbox_fake.counts
 
 
+@pytest.mark.slow
 def test_dropbox_list_follows_every_page(dbx: Storage, dropbox_fake: Any) -> None:
     """A folder longer than a page is listed whole, through list_folder/continue."""
     for i in range(8):
@@ -3889,6 +3920,7 @@ def test_dropbox_list_follows_every_page(dbx: Storage, dropbox_fake: Any) -> Non
     assert dropbox_fake.counts == {"/2/files/list_folder": 1, "/2/files/list_folder/continue": 2}
 
 
+@pytest.mark.slow
 def test_dropbox_layout_is_sqoolers(dbx: Storage, dropbox_fake: Any) -> None:
     """Documents land at sqooler's Dropbox paths, with its dated job ids."""
     private, public = sqstore.generate_keypair("kid1")
@@ -3908,6 +3940,7 @@ def test_dropbox_layout_is_sqoolers(dbx: Storage, dropbox_fake: Any) -> None:
     assert sqstore.get_backends(dbx) == ["sim"]
 
 
+@pytest.mark.slow
 def test_dropbox_rate_limits_are_retried_a_bounded_number_of_times(dropbox_fake: Any) -> None:
     """429s are retried `retries` times, then raise TransientError (the SDK alone would loop)."""
     store = dropbox_store(dropbox_fake, retries=2)
@@ -3920,6 +3953,7 @@ def test_dropbox_rate_limits_are_retried_a_bounded_number_of_times(dropbox_fake:
     dropbox_fake.reset()
 
 
+@pytest.mark.slow
 def test_dropbox_server_errors_become_transient(dropbox_fake: Any) -> None:
     """A 5xx that outlasts the retries is a TransientError naming the document."""
     store = dropbox_store(dropbox_fake, retries=0)
@@ -3930,6 +3964,7 @@ def test_dropbox_server_errors_become_transient(dropbox_fake: Any) -> None:
     assert store["get"]("f", "a") == {"v": 1}
 
 
+@pytest.mark.slow
 def test_dropbox_expired_token_is_refreshed(dbx: Storage, dropbox_fake: Any) -> None:
     """An expired access token is refreshed transparently: one more token request."""
     dbx["upload"]("f", "a", {"v": 1})
@@ -3939,6 +3974,7 @@ def test_dropbox_expired_token_is_refreshed(dbx: Storage, dropbox_fake: Any) -> 
     assert dropbox_fake.counts == {"/2/files/download": 2, "/oauth2/token": 1}
 
 
+@pytest.mark.slow
 def test_dropbox_revoked_credentials_say_what_to_fix(dbx: Storage, dropbox_fake: Any) -> None:
     """A revoked refresh token is a CredentialsError that names what to check, not an exit."""
     dropbox_fake.revoke_refresh_token()
@@ -3951,6 +3987,7 @@ def test_dropbox_revoked_credentials_say_what_to_fix(dbx: Storage, dropbox_fake:
         dropbox_fake.revoke_refresh_token(False)
 
 
+@pytest.mark.slow
 def test_dropbox_needs_credentials_or_a_client(dropbox_fake: Any) -> None:
     """Missing credentials are named; a ready client is accepted as it is."""
     with pytest.raises(ValueError, match="app_secret, refresh_token"):
@@ -3980,6 +4017,7 @@ def race(threads: int, body: Callable[[int], None]) -> list[BaseException]:
     return errors
 
 
+@pytest.mark.slow
 def test_dropbox_racing_claimers_each_get_distinct_jobs(dropbox_fake: Any) -> None:
     """Four workers with their own clients drain one queue: every job claimed exactly once."""
     stores = [dropbox_store(dropbox_fake) for _ in range(4)]
@@ -3998,6 +4036,7 @@ def test_dropbox_racing_claimers_each_get_distinct_jobs(dropbox_fake: Any) -> No
     assert sum(1 for ids in claimed if ids) >= 2, "the workers did not actually race"
 
 
+@pytest.mark.slow
 def test_dropbox_concurrent_updates_last_writer_wins(dropbox_fake: Any) -> None:
     """Writers replacing one document at once all succeed; one of their versions stays."""
     stores = [dropbox_store(dropbox_fake) for _ in range(4)]
@@ -4011,6 +4050,7 @@ def test_dropbox_concurrent_updates_last_writer_wins(dropbox_fake: Any) -> None:
     assert stores[0]["get"]("f", "hot") in [{"by": i, "n": 7} for i in range(4)]
 
 
+@pytest.mark.slow
 def test_dropbox_racing_moves_have_one_winner(dropbox_fake: Any) -> None:
     """Threads moving the same file with files_move_v2: exactly one wins, the rest NotFound."""
     stores = [dropbox_store(dropbox_fake) for _ in range(4)]
@@ -4062,6 +4102,7 @@ DROPBOX_LOST_ANSWERS: dict[str, tuple[Callable[[Storage], Any], str, Any, dict[s
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["503", "drop"])
 @pytest.mark.parametrize("verb", sorted(DROPBOX_LOST_ANSWERS))
 def test_dropbox_lost_answer_counts_as_done(dropbox_fake: Any, verb: str, how: str) -> None:
@@ -4078,6 +4119,7 @@ def test_dropbox_lost_answer_counts_as_done(dropbox_fake: Any, verb: str, how: s
     assert len(waits) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["503", "drop"])
 def test_dropbox_lost_answer_to_a_page_is_asked_again(dropbox_fake: Any, how: str) -> None:
     """A listing whose second page's answer is lost asks for that page again and lists all."""
@@ -4088,6 +4130,7 @@ def test_dropbox_lost_answer_to_a_page_is_asked_again(dropbox_fake: Any, how: st
     assert store["list"]("f") == [f"d{i}" for i in range(7)]
 
 
+@pytest.mark.slow
 def test_dropbox_lost_answers_are_retried_a_bounded_number_of_times(dropbox_fake: Any) -> None:
     """Answers lost `retries` times are retried; one more loss is a TransientError."""
     store, waits = lossy_store(dropbox_fake, retries=2)
@@ -4101,6 +4144,7 @@ def test_dropbox_lost_answers_are_retried_a_bounded_number_of_times(dropbox_fake
     assert len(waits) == 4
 
 
+@pytest.mark.slow
 def test_dropbox_a_given_client_is_not_left_retrying_on_its_own(dropbox_fake: Any) -> None:
     """A ready client gets the same lost-answer handling: the SDK itself repeats nothing."""
     dropbox_fake.reset()
@@ -4112,6 +4156,7 @@ def test_dropbox_a_given_client_is_not_left_retrying_on_its_own(dropbox_fake: An
     assert dropbox_fake.files() == {} and len(waits) == 1
 
 
+@pytest.mark.slow
 def test_dropbox_first_attempt_conflicts_keep_their_meaning(dropbox_fake: Any) -> None:
     """Without a lost answer, a conflict or a missing document is still an error (a lost race)."""
     store, _ = lossy_store(dropbox_fake)
@@ -4128,6 +4173,7 @@ def test_dropbox_first_attempt_conflicts_keep_their_meaning(dropbox_fake: Any) -
         store["move"]("h", "g", "a")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["503", "drop"])
 def test_dropbox_claim_and_finish_survive_lost_answers(dropbox_fake: Any, how: str) -> None:
     """With the answers to the claim's move and upload and the finish's move and upload lost,
@@ -4159,6 +4205,7 @@ def test_dropbox_claim_and_finish_survive_lost_answers(dropbox_fake: Any, how: s
     assert jobs_in(store, "running") == []
 
 
+@pytest.mark.slow
 def test_dropbox_rate_limited_token_refresh_is_retried(dropbox_fake: Any) -> None:
     """429s on the OAuth token refresh are retried `retries` times, then raise TransientError."""
     store, waits = lossy_store(dropbox_fake, retries=2)
@@ -4180,6 +4227,7 @@ def test_dropbox_rate_limited_token_refresh_is_retried(dropbox_fake: Any) -> Non
     assert fresh["get"]("f", "a") == {"v": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["update", "delete"])
 @pytest.mark.parametrize("new", [{"v": 2}, None], ids=["replace", "delete"])
 def test_dropbox_swap_loses_to_a_change_between_its_read_and_its_write(
@@ -4283,6 +4331,7 @@ def lifecycle_counts(
     return counts
 
 
+@pytest.mark.slow
 def test_dropbox_lifecycle_needs_at_most_half_of_sqoolers_requests(
     dbx: Storage, dropbox_fake: Any, sqooler_dropbox: Any
 ) -> None:
@@ -4294,6 +4343,7 @@ def test_dropbox_lifecycle_needs_at_most_half_of_sqoolers_requests(
     assert counts[0] * 2 <= counts[1]
 
 
+@pytest.mark.slow
 def test_mongodb_lifecycle_needs_fewer_round_trips_than_sqooler(
     mongodb_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -4399,6 +4449,7 @@ def test_submit_token_whose_submitter_died_before_its_job_is_completed(store: St
         assert token_doc(store, "sim", token)["holder"] == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lost", ["token", "job"])
 def test_submit_retried_after_a_lost_mongodb_answer_queues_one_job(lossy: Any, lost: str) -> None:
     """A submit whose answer MongoDB sent but the client never got (the connection dropped,
@@ -4427,6 +4478,7 @@ def test_submit_retried_after_a_lost_mongodb_answer_queues_one_job(lossy: Any, l
     assert sqstore.upload_job(store, JOB, "sim", "alice", client_token="retry-me") == job_id
 
 
+@pytest.mark.slow
 def test_submit_without_a_token_after_a_lost_answer_queues_two_jobs(lossy: Any) -> None:
     """Why tokens exist: the same retry without one queues the job twice."""
     proxy, _ = lossy
@@ -4439,6 +4491,7 @@ def test_submit_without_a_token_after_a_lost_answer_queues_two_jobs(lossy: Any) 
     assert len(jobs_in(store, "queued")) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["503", "drop"])
 def test_submit_retried_after_a_lost_dropbox_answer_queues_one_job(
     dropbox_fake: Any, how: str
@@ -4491,6 +4544,7 @@ def _token_claimer(root: str, out: str, start: Any, stop: Any) -> None:
     Path(out).write_text(json.dumps(claimed))
 
 
+@pytest.mark.slow
 def test_submits_racing_with_one_token_and_a_worker_make_one_job_each(url: str) -> None:
     """Four processes submit the same 30 tokens at once while a worker drains the queue:
     every process gets the same id per token, and each token's job runs exactly once."""
@@ -4712,6 +4766,7 @@ def test_prune_leaves_a_job_whose_worker_is_finishing_it(store: Storage) -> None
     assert sqstore.prune(store, "sim", older_than=0, now=lambda: T0 + DAY)["jobs"] == [job_id]
 
 
+@pytest.mark.slow
 def test_prune_sigkilled_midway_then_run_again_removes_everything_once(tmp_path: Path) -> None:
     """`sqstore prune` SIGKILLed midway and run again removes every old job, and no young
     one; no DONE status is left without its result."""
@@ -4968,7 +5023,7 @@ def sqooler_mongodb(mongodb_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any
     return sqooler_mongodb.MongodbProviderExtended(login, name="mongodb")
 
 
-@pytest.fixture(params=["local", "dropbox", "mongodb"])
+@pytest.fixture(params=backend_params("local", "dropbox", "mongodb"))
 def shared(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Any, Storage]:
     """sqooler 0.9's provider and an sqstore handle on one storage (directory, Dropbox, MongoDB)."""
     if request.param == "local":
@@ -5536,7 +5591,7 @@ def old_status(job_id: str, status: str = "INITIALIZING") -> dict[str, Any]:
     return {"job_id": job_id, "status": status, "detail": detail[status], "error_message": "None"}
 
 
-@pytest.fixture(params=["local", "mongodb", "dropbox"])
+@pytest.fixture(params=backend_params("local", "mongodb", "dropbox"))
 def legacy(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Storage, Callable[..., None]]:
     """An sqstore handle, and ``put(kind, name, doc, display_name)`` that stores *doc*
     where and as sqooler 0.4-0.8 stored it: raw files, raw MongoDB documents (random
@@ -6069,6 +6124,7 @@ def test_readme_ported_spooler_loop_serves_a_sqooler_frontend(
     assert jobs_in(store, "leases") == [] and sqstore.get_file_queue(store, "jobs/running") == []
 
 
+@pytest.mark.slow
 def test_readme_sqooler_spooler_under_sqstore_work(
     sqooler: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -6128,6 +6184,7 @@ def dropbox_env(dropbox_fake: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return dropbox_fake
 
 
+@pytest.mark.slow
 def test_open_storage_names_each_backend(tmp_path: Path, dropbox_env: Any) -> None:
     """Each URL form opens the backend it names; dropbox:// takes sqooler's Dropbox layout."""
     assert sqstore.open_storage(str(tmp_path / "a"))["name"] == "local"
@@ -6144,6 +6201,7 @@ def test_open_storage_names_each_backend(tmp_path: Path, dropbox_env: Any) -> No
             sqstore.open_storage(bad)
 
 
+@pytest.mark.slow
 def test_dropbox_url_takes_credentials_from_a_file_named_by_the_environment(
     tmp_path: Path, dropbox_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -6174,6 +6232,7 @@ def test_dropbox_url_takes_credentials_from_a_file_named_by_the_environment(
     assert store["get"]("f", "y") == {"v": 3}
 
 
+@pytest.mark.slow
 def test_dropbox_url_never_carries_or_repeats_a_token(dropbox_env: Any) -> None:
     """A token put into the URL is refused, and the error does not repeat it."""
     for url in ("dropbox://sl.SECRETTOKEN", "dropbox://user:sl.SECRETTOKEN@", "dropbox:///x"):
@@ -6209,6 +6268,7 @@ def test_redact_url_hides_any_password(user: str, password: str, query: str) -> 
     assert password not in logged and logged.startswith(f"mongodb://{user}:***@db1:27017,db2/lab")
 
 
+@pytest.mark.slow
 def test_cli_never_prints_a_password_or_token(
     tmp_path: Path, dropbox_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -6241,6 +6301,7 @@ def test_cli_never_prints_a_password_or_token(
         assert dropbox_env.app_secret not in text
 
 
+@pytest.mark.slow
 def test_cli_commands_take_a_storage_url(
     tmp_path: Path, dropbox_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -6382,6 +6443,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_local_swap_waits_for_the_lock_and_a_dead_holder_releases_it(
     local: Storage, tmp_path: Path
 ) -> None:
@@ -6535,6 +6597,7 @@ def readme_shell(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[S
     return checkout, blocks
 
 
+@pytest.mark.slow
 def test_readme_shell_blocks_run_as_written(
     readme_shell: tuple[Path, list[ShellBlock]], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -6556,6 +6619,7 @@ def test_readme_shell_blocks_run_as_written(
     assert len(ran) >= 2 and any("sqstore work" in b.code for b in ran)
 
 
+@pytest.mark.slow
 def test_readme_install_needs_no_test_extra() -> None:
     """What the README tells users to install is the checkout with a user's extras; the test
     extra appears only in the development command, which is the one .ci/run runs."""
@@ -6747,6 +6811,7 @@ def _readme_venv_python(readme_shell: tuple[Path, list[ShellBlock]]) -> Path:
     return python
 
 
+@pytest.mark.slow
 def test_vendored_module_passes_mypy_strict_alone(
     readme_shell: tuple[Path, list[ShellBlock]], tmp_path: Path
 ) -> None:
@@ -6776,6 +6841,7 @@ status: str = result.status
 """
 
 
+@pytest.mark.slow
 def test_installed_package_types_reach_a_users_mypy(
     readme_shell: tuple[Path, list[ShellBlock]], tmp_path: Path
 ) -> None:
@@ -6859,6 +6925,7 @@ def visible(root: Path) -> dict[str, bytes]:
     return {k: v for k, v in tree(root).items() if not Path(k).name.startswith(".")}
 
 
+@pytest.mark.slow
 def test_copy_round_trip_local_mongodb_dropbox_local(
     tmp_path: Path, keys: Any, mongodb_server: Any, dropbox_env: Any
 ) -> None:
@@ -6960,6 +7027,7 @@ def test_copy_there_and_back_keeps_every_document(
     assert {at: back["get"](*at) for at in back_held} == {at: src["get"](*at) for at in held}
 
 
+@pytest.mark.slow
 def test_copy_moves_a_sqooler_lab_from_dropbox_to_mongodb(
     sqooler_dropbox: Any, sqooler_mongodb: Any, dropbox_fake: Any, mongodb_server: Any
 ) -> None:
@@ -7025,6 +7093,7 @@ def test_copy_keeps_what_the_target_has_and_verifies_on_request(tmp_path: Path, 
     assert tree(src) == source_before  # the source is only read
 
 
+@pytest.mark.slow
 def test_copy_killed_then_resumed_copies_everything_once(tmp_path: Path) -> None:
     """A copy SIGKILLed midway, run again, completes: nothing twice, nothing lost."""
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -7111,6 +7180,7 @@ def listed_entries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drain", ["claim_job", "work"])
 def test_a_claim_lists_a_constant_share_of_a_long_queue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drain: str
@@ -7261,6 +7331,7 @@ def job_with(**options: Any) -> dict[str, Any]:
     return job
 
 
+@pytest.mark.slow
 def test_work_serves_storages_in_turn_and_reports_failures(tmp_path: Path) -> None:
     """Two storages served in turn; an executor's exception is an ERROR status with its text;
     a dead worker's expired lease is requeued and its job run; --max-jobs ends with exit 0."""
@@ -7298,6 +7369,7 @@ def test_work_serves_storages_in_turn_and_reports_failures(tmp_path: Path) -> No
     assert "finished 4 jobs" in err and out == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_work_renews_a_long_lease_and_stops_cleanly_on_a_signal(
     tmp_path: Path, signum: int
@@ -7332,6 +7404,7 @@ def test_work_renews_a_long_lease_and_stops_cleanly_on_a_signal(
     assert store["list"]("jobs/leases") == store["list"]("jobs/running") == []
 
 
+@pytest.mark.slow
 def test_work_refuses_a_bad_executor_or_option(tmp_path: Path) -> None:
     """A missing executor, a non-positive option, a storage without the backend or a signing
     backend without --key is one clear line and exit 1, before any job is claimed."""
@@ -7493,6 +7566,7 @@ print(json.dumps(outcomes))
 """
 
 
+@pytest.mark.slow
 def test_cancel_races_claiming_workers_in_real_processes(tmp_path: Path) -> None:
     """Two worker processes claim while a third cancels every job: each job was either
     cancelled and never run, or claimed and run, with the request there when the cancel said
@@ -7539,6 +7613,7 @@ def test_cancel_races_claiming_workers_in_real_processes(tmp_path: Path) -> None
     assert "cancelled" in outcomes.values() and len(ran) > 0, (outcomes, ran)
 
 
+@pytest.mark.slow
 def test_work_hands_the_cancel_request_to_its_executor(store: Storage) -> None:
     """A running job's cancel request reaches an executor that takes ``cancel=`` (an event it
     polls) at a lease renewal; the job ends ERROR, cancelled, without a result."""
@@ -7567,6 +7642,7 @@ def test_work_hands_the_cancel_request_to_its_executor(store: Storage) -> None:
     assert sqstore.cancel_requested(store, job_id) is None
 
 
+@pytest.mark.slow
 def test_work_honours_a_cancel_that_its_executor_ignores(store: Storage) -> None:
     """An executor that never looks at the request still has its job end cancelled: work()
     looks once more before finishing, drops the result and writes the cancelled status."""
@@ -8116,6 +8192,7 @@ print(writes[0], flush=True)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_at_each_write_of_a_signed_life_is_recovered(url: str) -> None:
     """A worker SIGKILLed right after each storage write of a signed claim and finish: the
     sweep and a second worker finish every job exactly once, with a verified result and a
@@ -8186,6 +8263,7 @@ def test_running_jobs_without_a_usable_lease_are_adopted_then_requeued(store: St
         done_once(store, job_id)
 
 
+@pytest.mark.slow
 def test_a_job_that_kills_its_worker_is_given_up(tmp_path: Path) -> None:
     """A poison job (its executor dies by SIGKILL every time) goes to deleted with an ERROR
     status after max_attempts claims, and the job queued behind it still runs."""
@@ -8308,6 +8386,7 @@ def test_work_never_turns_a_storage_hiccup_into_an_error_status(tmp_path: Path) 
     assert any("trying again" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_mongodb_claim_during_a_half_done_requeue_move_waits_for_it(mongodb_server: Any) -> None:
     """A sweep requeuing on MongoDB inserts into the queue, then deletes from running; a claim
     that comes between those two commands leaves the job alone (it is in both places), so the
@@ -8423,6 +8502,7 @@ while True:  # as sqooler's local backend writes: truncate, then write, here in 
 """
 
 
+@pytest.mark.slow
 def test_reads_outlast_a_program_that_rewrites_documents_in_place(
     local: Storage, tmp_path: Path
 ) -> None:
@@ -8564,6 +8644,7 @@ def test_cli_cancel_prune_and_stats_name_what_does_not_exist(
     assert proc.stdout == "" and tree(tmp_path / "lab") == before
 
 
+@pytest.mark.slow
 def test_cli_stats_shows_the_other_backends_when_one_config_is_broken(tmp_path: Path) -> None:
     """One corrupt config does not hide the other backends' figures: `stats` (and `stats
     --json`) show every readable backend, mark the broken one, say why on stderr in one
@@ -8746,6 +8827,7 @@ def test_cli_typos_fail_naming_the_storage_and_the_thing(
     assert ({p.name for p in tmp_path.iterdir()}, tree(tmp_path / "lab")) == before
 
 
+@pytest.mark.slow
 def test_cli_names_an_unreachable_mongodb_in_the_users_terms(tmp_path: Path) -> None:
     """A MongoDB that does not answer is 'cannot reach MongoDB at URL' (password hidden),
     never the internal folder the first request was for."""
@@ -8796,6 +8878,7 @@ def unwritable_lab(tmp_path: Path) -> Any:
                     folder.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_cli_never_prints_a_traceback(tmp_path: Path, unwritable_lab: Path) -> None:
     """Every command, on an unwritable root, a missing root, a corrupt document and an
     unreachable MongoDB, ends with exit 0 or 1 and no traceback; each error is one line."""
@@ -8924,6 +9007,7 @@ def test_work_logs_to_the_sqstore_logger_by_default(caplog: pytest.LogCaptureFix
     assert sqstore.work([store], "sim", sqstore.run_simulator, burst=True) == 0
 
 
+@pytest.mark.slow
 def test_cli_work_log_lines_carry_time_and_level_and_burst_exits(tmp_path: Path) -> None:
     """`sqstore work --burst` serves the queued jobs and exits 0 once every queue is empty
     (1, saying so, when a job is left that it could not claim); its log lines start with a
@@ -8953,6 +9037,7 @@ def test_cli_work_log_lines_carry_time_and_level_and_burst_exits(tmp_path: Path)
     assert re.search(rf"^{stamp} ERROR sqstore: lab: 1 job left in the queue", left.stderr, re.M)
 
 
+@pytest.mark.slow
 def test_cli_work_second_ctrl_c_aborts_the_job_and_puts_it_back(tmp_path: Path) -> None:
     """The first Ctrl-C says the current job finishes and that a second one aborts it; the
     second aborts it (exit 130, no traceback) and puts the job back in its queue at once."""
@@ -9147,6 +9232,7 @@ def test_cli_demo_runs_on_the_default_directory(tmp_path: Path) -> None:
     assert oct((tmp_path / "sqstore-data" / ".demo-key.jwk").stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.slow
 def test_cli_bench_prints_figures_and_cleans_up(tmp_path: Path) -> None:
     """`sqstore bench --json` reports every figure and leaves nothing behind."""
     proc = run_cli(
@@ -9181,6 +9267,7 @@ def test_cli_bench_prints_figures_and_cleans_up(tmp_path: Path) -> None:
     assert "floor: the file operations of one sqstore job life" in table.stdout
 
 
+@pytest.mark.slow
 def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
     mongodb_server: Any, tmp_path: Path
 ) -> None:
@@ -9209,6 +9296,7 @@ def test_cli_bench_on_mongodb_counts_commands_and_cleans_up(
     assert "commands per round trip" in table.stdout and table.returncode == 0
 
 
+@pytest.mark.slow
 def test_cli_bench_on_dropbox_counts_requests_and_cleans_up(
     dropbox_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -9253,6 +9341,7 @@ def on_terminal(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess
     return proc, seen
 
 
+@pytest.mark.slow
 def test_cli_bench_shows_progress_on_a_terminal(tmp_path: Path) -> None:
     """On a terminal, bench shows what it is measuring on stderr and clears the line."""
     args = ["bench", "--jobs", "2", "--repeats", "1", "--queue", "5", "--dir", str(tmp_path)]
@@ -9297,6 +9386,7 @@ def sqooler_config_str(private: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(private).encode()).decode()
 
 
+@pytest.mark.slow
 def test_cli_work_and_demo_take_the_key_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -9338,6 +9428,7 @@ def test_cli_work_and_demo_take_the_key_from_the_environment(
     assert not (tmp_path / "demo" / ".demo-key.jwk").exists()
 
 
+@pytest.mark.slow
 def test_cli_key_from_the_environment_errors_are_one_line_without_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -9500,6 +9591,7 @@ def test_cli_symlinks_and_directories_in_the_storage_are_one_line_or_set_aside(
     assert jobs_in(store, "finished") == [good]
 
 
+@pytest.mark.slow
 def test_cli_work_refuses_a_key_that_is_not_the_backends(tmp_path: Path) -> None:
     """`sqstore work --key` with a key that is not the backend's published one exits 1 with
     one 'sqstore: error:' line and no traceback; the job stays queued, nothing is written."""
@@ -9527,6 +9619,7 @@ def test_cli_work_refuses_a_key_that_is_not_the_backends(tmp_path: Path) -> None
     assert store["list"]("jobs/queued/sim") == [job_id]
 
 
+@pytest.mark.slow
 def test_cli_reports_recursion_bombs_and_non_finite_numbers_in_one_line(tmp_path: Path) -> None:
     """A job file, status or result nested 100,000 deep (or holding NaN) is one
     'sqstore: error:' line naming the file, never a traceback; `work` sets such a job aside."""
@@ -9566,6 +9659,7 @@ def test_cli_reports_recursion_bombs_and_non_finite_numbers_in_one_line(tmp_path
     assert sqstore.get_status(store, "sim", "alice", bad).status == "ERROR"
 
 
+@pytest.mark.slow
 def test_cli_key_errors_never_show_the_key(tmp_path: Path) -> None:
     """A key file that is not a JWK is one error line that does not repeat the key."""
     private, _ = sqstore.generate_keypair("bobkey")
@@ -9631,6 +9725,7 @@ def test_readme_layers_example_runs() -> None:
     assert out.stdout == "{'upload': 2, 'get': 1}\n"
 
 
+@pytest.mark.slow
 def test_readme_work_example_runs(readme_shell: tuple[Path, list[ShellBlock]]) -> None:
     """The README's worker example, run as written, serves the submitted job and exits 0, and
     its log line has the form the README quotes."""
@@ -9815,3 +9910,17 @@ def test_ruff_is_the_version_the_test_extra_pins() -> None:
         [_tool("ruff"), "--version"], capture_output=True, text=True, check=True
     ).stdout.split()[-1]
     assert pins == [f"=={version}"], pins
+
+
+def test_tests_that_start_a_server_are_marked_slow(request: pytest.FixtureRequest) -> None:
+    """Every test that starts the MongoDB-wire server or the fake Dropbox API (a fixture, or a
+    backend parameter) is marked slow, so ``pytest -m "not slow"`` starts neither."""
+    unmarked = []
+    for item in request.session.items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        params = {str(value) for value in callspec.params.values()} if callspec else set()
+        starts = fixtures & {"mongodb_server", "dropbox_fake"} or params & SERVER_BACKENDS
+        if starts and item.get_closest_marker("slow") is None:
+            unmarked.append(item.nodeid)
+    assert unmarked == []
