@@ -210,6 +210,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     return BACKENDS[request.param](tmp_path, request)
 
 
+@pytest.fixture
+def configured(store: Storage) -> Storage:
+    """*store* with backend 'sim' configured (its demo config), as most API tests begin."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    return store
+
+
 @pytest.fixture(scope="session")
 def dropbox_fake() -> Any:
     """One fake Dropbox server for the session (each test empties it first)."""
@@ -984,9 +991,9 @@ def shallow_stack(store: Storage, room: int = 100) -> Any:
         sys.setrecursionlimit(old)
 
 
+@pytest.mark.usefixtures("configured")
 def test_recursion_bombs_are_refused_on_write(store: Storage) -> None:
     """A 100,000-deep value is an InvalidDocumentError naming the path from every write."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     bomb = {"a": nested(100_000)}
     job_id = sqstore.create_job_id(store, "sim", "alice")
     path, name = place(store, "status", job_id)
@@ -1005,12 +1012,12 @@ def test_recursion_bombs_are_refused_on_write(store: Storage) -> None:
     assert jobs_in(store, "queued") == jobs_in(store, "results", job_id) == []
 
 
+@pytest.mark.usefixtures("configured")
 def test_recursion_bombs_are_refused_on_read(
     request: pytest.FixtureRequest, tmp_path: Path, store: Storage
 ) -> None:
     """A stored job, status, result or config nested too deep to parse reads as
     InvalidDocumentError naming its path (never RecursionError); a claim sets the job aside."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     planted = [place(store, kind, job_id) for kind in ("queued", "status", "results")] + [
         (folder(store, "configs", display_name="bomb"), doc_id(store, "configs", "", "bomb"))
@@ -1048,12 +1055,12 @@ def test_signed_payload_bombs_are_refused() -> None:
 
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.usefixtures("configured")
 def test_non_finite_numbers_are_refused_on_read(
     request: pytest.FixtureRequest, tmp_path: Path, store: Storage, constant: str
 ) -> None:
     """NaN and infinities, refused on write, are refused on read too (InvalidDocumentError
     naming the path), so they never reach an executor."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     with pytest.raises(sqstore.InvalidDocumentError):
         sqstore.upload_job(store, {"shots": float(constant.lower())}, "sim", "alice")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
@@ -1276,9 +1283,9 @@ def test_signing_config_needs_a_key(store: Storage) -> None:
     assert sqstore.get_backends(store) == []
 
 
+@pytest.mark.usefixtures("configured")
 def test_backend_dict_and_status(store: Storage) -> None:
     """The Qiskit views carry the long backend name, gates and the operational flag."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     view = sqstore.get_backend_dict(store, "sim")
     assert view.backend_name == f"{store['name']}_sim_simulator"
     assert view.basis_gates == ("x", "h", "rx", "rz", "cz")
@@ -1292,9 +1299,9 @@ def test_backend_dict_and_status(store: Storage) -> None:
     assert sqstore.get_backend_status(store, "sim", timeout=400, now=lambda: t0 + 301).operational
 
 
+@pytest.mark.usefixtures("configured")
 def test_queue_is_fifo(store: Storage) -> None:
     """Jobs are claimed in the order they were submitted."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     submitted = [sqstore.upload_job(store, {"n": {"i": i}}, "sim", "alice") for i in range(25)]
     claimed = []
     while (got := sqstore.claim_job(store, "sim")) is not None:
@@ -1303,9 +1310,9 @@ def test_queue_is_fifo(store: Storage) -> None:
     assert claimed == submitted
 
 
+@pytest.mark.usefixtures("configured")
 def test_next_job_answers_like_sqooler(store: Storage) -> None:
     """get_next_job_in_queue says 'None' twice for an empty queue, else the running path."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     assert sqstore.get_next_job_in_queue(store, "sim") == sqstore.NextJob("None", "None")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     nxt = sqstore.get_next_job_in_queue(store, "sim")
@@ -1313,9 +1320,9 @@ def test_next_job_answers_like_sqooler(store: Storage) -> None:
     assert sqstore.get_job(store, nxt.job_json_path, nxt.job_id) == JOB
 
 
+@pytest.mark.usefixtures("configured")
 def test_claim_is_exactly_once_and_leased(store: Storage) -> None:
     """A claimed job is leased to its holder; a second worker gets the next job, not it."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     first = sqstore.upload_job(store, JOB, "sim", "alice")
     second = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
@@ -1328,9 +1335,9 @@ def test_claim_is_exactly_once_and_leased(store: Storage) -> None:
     assert (lease.holder, lease.expires, lease.display_name) == ("worker-a", t0 + 30, "sim")
 
 
+@pytest.mark.usefixtures("configured")
 def test_draining_lists_the_queue_once_per_pass(store: Storage) -> None:
     """claim_jobs walks a long queue one id per step (never the whole queue per job), FIFO."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     submitted = [sqstore.upload_job(store, {"e": {}}, "sim", "alice") for _ in range(40)]
     sqstore.timestamp_queue(store, "sim")  # a fresh heartbeat: no lease sweep in this drain
     counted, counts = counting(store)
@@ -1339,9 +1346,9 @@ def test_draining_lists_the_queue_once_per_pass(store: Storage) -> None:
     assert counts["list"] == len(submitted) + 2, "a step per job, then two that find it empty"
 
 
+@pytest.mark.usefixtures("configured")
 def test_draining_keeps_the_heartbeat(store: Storage) -> None:
     """A long drain still writes last_queue_check once per heartbeat."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     for _ in range(10):
         sqstore.upload_job(store, {"e": {}}, "sim", "alice")
     clock = [1_800_000_000.0]
@@ -1351,9 +1358,9 @@ def test_draining_keeps_the_heartbeat(store: Storage) -> None:
     assert last is not None and clock[0] - last.timestamp() <= 60 + 20
 
 
+@pytest.mark.usefixtures("configured")
 def test_expired_leases_are_requeued(store: Storage) -> None:
     """A job whose worker vanished goes back to its queue once its lease expires, only then."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
     assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=60, now=lambda: t0)
@@ -1372,9 +1379,9 @@ def test_expired_leases_are_requeued(store: Storage) -> None:
     assert (taken.holder, taken.attempts) == ("alive", 2)
 
 
+@pytest.mark.usefixtures("configured")
 def test_torn_or_hostile_leases_are_swept(store: Storage) -> None:
     """A lease that is not a lease, or names an unsafe backend, is deleted, not followed."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     hostile = sqstore.Lease(job_id, "../../etc", "x", "t", 0.0)
     store["upload"](folder(store, "leases"), job_id, sqstore.to_doc(hostile))
@@ -1384,9 +1391,9 @@ def test_torn_or_hostile_leases_are_swept(store: Storage) -> None:
     assert jobs_in(store, "queued") == [job_id]
 
 
+@pytest.mark.usefixtures("configured")
 def test_lease_renewal(store: Storage) -> None:
     """The holder can extend its lease; anyone else gets LeaseLostError."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
     sqstore.claim_job(store, "sim", holder="w", lease_seconds=60, now=lambda: t0)
@@ -1402,9 +1409,9 @@ def test_lease_renewal(store: Storage) -> None:
     assert jobs_in(store, "running") == [job_id]
 
 
+@pytest.mark.usefixtures("configured")
 def test_stale_lease_before_move_is_cleared(store: Storage) -> None:
     """A worker that died between taking the lease and moving the job does not block it."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     lease = sqstore.Lease(job_id, "sim", "dead", "t", 100.0)
     store["upload"](folder(store, "leases"), job_id, sqstore.to_doc(lease))
@@ -1415,9 +1422,9 @@ def test_stale_lease_before_move_is_cleared(store: Storage) -> None:
     assert taken.holder != "dead" and taken.attempts == 2
 
 
+@pytest.mark.usefixtures("configured")
 def test_heartbeat_requeues_expired_leases(store: Storage) -> None:
     """Polling workers requeue expired leases by themselves, once per heartbeat."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
     sqstore.claim_job(store, "sim", holder="dead", lease_seconds=5, now=lambda: t0)
@@ -1447,9 +1454,9 @@ def test_polling_an_empty_queue_does_not_rewrite_the_config(store: Storage, keys
     assert sqstore.get_backend_status(store, "sim", now=lambda: clock[0]).operational
 
 
+@pytest.mark.usefixtures("configured")
 def test_status_lifecycle(store: Storage) -> None:
     """A status starts INITIALIZING; a missing one reads as ERROR, as in sqooler."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     missing = sqstore.get_status(store, "sim", "alice", job_id)
     assert (missing.status, missing.detail) == ("ERROR", "Could not find the status file.")
@@ -1475,9 +1482,9 @@ def test_full_signed_lifecycle(signed: Storage, keys: Any) -> None:
     assert jobs_in(signed, "running") == jobs_in(signed, "leases") == []
 
 
+@pytest.mark.usefixtures("configured")
 def test_missing_result_reads_as_error(store: Storage) -> None:
     """A result that is not there yet reads as an ERROR result, as in sqooler."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     result = sqstore.get_result(store, "sim", "alice", sqstore.create_job_id(store, "sim", "a"))
     assert (result.status, result.success) == ("ERROR", False)
 
@@ -1517,9 +1524,9 @@ def test_signing_backend_needs_a_key_for_results(signed: Storage) -> None:
     assert jobs_in(signed, "results", job_id) == []
 
 
+@pytest.mark.usefixtures("configured")
 def test_error_moves_the_job_to_deleted(store: Storage) -> None:
     """An ERROR finish moves the job to deleted and writes the ERROR status."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     sqstore.upload_status(store, "sim", "alice", job_id)
     nxt = sqstore.get_next_job_in_queue(store, "sim")
@@ -1530,9 +1537,9 @@ def test_error_moves_the_job_to_deleted(store: Storage) -> None:
     assert jobs_in(store, "running") == jobs_in(store, "leases") == []
 
 
+@pytest.mark.usefixtures("configured")
 def test_progress_status_keeps_the_job_and_its_lease(store: Storage) -> None:
     """A status that is neither DONE nor ERROR is written; the job stays running and leased."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     sqstore.claim_job(store, "sim", holder="w")
     progress = sqstore.StatusMsg(job_id, "QUEUED", "50 % done", "None")
@@ -1557,9 +1564,9 @@ def test_finish_is_safe_to_rerun(signed: Storage, keys: Any) -> None:
         sqstore.update_in_database(signed, attrs.evolve(result, job_id=other), done, other, "sim")
 
 
+@pytest.mark.usefixtures("configured")
 def test_result_job_id_is_corrected(store: Storage) -> None:
     """A result carrying another job id is stored under the right one, with a warning."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     result = sqstore.run_simulator(JOB, "wrong", "sim")
     job_id = sqstore.create_job_id(store, "sim", "alice")
     with pytest.warns(UserWarning, match="wrong"):
@@ -1585,9 +1592,9 @@ def test_public_key_is_never_silently_replaced(signed: Storage, keys: Any) -> No
 
 @pytest.mark.parametrize("field", ["display_name", "username", "job_id"])
 @pytest.mark.parametrize("bad", ["../../etc", "a/b", "", "x\x00", "Sim" * 50])
+@pytest.mark.usefixtures("configured")
 def test_api_names_are_validated(store: Storage, tmp_path: Path, field: str, bad: str) -> None:
     """Names given to the API are checked before they reach a path."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     before = tree(tmp_path)
     names = {"display_name": "sim", "username": "alice"}
     names["job_id"] = sqstore.create_job_id(store, "sim", "alice")
@@ -1857,9 +1864,9 @@ def test_local_malformed_document_is_a_clear_error(local: Storage, tmp_path: Pat
         sqstore.get_result(local, "sim", "alice", "j2")
 
 
+@pytest.mark.usefixtures("configured")
 def test_malformed_signed_status_names_its_path(store: Storage) -> None:
     """A signed document with a broken envelope is an InvalidDocumentError naming its path."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     broken = {"header": {"alg": "EdDSA"}, "payload": {}, "signature": "x"}
     job_id = sqstore.create_job_id(store, "sim", "alice")
     path, name = place(store, "status", job_id)
@@ -4401,10 +4408,10 @@ def test_submit_with_a_token_gives_one_job_per_token_and_backend(store: Storage)
     assert jobs_in(store, "queued") == []
 
 
+@pytest.mark.usefixtures("configured")
 def test_submit_token_reused_for_another_job_or_user_is_refused(store: Storage) -> None:
     """A token already used for another job or by another user raises AlreadyExistsError
     naming it; a token that cannot be a name raises InvalidNameError before any write."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice", client_token="t1")
     with pytest.raises(sqstore.AlreadyExistsError, match="t1"):
         sqstore.upload_job(store, {"other": {}}, "sim", "alice", client_token="t1")
@@ -4416,11 +4423,11 @@ def test_submit_token_reused_for_another_job_or_user_is_refused(store: Storage) 
     assert jobs_in(store, "queued") == [job_id]
 
 
+@pytest.mark.usefixtures("configured")
 def test_submit_token_whose_submitter_died_before_its_job_is_completed(store: Storage) -> None:
     """A token whose submitter died between its token and its job: the same process's retry
     queues the job at once; another's, while the token is fresh, gets TransientError (try
     again), and once it is stale takes it over; either way one job, under the token's id."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     folder = sqstore._token_folder(store["layout"], "sim")
 
     def dead_submit(token: str, holder: str, created: float) -> str:
@@ -4739,10 +4746,10 @@ def test_prune_stopped_after_any_delete_never_leaves_a_done_status_without_resul
         assert left_of(store, jobs["new_done"]) == {"job", "status", "result"}
 
 
+@pytest.mark.usefixtures("configured")
 def test_prune_leaves_a_job_whose_worker_is_finishing_it(store: Storage) -> None:
     """A job whose lease still exists (its finish is under way, or a sweep must complete
     it) is left alone by prune, however old; once the finish completes it can go."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     sqstore.upload_status(store, "sim", "alice", job_id)
     got = sqstore.claim_job(store, "sim", holder="bob", now=lambda: T0)
@@ -4837,11 +4844,11 @@ def test_cli_prune_dry_run_reports_and_keeps(tmp_path: Path) -> None:
 
 
 # -- queue insight ---------------------------------------------------------------------------
+@pytest.mark.usefixtures("configured")
 def test_queue_stats_counts_and_times(store: Storage) -> None:
     """queue_stats reports the queued count and the oldest one's age, the running jobs with
     holder and lease ages, finished and failed counts, jobs/hour over the last hour and day
     and the median submission-to-DONE time; pending_jobs is the queued count."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     layout = store["layout"]
     submitted = {}
     for i, ago in enumerate((5000.0, 4000.0, 3000.0, 2000.0, 1000.0, 900.0)):
@@ -7205,9 +7212,9 @@ def test_a_claim_lists_a_constant_share_of_a_long_queue(
     assert per_job[2000] <= 1.5 * per_job[100] + 1, per_job
 
 
+@pytest.mark.usefixtures("configured")
 def test_claim_job_lists_one_id_per_step(store: Storage) -> None:
     """Each claim_job asks the queue for the next id only, on every backend (storage calls)."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     submitted = [sqstore.upload_job(store, {"e": {}}, "sim", "alice") for _ in range(12)]
     sqstore.timestamp_queue(store, "sim")  # a fresh heartbeat: no lease sweep meanwhile
     steps: list[tuple[Any, ...]] = []
@@ -7496,11 +7503,11 @@ def test_cancel_refuses_bad_names_and_unknown_jobs(store: Storage) -> None:
         sqstore.cancel_requested(store, "a/b")
 
 
+@pytest.mark.usefixtures("configured")
 def test_cancel_races_a_claim_paused_at_each_step(store: Storage) -> None:
     """A cancel acting between any two storage calls of a claim, and a claim acting between
     any two of a cancel's, either wins (the job never runs) or loses (the job is claimed
     and its worker sees the request): never both, never neither."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     for paused in ("claim", "cancel"):
         for index in range(1, 40):
             job_id = queued_job(store)
@@ -7850,9 +7857,9 @@ def test_verify_job_checks_the_chain_from_submission_to_result(
         sqstore.verify_job(store, "sim", "alice", sqstore.create_job_id(store, "sim", "alice"))
 
 
+@pytest.mark.usefixtures("configured")
 def test_signed_submission_bad_input_gives_clear_errors(store: Storage) -> None:
     """A public key cannot sign a job, and a config's accepted_kids must be a list of strings."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     public = sqstore.generate_keypair("alicekey")[1]
     with pytest.raises(sqstore.BadSignatureError, match="not a private key"):
         sqstore.upload_job(store, JOB, "sim", "alice", private_jwk=public)
@@ -7931,10 +7938,10 @@ def stopped_at(store: Storage, index: int) -> tuple[Storage, list[int]]:
     return sqstore._map_ops(store, wrap), calls
 
 
+@pytest.mark.usefixtures("configured")
 def test_a_cancel_stopped_at_any_call_is_completed_by_running_it_again(store: Storage) -> None:
     """A cancel of a queued job killed before any of its storage calls, then run again,
     leaves the job in deleted with the cancelled status and no request behind; it never runs."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     for index in range(1, 40):
         job_id = queued_job(store)
         doomed, calls = stopped_at(store, index)
@@ -7958,10 +7965,10 @@ def test_a_cancel_stopped_at_any_call_is_completed_by_running_it_again(store: St
         pytest.fail("a cancel should make fewer than 40 calls")
 
 
+@pytest.mark.usefixtures("configured")
 def test_a_job_cancelled_while_its_worker_died_is_not_run_again(store: Storage) -> None:
     """A running job with a cancel request whose worker dies is not requeued when its lease
     expires, nor by an operator's requeue: it ends cancelled, and no claim gets it again."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     for how in ("sweep", "requeue_job"):
         job_id = queued_job(store)
         assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
@@ -7989,11 +7996,11 @@ def test_a_cancel_request_that_cannot_be_read_never_strands_a_job(tmp_path: Path
     assert finish(store, "sim") == [job_id]
 
 
+@pytest.mark.usefixtures("configured")
 def test_a_token_retry_racing_a_claim_never_queues_its_job_twice(store: Storage) -> None:
     """A retry with a token whose first submit queued the job but lost the answer, while a
     worker claims that job between any two of the retry's storage calls, returns the job's
     id and leaves it in one place: it runs once."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
 
     def lose_the_queued_answer(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
@@ -8132,11 +8139,11 @@ def finish_as(store: Storage, job_id: str, job: Any, holder: str, key: Any = Non
 
 
 @pytest.mark.parametrize("second", ["sweep and claim", "claim only"])
+@pytest.mark.usefixtures("configured")
 def test_a_sweep_paused_at_each_step_never_takes_a_live_job(store: Storage, second: str) -> None:
     """A sweep paused between any two of its storage calls, while another sweep requeues the
     dead worker's job and a live worker claims it, leaves that claim alone: the live worker
     renews and finishes the job, and it runs once."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     live: dict[str, Any] = {}
 
     def meanwhile() -> None:
@@ -8239,10 +8246,10 @@ def an_hour_later() -> float:
     return time.time() + 3600
 
 
+@pytest.mark.usefixtures("configured")
 def test_running_jobs_without_a_usable_lease_are_adopted_then_requeued(store: Storage) -> None:
     """A running job whose lease is garbage, or that has none (moved there by a program that
     takes no leases), is given a lease by the sweep and requeued when that expires."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     ids = [sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(3)]
     for job_id in ids:
         sqstore.upload_status(store, "sim", "alice", job_id)
@@ -8304,10 +8311,10 @@ def test_a_job_that_kills_its_worker_is_given_up(tmp_path: Path) -> None:
     done_once(store, healthy)
 
 
+@pytest.mark.usefixtures("configured")
 def test_a_finisher_without_the_lease_cannot_overwrite_the_holder(store: Storage) -> None:
     """update_in_database checks the lease by default: a worker whose lease expired and was
     taken over cannot finish the job, even without naming a holder; the new holder can."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     sqstore.upload_status(store, "sim", "alice", job_id)
     first = sqstore.claim_job(store, "sim", lease_seconds=1, now=lambda: T0)  # this process
@@ -8326,10 +8333,10 @@ def test_a_finisher_without_the_lease_cannot_overwrite_the_holder(store: Storage
     done_once(store, job_id)
 
 
+@pytest.mark.usefixtures("configured")
 def test_clocks_that_disagree(store: Storage) -> None:
     """A sweeper whose clock is ahead by less than the tolerated skew requeues no live job;
     one behind never moves last_queue_check backwards."""
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     assert sqstore.claim_job(store, "sim", holder="w", lease_seconds=60, now=lambda: T0)
     hour_ahead = T0 + 3600
