@@ -2,7 +2,8 @@
 
 Order: strategies, backend table and ``store`` fixture, conformance, records,
 signing, state machine, operations, local backend (processes and signals),
-sqooler interoperability, CLI and packaging.
+sqooler interoperability, CLI and packaging; last, the test servers the MongoDB
+and Dropbox tests run against.
 """
 
 from __future__ import annotations
@@ -2281,184 +2282,8 @@ def test_worker_killed_mid_job_loses_nothing(url: str) -> None:
 
 
 # ============================================================================
-# A MongoDB-wire server on 127.0.0.1 (mongo-java-server, H2 file backend)
+# The MongoDB backend against a real MongoDB-wire server
 # ============================================================================
-MONGO_SERVER_VERSION = "1.47.0"
-MONGO_SERVER_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>sqstore.test</groupId><artifactId>mongo-server</artifactId><version>1</version>
-  <dependencies>
-    <dependency><groupId>de.bwaldvogel</groupId><artifactId>mongo-java-server</artifactId>
-      <version>{MONGO_SERVER_VERSION}</version></dependency>
-    <dependency><groupId>de.bwaldvogel</groupId><artifactId>mongo-java-server-h2-backend</artifactId>
-      <version>{MONGO_SERVER_VERSION}</version></dependency>
-  </dependencies>
-</project>
-"""
-# Serves one H2 file on 127.0.0.1 and commits after every command, so that a
-# SIGKILL loses nothing that was acknowledged.  Prints "ready <port>".
-MONGO_SERVER_MAIN = """
-import de.bwaldvogel.mongo.MongoServer;
-import de.bwaldvogel.mongo.ServerVersion;
-import de.bwaldvogel.mongo.backend.h2.H2Backend;
-import de.bwaldvogel.mongo.bson.Document;
-import io.netty.channel.Channel;
-
-public class SqstoreTestMongoServer {
-    public static void main(String[] args) throws Exception {
-        H2Backend backend = new H2Backend(args[0]) {
-            @Override
-            public Document handleCommand(Channel channel, String db, String command,
-                                          Document query) {
-                try {
-                    return super.handleCommand(channel, db, command, query);
-                } finally {
-                    commit();
-                }
-            }
-        };
-        backend.version(ServerVersion.MONGO_5_0);
-        MongoServer server = new MongoServer(backend);
-        server.bind("127.0.0.1", Integer.parseInt(args[1]));
-        System.out.println("ready " + server.getLocalAddress().getPort());
-        System.out.flush();
-        Thread.currentThread().join();
-    }
-}
-"""
-
-
-def mongo_server_build() -> Path:
-    """Fetch the server from Maven Central and compile its launcher, once per machine.
-
-    The build lives in ``$SQSTORE_CACHE`` (default ``~/.cache/sqstore``), outside
-    the clone, so later runs on the machine start at once.
-    """
-    cache = Path(os.environ.get("SQSTORE_CACHE") or Path.home() / ".cache" / "sqstore")
-    home = cache / f"mongo-java-server-{MONGO_SERVER_VERSION}"
-    if (home / "classes" / "SqstoreTestMongoServer.class").exists():
-        return home
-    tools = {tool: shutil.which(tool) for tool in ("java", "javac", "mvn")}
-    if missing := [tool for tool, path in tools.items() if path is None]:
-        skip_or_fail(f"the MongoDB tests build their server with Java and Maven: no {missing}")
-    build = cache / f"{home.name}.{os.getpid()}.tmp"
-    shutil.rmtree(build, ignore_errors=True)
-    (build / "classes").mkdir(parents=True)
-    (build / "pom.xml").write_text(MONGO_SERVER_POM)
-    (build / "SqstoreTestMongoServer.java").write_text(MONGO_SERVER_MAIN)
-    steps = [
-        ["mvn", "-q", "-B", "dependency:copy-dependencies", "-DoutputDirectory=lib"],
-        ["javac", "-d", "classes", "-cp", "lib/*", "SqstoreTestMongoServer.java"],
-    ]
-    for step in steps:
-        done = subprocess.run(step, cwd=build, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            skip_or_fail(
-                f"building the MongoDB test server failed: {step}\n{done.stdout}{done.stderr}"
-            )
-    try:
-        build.rename(home)
-    except OSError:  # another run finished first
-        shutil.rmtree(build, ignore_errors=True)
-    return home
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the tests
-
-
-class MongoServer:
-    """A real MongoDB-wire server process on 127.0.0.1 over one data file."""
-
-    def __init__(self, home: Path, data: Path) -> None:
-        self.home, self.data, self.port = home, data, 0
-        self.proc: subprocess.Popen[str] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/"
-
-    def start(self) -> None:
-        """Start (or restart, on the same port) and wait until ``ping`` answers."""
-        classpath = f"{self.home / 'classes'}:{self.home / 'lib'}/*"
-        command = [
-            "java",
-            "-cp",
-            classpath,
-            "SqstoreTestMongoServer",
-            str(self.data),
-            str(self.port),
-        ]
-        for _ in range(50):  # the port of a killed server can take a moment to free
-            self.proc = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                preexec_fn=_die_with_parent,
-            )
-            assert self.proc.stdout is not None
-            line = self.proc.stdout.readline().split()
-            if line[:1] == ["ready"]:
-                self.port = int(line[1])
-                break
-            self.proc.wait()
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"the MongoDB test server did not start: {command}")
-        import pymongo
-
-        with pymongo.MongoClient(
-            self.uri, serverSelectionTimeoutMS=10_000, document_class=dict
-        ) as client:
-            client.admin.command("ping")
-
-    def kill(self) -> None:
-        """SIGKILL the server (its data file stays)."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture(scope="session")
-def mongodb_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A MongoDB-wire server for the session: ours, or ``$SQSTORE_TEST_MONGODB_URI``.
-
-    The tests empty every collection of that server but those of admin, config and local.
-    """
-    try:
-        import pymongo  # noqa: F401
-    except ImportError as exc:
-        skip_or_fail(f"the MongoDB tests need pymongo ({exc}): pip install -e '.[test]'")
-    if uri := os.environ.get("SQSTORE_TEST_MONGODB_URI"):
-        yield uri
-        return
-    server = MongoServer(mongo_server_build(), tmp_path_factory.mktemp("mongo") / "data.mv")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-def mongo_uri(server: Any) -> str:
-    return server if isinstance(server, str) else str(server.uri)
-
-
-def mongo_reset(uri: str) -> None:
-    """Empty every collection the tests may have made."""
-    import pymongo
-
-    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000, document_class=dict) as client:
-        for name in client.list_database_names():
-            if name not in ("admin", "config", "local"):
-                for collection in client[name].list_collection_names():
-                    client[name][collection].delete_many({})  # dropping is less reliable
-
-
 def mongo_store(server: Any, **options: Any) -> Storage:
     """A MongoDB store on an emptied server."""
     mongo_reset(mongo_uri(server))
@@ -3164,734 +2989,6 @@ def test_mongodb_claim_paused_inside_its_move_while_sqooler_takes_the_job(
     assert claimed is not None and claimed[0].job_id == job_id
     finish_as(store, job_id, claimed[1], sqstore._default_holder())
     done_once(store, job_id)
-
-
-# ============================================================================
-# A fake Dropbox API v2 over TLS on 127.0.0.1, for the unmodified dropbox SDK
-# ============================================================================
-_BLOCK = 4 * 1024 * 1024
-_CONTENT_ROUTES = {"/2/files/upload", "/2/files/download"}
-
-
-def content_hash(data: bytes) -> str:
-    """Dropbox content hash: SHA-256 of the concatenated SHA-256 of each 4 MiB block."""
-    blocks = b"".join(
-        hashlib.sha256(data[i : i + _BLOCK]).digest() for i in range(0, len(data), _BLOCK)
-    )
-    return hashlib.sha256(blocks).hexdigest()
-
-
-def _now() -> str:
-    """The current UTC time in Dropbox's format (whole seconds, ``Z`` suffix)."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
-    """Write a CA certificate and a 127.0.0.1 leaf certificate and key; return their paths."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, leaf_key = (
-        ec.generate_private_key(ec.SECP256R1()),
-        ec.generate_private_key(ec.SECP256R1()),
-    )
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-
-    def certificate(common_name: str, key: Any, extensions: list[Any]) -> Any:
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-dropbox CA")]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-        )
-        for extension, critical in extensions:
-            builder = builder.add_extension(extension, critical=critical)
-        return builder.sign(ca_key, hashes.SHA256())
-
-    # Extensions that strict verifiers (e.g. Python 3.13's VERIFY_X509_STRICT) insist on.
-    ca_usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
-    ca = certificate(
-        "fake-dropbox CA",
-        ca_key,
-        [(x509.BasicConstraints(ca=True, path_length=0), True), (ca_usage, True), (ca_ski, False)],
-    )
-    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
-    leaf = certificate(
-        "127.0.0.1",
-        leaf_key,
-        [
-            (x509.SubjectAlternativeName(san), False),
-            (x509.BasicConstraints(ca=False, path_length=None), True),
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-            (aki, False),
-        ],
-    )
-    pem = serialization.Encoding.PEM
-    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
-    paths[0].write_bytes(ca.public_bytes(pem))
-    paths[1].write_bytes(leaf.public_bytes(pem))
-    no_password = serialization.NoEncryption()
-    paths[2].write_bytes(
-        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_password)
-    )
-    return paths
-
-
-class _Reply(Exception):
-    """An HTTP answer other than success, raised from a route handler."""
-
-    def __init__(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status)
-        self.status, self.body, self.headers = status, body, headers or {}
-
-
-def _summary(error: Any) -> str:
-    """Build an ``error_summary`` like Dropbox's (``path/not_found/..``) from an error union."""
-    tags = []
-    while isinstance(error, dict) and ".tag" in error:
-        tag = error[".tag"]
-        tags.append(tag)
-        error = error.get(tag) if isinstance(error.get(tag), dict) else error.get("reason")
-    return "/".join(tags) + "/.."
-
-
-def _route_error(error: dict[str, Any]) -> _Reply:
-    """A 409 route error with Dropbox's JSON body."""
-    return _Reply(409, {"error_summary": _summary(error), "error": error})
-
-
-def _bad_input(text: str) -> _Reply:
-    """A 400 with a text body, which the SDK raises as ``BadInputError``."""
-    return _Reply(400, "Error in call to API function: " + text)
-
-
-def _lookup(tag: str, member: str = "path") -> _Reply:
-    """A LookupError (``not_found``/``not_file``/``not_folder``) under the union member."""
-    return _route_error({".tag": member, member: {".tag": tag}})
-
-
-def _conflict(kind: str) -> dict[str, Any]:
-    """A WriteError ``conflict`` of the given kind (file, folder, file_ancestor)."""
-    return {".tag": "conflict", "conflict": {".tag": kind}}
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One file or folder; ``data`` is None for folders."""
-
-    display: str
-    id: str
-    data: bytes | None = None
-    rev: str = ""
-    client_modified: str = ""
-    server_modified: str = ""
-
-    def metadata(self, tagged: bool = True) -> dict[str, Any]:
-        """The entry's Dropbox metadata; ``tagged`` adds ``.tag`` (for Metadata unions)."""
-        meta: dict[str, Any] = {
-            "name": self.display.rsplit("/", 1)[1],
-            "path_lower": self.display.lower(),
-            "path_display": self.display,
-            "id": self.id,
-        }
-        if self.data is not None:
-            meta.update(
-                client_modified=self.client_modified,
-                server_modified=self.server_modified,
-                rev=self.rev,
-                size=len(self.data),
-                is_downloadable=True,
-                content_hash=content_hash(self.data),
-            )
-        if tagged:
-            meta = {".tag": "folder" if self.data is None else "file", **meta}
-        return meta
-
-
-_ACCOUNT = {
-    "account_id": "dbid:AAH4f99T0taONIb-OurWxbNQ6ywGRopQngc",
-    "name": dict(
-        given_name="Fake",
-        surname="User",
-        familiar_name="Fake",
-        display_name="Fake User",
-        abbreviated_name="FU",
-    ),
-    "email": "fake.user@example.org",
-    "email_verified": True,
-    "disabled": False,
-    "country": "DE",
-    "locale": "en",
-    "referral_link": "https://db.tt/fake",
-    "is_paired": False,
-    "account_type": {".tag": "basic"},
-    "root_info": {".tag": "user", "root_namespace_id": "3235641", "home_namespace_id": "3235641"},
-}
-
-
-class FakeDropbox:
-    """An in-memory Dropbox API v2 served over TLS on ``127.0.0.1`` in a background thread.
-
-    Args:
-        app_key, app_secret, refresh_token: the credentials the token endpoint accepts.
-        page_size: the most entries one ``list_folder`` page returns (``limit`` can lower it).
-        expires_in: the ``expires_in`` of issued access tokens, in seconds. The SDK refreshes
-            when fewer than 300 s are left, so keep it above 300 unless that is the point.
-    """
-
-    def __init__(
-        self,
-        app_key: str = "fake-app-key",
-        app_secret: str = "fake-app-secret",
-        refresh_token: str = "fake-refresh-token",
-        page_size: int = 2000,
-        expires_in: int = 14400,
-    ) -> None:
-        self.app_key, self.app_secret, self.refresh_token = app_key, app_secret, refresh_token
-        self.page_size, self.expires_in = page_size, expires_in
-        self._lock = threading.RLock()
-        self._entries: dict[str, _Entry] = {}  # path_lower -> entry; the root is implicit
-        self._cursors: dict[
-            str, tuple[int, list[dict[str, Any]]]
-        ] = {}  # cursor -> (limit, entries left)
-        self._tokens: set[str] = set()
-        self._expired: set[str] = set()
-        self._revoked = False
-        self._faults: list[list[Any]] = []  # [route or "*", remaining, status, retry_after]
-        self._afters: list[list[Any]] = []  # [route or "*", remaining, "503" | "drop" | hook]
-        self._counts: dict[str, int] = {}
-        self._rev = 0x1_0000_0000
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._tmp: Path | None = None
-        self._routes: dict[str, Callable[[dict[str, Any], bytes], tuple[Any, bytes | None]]] = {
-            "/2/users/get_current_account": lambda arg, body: (_ACCOUNT, None),
-            "/2/files/upload": self._upload,
-            "/2/files/download": self._download,
-            "/2/files/get_metadata": self._get_metadata,
-            "/2/files/move_v2": self._move,
-            "/2/files/delete_v2": self._delete,
-            "/2/files/list_folder": self._list_folder,
-            "/2/files/list_folder/continue": self._list_folder_continue,
-            "/2/files/create_folder_v2": self._create_folder,
-        }
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def start(self) -> FakeDropbox:
-        """Make the certificates, bind an ephemeral port and serve in a daemon thread."""
-        self._tmp = Path(tempfile.mkdtemp(prefix="fake-dropbox-"))
-        _, cert, key = _make_tls_files(self._tmp)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        server = _Server(("127.0.0.1", 0), _make_handler(self))
-        # The handshake runs on the first read, in the handler thread, not in accept().
-        server.socket = context.wrap_socket(
-            server.socket, server_side=True, do_handshake_on_connect=False
-        )
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="fake-dropbox", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and delete the certificates."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def __enter__(self) -> FakeDropbox:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``, usable as ``DROPBOX_API_HOST`` and ``DROPBOX_API_CONTENT_HOST``."""
-        assert self._server is not None, "the fake is not started"
-        return f"127.0.0.1:{self._server.server_address[1]}"
-
-    @property
-    def ca_path(self) -> str:
-        """The PEM file of the CA that signed the server's certificate."""
-        assert self._tmp is not None, "the fake is not started"
-        return str(self._tmp / "ca.pem")
-
-    # -- SDK wiring -----------------------------------------------------------------------------
-
-    def session(self) -> Any:
-        """A ``requests.Session`` aimed at this fake; see :func:`fake_session`."""
-        return fake_session(self.host, self.ca_path)
-
-    def client(self, **kwargs: Any) -> Any:
-        """A ``dropbox.Dropbox`` with this fake's credentials and :meth:`session`."""
-        import dropbox
-
-        kwargs.setdefault("app_key", self.app_key)
-        kwargs.setdefault("app_secret", self.app_secret)
-        kwargs.setdefault("oauth2_refresh_token", self.refresh_token)
-        return dropbox.Dropbox(session=self.session(), **kwargs)
-
-    # -- inspection and fault injection ---------------------------------------------------------
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Requests received per URL path (faulted ones included), e.g. ``/2/files/upload``."""
-        with self._lock:
-            return dict(self._counts)
-
-    def reset_counts(self) -> None:
-        """Forget the request counts."""
-        with self._lock:
-            self._counts.clear()
-
-    def files(self) -> dict[str, bytes]:
-        """A snapshot of every file, as ``path_display -> bytes``."""
-        with self._lock:
-            return {e.display: e.data for e in self._entries.values() if e.data is not None}
-
-    def reset(self) -> None:
-        """Delete every file and folder, cursor and pending fault."""
-        with self._lock:
-            self._entries.clear()
-            self._cursors.clear()
-            self._faults.clear()
-            self._afters.clear()
-
-    def fail_next(
-        self, route: str = "*", status: int = 429, count: int = 1, retry_after: int = 0
-    ) -> None:
-        """Answer the next ``count`` requests to ``route`` with ``status`` instead.
-
-        ``route`` is ``"*"`` (any request, the token endpoint included), or a path with or
-        without the ``/2/`` prefix: ``"files/upload"``, ``"/oauth2/token"``. A 429 carries
-        ``Retry-After: retry_after``; other statuses get a text body.
-        """
-        with self._lock:
-            self._faults.append([_route_path(route), count, status, retry_after])
-
-    def lose_next(self, route: str, how: str = "503", count: int = 1) -> None:
-        """Apply the next ``count`` successful requests to ``route``, then lose their answers.
-
-        The request takes effect; instead of its answer the client gets a 503 (``how="503"``)
-        or a connection closed without a word (``how="drop"``). Requests that fail (a route
-        error, a 401) are answered as usual and do not count. ``route`` as in :meth:`fail_next`.
-        """
-        if how not in ("503", "drop"):
-            raise ValueError(f"how must be '503' or 'drop', not {how!r}")
-        with self._lock:
-            self._afters.append([_route_path(route), count, how])
-
-    def after_next(self, route: str, hook: Callable[[], None]) -> None:
-        """Run ``hook()`` once the next successful request to ``route`` took effect.
-
-        The hook runs in the server thread after the request was applied and before it is
-        answered, without the fake's lock, so it may make requests of its own (as another
-        client): a deterministic interleaving between one request and its answer.
-        """
-        with self._lock:
-            self._afters.append([_route_path(route), 1, hook])
-
-    def expire_access_tokens(self) -> None:
-        """Expire every issued access token: the next call gets 401 ``expired_access_token``."""
-        with self._lock:
-            self._expired |= self._tokens
-            self._tokens.clear()
-
-    def revoke_refresh_token(self, revoked: bool = True) -> None:
-        """Make the token endpoint answer 400 ``invalid_grant`` (or accept again)."""
-        with self._lock:
-            self._revoked = revoked
-
-    # -- request dispatch (called from handler threads) -----------------------------------------
-
-    def _handle(
-        self, path: str, headers: Any, body: bytes
-    ) -> tuple[int, dict[str, str], bytes] | None:
-        """Answer one POST: status, headers and body, or None to hang up without an answer."""
-        answer, after = self._apply(path, headers, body)
-        if after is None:
-            return answer
-        if callable(after):
-            after()
-            return answer
-        if after == "drop":
-            return None
-        return _error_reply(_Reply(503, "injected failure 503 after the request took effect"))
-
-    def _apply(
-        self, path: str, headers: Any, body: bytes
-    ) -> tuple[tuple[int, dict[str, str], bytes], Any]:
-        """Apply one POST; return its answer and what :meth:`lose_next`/:meth:`after_next`
-        asked to do after it (None for nothing)."""
-        try:
-            with self._lock:
-                self._counts[path] = self._counts.get(path, 0) + 1
-                self._take_fault(path)
-                if path == "/oauth2/token":
-                    return _json_reply(200, self._token(body)), self._take_after(path)
-                route = self._routes.get(path)
-                if route is None:
-                    raise _Reply(404, "Unknown API function: " + path)
-                self._check_host(path, headers.get("Host", ""))
-                self._check_auth(headers.get("Authorization", ""))
-                if path in _CONTENT_ROUTES:
-                    arg = _json_arg(headers.get("Dropbox-API-Arg"), "Dropbox-API-Arg header")
-                else:
-                    if headers.get("Content-Type", "").split(";")[0] != "application/json":
-                        raise _bad_input("bad Content-Type, expected application/json")
-                    arg = _json_arg(body.decode("utf-8", "replace") or None, "request body")
-                if arg.get("autorename"):
-                    raise _bad_input("fake_dropbox does not implement autorename")
-                result, payload = route(arg, body)
-                after = self._take_after(path)
-        except _Reply as reply:
-            return _error_reply(reply), None
-        except Exception:  # a bug in the fake: a 400 is not retried, and shows the traceback
-            return _error_reply(_bad_input("fake_dropbox failed:\n" + traceback.format_exc())), None
-        if payload is None:
-            return _json_reply(200, result), after
-        api_result = json.dumps(result)  # ASCII-escaped, as an HTTP header must be
-        headers = {"Content-Type": "application/octet-stream", "Dropbox-API-Result": api_result}
-        return (200, headers, payload), after
-
-    def _take_after(self, path: str) -> Any:
-        after = next((a for a in self._afters if a[0] in ("*", path)), None)
-        if after is None:
-            return None
-        after[1] -= 1
-        if after[1] == 0:
-            self._afters.remove(after)
-        return after[2]
-
-    def _take_fault(self, path: str) -> None:
-        fault = next((f for f in self._faults if f[0] in ("*", path)), None)
-        if fault is None:
-            return
-        _, remaining, status, retry_after = fault
-        fault[1] = remaining - 1
-        if fault[1] == 0:
-            self._faults.remove(fault)
-        if status == 429:
-            raise _Reply(429, "too_many_requests", {"Retry-After": str(retry_after)})
-        raise _Reply(status, f"injected failure {status}")
-
-    def _token(self, body: bytes) -> dict[str, Any]:
-        form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("ascii", "replace")).items()}
-        if form.get("grant_type") != "refresh_token":
-            raise _Reply(400, {"error": "unsupported_grant_type"})
-        if (form.get("client_id"), form.get("client_secret")) != (self.app_key, self.app_secret):
-            raise _Reply(400, {"error": "invalid_client"})
-        if self._revoked or form.get("refresh_token") != self.refresh_token:
-            raise _Reply(400, {"error": "invalid_grant", "error_description": "revoked"})
-        token = "sl.fake-" + secrets.token_urlsafe(24)
-        self._tokens.add(token)
-        return {"access_token": token, "token_type": "bearer", "expires_in": self.expires_in}
-
-    def _check_auth(self, header: str) -> None:
-        scheme, _, token = header.partition(" ")
-        if scheme != "Bearer" or not token:
-            raise _bad_input('missing or malformed "Authorization" header')
-        if token not in self._tokens:
-            tag = "expired_access_token" if token in self._expired else "invalid_access_token"
-            raise _Reply(401, {"error_summary": tag + "/..", "error": {".tag": tag}})
-
-    def _check_host(self, path: str, host: str) -> None:
-        want = "content" if path in _CONTENT_ROUTES else "api"
-        if host.endswith(".dropboxapi.com") and not host.startswith(want + "."):
-            raise _bad_input(f"{path} must be called on {want}.dropboxapi.com, not {host}")
-
-    # -- the file tree (callers hold the lock) --------------------------------------------------
-
-    def _norm(self, path: str, allow_root: bool = False) -> str:
-        """Validate a path; return it without trailing slash (``""`` for the root)."""
-        if path.startswith("id:"):
-            found = [e.display for e in self._entries.values() if e.id == path]
-            if not found:
-                raise _lookup("not_found")
-            return found[0]
-        if path and not path.startswith("/"):
-            raise _bad_input(f"path {path!r} did not match pattern")
-        path = path.rstrip("/")
-        if not path and not allow_root:
-            raise _bad_input("the root folder is unsupported")
-        return path
-
-    def _place(self, path: str) -> str | None:
-        """Create the missing parents of ``path``; return ``path`` cased like its parents.
-
-        Return None, creating nothing, when an ancestor is a file (``file_ancestor``).
-        """
-        display = ""
-        names = path.split("/")[1:]
-        for name in names[:-1]:
-            parent = self._entries.get((display + "/" + name).lower())
-            if parent is not None and parent.data is not None:
-                return None
-            display = parent.display if parent is not None else display + "/" + name
-        display = ""
-        for name in names[:-1]:
-            lower = (display + "/" + name).lower()
-            parent = self._entries.setdefault(lower, _Entry(display + "/" + name, self._new_id()))
-            display = parent.display
-        return display + "/" + names[-1]
-
-    def _new_id(self) -> str:
-        return "id:" + secrets.token_urlsafe(16)[:22]
-
-    def _new_rev(self) -> str:
-        self._rev += 1
-        return f"{self._rev:015x}"
-
-    # -- routes (called with the lock held) -----------------------------------------------------
-
-    def _upload(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
-        path, mode = self._norm(arg["path"]), arg.get("mode", "add")
-        mode = {".tag": mode} if isinstance(mode, str) else mode
-        if arg.get("content_hash") not in (None, content_hash(body)):
-            raise _route_error({".tag": "content_hash_mismatch"})
-
-        def conflict(kind: str) -> _Reply:
-            session = secrets.token_hex(16)  # required by the SDK's UploadWriteFailed
-            error = {".tag": "path", "reason": _conflict(kind), "upload_session_id": session}
-            return _route_error(error)
-
-        old = self._entries.get(path.lower())
-        if old is not None and old.data is None:
-            raise conflict("folder")
-        if old is not None and mode[".tag"] != "overwrite":
-            stale = mode[".tag"] == "add" or mode.get("update") != old.rev
-            if stale and (arg.get("strict_conflict") or old.data != body):
-                raise conflict("file")
-        elif old is None and mode[".tag"] == "update" and arg.get("strict_conflict"):
-            raise conflict("file")  # no rev can match a file that is gone
-        if old is not None and old.data == body:
-            return old.metadata(tagged=False), None  # identical bytes: nothing changes
-        if (display := old.display if old is not None else self._place(path)) is None:
-            raise conflict("file_ancestor")
-        now = _now()
-        entry = _Entry(
-            display=display,
-            id=old.id if old is not None else self._new_id(),
-            data=body,
-            rev=self._new_rev(),
-            client_modified=arg.get("client_modified") or now,
-            server_modified=now,
-        )
-        self._entries[path.lower()] = entry
-        return entry.metadata(tagged=False), None
-
-    def _download(self, arg: dict[str, Any], body: bytes) -> tuple[Any, bytes]:
-        entry = self._entries.get(self._norm(arg["path"]).lower())
-        if entry is None or (arg.get("rev") not in (None, entry.rev)):
-            raise _lookup("not_found")
-        if entry.data is None:
-            raise _lookup("not_file")
-        return entry.metadata(tagged=False), entry.data
-
-    def _get_metadata(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
-        entry = self._entries.get(self._norm(arg["path"]).lower())
-        if entry is None:
-            raise _lookup("not_found")
-        return entry.metadata(), None
-
-    def _move(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
-        src, dst = self._norm(arg["from_path"]), self._norm(arg["to_path"])
-        entry = self._entries.get(src.lower())
-        if entry is None:
-            raise _lookup("not_found", "from_lookup")
-        if dst.lower() == src.lower() and dst != entry.display:
-            pass  # a case-only rename
-        elif dst.lower() == src.lower():
-            raise _route_error({".tag": "duplicated_or_nested_paths"})
-        elif dst.lower().startswith(src.lower() + "/"):
-            raise _route_error({".tag": "cant_move_folder_into_itself"})
-        elif (old := self._entries.get(dst.lower())) is not None:
-            kind = "folder" if old.data is None else "file"
-            raise _route_error({".tag": "to", "to": _conflict(kind)})
-        if (target := self._place(dst)) is None:
-            raise _route_error({".tag": "to", "to": _conflict("file_ancestor")})
-        prefix = src.lower()
-        moved = {
-            lower: e
-            for lower, e in self._entries.items()
-            if lower == prefix or lower.startswith(prefix + "/")
-        }
-        for lower in moved:
-            del self._entries[lower]
-        for e in moved.values():
-            display = target + e.display[len(src) :]
-            rev = self._new_rev() if e.data is not None else ""
-            self._entries[display.lower()] = replace(e, display=display, rev=rev)
-        return {"metadata": self._entries[target.lower()].metadata()}, None
-
-    def _delete(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
-        path = self._norm(arg["path"]).lower()
-        entry = self._entries.get(path)
-        # A stale parent_rev answering not_found is a guess; real Dropbox is unverified here.
-        if entry is None or arg.get("parent_rev") not in (None, entry.rev):
-            raise _lookup("not_found", "path_lookup")
-        for lower in [k for k in self._entries if k == path or k.startswith(path + "/")]:
-            del self._entries[lower]
-        return {"metadata": entry.metadata()}, None
-
-    def _create_folder(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
-        path = self._norm(arg["path"])
-        old = self._entries.get(path.lower())
-        if old is not None:
-            kind = "folder" if old.data is None else "file"
-            raise _route_error({".tag": "path", "path": _conflict(kind)})
-        if (display := self._place(path)) is None:
-            raise _route_error({".tag": "path", "path": _conflict("file_ancestor")})
-        entry = self._entries[display.lower()] = _Entry(display, self._new_id())
-        return {"metadata": entry.metadata(tagged=False)}, None
-
-    def _list_folder(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
-        if arg["path"] == "/":
-            raise _bad_input('path: "/" did not match pattern; use "" for the root')
-        path = self._norm(arg["path"], allow_root=True).lower()
-        if path:
-            folder = self._entries.get(path)
-            if folder is None:
-                raise _lookup("not_found")
-            if folder.data is not None:
-                raise _lookup("not_folder")
-        recursive = arg.get("recursive", False)
-        entries = [
-            e.metadata()
-            for lower, e in sorted(self._entries.items())
-            if (lower == path and recursive)
-            or (lower.startswith(path + "/") and (recursive or lower.rsplit("/", 1)[0] == path))
-        ]
-        limit = min(self.page_size, arg.get("limit") or self.page_size)
-        return self._page(entries, limit), None
-
-    def _list_folder_continue(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
-        if (pending := self._cursors.get(arg["cursor"])) is None:  # a cursor can be reused
-            raise _route_error({".tag": "reset"})
-        limit, entries = pending
-        return self._page(entries, limit), None
-
-    def _page(self, entries: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-        """One page of ``entries``; the rest waits under a fresh cursor."""
-        cursor = "AAF" + secrets.token_urlsafe(24)
-        self._cursors[cursor] = (limit, entries[limit:])  # the final cursor lists nothing
-        return {"entries": entries[:limit], "cursor": cursor, "has_more": len(entries) > limit}
-
-
-def _route_path(route: str) -> str:
-    """``"*"``, or a route's URL path: ``files/upload`` and ``/2/files/upload`` are the same."""
-    if route == "*":
-        return route
-    route = "/" + route.lstrip("/")
-    return route if route.startswith(("/2/", "/oauth2/")) else "/2" + route
-
-
-def _json_arg(text: str | None, where: str) -> dict[str, Any]:
-    """Parse a route argument; ``null`` becomes ``{}``."""
-    try:
-        value = json.loads(text) if text is not None else None
-    except ValueError as exc:
-        raise _bad_input(f"could not decode {where} as JSON: {exc}") from None
-    if value is not None and not isinstance(value, dict):
-        raise _bad_input(f"{where} must be a JSON object")
-    return value or {}
-
-
-def _json_reply(status: int, body: Any) -> tuple[int, dict[str, str], bytes]:
-    # Exactly "application/json": the SDK asserts it for 200 RPC replies and 401s.
-    return status, {"Content-Type": "application/json"}, json.dumps(body).encode("utf-8")
-
-
-def _error_reply(reply: _Reply) -> tuple[int, dict[str, str], bytes]:
-    if isinstance(reply.body, dict):
-        status, headers, body = _json_reply(reply.status, reply.body)
-    else:
-        status, body = reply.status, str(reply.body).encode("utf-8")
-        headers = {"Content-Type": "text/plain; charset=utf-8"}
-    return status, {**headers, **reply.headers}, body
-
-
-def fake_session(host: str, ca_path: str) -> Any:
-    """A ``requests.Session`` that sends every ``https://`` request to ``host`` (``IP:PORT``).
-
-    The original host stays in the ``Host`` header, so the fake can check that content routes
-    went to the content host. TLS is verified against ``ca_path``; the environment (CA bundle
-    variables, proxies, netrc) is ignored. Pass it as ``dropbox.Dropbox(session=...)``.
-    """
-    import requests
-    from requests.adapters import HTTPAdapter
-
-    class _ToFake(HTTPAdapter):
-        def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-            parts = urllib.parse.urlsplit(request.url)
-            request.headers["Host"] = parts.netloc
-            request.url = urllib.parse.urlunsplit(parts._replace(netloc=host))
-            kwargs.update(verify=ca_path, proxies={})
-            return super().send(request, **kwargs)
-
-    result = requests.Session()
-    result.trust_env = False
-    result.mount("https://", _ToFake())
-    return result
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Stay quiet about clients that hang up or reject the certificate."""
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError, TimeoutError)):
-            super().handle_error(request, client_address)
-
-
-def _make_handler(fake: FakeDropbox) -> type[http.server.BaseHTTPRequestHandler]:
-    """A request handler class bound to ``fake``."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, like the real API
-        timeout = 30  # idle keep-alive connections end eventually
-        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK wait
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            path = urllib.parse.urlsplit(self.path).path
-            answer = fake._handle(path, self.headers, body)
-            if answer is None:  # the request took effect; its answer is lost with the connection
-                self.close_connection = True
-                return
-            status, headers, payload = answer
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("X-Dropbox-Request-Id", secrets.token_hex(16))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def do_GET(self) -> None:
-            self.send_error(405, "Dropbox API v2 routes are POST only")
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # keep test output quiet
-
-    return Handler
 
 
 # ============================================================================
@@ -9931,3 +9028,909 @@ def test_tests_that_start_a_server_are_marked_slow(request: pytest.FixtureReques
         if starts and item.get_closest_marker("slow") is None:
             unmarked.append(item.nodeid)
     assert unmarked == []
+
+
+# ============================================================================
+# Test servers: a MongoDB-wire server and a fake Dropbox API, on 127.0.0.1
+# ============================================================================
+# A MongoDB-wire server (mongo-java-server, H2 file backend) ------------------
+MONGO_SERVER_VERSION = "1.47.0"
+MONGO_SERVER_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>sqstore.test</groupId><artifactId>mongo-server</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>de.bwaldvogel</groupId><artifactId>mongo-java-server</artifactId>
+      <version>{MONGO_SERVER_VERSION}</version></dependency>
+    <dependency><groupId>de.bwaldvogel</groupId><artifactId>mongo-java-server-h2-backend</artifactId>
+      <version>{MONGO_SERVER_VERSION}</version></dependency>
+  </dependencies>
+</project>
+"""
+# Serves one H2 file on 127.0.0.1 and commits after every command, so that a
+# SIGKILL loses nothing that was acknowledged.  Prints "ready <port>".
+MONGO_SERVER_MAIN = """
+import de.bwaldvogel.mongo.MongoServer;
+import de.bwaldvogel.mongo.ServerVersion;
+import de.bwaldvogel.mongo.backend.h2.H2Backend;
+import de.bwaldvogel.mongo.bson.Document;
+import io.netty.channel.Channel;
+
+public class SqstoreTestMongoServer {
+    public static void main(String[] args) throws Exception {
+        H2Backend backend = new H2Backend(args[0]) {
+            @Override
+            public Document handleCommand(Channel channel, String db, String command,
+                                          Document query) {
+                try {
+                    return super.handleCommand(channel, db, command, query);
+                } finally {
+                    commit();
+                }
+            }
+        };
+        backend.version(ServerVersion.MONGO_5_0);
+        MongoServer server = new MongoServer(backend);
+        server.bind("127.0.0.1", Integer.parseInt(args[1]));
+        System.out.println("ready " + server.getLocalAddress().getPort());
+        System.out.flush();
+        Thread.currentThread().join();
+    }
+}
+"""
+
+
+def mongo_server_build() -> Path:
+    """Fetch the server from Maven Central and compile its launcher, once per machine.
+
+    The build lives in ``$SQSTORE_CACHE`` (default ``~/.cache/sqstore``), outside
+    the clone, so later runs on the machine start at once.
+    """
+    cache = Path(os.environ.get("SQSTORE_CACHE") or Path.home() / ".cache" / "sqstore")
+    home = cache / f"mongo-java-server-{MONGO_SERVER_VERSION}"
+    if (home / "classes" / "SqstoreTestMongoServer.class").exists():
+        return home
+    tools = {tool: shutil.which(tool) for tool in ("java", "javac", "mvn")}
+    if missing := [tool for tool, path in tools.items() if path is None]:
+        skip_or_fail(f"the MongoDB tests build their server with Java and Maven: no {missing}")
+    build = cache / f"{home.name}.{os.getpid()}.tmp"
+    shutil.rmtree(build, ignore_errors=True)
+    (build / "classes").mkdir(parents=True)
+    (build / "pom.xml").write_text(MONGO_SERVER_POM)
+    (build / "SqstoreTestMongoServer.java").write_text(MONGO_SERVER_MAIN)
+    steps = [
+        ["mvn", "-q", "-B", "dependency:copy-dependencies", "-DoutputDirectory=lib"],
+        ["javac", "-d", "classes", "-cp", "lib/*", "SqstoreTestMongoServer.java"],
+    ]
+    for step in steps:
+        done = subprocess.run(step, cwd=build, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            skip_or_fail(
+                f"building the MongoDB test server failed: {step}\n{done.stdout}{done.stderr}"
+            )
+    try:
+        build.rename(home)
+    except OSError:  # another run finished first
+        shutil.rmtree(build, ignore_errors=True)
+    return home
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the tests
+
+
+class MongoServer:
+    """A real MongoDB-wire server process on 127.0.0.1 over one data file."""
+
+    def __init__(self, home: Path, data: Path) -> None:
+        self.home, self.data, self.port = home, data, 0
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and wait until ``ping`` answers."""
+        classpath = f"{self.home / 'classes'}:{self.home / 'lib'}/*"
+        command = [
+            "java",
+            "-cp",
+            classpath,
+            "SqstoreTestMongoServer",
+            str(self.data),
+            str(self.port),
+        ]
+        for _ in range(50):  # the port of a killed server can take a moment to free
+            self.proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                preexec_fn=_die_with_parent,
+            )
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline().split()
+            if line[:1] == ["ready"]:
+                self.port = int(line[1])
+                break
+            self.proc.wait()
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the MongoDB test server did not start: {command}")
+        import pymongo
+
+        with pymongo.MongoClient(
+            self.uri, serverSelectionTimeoutMS=10_000, document_class=dict
+        ) as client:
+            client.admin.command("ping")
+
+    def kill(self) -> None:
+        """SIGKILL the server (its data file stays)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mongodb_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A MongoDB-wire server for the session: ours, or ``$SQSTORE_TEST_MONGODB_URI``.
+
+    The tests empty every collection of that server but those of admin, config and local.
+    """
+    try:
+        import pymongo  # noqa: F401
+    except ImportError as exc:
+        skip_or_fail(f"the MongoDB tests need pymongo ({exc}): pip install -e '.[test]'")
+    if uri := os.environ.get("SQSTORE_TEST_MONGODB_URI"):
+        yield uri
+        return
+    server = MongoServer(mongo_server_build(), tmp_path_factory.mktemp("mongo") / "data.mv")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def mongo_uri(server: Any) -> str:
+    return server if isinstance(server, str) else str(server.uri)
+
+
+def mongo_reset(uri: str) -> None:
+    """Empty every collection the tests may have made."""
+    import pymongo
+
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000, document_class=dict) as client:
+        for name in client.list_database_names():
+            if name not in ("admin", "config", "local"):
+                for collection in client[name].list_collection_names():
+                    client[name][collection].delete_many({})  # dropping is less reliable
+
+
+# A fake Dropbox API v2 over TLS, for the unmodified dropbox SDK --------------
+_BLOCK = 4 * 1024 * 1024
+_CONTENT_ROUTES = {"/2/files/upload", "/2/files/download"}
+
+
+def content_hash(data: bytes) -> str:
+    """Dropbox content hash: SHA-256 of the concatenated SHA-256 of each 4 MiB block."""
+    blocks = b"".join(
+        hashlib.sha256(data[i : i + _BLOCK]).digest() for i in range(0, len(data), _BLOCK)
+    )
+    return hashlib.sha256(blocks).hexdigest()
+
+
+def _now() -> str:
+    """The current UTC time in Dropbox's format (whole seconds, ``Z`` suffix)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """Write a CA certificate and a 127.0.0.1 leaf certificate and key; return their paths."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, leaf_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+
+    def certificate(common_name: str, key: Any, extensions: list[Any]) -> Any:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-dropbox CA")]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    # Extensions that strict verifiers (e.g. Python 3.13's VERIFY_X509_STRICT) insist on.
+    ca_usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+    ca = certificate(
+        "fake-dropbox CA",
+        ca_key,
+        [(x509.BasicConstraints(ca=True, path_length=0), True), (ca_usage, True), (ca_ski, False)],
+    )
+    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    leaf = certificate(
+        "127.0.0.1",
+        leaf_key,
+        [
+            (x509.SubjectAlternativeName(san), False),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+            (aki, False),
+        ],
+    )
+    pem = serialization.Encoding.PEM
+    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(leaf.public_bytes(pem))
+    no_password = serialization.NoEncryption()
+    paths[2].write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_password)
+    )
+    return paths
+
+
+class _Reply(Exception):
+    """An HTTP answer other than success, raised from a route handler."""
+
+    def __init__(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status)
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+def _summary(error: Any) -> str:
+    """Build an ``error_summary`` like Dropbox's (``path/not_found/..``) from an error union."""
+    tags = []
+    while isinstance(error, dict) and ".tag" in error:
+        tag = error[".tag"]
+        tags.append(tag)
+        error = error.get(tag) if isinstance(error.get(tag), dict) else error.get("reason")
+    return "/".join(tags) + "/.."
+
+
+def _route_error(error: dict[str, Any]) -> _Reply:
+    """A 409 route error with Dropbox's JSON body."""
+    return _Reply(409, {"error_summary": _summary(error), "error": error})
+
+
+def _bad_input(text: str) -> _Reply:
+    """A 400 with a text body, which the SDK raises as ``BadInputError``."""
+    return _Reply(400, "Error in call to API function: " + text)
+
+
+def _lookup(tag: str, member: str = "path") -> _Reply:
+    """A LookupError (``not_found``/``not_file``/``not_folder``) under the union member."""
+    return _route_error({".tag": member, member: {".tag": tag}})
+
+
+def _conflict(kind: str) -> dict[str, Any]:
+    """A WriteError ``conflict`` of the given kind (file, folder, file_ancestor)."""
+    return {".tag": "conflict", "conflict": {".tag": kind}}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One file or folder; ``data`` is None for folders."""
+
+    display: str
+    id: str
+    data: bytes | None = None
+    rev: str = ""
+    client_modified: str = ""
+    server_modified: str = ""
+
+    def metadata(self, tagged: bool = True) -> dict[str, Any]:
+        """The entry's Dropbox metadata; ``tagged`` adds ``.tag`` (for Metadata unions)."""
+        meta: dict[str, Any] = {
+            "name": self.display.rsplit("/", 1)[1],
+            "path_lower": self.display.lower(),
+            "path_display": self.display,
+            "id": self.id,
+        }
+        if self.data is not None:
+            meta.update(
+                client_modified=self.client_modified,
+                server_modified=self.server_modified,
+                rev=self.rev,
+                size=len(self.data),
+                is_downloadable=True,
+                content_hash=content_hash(self.data),
+            )
+        if tagged:
+            meta = {".tag": "folder" if self.data is None else "file", **meta}
+        return meta
+
+
+_ACCOUNT = {
+    "account_id": "dbid:AAH4f99T0taONIb-OurWxbNQ6ywGRopQngc",
+    "name": dict(
+        given_name="Fake",
+        surname="User",
+        familiar_name="Fake",
+        display_name="Fake User",
+        abbreviated_name="FU",
+    ),
+    "email": "fake.user@example.org",
+    "email_verified": True,
+    "disabled": False,
+    "country": "DE",
+    "locale": "en",
+    "referral_link": "https://db.tt/fake",
+    "is_paired": False,
+    "account_type": {".tag": "basic"},
+    "root_info": {".tag": "user", "root_namespace_id": "3235641", "home_namespace_id": "3235641"},
+}
+
+
+class FakeDropbox:
+    """An in-memory Dropbox API v2 served over TLS on ``127.0.0.1`` in a background thread.
+
+    Args:
+        app_key, app_secret, refresh_token: the credentials the token endpoint accepts.
+        page_size: the most entries one ``list_folder`` page returns (``limit`` can lower it).
+        expires_in: the ``expires_in`` of issued access tokens, in seconds. The SDK refreshes
+            when fewer than 300 s are left, so keep it above 300 unless that is the point.
+    """
+
+    def __init__(
+        self,
+        app_key: str = "fake-app-key",
+        app_secret: str = "fake-app-secret",
+        refresh_token: str = "fake-refresh-token",
+        page_size: int = 2000,
+        expires_in: int = 14400,
+    ) -> None:
+        self.app_key, self.app_secret, self.refresh_token = app_key, app_secret, refresh_token
+        self.page_size, self.expires_in = page_size, expires_in
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}  # path_lower -> entry; the root is implicit
+        self._cursors: dict[
+            str, tuple[int, list[dict[str, Any]]]
+        ] = {}  # cursor -> (limit, entries left)
+        self._tokens: set[str] = set()
+        self._expired: set[str] = set()
+        self._revoked = False
+        self._faults: list[list[Any]] = []  # [route or "*", remaining, status, retry_after]
+        self._afters: list[list[Any]] = []  # [route or "*", remaining, "503" | "drop" | hook]
+        self._counts: dict[str, int] = {}
+        self._rev = 0x1_0000_0000
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._tmp: Path | None = None
+        self._routes: dict[str, Callable[[dict[str, Any], bytes], tuple[Any, bytes | None]]] = {
+            "/2/users/get_current_account": lambda arg, body: (_ACCOUNT, None),
+            "/2/files/upload": self._upload,
+            "/2/files/download": self._download,
+            "/2/files/get_metadata": self._get_metadata,
+            "/2/files/move_v2": self._move,
+            "/2/files/delete_v2": self._delete,
+            "/2/files/list_folder": self._list_folder,
+            "/2/files/list_folder/continue": self._list_folder_continue,
+            "/2/files/create_folder_v2": self._create_folder,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> FakeDropbox:
+        """Make the certificates, bind an ephemeral port and serve in a daemon thread."""
+        self._tmp = Path(tempfile.mkdtemp(prefix="fake-dropbox-"))
+        _, cert, key = _make_tls_files(self._tmp)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = _Server(("127.0.0.1", 0), _make_handler(self))
+        # The handshake runs on the first read, in the handler thread, not in accept().
+        server.socket = context.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="fake-dropbox", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and delete the certificates."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> FakeDropbox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``, usable as ``DROPBOX_API_HOST`` and ``DROPBOX_API_CONTENT_HOST``."""
+        assert self._server is not None, "the fake is not started"
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def ca_path(self) -> str:
+        """The PEM file of the CA that signed the server's certificate."""
+        assert self._tmp is not None, "the fake is not started"
+        return str(self._tmp / "ca.pem")
+
+    # -- SDK wiring -----------------------------------------------------------------------------
+
+    def session(self) -> Any:
+        """A ``requests.Session`` aimed at this fake; see :func:`fake_session`."""
+        return fake_session(self.host, self.ca_path)
+
+    def client(self, **kwargs: Any) -> Any:
+        """A ``dropbox.Dropbox`` with this fake's credentials and :meth:`session`."""
+        import dropbox
+
+        kwargs.setdefault("app_key", self.app_key)
+        kwargs.setdefault("app_secret", self.app_secret)
+        kwargs.setdefault("oauth2_refresh_token", self.refresh_token)
+        return dropbox.Dropbox(session=self.session(), **kwargs)
+
+    # -- inspection and fault injection ---------------------------------------------------------
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Requests received per URL path (faulted ones included), e.g. ``/2/files/upload``."""
+        with self._lock:
+            return dict(self._counts)
+
+    def reset_counts(self) -> None:
+        """Forget the request counts."""
+        with self._lock:
+            self._counts.clear()
+
+    def files(self) -> dict[str, bytes]:
+        """A snapshot of every file, as ``path_display -> bytes``."""
+        with self._lock:
+            return {e.display: e.data for e in self._entries.values() if e.data is not None}
+
+    def reset(self) -> None:
+        """Delete every file and folder, cursor and pending fault."""
+        with self._lock:
+            self._entries.clear()
+            self._cursors.clear()
+            self._faults.clear()
+            self._afters.clear()
+
+    def fail_next(
+        self, route: str = "*", status: int = 429, count: int = 1, retry_after: int = 0
+    ) -> None:
+        """Answer the next ``count`` requests to ``route`` with ``status`` instead.
+
+        ``route`` is ``"*"`` (any request, the token endpoint included), or a path with or
+        without the ``/2/`` prefix: ``"files/upload"``, ``"/oauth2/token"``. A 429 carries
+        ``Retry-After: retry_after``; other statuses get a text body.
+        """
+        with self._lock:
+            self._faults.append([_route_path(route), count, status, retry_after])
+
+    def lose_next(self, route: str, how: str = "503", count: int = 1) -> None:
+        """Apply the next ``count`` successful requests to ``route``, then lose their answers.
+
+        The request takes effect; instead of its answer the client gets a 503 (``how="503"``)
+        or a connection closed without a word (``how="drop"``). Requests that fail (a route
+        error, a 401) are answered as usual and do not count. ``route`` as in :meth:`fail_next`.
+        """
+        if how not in ("503", "drop"):
+            raise ValueError(f"how must be '503' or 'drop', not {how!r}")
+        with self._lock:
+            self._afters.append([_route_path(route), count, how])
+
+    def after_next(self, route: str, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` once the next successful request to ``route`` took effect.
+
+        The hook runs in the server thread after the request was applied and before it is
+        answered, without the fake's lock, so it may make requests of its own (as another
+        client): a deterministic interleaving between one request and its answer.
+        """
+        with self._lock:
+            self._afters.append([_route_path(route), 1, hook])
+
+    def expire_access_tokens(self) -> None:
+        """Expire every issued access token: the next call gets 401 ``expired_access_token``."""
+        with self._lock:
+            self._expired |= self._tokens
+            self._tokens.clear()
+
+    def revoke_refresh_token(self, revoked: bool = True) -> None:
+        """Make the token endpoint answer 400 ``invalid_grant`` (or accept again)."""
+        with self._lock:
+            self._revoked = revoked
+
+    # -- request dispatch (called from handler threads) -----------------------------------------
+
+    def _handle(
+        self, path: str, headers: Any, body: bytes
+    ) -> tuple[int, dict[str, str], bytes] | None:
+        """Answer one POST: status, headers and body, or None to hang up without an answer."""
+        answer, after = self._apply(path, headers, body)
+        if after is None:
+            return answer
+        if callable(after):
+            after()
+            return answer
+        if after == "drop":
+            return None
+        return _error_reply(_Reply(503, "injected failure 503 after the request took effect"))
+
+    def _apply(
+        self, path: str, headers: Any, body: bytes
+    ) -> tuple[tuple[int, dict[str, str], bytes], Any]:
+        """Apply one POST; return its answer and what :meth:`lose_next`/:meth:`after_next`
+        asked to do after it (None for nothing)."""
+        try:
+            with self._lock:
+                self._counts[path] = self._counts.get(path, 0) + 1
+                self._take_fault(path)
+                if path == "/oauth2/token":
+                    return _json_reply(200, self._token(body)), self._take_after(path)
+                route = self._routes.get(path)
+                if route is None:
+                    raise _Reply(404, "Unknown API function: " + path)
+                self._check_host(path, headers.get("Host", ""))
+                self._check_auth(headers.get("Authorization", ""))
+                if path in _CONTENT_ROUTES:
+                    arg = _json_arg(headers.get("Dropbox-API-Arg"), "Dropbox-API-Arg header")
+                else:
+                    if headers.get("Content-Type", "").split(";")[0] != "application/json":
+                        raise _bad_input("bad Content-Type, expected application/json")
+                    arg = _json_arg(body.decode("utf-8", "replace") or None, "request body")
+                if arg.get("autorename"):
+                    raise _bad_input("fake_dropbox does not implement autorename")
+                result, payload = route(arg, body)
+                after = self._take_after(path)
+        except _Reply as reply:
+            return _error_reply(reply), None
+        except Exception:  # a bug in the fake: a 400 is not retried, and shows the traceback
+            return _error_reply(_bad_input("fake_dropbox failed:\n" + traceback.format_exc())), None
+        if payload is None:
+            return _json_reply(200, result), after
+        api_result = json.dumps(result)  # ASCII-escaped, as an HTTP header must be
+        headers = {"Content-Type": "application/octet-stream", "Dropbox-API-Result": api_result}
+        return (200, headers, payload), after
+
+    def _take_after(self, path: str) -> Any:
+        after = next((a for a in self._afters if a[0] in ("*", path)), None)
+        if after is None:
+            return None
+        after[1] -= 1
+        if after[1] == 0:
+            self._afters.remove(after)
+        return after[2]
+
+    def _take_fault(self, path: str) -> None:
+        fault = next((f for f in self._faults if f[0] in ("*", path)), None)
+        if fault is None:
+            return
+        _, remaining, status, retry_after = fault
+        fault[1] = remaining - 1
+        if fault[1] == 0:
+            self._faults.remove(fault)
+        if status == 429:
+            raise _Reply(429, "too_many_requests", {"Retry-After": str(retry_after)})
+        raise _Reply(status, f"injected failure {status}")
+
+    def _token(self, body: bytes) -> dict[str, Any]:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("ascii", "replace")).items()}
+        if form.get("grant_type") != "refresh_token":
+            raise _Reply(400, {"error": "unsupported_grant_type"})
+        if (form.get("client_id"), form.get("client_secret")) != (self.app_key, self.app_secret):
+            raise _Reply(400, {"error": "invalid_client"})
+        if self._revoked or form.get("refresh_token") != self.refresh_token:
+            raise _Reply(400, {"error": "invalid_grant", "error_description": "revoked"})
+        token = "sl.fake-" + secrets.token_urlsafe(24)
+        self._tokens.add(token)
+        return {"access_token": token, "token_type": "bearer", "expires_in": self.expires_in}
+
+    def _check_auth(self, header: str) -> None:
+        scheme, _, token = header.partition(" ")
+        if scheme != "Bearer" or not token:
+            raise _bad_input('missing or malformed "Authorization" header')
+        if token not in self._tokens:
+            tag = "expired_access_token" if token in self._expired else "invalid_access_token"
+            raise _Reply(401, {"error_summary": tag + "/..", "error": {".tag": tag}})
+
+    def _check_host(self, path: str, host: str) -> None:
+        want = "content" if path in _CONTENT_ROUTES else "api"
+        if host.endswith(".dropboxapi.com") and not host.startswith(want + "."):
+            raise _bad_input(f"{path} must be called on {want}.dropboxapi.com, not {host}")
+
+    # -- the file tree (callers hold the lock) --------------------------------------------------
+
+    def _norm(self, path: str, allow_root: bool = False) -> str:
+        """Validate a path; return it without trailing slash (``""`` for the root)."""
+        if path.startswith("id:"):
+            found = [e.display for e in self._entries.values() if e.id == path]
+            if not found:
+                raise _lookup("not_found")
+            return found[0]
+        if path and not path.startswith("/"):
+            raise _bad_input(f"path {path!r} did not match pattern")
+        path = path.rstrip("/")
+        if not path and not allow_root:
+            raise _bad_input("the root folder is unsupported")
+        return path
+
+    def _place(self, path: str) -> str | None:
+        """Create the missing parents of ``path``; return ``path`` cased like its parents.
+
+        Return None, creating nothing, when an ancestor is a file (``file_ancestor``).
+        """
+        display = ""
+        names = path.split("/")[1:]
+        for name in names[:-1]:
+            parent = self._entries.get((display + "/" + name).lower())
+            if parent is not None and parent.data is not None:
+                return None
+            display = parent.display if parent is not None else display + "/" + name
+        display = ""
+        for name in names[:-1]:
+            lower = (display + "/" + name).lower()
+            parent = self._entries.setdefault(lower, _Entry(display + "/" + name, self._new_id()))
+            display = parent.display
+        return display + "/" + names[-1]
+
+    def _new_id(self) -> str:
+        return "id:" + secrets.token_urlsafe(16)[:22]
+
+    def _new_rev(self) -> str:
+        self._rev += 1
+        return f"{self._rev:015x}"
+
+    # -- routes (called with the lock held) -----------------------------------------------------
+
+    def _upload(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
+        path, mode = self._norm(arg["path"]), arg.get("mode", "add")
+        mode = {".tag": mode} if isinstance(mode, str) else mode
+        if arg.get("content_hash") not in (None, content_hash(body)):
+            raise _route_error({".tag": "content_hash_mismatch"})
+
+        def conflict(kind: str) -> _Reply:
+            session = secrets.token_hex(16)  # required by the SDK's UploadWriteFailed
+            error = {".tag": "path", "reason": _conflict(kind), "upload_session_id": session}
+            return _route_error(error)
+
+        old = self._entries.get(path.lower())
+        if old is not None and old.data is None:
+            raise conflict("folder")
+        if old is not None and mode[".tag"] != "overwrite":
+            stale = mode[".tag"] == "add" or mode.get("update") != old.rev
+            if stale and (arg.get("strict_conflict") or old.data != body):
+                raise conflict("file")
+        elif old is None and mode[".tag"] == "update" and arg.get("strict_conflict"):
+            raise conflict("file")  # no rev can match a file that is gone
+        if old is not None and old.data == body:
+            return old.metadata(tagged=False), None  # identical bytes: nothing changes
+        if (display := old.display if old is not None else self._place(path)) is None:
+            raise conflict("file_ancestor")
+        now = _now()
+        entry = _Entry(
+            display=display,
+            id=old.id if old is not None else self._new_id(),
+            data=body,
+            rev=self._new_rev(),
+            client_modified=arg.get("client_modified") or now,
+            server_modified=now,
+        )
+        self._entries[path.lower()] = entry
+        return entry.metadata(tagged=False), None
+
+    def _download(self, arg: dict[str, Any], body: bytes) -> tuple[Any, bytes]:
+        entry = self._entries.get(self._norm(arg["path"]).lower())
+        if entry is None or (arg.get("rev") not in (None, entry.rev)):
+            raise _lookup("not_found")
+        if entry.data is None:
+            raise _lookup("not_file")
+        return entry.metadata(tagged=False), entry.data
+
+    def _get_metadata(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
+        entry = self._entries.get(self._norm(arg["path"]).lower())
+        if entry is None:
+            raise _lookup("not_found")
+        return entry.metadata(), None
+
+    def _move(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
+        src, dst = self._norm(arg["from_path"]), self._norm(arg["to_path"])
+        entry = self._entries.get(src.lower())
+        if entry is None:
+            raise _lookup("not_found", "from_lookup")
+        if dst.lower() == src.lower() and dst != entry.display:
+            pass  # a case-only rename
+        elif dst.lower() == src.lower():
+            raise _route_error({".tag": "duplicated_or_nested_paths"})
+        elif dst.lower().startswith(src.lower() + "/"):
+            raise _route_error({".tag": "cant_move_folder_into_itself"})
+        elif (old := self._entries.get(dst.lower())) is not None:
+            kind = "folder" if old.data is None else "file"
+            raise _route_error({".tag": "to", "to": _conflict(kind)})
+        if (target := self._place(dst)) is None:
+            raise _route_error({".tag": "to", "to": _conflict("file_ancestor")})
+        prefix = src.lower()
+        moved = {
+            lower: e
+            for lower, e in self._entries.items()
+            if lower == prefix or lower.startswith(prefix + "/")
+        }
+        for lower in moved:
+            del self._entries[lower]
+        for e in moved.values():
+            display = target + e.display[len(src) :]
+            rev = self._new_rev() if e.data is not None else ""
+            self._entries[display.lower()] = replace(e, display=display, rev=rev)
+        return {"metadata": self._entries[target.lower()].metadata()}, None
+
+    def _delete(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
+        path = self._norm(arg["path"]).lower()
+        entry = self._entries.get(path)
+        # A stale parent_rev answering not_found is a guess; real Dropbox is unverified here.
+        if entry is None or arg.get("parent_rev") not in (None, entry.rev):
+            raise _lookup("not_found", "path_lookup")
+        for lower in [k for k in self._entries if k == path or k.startswith(path + "/")]:
+            del self._entries[lower]
+        return {"metadata": entry.metadata()}, None
+
+    def _create_folder(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
+        path = self._norm(arg["path"])
+        old = self._entries.get(path.lower())
+        if old is not None:
+            kind = "folder" if old.data is None else "file"
+            raise _route_error({".tag": "path", "path": _conflict(kind)})
+        if (display := self._place(path)) is None:
+            raise _route_error({".tag": "path", "path": _conflict("file_ancestor")})
+        entry = self._entries[display.lower()] = _Entry(display, self._new_id())
+        return {"metadata": entry.metadata(tagged=False)}, None
+
+    def _list_folder(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
+        if arg["path"] == "/":
+            raise _bad_input('path: "/" did not match pattern; use "" for the root')
+        path = self._norm(arg["path"], allow_root=True).lower()
+        if path:
+            folder = self._entries.get(path)
+            if folder is None:
+                raise _lookup("not_found")
+            if folder.data is not None:
+                raise _lookup("not_folder")
+        recursive = arg.get("recursive", False)
+        entries = [
+            e.metadata()
+            for lower, e in sorted(self._entries.items())
+            if (lower == path and recursive)
+            or (lower.startswith(path + "/") and (recursive or lower.rsplit("/", 1)[0] == path))
+        ]
+        limit = min(self.page_size, arg.get("limit") or self.page_size)
+        return self._page(entries, limit), None
+
+    def _list_folder_continue(self, arg: dict[str, Any], body: bytes) -> tuple[Any, None]:
+        if (pending := self._cursors.get(arg["cursor"])) is None:  # a cursor can be reused
+            raise _route_error({".tag": "reset"})
+        limit, entries = pending
+        return self._page(entries, limit), None
+
+    def _page(self, entries: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+        """One page of ``entries``; the rest waits under a fresh cursor."""
+        cursor = "AAF" + secrets.token_urlsafe(24)
+        self._cursors[cursor] = (limit, entries[limit:])  # the final cursor lists nothing
+        return {"entries": entries[:limit], "cursor": cursor, "has_more": len(entries) > limit}
+
+
+def _route_path(route: str) -> str:
+    """``"*"``, or a route's URL path: ``files/upload`` and ``/2/files/upload`` are the same."""
+    if route == "*":
+        return route
+    route = "/" + route.lstrip("/")
+    return route if route.startswith(("/2/", "/oauth2/")) else "/2" + route
+
+
+def _json_arg(text: str | None, where: str) -> dict[str, Any]:
+    """Parse a route argument; ``null`` becomes ``{}``."""
+    try:
+        value = json.loads(text) if text is not None else None
+    except ValueError as exc:
+        raise _bad_input(f"could not decode {where} as JSON: {exc}") from None
+    if value is not None and not isinstance(value, dict):
+        raise _bad_input(f"{where} must be a JSON object")
+    return value or {}
+
+
+def _json_reply(status: int, body: Any) -> tuple[int, dict[str, str], bytes]:
+    # Exactly "application/json": the SDK asserts it for 200 RPC replies and 401s.
+    return status, {"Content-Type": "application/json"}, json.dumps(body).encode("utf-8")
+
+
+def _error_reply(reply: _Reply) -> tuple[int, dict[str, str], bytes]:
+    if isinstance(reply.body, dict):
+        status, headers, body = _json_reply(reply.status, reply.body)
+    else:
+        status, body = reply.status, str(reply.body).encode("utf-8")
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+    return status, {**headers, **reply.headers}, body
+
+
+def fake_session(host: str, ca_path: str) -> Any:
+    """A ``requests.Session`` that sends every ``https://`` request to ``host`` (``IP:PORT``).
+
+    The original host stays in the ``Host`` header, so the fake can check that content routes
+    went to the content host. TLS is verified against ``ca_path``; the environment (CA bundle
+    variables, proxies, netrc) is ignored. Pass it as ``dropbox.Dropbox(session=...)``.
+    """
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    class _ToFake(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            parts = urllib.parse.urlsplit(request.url)
+            request.headers["Host"] = parts.netloc
+            request.url = urllib.parse.urlunsplit(parts._replace(netloc=host))
+            kwargs.update(verify=ca_path, proxies={})
+            return super().send(request, **kwargs)
+
+    result = requests.Session()
+    result.trust_env = False
+    result.mount("https://", _ToFake())
+    return result
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet about clients that hang up or reject the certificate."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+def _make_handler(fake: FakeDropbox) -> type[http.server.BaseHTTPRequestHandler]:
+    """A request handler class bound to ``fake``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like the real API
+        timeout = 30  # idle keep-alive connections end eventually
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK wait
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            path = urllib.parse.urlsplit(self.path).path
+            answer = fake._handle(path, self.headers, body)
+            if answer is None:  # the request took effect; its answer is lost with the connection
+                self.close_connection = True
+                return
+            status, headers, payload = answer
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("X-Dropbox-Request-Id", secrets.token_hex(16))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:
+            self.send_error(405, "Dropbox API v2 routes are POST only")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # keep test output quiet
+
+    return Handler
