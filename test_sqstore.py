@@ -6480,6 +6480,7 @@ def life_steps(store: Storage, count: Callable[[], int]) -> dict[str, int]:
     return steps
 
 
+@pytest.mark.slow
 def test_mongodb_job_life_reads_back_nothing_it_wrote(mongodb_server: Any) -> None:
     """A MongoDB job life is 20 commands: a claim is 6 and a finish 8 (no lease read before a
     swap, no read-back of the claimed job, a move out of running is a copy and a delete)."""
@@ -6497,6 +6498,7 @@ def test_mongodb_job_life_reads_back_nothing_it_wrote(mongodb_server: Any) -> No
     }, steps
 
 
+@pytest.mark.slow
 def test_mongodb_claim_while_draining_is_four_commands(mongodb_server: Any) -> None:
     """claim_jobs draining a queue costs a lease insert and a three-command move per job, and
     one list step per 64 ids: the job is not read again after the move that read it."""
@@ -6515,6 +6517,7 @@ def test_mongodb_claim_while_draining_is_four_commands(mongodb_server: Any) -> N
     assert len(counter.commands) <= 4 * len(jobs) + 5, counter.commands
 
 
+@pytest.mark.slow
 def test_mongodb_swap_of_what_was_read_is_one_command(mongodb_server: Any) -> None:
     """A swap sends one conditional command and never a read first; it still refuses a
     document that changed in any way (an extra field, a null that is now missing, an array
@@ -6548,6 +6551,7 @@ def test_mongodb_swap_of_what_was_read_is_one_command(mongodb_server: Any) -> No
         store["swap"]("jobs/leases", "y", doc, None)
 
 
+@pytest.mark.slow
 def test_mongodb_move_out_of_running_is_two_commands(mongodb_server: Any) -> None:
     """A move to any folder but running copies on the server and deletes (two commands);
     it still refuses a different document in the target and a missing source."""
@@ -6574,6 +6578,7 @@ def test_mongodb_move_out_of_running_is_two_commands(mongodb_server: Any) -> Non
     assert store["list"]("jobs/running") == [ids[1]]
 
 
+@pytest.mark.slow
 def test_dropbox_job_life_is_18_requests(dbx: Storage, dropbox_fake: Any) -> None:
     """A Dropbox job life on one handle is 18 HTTP requests: the final status overwrites the
     rev this handle wrote, with no existence check first."""
@@ -6581,6 +6586,7 @@ def test_dropbox_job_life_is_18_requests(dbx: Storage, dropbox_fake: Any) -> Non
     assert steps["finish"] == 7 and sum(steps.values()) == 18, steps
 
 
+@pytest.mark.slow
 def test_dropbox_update_at_a_known_rev_still_replaces_and_refuses(
     dbx: Storage, dropbox_fake: Any
 ) -> None:
