@@ -4627,16 +4627,22 @@ def mongodb_storage(
     def move(src: str, dst: str, doc_id: str) -> Doc | None:
         what, query = f"{src}/{doc_id}", key(src, doc_id)
         source, target = collection(src), collection(dst)
-        if dst != layout.running and copied(src, dst, doc_id):
-            drop_it = functools.partial(source.delete_one, query)
-            deleted = call(
-                what,
-                lambda: send(
-                    lambda: drop_it().deleted_count,
-                    lambda: drop_it().deleted_count or 1,  # an earlier try may have deleted it
-                ),
+
+        def drop_source(query: Doc) -> bool:
+            """Delete the moved document from *src*; whether this move deleted it."""
+            drop = functools.partial(source.delete_one, query)
+            return bool(
+                call(
+                    what,
+                    lambda: send(
+                        lambda: drop().deleted_count,
+                        lambda: drop().deleted_count or 1,  # an earlier try may have deleted it
+                    ),
+                )
             )
-            if deleted:
+
+        if dst != layout.running and copied(src, dst, doc_id):
+            if drop_source(query):
                 return None
             raise NotFoundError(f"{what} does not exist")  # gone before, or another mover won
         found = call(what, lambda: send(lambda: source.find_one(query)))
@@ -4644,7 +4650,6 @@ def mongodb_storage(
             raise NotFoundError(f"{what} does not exist")
         source_id = found.pop("_id")
         body = {"_id": new_id(dst, doc_id), **found}
-        drop = functools.partial(source.delete_one, {"_id": source_id})
         for _ in range(2):
             try:
                 call(f"{dst}/{doc_id}", lambda: send(lambda: target.insert_one(body) and None))
@@ -4659,14 +4664,7 @@ def mongodb_storage(
                     if {**there, "_id": body["_id"]} != body:
                         raise
                     break  # the same document: ours (an answer lost), a half-done move's, a racer's
-        deleted = call(
-            what,
-            lambda: send(
-                lambda: drop().deleted_count,
-                lambda: drop().deleted_count or 1,  # an earlier try may have deleted it
-            ),
-        )
-        if deleted:
+        if drop_source({"_id": source_id}):
             return moved(dst, doc_id, found)
         if inserted and dst == layout.running:
             # A sqooler mover deleted the source.  If its copy has not come and gone

@@ -6021,18 +6021,8 @@ def exchange(store: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]) -> dict[str,
 
 
 def copy_counts(**copied: int) -> dict[str, dict[str, int]]:
-    kinds = (
-        "public_keys",
-        "user_keys",
-        "configs",
-        "job_signatures",
-        "submit_tokens",
-        "cancel_requests",
-        "jobs",
-        "statuses",
-        "results",
-        "leases",
-    )
+    kinds = sqstore.copy_storage(sqstore.memory_storage(), sqstore.memory_storage())  # each kind
+    assert set(copied) <= set(kinds)
     return {
         kind: {"copied": copied.get(kind, 0), "present": 0, "conflicts": 0, "rejected": 0}
         for kind in kinds
