@@ -5935,12 +5935,16 @@ def copy_storage(
         where = "/".join(src_at)
         try:
             doc = src["get"](*src_at)
+        except NotFoundError:
+            return None
+        except InvalidDocumentError as exc:
+            tell(kind, "rejected", f"{where}: not copied: {exc}")
+            return None
+        try:
             if verify and is_signed(doc):
                 if among is None:
                     among = keys if dn is None else keys_of.get(dn, [])
                 verify_doc(doc, among)
-        except NotFoundError:
-            return None
         except (InvalidDocumentError, BadSignatureError) as exc:
             tell(kind, "rejected", f"{where}: not copied: {clash(doc, dn) or exc}")
             return None

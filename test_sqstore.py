@@ -6244,6 +6244,21 @@ def test_copy_keeps_what_the_target_has_and_verifies_on_request(tmp_path: Path, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("verify", [False, True])
+def test_copy_rejects_a_source_document_that_is_not_json(tmp_path: Path, verify: bool) -> None:
+    """A source document that cannot be read is counted as rejected and named; the rest is
+    copied (with or without verify)."""
+    src = sqstore.local_storage(tmp_path / "src")
+    sqstore.upload_config(src, sqstore.demo_config("sim"), "sim")
+    (tmp_path / "src" / "backends" / "public_keys").mkdir(parents=True)
+    (tmp_path / "src" / "backends" / "public_keys" / "broken.json").write_text("{not json")
+    warnings: list[str] = []
+    dst = sqstore.local_storage(tmp_path / "dst")
+    counts = sqstore.copy_storage(src, dst, verify=verify, warn=warnings.append)
+    assert counts["public_keys"]["rejected"] == 1 and counts["configs"]["copied"] == 1
+    assert len(warnings) == 1 and "public_keys/broken: not copied:" in warnings[0], warnings
+
+
 def test_copy_killed_then_resumed_copies_everything_once(tmp_path: Path) -> None:
     """A copy SIGKILLed midway, run again, completes: nothing twice, nothing lost."""
     src, dst = tmp_path / "src", tmp_path / "dst"
