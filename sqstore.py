@@ -6287,24 +6287,31 @@ def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
     if args.job:
         try:
             chain = verify_job(store, args.display_name, args.username, args.job_id)
-        except NotFoundError:
-            pass  # no such job, or no result yet: said below
-        else:
-            print(f"{args.job_id}: {'job and result verified' if chain else 'NOT VERIFIED'}")
-            return 0 if chain else 1
-    if not _exists(
-        store, *locate(store["layout"], "result", args.display_name, job_id=args.job_id)
-    ):
-        where = _job_where(store, args.display_name, args.job_id)
-        if where is None:
-            raise _UserError(_no_job(store, args.storage, args.display_name, args.job_id))
-        raise _UserError(
-            f"job {args.job_id!r} on backend {args.display_name!r} at "
-            f"{redact_url(args.storage)} has no result to verify: it is {where}"
-        )
+        except NotFoundError as exc:  # never the result's check alone: the chain is asked for
+            _refuse_without_result(store, args)
+            raise _UserError(
+                f"job {args.job_id!r} on backend {args.display_name!r} at "
+                f"{redact_url(args.storage)}: cannot check the chain: {exc}"
+            ) from None
+        print(f"{args.job_id}: {'job and result verified' if chain else 'NOT VERIFIED'}")
+        return 0 if chain else 1
+    _refuse_without_result(store, args)
     ok = verify_result(store, args.display_name, args.job_id)
     print(f"{args.job_id}: {'valid signature' if ok else 'NOT VERIFIED'}")
     return 0 if ok else 1
+
+
+def _refuse_without_result(store: Storage, args: argparse.Namespace) -> None:
+    """Say why there is nothing to verify when the job has no result (or no job is there)."""
+    if _exists(store, *locate(store["layout"], "result", args.display_name, job_id=args.job_id)):
+        return
+    where = _job_where(store, args.display_name, args.job_id)
+    if where is None:
+        raise _UserError(_no_job(store, args.storage, args.display_name, args.job_id))
+    raise _UserError(
+        f"job {args.job_id!r} on backend {args.display_name!r} at "
+        f"{redact_url(args.storage)} has no result to verify: it is {where}"
+    )
 
 
 def _cmd_cancel(store: Storage, args: argparse.Namespace) -> int:

@@ -7070,6 +7070,13 @@ def test_cli_signed_submission_from_submit_to_verify(tmp_path: Path) -> None:
     assert (ok.returncode, ok.stdout) == (0, f"{signed_id}: job and result verified\n"), ok.stderr
     bad = run_cli(*cli, "verify", "sim", plain_id, "--job", "-u", "mallory", cwd=tmp_path)
     assert (bad.returncode, bad.stdout) == (1, f"{plain_id}: NOT VERIFIED\n"), bad.stderr
+    # the job's document pruned, its result kept: the chain cannot be checked, so no "valid"
+    later = time.time() + 2 * 86_400
+    sqstore.prune(store, "sim", older_than=86_400, keep_results=30 * 86_400, now=lambda: later)
+    assert run_cli(*cli, "verify", "sim", signed_id, cwd=tmp_path).returncode == 0  # the result
+    gone = run_cli(*cli, "verify", "sim", signed_id, "--job", "-u", "alice", cwd=tmp_path)
+    assert (gone.returncode, gone.stdout) == (1, ""), gone.stdout
+    assert "cannot check the chain" in gone.stderr and gone.stderr.count("\n") == 1
     first = run_cli(*cli, "submit", "sim", "job.json", "--token", "t1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     (tmp_path / "other.json").write_text(json.dumps(job_with(shots=7)))
