@@ -6429,7 +6429,8 @@ def _cmd_running(store: Storage, args: argparse.Namespace) -> int:
             print(f"{job_id}\t{_ORPHAN}\t-\t-\t-")
             continue
         clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expires))
-        state = "expired" if lease.expires < now else "live"
+        expired = _expired(lease, now, args.skew)  # as requeue and a sweep judge it
+        state = "expired" if expired else "overdue" if lease.expires < now else "live"
         print(f"{job_id}\t{lease.holder or '-'}\t{clock}\t{lease.attempts}\t{state}")
     return 0
 
@@ -6453,8 +6454,8 @@ def _cmd_requeue(store: Storage, args: argparse.Namespace) -> int:
         ) from None
     if not requeued:
         print(
-            f"{args.job_id}: not requeued: its worker died while finishing it; that finish "
-            "is now complete",
+            f"{args.job_id}: not requeued: it has ended (its worker died while finishing it, "
+            "or it was cancelled); sqstore status shows how",
             file=sys.stderr,
         )
         return 0
@@ -7627,9 +7628,14 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("display_name")
     running = command(
         "running", _cmd_running,
-        "list a backend's running jobs: id, holder, lease expiry, claims, live or expired",
+        "list a backend's running jobs: id, holder, lease expiry, claims, and live, overdue "
+        "(past its time, within the skew) or expired (a sweep takes it back)",
     )  # fmt: skip
     running.add_argument("display_name")
+    running.add_argument(
+        "--skew", type=float, default=DEFAULT_SKEW, metavar="SECONDS",
+        help=f"seconds past its time before a lease counts as expired (default {DEFAULT_SKEW:g})",
+    )  # fmt: skip
     requeue = command(
         "requeue", _cmd_requeue,
         "put a running job back in its queue now (a dead worker's); without JOB_ID, "

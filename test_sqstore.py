@@ -8509,25 +8509,33 @@ def test_requeue_job_completes_a_recorded_finish_and_releases_a_half_claim(
 
 
 def test_cli_running_and_requeue(tmp_path: Path) -> None:
-    """`running` prints each running job with holder, lease expiry and attempts;
+    """`running` prints each running job with holder, lease expiry, attempts and whether a
+    sweep would take it (`expired`, as `requeue` judges it, or `overdue` within the skew);
     `requeue DN JOB` forces that job back; `requeue DN` requeues the expired ones only."""
     store, key, job_id = a_lab(tmp_path / "lab")
     second = sqstore.upload_job(store, JOB, "sqsim", "cli")
+    third = sqstore.upload_job(store, JOB, "sqsim", "cli")
     assert sqstore.claim_job(store, "sqsim", key, holder="deadbox:42", lease_seconds=600)
     expired = -sqstore.DEFAULT_SKEW - 1
     assert sqstore.claim_job(store, "sqsim", key, holder="gone:7", lease_seconds=expired)
+    assert sqstore.claim_job(store, "sqsim", key, holder="late:8", lease_seconds=-1)
     proc = sqstore_cli("--storage", "lab", "running", "sqsim", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines()]
-    assert [row[:2] for row in rows] == [[job_id, "deadbox:42"], [second, "gone:7"]]
+    assert [row[:2] for row in rows] == [
+        [job_id, "deadbox:42"],
+        [second, "gone:7"],
+        [third, "late:8"],
+    ]
+    assert [row[4] for row in rows] == ["live", "expired", "overdue"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", rows[0][2]) and rows[0][3] == "1"
     sweep = sqstore_cli("--storage", "lab", "requeue", "sqsim", cwd=tmp_path)
     assert sweep.returncode == 0 and sweep.stdout.split() == [second], sweep.stderr
     force = sqstore_cli("--storage", "lab", "requeue", "sqsim", job_id, cwd=tmp_path)
     assert force.returncode == 0 and force.stdout.split() == [job_id], force.stderr
     assert sorted(store["list"]("jobs/queued/sqsim")) == sorted([job_id, second])
-    empty = sqstore_cli("--storage", "lab", "running", "sqsim", cwd=tmp_path)
-    assert empty.returncode == 0 and empty.stdout == ""
+    left = sqstore_cli("--storage", "lab", "running", "sqsim", cwd=tmp_path)
+    assert left.returncode == 0 and left.stdout.split("\t")[0] == third
 
 
 # ============================================================================
