@@ -2601,7 +2601,9 @@ def claim_jobs(
                 claimed = _claim_one(
                     store, display_name, queue, file_id, holder, now(), lease_seconds, skew
                 )
-                if claimed is not None and _set_aside(store, display_name, claimed, configs):
+                if claimed is not None and _set_aside_or_give_back(
+                    store, display_name, claimed, configs
+                ):
                     found = True  # not run: the next one is tried
                     continue
             except (
@@ -3794,6 +3796,19 @@ def _set_aside(
     doc = _finished_at(to_doc(status), time.time())
     _close(store, _lease_at(store, job_id), display_name, job_id, doc)
     return True
+
+
+def _set_aside_or_give_back(
+    store: Storage, display_name: str, claimed: tuple[NextJob, Doc], configs: list[Doc]
+) -> bool:
+    """`_set_aside`, but a job it cannot decide on (a read failed) goes back to its queue
+    at once, before the failure is raised, rather than wait in running for its lease."""
+    try:
+        return _set_aside(store, display_name, claimed, configs)
+    except SqstoreError:
+        with contextlib.suppress(SqstoreError):  # else its lease expires and a sweep does it
+            requeue_job(store, display_name, claimed[0].job_id)
+        raise
 
 
 @_reads

@@ -7409,6 +7409,34 @@ def test_a_signature_that_cannot_be_read_sets_its_job_aside(tmp_path: Path) -> N
     assert jobs_in(store, "leases") == [good]
 
 
+def test_a_signature_check_that_fails_for_a_passing_reason_gives_the_job_back(
+    store: Storage,
+) -> None:
+    """On a backend requiring signed jobs, a claim whose signature read fails for a passing
+    reason (a TransientError) puts the job back in its queue before it raises: the job is
+    not held in running until its lease expires, and the next claim runs it."""
+    private, public = sqstore.generate_keypair("alicekey")
+    sqstore.upload_public_key(store, public, "alice", role="user")
+    sqstore.upload_config(store, strict_config(require_signed_jobs=True), "sim")
+    job_id = queued_job(store, key=private)
+    failures = [1]
+
+    def flaky(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if args[0].endswith("/signatures") and failures:
+                failures.pop()
+                raise sqstore.TransientError(f"{args[0]}: the network blinked")
+            return fn(*args)
+
+        return call
+
+    with pytest.raises(sqstore.TransientError):
+        sqstore.claim_job(sqstore._map_ops(store, flaky, only=("get",)), "sim")
+    assert jobs_in(store, "queued", job_id) == [job_id] and jobs_in(store, "running") == []
+    got = sqstore.claim_job(store, "sim")
+    assert got is not None and got[0].job_id == job_id
+
+
 def test_cli_cancel_on_an_unknown_backend_names_the_known_ones(tmp_path: Path) -> None:
     """`sqstore cancel` on a backend that does not exist says so in one line, listing the
     known backends, exit 1, as every command that names a backend does."""
