@@ -6209,15 +6209,14 @@ def _dotenv_value(path: str, name: str) -> str | None:
     return found
 
 
-def _write_private(path: str, text: str) -> None:
+def _save_private(path: str, private: JWK) -> None:
+    """`save_jwk`, its errors as one line each."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+        save_jwk(path, private)
+    except AlreadyExistsError:
         raise _UserError(f"{path} exists already: refusing to overwrite a key") from None
-    except OSError as exc:
-        raise _UserError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    except StorageError as exc:
+        raise _UserError(str(exc)) from None
 
 
 def _print_json(doc: Any) -> None:
@@ -6227,7 +6226,7 @@ def _print_json(doc: Any) -> None:
 def _cmd_keygen(store: Storage | None, args: argparse.Namespace) -> int:
     private, public = generate_keypair(args.kid)
     out = args.private_key or f"{args.kid}.jwk"
-    _write_private(out, json.dumps(to_doc(private)) + "\n")
+    _save_private(out, private)
     print(f"private key written to {out} (mode 0600)", file=sys.stderr)
     _print_json(to_doc(public))
     return 0
@@ -6606,7 +6605,7 @@ def _demo_key(url: str, key_file: str | None, kid: str) -> JWK:
         except OSError as exc:
             raise _UserError(f"cannot create the storage {url}: {exc.strerror}") from None
     private, _ = generate_keypair(kid)
-    _write_private(path, json.dumps(to_doc(private)) + "\n")
+    _save_private(path, private)
     return private
 
 
