@@ -3153,8 +3153,7 @@ def _queue_for_token(
     the token done (no holder)."""
     layout, job_id = store["layout"], doc["job_id"]
     folder = _token_folder(layout, display_name)
-    # looked for twice, as `_find_job` does: a claim between two reads hides it from one
-    if fresh or all(_job_where(store, display_name, job_id) is None for _ in range(2)):
+    if fresh or _nowhere(store, display_name, job_id):
         if private_jwk is not None:
             _sign_job(store, job, display_name, username, job_id, private_jwk)
         with contextlib.suppress(AlreadyExistsError):  # an upload of ours answered too late
@@ -3166,6 +3165,15 @@ def _queue_for_token(
     with contextlib.suppress(NotFoundError):  # pruned already: nothing to mark
         store["swap"](folder, doc["client_token"], doc, {**doc, "holder": ""})
     return str(job_id)
+
+
+def _nowhere(store: Storage, display_name: str, job_id: str) -> bool:
+    """Whether a job is in none of its folders (`_find_job`: looked for twice)."""
+    try:
+        _find_job(store, display_name, job_id)
+    except NotFoundError:
+        return True
+    return False
 
 
 def _finished_at(doc: Doc, at: float) -> Doc:
@@ -3639,14 +3647,9 @@ def _after_the_end(
     if cancel_requested(store, job_id) is None:
         return "finished"
     outcome = "finished"
-    if where == "deleted":
-        try:
-            final = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
-        except (NotFoundError, InvalidDocumentError):
-            final = {}
-        if final.get("status") not in ("DONE", "ERROR"):
-            _put_status(store, display_name, None, job_id, _cancelled_before(job_id, username))
-            outcome = "cancelled"
+    if where == "deleted" and _final_status(store, display_name, job_id) is None:
+        _put_status(store, display_name, None, job_id, _cancelled_before(job_id, username))
+        outcome = "cancelled"
     _forget_cancel(store, job_id)
     return outcome
 
