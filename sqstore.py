@@ -5659,8 +5659,8 @@ def work(
     Raises:
         ValueError: no store given.
         InvalidNameError: bad display name.
-        BadSignatureError: a backend signs and *private_jwk* is not its key
-            (checked at the start, before any job is claimed).
+        BadSignatureError: a backend signs and *private_jwk* is not its key, or
+            none is given (checked at the start, before any job is claimed).
 
     Returns:
         The number of jobs finished (DONE or ERROR).
@@ -5670,11 +5670,15 @@ def work(
     for store in stores:
         _check_handle(store)
     _check_display_name(display_name)
-    for store in stores if private_jwk is not None else ():  # a wrong key fails now
+    for store in stores:  # a wrong or missing key fails now, not at every claim
         try:
             cfg = get_config(store, display_name)
         except SqstoreError:
             continue  # no config (yet), or unreadable: the loop reports it
+        if cfg.sign and private_jwk is None:
+            raise BadSignatureError(
+                f"backend {display_name!r} on {store['name']} signs: work needs its private key"
+            )
         _backend_signer(store, cfg, private_jwk)
     stop = stop or threading.Event()
     holder = holder or _default_holder()

@@ -740,6 +740,16 @@ def test_work_refuses_a_key_that_is_not_the_backends(
     assert snapshot(signed, job_id) == before
 
 
+def test_work_refuses_to_serve_a_signing_backend_without_its_key(signed: Storage) -> None:
+    """work() without a key on a backend that signs raises BadSignatureError before it claims
+    anything (it failed at every claim, forever): the job stays queued."""
+    job_id = sqstore.upload_job(signed, JOB, "sim", "alice")
+    before = snapshot(signed, job_id)
+    with pytest.raises(sqstore.BadSignatureError, match="signs: work needs its private key"):
+        sqstore.work([signed], "sim", sqstore.run_simulator, burst=True, log=lambda line: None)
+    assert snapshot(signed, job_id) == before
+
+
 def test_a_result_verifies_only_as_its_own_jobs(signed: Storage, keys: Any) -> None:
     """A genuine signed result put in another job's place, or naming another backend, does
     not verify there, with the stored key or a given one."""
