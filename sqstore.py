@@ -5888,7 +5888,6 @@ _COPY_PLACES = (
     ("results", "result"),
     ("leases", "lease"),
 )
-_LAYOUT_FIELDS = {"result": "results", "lease": "leases"}  # the Layout field of a place
 
 
 def copy_storage(
@@ -5931,10 +5930,9 @@ def copy_storage(
     _check_handle(dst)
     layouts = src_layout, dst_layout = src["layout"], dst["layout"]
     for _, place in _COPY_PLACES:
-        field = _LAYOUT_FIELDS.get(place, place)
-        per_backend = ["{display_name}" in getattr(lay, field) for lay in (src_layout, dst_layout)]
+        per_backend = ["{display_name}" in _folder_template(lay, place) for lay in layouts]
         if per_backend[0] != per_backend[1]:
-            raise ValueError(f"cannot copy: {field} is per backend in one layout only")
+            raise ValueError(f"cannot copy: the {place} folder is per backend in one layout only")
     counts = {kind: dict.fromkeys(_COPY_COUNTS, 0) for kind in _COPY_KINDS}
     keys: list[Doc] = []
     clashing: list[Doc] = []  # source keys whose kid *dst* holds another key for
@@ -6055,12 +6053,12 @@ def copy_storage(
         copy_all("submit_tokens", "submit_token", dn)
     copy_all("cancel_requests", "cancel_request")
     for kind, place in _COPY_PLACES:  # running, deleted, leases: one folder for all
-        if "{display_name}" not in getattr(src_layout, _LAYOUT_FIELDS.get(place, place)):
+        if "{display_name}" not in _folder_template(src_layout, place):
             copy_folder(kind, place, "", None)
     for dn in display_names:
         known: set[str] = set()  # this backend's job ids seen so far
         for kind, place in _COPY_PLACES:
-            template = getattr(src_layout, _LAYOUT_FIELDS.get(place, place))
+            template = _folder_template(src_layout, place)
             if "{display_name}" not in template:
                 continue
             if "{username}" in template:  # not listable: look for the jobs seen so far

@@ -6269,6 +6269,18 @@ def test_copy_rejects_a_source_document_that_is_not_json(tmp_path: Path, verify:
     assert len(warnings) == 1 and "public_keys/broken: not copied:" in warnings[0], warnings
 
 
+def test_copy_refuses_layouts_that_disagree_on_which_folders_are_per_backend() -> None:
+    """Two layouts whose result folders are per backend in one only cannot be copied between:
+    ValueError naming the folder, before anything is read or written."""
+    shared = attrs.evolve(sqstore.LOCAL_LAYOUT, results="results")
+    src = sqstore.memory_storage(layout=shared)
+    sqstore.upload_config(src, sqstore.demo_config("sim"), "sim")
+    dst = sqstore.memory_storage()
+    with pytest.raises(ValueError, match="the result folder is per backend in one layout only"):
+        sqstore.copy_storage(src, dst)
+    assert sqstore.get_backends(dst) == []
+
+
 def test_copy_killed_then_resumed_copies_everything_once(tmp_path: Path) -> None:
     """A copy SIGKILLed midway, run again, completes: nothing twice, nothing lost."""
     src, dst = tmp_path / "src", tmp_path / "dst"
