@@ -3598,7 +3598,7 @@ def test_submit_retried_after_a_lost_mongodb_answer_queues_one_job(lossy: Any, l
 
         return call
 
-    armed = sqstore._map_ops(store, arm, only=("upload",))
+    armed = sqstore.wrap_ops(store, arm, only=("upload",))
     with pytest.raises(sqstore.TransientError):
         sqstore.upload_job(armed, JOB, "sim", "alice", client_token="retry-me")
     assert proxy.lost == ["insert"], "the proxy lost no answer"
@@ -3831,7 +3831,7 @@ def test_prune_keep_results_removes_inputs_first(store: Storage) -> None:
 
 
 def stopping_after(count: int) -> Callable[[str, Callable[..., Any]], Callable[..., Any]]:
-    """A wrap for `_map_ops` that ends the process's work (KeyboardInterrupt) right after
+    """A wrap for `wrap_ops` that ends the process's work (KeyboardInterrupt) right after
     the *count*-th wrapped call took effect."""
     calls = [0]
 
@@ -3857,7 +3857,7 @@ def test_prune_stopped_after_any_delete_never_leaves_a_done_status_without_resul
         store = sqstore.local_storage(tmp_path / f"s{stop_after}")
         jobs = aged_lab(store, [T0])
         with contextlib.suppress(KeyboardInterrupt):
-            stopping = sqstore._map_ops(store, stopping_after(stop_after), only=("delete",))
+            stopping = sqstore.wrap_ops(store, stopping_after(stop_after), only=("delete",))
             sqstore.prune(stopping, "sim", older_than=DAY, now=lambda: T0)
         for job_id in jobs.values():
             left = left_of(store, job_id)
@@ -3889,7 +3889,7 @@ def test_prune_leaves_a_job_whose_worker_is_finishing_it(store: Storage) -> None
 
         return call
 
-    slow = sqstore._map_ops(store, late, only=("swap",))
+    slow = sqstore.wrap_ops(store, late, only=("swap",))
     sqstore.update_in_database(slow, result, status, job_id, "sim", holder="bob", now=lambda: T0)
     done_once(store, job_id)
     assert sqstore.prune(store, "sim", older_than=0, now=lambda: T0 + DAY)["jobs"] == [job_id]
@@ -5475,7 +5475,7 @@ def flaky(store: Storage, failures: dict[str, int], *, after: bool = False) -> S
 
         return call
 
-    return sqstore._map_ops(store, wrap)
+    return sqstore.wrap_ops(store, wrap)
 
 
 def test_read_only_refuses_every_write_and_sends_nothing(local: Storage, tmp_path: Path) -> None:
@@ -6090,7 +6090,7 @@ def recorded(store: Storage) -> tuple[Storage, set[tuple[str, str]]]:
 
         return call
 
-    return sqstore._map_ops(store, wrap), held
+    return sqstore.wrap_ops(store, wrap), held
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -7278,7 +7278,7 @@ def stopped_at(store: Storage, index: int) -> tuple[Storage, list[int]]:
 
         return call
 
-    return sqstore._map_ops(store, wrap), calls
+    return sqstore.wrap_ops(store, wrap), calls
 
 
 @pytest.mark.usefixtures("configured")
@@ -7354,7 +7354,7 @@ def test_a_token_retry_racing_a_claim_never_queues_its_job_twice(store: Storage)
 
         return call
 
-    lossy = sqstore._map_ops(store, lose_the_queued_answer, only=("upload",))
+    lossy = sqstore.wrap_ops(store, lose_the_queued_answer, only=("upload",))
     for index in range(1, 40):
         token = f"t{index}"
         with pytest.raises(sqstore.TransientError):
@@ -7453,7 +7453,7 @@ def test_a_signature_check_that_fails_for_a_passing_reason_gives_the_job_back(
         return call
 
     with pytest.raises(sqstore.TransientError):
-        sqstore.claim_job(sqstore._map_ops(store, flaky, only=("get",)), "sim")
+        sqstore.claim_job(sqstore.wrap_ops(store, flaky, only=("get",)), "sim")
     assert jobs_in(store, "queued", job_id) == [job_id] and jobs_in(store, "running") == []
     got = sqstore.claim_job(store, "sim")
     assert got is not None and got[0].job_id == job_id
@@ -7491,7 +7491,7 @@ def paused_at(store: Storage, index: int, meanwhile: Callable[[], object]) -> St
 
         return call
 
-    return sqstore._map_ops(store, wrap)
+    return sqstore.wrap_ops(store, wrap)
 
 
 def done_once(store: Storage, job_id: str, display_name: str = "sim") -> None:
@@ -7561,7 +7561,7 @@ def wrap(op, fn):
         return out
     return call
 
-store = sqstore._map_ops(store, wrap, ("upload", "update", "move", "delete", "swap"))
+store = sqstore.wrap_ops(store, wrap, ("upload", "update", "move", "delete", "swap"))
 nxt, job = sqstore.claim_job(store, "sim", key, holder="doomed", lease_seconds=1, heartbeat=0)
 result = sqstore.run_simulator(job, nxt.job_id, "sim")
 done = sqstore.StatusMsg(nxt.job_id, "DONE", "The job is done.", "None")
@@ -7736,7 +7736,7 @@ def torn_once(store: Storage, path: str, times: int) -> tuple[Storage, list[int]
 
         return call
 
-    return sqstore._map_ops(store, wrap), armed
+    return sqstore.wrap_ops(store, wrap), armed
 
 
 def test_work_never_turns_a_storage_hiccup_into_an_error_status(tmp_path: Path) -> None:
@@ -7858,7 +7858,7 @@ def test_a_second_finish_with_another_outcome_completes_the_first() -> None:
         return call
 
     with pytest.raises(sqstore.StorageError):
-        finish_as(sqstore._map_ops(store, wrap), job_id, claimed[1], "W")
+        finish_as(sqstore.wrap_ops(store, wrap), job_id, claimed[1], "W")
     error = sqstore.StatusMsg(job_id, "ERROR", "Could not store the result.", "disk full")
     with pytest.raises(sqstore.InvalidDocumentError, match="finished as DONE already"):
         sqstore.update_in_database(store, None, error, job_id, "sim", holder="W")
@@ -8709,6 +8709,35 @@ def test_cli_backend_add_names_a_bad_config_file_once(tmp_path: Path) -> None:
         proc = run_cli("--storage", "lab", "backend", "add", name, cwd=tmp_path)
         one_error_line(proc, name, "not a backend config")
         assert proc.stderr.count(name) == 1, proc.stderr
+
+
+# ============================================================================
+# Public names only
+# ============================================================================
+def test_wrap_ops_makes_a_layer_of_a_function_and_leaves_the_store_alone(store: Storage) -> None:
+    """`wrap_ops` returns a new handle whose named operations (all seven by default) go
+    through ``wrap(op, fn)``, keeps the others and the given handle as they were, and
+    refuses what is not a handle."""
+    seen: list[str] = []
+
+    def spy(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            seen.append(op)
+            return fn(*args)
+
+        return call
+
+    spied = sqstore.wrap_ops(store, spy, only=("upload", "get"))
+    spied["upload"]("jobs/running", "a1", {"v": 1})
+    assert spied["get"]("jobs/running", "a1") == {"v": 1}
+    assert spied["list"]("jobs/running") == ["a1"] and seen == ["upload", "get"]
+    assert store["get"]("jobs/running", "a1") == {"v": 1} and seen == ["upload", "get"]
+    every = sqstore.wrap_ops(store, spy)
+    every["list"]("jobs/running")
+    every["swap"]("jobs/running", "a1", {"v": 1}, {"v": 2})
+    assert seen[-2:] == ["list", "swap"] and spied["name"] == every["name"] == store["name"]
+    with pytest.raises(TypeError, match="not a sqstore storage handle"):
+        sqstore.wrap_ops(cast(Storage, {"get": store["get"]}), spy)
 
 
 # ============================================================================
