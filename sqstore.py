@@ -152,6 +152,7 @@ __all__ = [
     "cancel_job",
     "cancel_requested",
     "check_name",
+    "check_signing_key",
     "claim_job",
     "claim_jobs",
     "configure_converter",
@@ -176,14 +177,17 @@ __all__ = [
     "is_signed",
     "job_id_from",
     "jwk_thumbprint",
+    "lease_expired",
     "load_jwk",
     "local_storage",
     "locate",
+    "locate_job",
     "long_backend_name",
     "memory_storage",
     "mongodb_storage",
     "new_job_id",
     "open_storage",
+    "parse_jwk",
     "payload_of",
     "prune",
     "public_from_private",
@@ -1381,23 +1385,42 @@ def load_jwk(path: str | os.PathLike[str]) -> JWK:
     name = os.fspath(path)
     try:
         with open(name, "rb") as handle:
-            data = handle.read().strip()
+            data = handle.read()
     except FileNotFoundError:
         raise NotFoundError(f"no key file {name}") from None
     except OSError as exc:
         raise StorageError(f"cannot read key file {name}: {exc.strerror}") from None
+    return parse_jwk(data, name)
+
+
+def parse_jwk(text: str | bytes, where: str = "key") -> JWK:
+    """Return the JWK in *text*: its JSON document, or base64url of that JSON (the form
+    in which sqooler keeps ``PRIVATE_JWK_STR`` in its environment).
+
+    A private key is checked: its ``x`` must belong to its ``d``.  Messages start
+    with *where* (say, the file or variable it came from) and never show the key.
+
+    Raises:
+        InvalidDocumentError: *text* holds no JWK.
+        BadSignatureError: a private key whose ``x`` does not belong to its ``d``.
+
+    >>> parse_jwk('{"kid": "k1", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}').kid
+    'k1'
+    """
+    data = (text.encode() if isinstance(text, str) else text).strip()
     try:
         if not data.startswith(b"{"):
-            data = _b64url_decode(data.decode("ascii"), name)
-        key = _coerce(_parse_json(data, name), JWK, name)
+            with contextlib.suppress(UnicodeDecodeError, InvalidDocumentError):
+                data = _b64url_decode(data.decode("ascii"), where).strip()
+            if not data.startswith(b"{"):
+                raise InvalidDocumentError(f"{where}: neither a JSON JWK nor a base64 one")
+        key = _coerce(_parse_json(data, where), JWK, where)
         if key.d is not None:
             public_from_private(key)
-    except UnicodeDecodeError:
-        raise InvalidDocumentError(f"{name}: neither a JWK nor base64url of one") from None
     except (InvalidDocumentError, BadSignatureError) as exc:
-        if name in str(exc):
+        if where in str(exc):
             raise
-        raise type(exc)(f"{name}: {exc}") from None
+        raise type(exc)(f"{where}: {exc}") from None
     return key
 
 
@@ -1690,13 +1713,19 @@ def _doc_signer(store: Storage, private_jwk: Any) -> Callable[[Doc], Doc]:
     return lambda doc: _sign_payload(doc, key.kid, sign, fmt)
 
 
-def _check_signing_key(store: Storage, cfg: BackendConfig, private_jwk: Any) -> JWK:
-    """Return *private_jwk* if it is the backend's signing key, else raise `BadSignatureError`.
+def check_signing_key(store: Storage, cfg: BackendConfig, private_jwk: KeyLike) -> JWK:
+    """Return *private_jwk* if it is the signing key of the backend of config *cfg*.
 
     The key's kid must be the one the config names (when it names one), and if a
     public key is published under that kid, the key's public half must be it:
     otherwise what it signs could be verified by no one.  Before the key is
     published, the kid alone is checked.  One read (the published key) per call.
+    A worker checks its key with it before it claims a job (as `work` does).
+
+    Raises:
+        BadSignatureError: not the backend's key (another kid, or not the
+            published key of its kid), or a private key whose ``x`` is not its ``d``'s.
+        InvalidDocumentError: *private_jwk* is not a JWK.
     """
     key = _coerce(private_jwk, JWK, "private_jwk")
     public = public_from_private(key)
@@ -1725,7 +1754,7 @@ def _backend_signer(
     """
     if not cfg.sign or private_jwk is None:
         return None
-    return _doc_signer(store, _check_signing_key(store, cfg, private_jwk))
+    return _doc_signer(store, check_signing_key(store, cfg, private_jwk))
 
 
 def _config_doc(
@@ -1804,7 +1833,7 @@ def _write_config(
             ) from None
         cfg = attrs.evolve(cfg, sign=True)
     if private_jwk is not None and cfg.sign:
-        _check_signing_key(store, _parse(old, BackendConfig, f"{path}/{doc_id}"), private_jwk)
+        check_signing_key(store, _parse(old, BackendConfig, f"{path}/{doc_id}"), private_jwk)
     doc = _config_doc(store, cfg, display_name, private_jwk, payload_of(old))
     store["update"](path, doc_id, doc)
 
@@ -2459,13 +2488,24 @@ def _lease_doc(raw: Doc, lease: Lease) -> Doc:
     return _keeping_unknown(to_doc(lease), raw, Lease)
 
 
-def _expired(lease: Lease, now: float, skew: float) -> bool:
-    """Whether nobody holds *lease* now: released, or past its time by more than *skew*."""
+def lease_expired(lease: Lease, now: float, skew: float = DEFAULT_SKEW) -> bool:
+    """Return whether nobody holds *lease* at *now*: released, or past its time by more
+    than *skew* seconds (as `requeue_expired` and a claim's sweep judge it).
+
+    >>> lease = Lease("6553f100075bcd15abcdef01", "sim", "host:1", "t", 100.0)
+    >>> lease_expired(lease, 104.0, skew=5.0), lease_expired(lease, 106.0, skew=5.0)
+    (False, True)
+    """
     return not lease.holder or now > lease.expires + skew
 
 
-def _job_where(store: Storage, display_name: str, job_id: str) -> str | None:
-    """Which of queued, running, finished or deleted holds a job now (one read each)."""
+def locate_job(store: Storage, display_name: str, job_id: str) -> str | None:
+    """Return which of ``"queued"``, ``"running"``, ``"finished"`` or ``"deleted"`` holds
+    job *job_id* of backend *display_name* now, or None if none does (one read each).
+
+    Raises:
+        InvalidNameError: *display_name* or *job_id* cannot be a name.
+    """
     layout = store["layout"]
     file_id = _fill(layout.job_file, job_id=job_id)
     for kind in ("running", "queued", "finished", "deleted"):
@@ -2653,7 +2693,7 @@ def _claim_one(
         lease_at = to_doc(fresh), fresh
     except AlreadyExistsError:
         found = _lease_at(store, job_id)  # released by a requeue, or its claimer died
-        if found is None or not (_expired(found[1], now, skew) or found[1].holder == _ORPHAN):
+        if found is None or not (lease_expired(found[1], now, skew) or found[1].holder == _ORPHAN):
             return None  # another worker holds it (an adopted job back in the queue has none)
         if _exists(store, layout.running, file_id):
             return None  # a requeue's move is half done (MongoDB): the sweep completes it
@@ -2937,7 +2977,7 @@ def requeue_job(
             _adopt(store, display_name, job_id, now())
             continue
         raw, lease = found
-        where = _job_where(store, display_name, job_id)
+        where = locate_job(store, display_name, job_id)
         if where == "queued" and lease.holder:  # a claim that stopped before its move
             released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now())
             if store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
@@ -2954,7 +2994,7 @@ def requeue_job(
             store, display_name, private_jwk, found, now(), -math.inf, sys.maxsize, 0.0
         ):
             return True
-        if _job_where(store, display_name, job_id) in ("finished", "deleted"):
+        if locate_job(store, display_name, job_id) in ("finished", "deleted"):
             return False  # its recorded finish was completed, or its cancel request honoured
     raise LeaseLostError(f"job {job_id}: its lease keeps changing; another worker acts on it")
 
@@ -2992,9 +3032,9 @@ def _sweep_lease(
     layout = store["layout"]
     raw, lease = found
     job_id, dn = lease.job_id, lease.display_name
-    if (display_name is not None and dn != display_name) or not _expired(lease, now, skew):
+    if (display_name is not None and dn != display_name) or not lease_expired(lease, now, skew):
         return False
-    where = _job_where(store, dn, job_id)
+    where = locate_job(store, dn, job_id)
     if where is None:  # the job is gone (deleted by hand, say): the lease guards nothing
         store["swap"](layout.leases, job_id, raw, None)
         return False
@@ -3109,7 +3149,7 @@ def _submit_once(
         if not holder:
             return found
         if holder != me and time.time() - created < _TOKEN_STALE:
-            if _job_where(store, display_name, found) is not None:
+            if locate_job(store, display_name, found) is not None:
                 return found
             raise TransientError(
                 f"{folder}/{client_token}: another submit with client_token {client_token!r} "
@@ -3306,7 +3346,7 @@ def prune(
                 continue
             if _lease_at(store, job_id) is not None:
                 continue  # a finish under way, or one that a sweep must complete
-            where = _job_where(store, display_name, job_id)
+            where = locate_job(store, display_name, job_id)
             if where in ("queued", "running"):
                 continue
             everything = at <= current - keep
@@ -3584,7 +3624,7 @@ def _find_job(store: Storage, display_name: str, job_id: str) -> str:
         NotFoundError: the backend has no such job.
     """
     for _ in range(2):
-        if (where := _job_where(store, display_name, job_id)) is not None:
+        if (where := locate_job(store, display_name, job_id)) is not None:
             return where
     raise NotFoundError(f"backend {display_name!r} has no job {job_id}")
 
@@ -6134,7 +6174,7 @@ def _open(url: str, *, create: bool = False) -> Storage:
 def _backend(store: Storage, url: str, display_name: str) -> BackendConfig:
     """The config of backend *display_name*; if there is none, an error that names the
     storage and the backends it has."""
-    _check_display_name(display_name)
+    locate(store["layout"], "config", display_name)  # an invalid name is said as such
     try:
         return get_config(store, display_name)
     except NotFoundError:
@@ -6178,15 +6218,12 @@ def _load_jwk(path: str) -> JWK:
                 text = handle.read().strip()
         except OSError as exc:
             raise _UserError(f"cannot read key file {path}: {exc.strerror}") from None
-    if not text.startswith("{"):
-        try:
-            text = _b64url_decode(text, "key").decode()
-        except (InvalidDocumentError, UnicodeDecodeError):
-            raise _UserError(f"{path}: neither a JSON JWK nor a base64 one") from None
     try:
-        key = _coerce(_parse_json(text, path), JWK, path)
-    except ValueError as exc:
-        raise _UserError(f"{path}: not a JWK: {exc}") from None
+        key = parse_jwk(text, path)
+    except InvalidDocumentError as exc:
+        raise _UserError(f"{path}: not a JWK: {str(exc).removeprefix(f'{path}: ')}") from None
+    except BadSignatureError as exc:
+        raise _UserError(str(exc)) from None
     try:
         public_from_private(key)  # a private key whose x belongs to its d
     except ValueError as exc:
@@ -6341,7 +6378,7 @@ def _refuse_without_result(store: Storage, args: argparse.Namespace) -> None:
     """Say why there is nothing to verify when the job has no result (or no job is there)."""
     if _exists(store, *locate(store["layout"], "result", args.display_name, job_id=args.job_id)):
         return
-    where = _job_where(store, args.display_name, args.job_id)
+    where = locate_job(store, args.display_name, args.job_id)
     if where is None:
         raise _UserError(_no_job(store, args.storage, args.display_name, args.job_id))
     raise _UserError(
@@ -6424,7 +6461,8 @@ def _cmd_backend_add(store: Storage, args: argparse.Namespace) -> int:
         raise _UserError(f"not a backend config: {exc}") from None  # exc names the file
     if not cfg.display_name:
         raise _UserError(f"{path}: the config has no display_name (the backend's name)")
-    display_name = _check_display_name(cfg.display_name)
+    locate(store["layout"], "config", cfg.display_name)  # an invalid name is refused here
+    display_name = cfg.display_name
     private = _load_jwk(args.key) if args.key else None
     if cfg.sign and private is None:
         raise _UserError(
@@ -6438,8 +6476,8 @@ def _cmd_backend_add(store: Storage, args: argparse.Namespace) -> int:
         cfg = attrs.evolve(cfg, kid=private.kid)
         public = public_from_private(private)
     try:
-        if public is not None:  # before anything is written
-            _check_signing_key(store, cfg, private)
+        if public is not None and private is not None:  # before anything is written
+            check_signing_key(store, cfg, private)
         done = _update_or_upload(store, cfg, display_name, private, args.key, shown)
     except BadSignatureError as exc:
         whose = f"{args.key}: not the key of" if args.key else "no --key for"
@@ -6462,10 +6500,10 @@ def _cmd_running(store: Storage, args: argparse.Namespace) -> int:
     now = time.time()
     for job_id, lease in running_jobs(store, args.display_name).items():
         if lease is None:
-            print(f"{job_id}\t{_ORPHAN}\t-\t-\t-")
+            print(f"{job_id}\t(no lease)\t-\t-\t-")
             continue
         clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expires))
-        expired = _expired(lease, now, args.skew)  # as requeue and a sweep judge it
+        expired = lease_expired(lease, now, args.skew)  # as requeue and a sweep judge it
         state = "expired" if expired else "overdue" if lease.expires < now else "live"
         print(f"{job_id}\t{lease.holder or '-'}\t{clock}\t{lease.attempts}\t{state}")
     return 0
@@ -6481,7 +6519,7 @@ def _cmd_requeue(store: Storage, args: argparse.Namespace) -> int:
     try:
         requeued = requeue_job(store, args.display_name, args.job_id, private)
     except NotFoundError:
-        where = _job_where(store, args.display_name, check_name(args.job_id, "job_id"))
+        where = locate_job(store, args.display_name, check_name(args.job_id, "job_id"))
         if where is None:
             raise _UserError(_no_job(store, args.storage, args.display_name, args.job_id)) from None
         raise _UserError(
@@ -6770,7 +6808,8 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
                 f"backend {args.display_name!r} on {redact_url(url)} signs: give its --key"
             )
         try:
-            _backend_signer(each, cfg, private)
+            if cfg.sign and private is not None:
+                check_signing_key(each, cfg, private)
         except BadSignatureError as exc:
             raise _UserError(f"{args.key}: not the key of {redact_url(url)}: {exc}") from None
     stop = threading.Event()
@@ -7328,19 +7367,18 @@ def _bench_mongodb(uri: str, jobs: int, repeats: int, queue: int, progress: Any)
         figures = _bench_remote(store, dn, commands, sizes, jobs, repeats, progress)
     finally:  # the claimed jobs stay running, leased: remove them with their leases
 
-        def collection(path: str) -> Any:
-            database, *rest = _fill(path, dn).split("/")
+        def collection(kind: str) -> Any:
+            database, *rest = locate(store["layout"], kind, dn)[0].split("/")
             return client[database][".".join(rest)]
 
-        leases = collection(LOCAL_LAYOUT.leases)
+        leases = collection("lease")
         claimed = [lease["_id"] for lease in leases.find({"display_name": dn}, {"_id": 1})]
-        for path in (LOCAL_LAYOUT.running, LOCAL_LAYOUT.leases):
-            collection(path).delete_many({"_id": {"$in": claimed}})
-        for path in (LOCAL_LAYOUT.queued, LOCAL_LAYOUT.finished, LOCAL_LAYOUT.status,
-                     LOCAL_LAYOUT.results):  # fmt: skip
-            collection(path).drop()
+        for kind in ("running", "lease"):
+            collection(kind).delete_many({"_id": {"$in": claimed}})
+        for kind in ("queued", "finished", "status", "result"):
+            collection(kind).drop()
         with contextlib.suppress(NotFoundError):
-            store["delete"](LOCAL_LAYOUT.configs, dn)
+            store["delete"](*locate(store["layout"], "config", dn))
         client.close()
     return {"storage": "mongodb", **figures}
 
