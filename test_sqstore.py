@@ -8748,6 +8748,82 @@ def test_wrap_ops_makes_a_layer_of_a_function_and_leaves_the_store_alone(store: 
         sqstore.wrap_ops(cast(Storage, {"get": store["get"]}), spy)
 
 
+@pytest.mark.usefixtures("configured")
+def test_locate_job_says_which_folder_holds_a_job_through_its_life(store: Storage) -> None:
+    """`locate_job` names the one of queued, running, finished and deleted that holds a job,
+    None for a job that is nowhere, and refuses a name that cannot be one."""
+    done, failed = (sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(2))
+    assert sqstore.locate_job(store, "sim", done) == "queued"
+    for job_id, outcome in ((done, "DONE"), (failed, "ERROR")):
+        claimed = sqstore.claim_job(store, "sim", holder="me")
+        assert claimed is not None and claimed[0].job_id == job_id
+        assert sqstore.locate_job(store, "sim", job_id) == "running"
+        result = sqstore.run_simulator(JOB, job_id, "sim") if outcome == "DONE" else None
+        status = sqstore.StatusMsg(job_id, outcome, "x", "None")
+        sqstore.update_in_database(store, result, status, job_id, "sim", holder="me")
+    assert sqstore.locate_job(store, "sim", done) == "finished"
+    assert sqstore.locate_job(store, "sim", failed) == "deleted"
+    assert sqstore.locate_job(store, "sim", sqstore.create_job_id(store, "sim", "alice")) is None
+    with pytest.raises(sqstore.InvalidNameError):
+        sqstore.locate_job(store, "sim", "../x")
+
+
+@pytest.mark.usefixtures("configured")
+def test_lease_expired_judges_a_lease_as_the_sweep_does(store: Storage) -> None:
+    """`lease_expired` is false while a lease runs (and *skew* after it), true after that and
+    for a released lease; `requeue_expired` at the same instants agrees."""
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    assert sqstore.claim_job(store, "sim", holder="w", lease_seconds=10, now=lambda: T0)
+    lease = sqstore.running_jobs(store, "sim")[job_id]
+    assert lease is not None and lease.expires == T0 + 10
+    assert not sqstore.lease_expired(lease, T0 + 12, skew=5)
+    assert sqstore.requeue_expired(store, "sim", now=lambda: T0 + 12, skew=5) == []
+    assert sqstore.lease_expired(lease, T0 + 16, skew=5)
+    assert sqstore.lease_expired(attrs.evolve(lease, holder=""), T0, skew=5)
+    assert sqstore.requeue_expired(store, "sim", now=lambda: T0 + 16, skew=5) == [job_id]
+
+
+def test_check_signing_key_accepts_the_backends_own_key_only(
+    signed: Storage, keys: tuple[sqstore.JWK, sqstore.JWK]
+) -> None:
+    """`check_signing_key` returns the backend's published key and refuses another key of
+    the same kid, a key of another kid, and a public key, with BadSignatureError."""
+    private, _ = keys
+    cfg = sqstore.get_config(signed, "sim")
+    assert sqstore.check_signing_key(signed, cfg, private) == private
+    assert sqstore.check_signing_key(signed, cfg, sqstore.to_doc(private)) == private
+    for name, wrong in WRONG_KEYS.items():
+        with pytest.raises(sqstore.BadSignatureError):
+            sqstore.check_signing_key(signed, cfg, wrong(private))
+            pytest.fail(name)
+    with pytest.raises(sqstore.BadSignatureError):
+        sqstore.check_signing_key(signed, cfg, sqstore.public_from_private(private))
+
+
+def test_parse_jwk_reads_both_forms_and_never_shows_the_key() -> None:
+    """`parse_jwk` reads a JWK's JSON and sqooler's base64url form of it (the same key as
+    `load_jwk` reads from a file); text that holds no JWK, or whose x is not its d's, is an
+    error that names *where* and does not show the key."""
+    private, public = sqstore.generate_keypair("k1")
+    assert private.d is not None
+    doc = sqstore.to_doc(private)
+    assert sqstore.parse_jwk(json.dumps(doc)) == private
+    assert sqstore.parse_jwk(sqooler_config_str(doc).encode(), "PRIVATE_JWK_STR") == private
+    assert sqstore.parse_jwk(json.dumps(sqstore.to_doc(public))) == public
+    other = sqstore.to_doc(sqstore.generate_keypair("k1")[0])
+    bad: dict[str, tuple[str, type[Exception]]] = {
+        "no JWK": (f"!{private.d}!", sqstore.InvalidDocumentError),
+        "bad JSON": (json.dumps(doc)[:-3], sqstore.InvalidDocumentError),
+        "a field too many": (json.dumps({**doc, private.d: 1}), sqstore.InvalidDocumentError),
+        "x not of d": (json.dumps({**doc, "x": other["x"]}), sqstore.BadSignatureError),
+    }
+    for case, (text, error) in bad.items():
+        with pytest.raises(error) as info:
+            sqstore.parse_jwk(text, "env:KEY")
+        message = str(info.value)
+        assert message.startswith("env:KEY") and private.d.rstrip("=")[:12] not in message, case
+
+
 # What the tests read of sqstore's private names, and why no public name does it: the
 # primitive signer and verifier that the RFC 8037 vector pins (its signing input is no
 # document), and the parser the README's command table is held to.
