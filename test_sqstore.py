@@ -8824,6 +8824,46 @@ def test_parse_jwk_reads_both_forms_and_never_shows_the_key() -> None:
         assert message.startswith("env:KEY") and private.d.rstrip("=")[:12] not in message, case
 
 
+# The library's private names that the programs use, and why no public name does it.
+PROGRAMS_PRIVATE_NAMES = {
+    # work() and its per-job step: the checks and defaults the operations make, the cancel
+    # status, and whether an executor's result can be stored at all
+    *("_check_handle", "_check_display_name", "_backend_signer", "_default_holder", "_NONE"),
+    *("_forget_cancel", "_cancelled", "_coerce", "_json_bytes"),
+    # copy_storage: which folders are per backend or per user (`locate` fills them in)
+    "_folder_template",
+    # the command line: a URL's directory, whether a status or result is stored (a read
+    # returns sqooler's answer for a missing one), a user's JSON file read strictly
+    *("_local_root", "_exists", "_loads"),
+    # the bench: a Dropbox client of its own that counts requests; the floor's create-only
+    # rename; the signing input under verify_result, to time the bare verify
+    *("_dropbox_credentials", "_renameat2_noreplace", "_signing_input", "_open_signed"),
+    "_key_bytes",
+}
+
+
+def test_the_programs_use_public_names_but_a_listed_few() -> None:
+    """The programs below the Programs banner name no private name of the library but those
+    listed (and said why)."""
+    import ast
+
+    library, programs = (HERE / "sqstore.py").read_text(encoding="utf-8").split(PROGRAMS_BANNER)
+    defined = set()  # the library's module-level names
+    for node in ast.parse(library).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        targets += [node.target] if isinstance(node, ast.AnnAssign) else []
+        defined |= {t.id for t in targets if isinstance(t, ast.Name)}
+    used = {
+        node.id
+        for node in ast.walk(ast.parse(programs))
+        if isinstance(node, ast.Name) and node.id in defined
+    }
+    private = {name for name in used if name.startswith("_") and not name.startswith("__")}
+    assert private == PROGRAMS_PRIVATE_NAMES
+
+
 # What the tests read of sqstore's private names, and why no public name does it: the
 # primitive signer and verifier that the RFC 8037 vector pins (its signing input is no
 # document), and the parser the README's command table is held to.
