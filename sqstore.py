@@ -1404,8 +1404,10 @@ def parse_jwk(text: str | bytes, where: str = "key") -> JWK:
         InvalidDocumentError: *text* holds no JWK.
         BadSignatureError: a private key whose ``x`` does not belong to its ``d``.
 
-    >>> parse_jwk('{"kid": "k1", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}').kid
-    'k1'
+    >>> jwk = parse_jwk('{"kid": "k1", "key_ops": "verify", "kty": "OKP", "alg": "EdDSA", '
+    ...                 '"crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}')
+    >>> jwk.kid, jwk.d
+    ('k1', None)
     """
     data = (text.encode() if isinstance(text, str) else text).strip()
     try:
