@@ -7075,37 +7075,25 @@ def _bench_sqooler_claims(root: str, queued: int, claims: int) -> float | None:
     return (time.perf_counter() - start) / min(claims, queued) * 1e6
 
 
-def _drain_by_claim_job(store: Storage, dn: str, queued: int) -> int:
-    return sum(1 for _ in iter(functools.partial(claim_job, store, dn), None))
-
-
-def _drain_by_work(store: Storage, dn: str, queued: int) -> int:
-    return work([store], dn, lambda job, job_id, name: _bench_result(job_id), max_jobs=queued)
-
-
-def _drain_by_claim_jobs(store: Storage, dn: str, queued: int) -> int:
-    return sum(1 for _ in claim_jobs(store, dn))
-
-
-_BENCH_DRAINS: dict[str, Callable[[Storage, str, int], int]] = {
-    "claim_job": _drain_by_claim_job,  # called once per job
-    "work": _drain_by_work,  # an executor that returns at once
-    "claim_jobs": _drain_by_claim_jobs,
-}
-"""How the bench drains a queue, by the function it measures: each returns the jobs claimed."""
-
-
 def _bench_drain(
     store: Storage, queued: int, how: str, dn: str = "bench", rounds: int = 1
 ) -> float:
-    """Fill a queue with *queued* jobs, then drain it the way *how* names (`_BENCH_DRAINS`),
-    *rounds* times over (a short queue again and again): microseconds per job claimed."""
+    """Fill a queue with *queued* jobs, then drain it with *how* (``claim_job`` called once
+    per job, ``work`` with an executor that returns at once, or ``claim_jobs``), *rounds*
+    times over (a short queue again and again): microseconds per job claimed."""
     elapsed = 0.0
     for _ in range(rounds):
         for _ in range(queued):
             upload_job(store, {"e": {}}, dn, "alice")
         start = time.perf_counter()
-        done = _BENCH_DRAINS[how](store, dn, queued)
+        if how == "claim_job":
+            done = sum(1 for _ in iter(functools.partial(claim_job, store, dn), None))
+        elif how == "work":
+            done = work(
+                [store], dn, lambda job, job_id, name: _bench_result(job_id), max_jobs=queued
+            )
+        else:
+            done = sum(1 for _ in claim_jobs(store, dn))
         elapsed += time.perf_counter() - start
         if done != queued:
             raise AssertionError(f"{how} drained {done} of {queued} queued jobs")
