@@ -2631,6 +2631,7 @@ def claim_jobs(
     layout = store["layout"]
     queue = _fill(layout.queued, _check_display_name(display_name))
     holder = policy.holder or _default_holder()
+    lease_seconds, skew = policy.lease_seconds, policy.skew
     next_beat = -math.inf
     beating, configs = _config_memo(store, display_name)  # the beat's read tells the policy
 
@@ -2658,14 +2659,7 @@ def claim_jobs(
             beat()
             try:
                 claimed = _claim_one(
-                    store,
-                    display_name,
-                    queue,
-                    file_id,
-                    holder,
-                    now(),
-                    policy.lease_seconds,
-                    policy.skew,
+                    store, display_name, queue, file_id, holder, now(), lease_seconds, skew
                 )
                 if claimed is not None and _set_aside_or_give_back(
                     store, display_name, claimed, configs
@@ -2863,7 +2857,8 @@ def requeue_expired(
         _check_display_name(display_name)
     layout = store["layout"]
     requeued: list[str] = []
-    current, grace = now(), policy.lease_seconds
+    current = now()
+    skew, max_attempts, grace = policy.skew, policy.max_attempts, policy.lease_seconds
     leased = store["list"](layout.leases)
     for job_id in leased:
         try:
@@ -2877,14 +2872,7 @@ def requeue_expired(
             continue  # this lease only
         try:
             if found is not None and _sweep_lease(
-                store,
-                display_name,
-                private_jwk,
-                found,
-                current,
-                policy.skew,
-                policy.max_attempts,
-                grace,
+                store, display_name, private_jwk, found, current, skew, max_attempts, grace
             ):
                 requeued.append(job_id)
         except TransientError:
@@ -3423,7 +3411,7 @@ def queue_stats(
     """
     _check_handle(store)
     get_config(store, display_name)
-    layout, current = store["layout"], now()
+    layout, current, lease_seconds = store["layout"], now(), policy.lease_seconds
     known = {} if known is None else known
     queued = [
         _job_id_of(layout, name) for name in store["list"](_fill(layout.queued, display_name))
@@ -3441,8 +3429,7 @@ def queue_stats(
             continue  # garbage in place of a lease: not a running job here
         if found is not None and found[1].display_name == display_name and found[1].holder:
             lease = found[1]
-            age = current - (lease.expires - policy.lease_seconds)
-            left = lease.expires - current
+            age, left = current - (lease.expires - lease_seconds), lease.expires - current
             running.append(RunningJob(job_id, lease.holder, age, left, lease.attempts))
     busy = {*queued, *(r.job_id for r in running)}
     finishes: list[tuple[str, float | None, float | None]] = []  # status, finished, waited

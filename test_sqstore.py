@@ -1436,25 +1436,16 @@ def test_lease_renewal(store: Storage) -> None:
     """The holder can extend its lease; anyone else gets LeaseLostError."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
-    sqstore.claim_job(
-        store, "sim", policy=sqstore.LeasePolicy(holder="w", lease_seconds=60), now=lambda: t0
-    )
-    renewed = sqstore.renew_lease(
-        store, job_id, policy=sqstore.LeasePolicy(holder="w", lease_seconds=60), now=lambda: t0 + 50
-    )
+    w, thief = sqstore.LeasePolicy(holder="w", lease_seconds=60), sqstore.LeasePolicy(holder="t")
+    sqstore.claim_job(store, "sim", policy=w, now=lambda: t0)
+    renewed = sqstore.renew_lease(store, job_id, policy=w, now=lambda: t0 + 50)
     assert renewed.expires == t0 + 110
     assert sqstore.requeue_expired(store, now=lambda: t0 + 100) == []
     with pytest.raises(sqstore.LeaseLostError):
-        sqstore.renew_lease(store, job_id, policy=sqstore.LeasePolicy(holder="thief"))
+        sqstore.renew_lease(store, job_id, policy=thief)
+    error = sqstore.StatusMsg(job_id, "ERROR", "", "")
     with pytest.raises(sqstore.LeaseLostError):
-        sqstore.update_in_database(
-            store,
-            None,
-            sqstore.StatusMsg(job_id, "ERROR", "", ""),
-            job_id,
-            "sim",
-            policy=sqstore.LeasePolicy(holder="thief"),
-        )
+        sqstore.update_in_database(store, None, error, job_id, "sim", policy=thief)
     assert jobs_in(store, "running") == [job_id]
 
 
@@ -1476,18 +1467,10 @@ def test_heartbeat_requeues_expired_leases(store: Storage) -> None:
     """Polling workers requeue expired leases by themselves, once per heartbeat."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
-    sqstore.claim_job(
-        store, "sim", policy=sqstore.LeasePolicy(holder="dead", lease_seconds=5), now=lambda: t0
-    )
-    assert (
-        sqstore.claim_job(
-            store, "sim", policy=sqstore.LeasePolicy(heartbeat=60, skew=0), now=lambda: t0 + 30
-        )
-        is None
-    )
-    got = sqstore.claim_job(
-        store, "sim", policy=sqstore.LeasePolicy(heartbeat=60, skew=0), now=lambda: t0 + 61
-    )
+    dead, alive = sqstore.LeasePolicy(holder="dead", lease_seconds=5), sqstore.LeasePolicy(skew=0)
+    sqstore.claim_job(store, "sim", policy=dead, now=lambda: t0)
+    assert sqstore.claim_job(store, "sim", policy=alive, now=lambda: t0 + 30) is None
+    got = sqstore.claim_job(store, "sim", policy=alive, now=lambda: t0 + 61)
     assert got is not None and got[0].job_id == job_id
 
 
@@ -7938,7 +7921,7 @@ def test_a_job_that_kills_its_worker_is_given_up(tmp_path: Path) -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "sqstore", "--storage", str(root), "work", "sim",
              "dying:run", "--lease", "0.3", "--skew", "0", "--max-jobs", "1", "--poll", "0.05",
-             "--max-attempts", "3"],
+             "--max-attempts", "3", "--heartbeat", "0.1"],
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if proc.returncode == 0:
@@ -7946,7 +7929,7 @@ def test_a_job_that_kills_its_worker_is_given_up(tmp_path: Path) -> None:
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         deaths += 1
         assert deaths <= 3
-        time.sleep(0.4)  # the dead worker's lease runs out
+        time.sleep(0.4)  # the dead worker's lease runs out, and a heartbeat (with its sweep) is due
     assert deaths == 3
     status = sqstore.get_status(store, "sim", "alice", poison)
     assert status.status == "ERROR" and "3 times" in status.error_message
