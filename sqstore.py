@@ -132,6 +132,7 @@ __all__ = [
     "Layout",
     "Lease",
     "LeaseLostError",
+    "LeasePolicy",
     "ListFn",
     "NextJob",
     "NotFinishedError",
@@ -634,6 +635,68 @@ class QueueStats:
     jobs_per_hour_last_hour: float
     jobs_per_hour_last_day: float
     median_seconds_to_done: float | None
+
+
+def _seconds(*, zero: bool) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """An attrs validator: a finite number of seconds, > 0 (or >= 0 if *zero*)."""
+    rule = "finite and not negative" if zero else "positive and finite"
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+            or (value == 0 and not zero)
+        ):
+            name = f"{type(instance).__name__}.{attribute.name}"
+            raise ValueError(f"{name} must be {rule} (seconds), not {value!r}")
+
+    return check
+
+
+def _check_attempts(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        name = f"{type(instance).__name__}.{attribute.name}"
+        raise ValueError(f"{name} must be a positive int, not {value!r}")
+
+
+def _check_holder(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        name = f"{type(instance).__name__}.{attribute.name}"
+        raise ValueError(f"{name} must be None or a non-empty string, not {value!r}")
+
+
+@attrs.frozen
+class LeasePolicy:
+    """How a worker holds the jobs it claims, and how a sweep judges the leases of others.
+
+    One value passed as ``policy=`` to the claim, lease, sweep and finish
+    operations and to the worker loop, so that a worker says it once.  A bad value is a
+    `ValueError` that names the field.
+
+    Attributes:
+        holder: who claims, renews and finishes: a non-empty string, or None
+            for this process (``host:pid``).  A job claimed in one process and
+            finished in another needs the same holder in both.
+        lease_seconds: seconds a claimed job belongs to its holder, from the
+            claim or the last `renew_lease`; also the grace a sweep gives a
+            running job it finds without a lease before it requeues that job,
+            and the lease length `queue_stats` assumes for a lease's age.
+        heartbeat: seconds between two writes of the backend's
+            ``last_queue_check`` by a claiming worker (0: at every claim); each
+            write also sweeps the backend's expired leases (`requeue_expired`).
+        skew: seconds past its time at which a lease counts as expired, the
+            clock difference between workers tolerated.
+        max_attempts: claims after which a sweep gives a job up (its worker
+            died or lost the lease each time) instead of requeueing it.
+    """
+
+    holder: str | None = attrs.field(default=None, validator=_check_holder)
+    lease_seconds: float = attrs.field(default=DEFAULT_LEASE, validator=_seconds(zero=False))
+    heartbeat: float = attrs.field(default=DEFAULT_HEARTBEAT, validator=_seconds(zero=True))
+    skew: float = attrs.field(default=DEFAULT_SKEW, validator=_seconds(zero=True))
+    max_attempts: int = attrs.field(default=DEFAULT_MAX_ATTEMPTS, validator=_check_attempts)
 
 
 # ============================================================================
@@ -2490,15 +2553,20 @@ def _lease_doc(raw: Doc, lease: Lease) -> Doc:
     return _keeping_unknown(to_doc(lease), raw, Lease)
 
 
-def lease_expired(lease: Lease, now: float, skew: float = DEFAULT_SKEW) -> bool:
+def _expired(lease: Lease, now: float, skew: float) -> bool:
+    return not lease.holder or now > lease.expires + skew
+
+
+def lease_expired(lease: Lease, now: float, *, policy: LeasePolicy = LeasePolicy()) -> bool:
     """Return whether nobody holds *lease* at *now*: released, or past its time by more
-    than *skew* seconds (as `requeue_expired` and a claim's sweep judge it).
+    than ``policy.skew`` seconds (as `requeue_expired` and a claim's sweep judge it).
 
     >>> lease = Lease("6553f100075bcd15abcdef01", "sim", "host:1", "t", 100.0)
-    >>> lease_expired(lease, 104.0, skew=5.0), lease_expired(lease, 106.0, skew=5.0)
+    >>> five = LeasePolicy(skew=5.0)
+    >>> lease_expired(lease, 104.0, policy=five), lease_expired(lease, 106.0, policy=five)
     (False, True)
     """
-    return not lease.holder or now > lease.expires + skew
+    return _expired(lease, now, policy.skew)
 
 
 def locate_job(store: Storage, display_name: str, job_id: str) -> str | None:
@@ -2577,27 +2645,29 @@ def claim_jobs(
     display_name: str,
     private_jwk: KeyLike | None = None,
     *,
-    holder: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE,
-    heartbeat: float = DEFAULT_HEARTBEAT,
-    skew: float = DEFAULT_SKEW,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    policy: LeasePolicy = LeasePolicy(),
     now: Callable[[], float] = time.time,
+    on_requeue: Callable[[list[str]], None] | None = None,
 ) -> Iterator[tuple[NextJob, Doc]]:
     """Claim a backend's queued jobs, oldest first, one per ``next()``, until none is left.
 
     Each claim is exactly-once: a create-only lease document (or a `swap` of a
     lease nobody holds) is the token, so of several workers racing for a job one
-    wins and the others move on.  The lease lasts *lease_seconds* from the claim
-    (`renew_lease` extends it); `requeue_expired` returns the jobs of dead
-    workers to the queue.  A job that cannot be read as a JSON object is set
-    aside (moved to deleted, with an ERROR status) and the next one is tried;
+    wins and the others move on.  The lease is *policy*'s holder's for its
+    ``lease_seconds`` from the claim (`renew_lease` extends it);
+    `requeue_expired` returns the jobs of dead workers to the queue.  A job
+    that cannot be read as a JSON object is set aside (moved to deleted, with
+    an ERROR status) and the next one is tried;
     any other failure of one queued job skips that job only.  The queue is
     walked one id per step (``list(queue, 1)``), so a claim costs O(1) however
     long the queue, and a pass ends when the walk comes round to ids it has
     tried already.  ``last_queue_check`` is written at
-    most every *heartbeat* seconds, and each time it is, expired leases of this
-    backend are requeued (see `requeue_expired` for *skew* and *max_attempts*).
+    most every ``policy.heartbeat`` seconds (by the clock *now*, against the time
+    stored by whichever worker wrote it last), and each time it is, expired
+    leases of this backend are requeued (`requeue_expired` with *policy* and
+    *now*), so a polling worker needs no sweep of its own.  *on_requeue*, if
+    given, is called with the ids each such sweep requeued (when it requeued
+    any); they are then claimed like any queued job.
 
     Yields:
         ``(NextJob, job)`` for each claimed job.
@@ -2608,7 +2678,8 @@ def claim_jobs(
     _check_handle(store)
     layout = store["layout"]
     queue = _fill(layout.queued, _check_display_name(display_name))
-    holder = holder or _default_holder()
+    holder = policy.holder or _default_holder()
+    lease_seconds, skew = policy.lease_seconds, policy.skew
     next_beat = -math.inf
     beating, configs = _config_memo(store, display_name)  # the beat's read tells the policy
 
@@ -2617,23 +2688,17 @@ def claim_jobs(
         if now() >= next_beat:
             try:
                 wrote = timestamp_queue(
-                    beating, display_name, private_jwk, min_interval=heartbeat, now=now
+                    beating, display_name, private_jwk, min_interval=policy.heartbeat, now=now
                 )
             except InvalidDocumentError as exc:
                 if not exc.partial:
                     raise
                 return  # being rewritten in place by another program: beat at the next job
             if wrote:
-                requeue_expired(
-                    store,
-                    display_name,
-                    private_jwk,
-                    now=now,
-                    skew=skew,
-                    max_attempts=max_attempts,
-                    grace=lease_seconds,
-                )
-            next_beat = now() + heartbeat
+                requeued = requeue_expired(store, display_name, private_jwk, policy=policy, now=now)
+                if requeued and on_requeue is not None:
+                    on_requeue(requeued)
+            next_beat = now() + policy.heartbeat
 
     while True:
         beat()
@@ -2695,7 +2760,7 @@ def _claim_one(
         lease_at = to_doc(fresh), fresh
     except AlreadyExistsError:
         found = _lease_at(store, job_id)  # released by a requeue, or its claimer died
-        if found is None or not (lease_expired(found[1], now, skew) or found[1].holder == _ORPHAN):
+        if found is None or not (_expired(found[1], now, skew) or found[1].holder == _ORPHAN):
             return None  # another worker holds it (an adopted job back in the queue has none)
         if _exists(store, layout.running, file_id):
             return None  # a requeue's move is half done (MongoDB): the sweep completes it
@@ -2724,16 +2789,13 @@ def claim_job(
     display_name: str,
     private_jwk: KeyLike | None = None,
     *,
-    holder: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE,
-    heartbeat: float = DEFAULT_HEARTBEAT,
-    skew: float = DEFAULT_SKEW,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    policy: LeasePolicy = LeasePolicy(),
     now: Callable[[], float] = time.time,
 ) -> tuple[NextJob, Doc] | None:
     """Claim the oldest queued job of a backend for this worker, and read it.
 
-    One step of `claim_jobs` (see there for the lease and the heartbeat).
+    One step of `claim_jobs` (see there for the lease and the heartbeat, and
+    `LeasePolicy` for *policy*).
 
     Returns:
         ``(NextJob, job)`` or None when the queue is empty.
@@ -2741,18 +2803,7 @@ def claim_job(
     Raises:
         NotFoundError: the backend has no configuration.
     """
-    jobs = claim_jobs(
-        store,
-        display_name,
-        private_jwk,
-        holder=holder,
-        lease_seconds=lease_seconds,
-        heartbeat=heartbeat,
-        skew=skew,
-        max_attempts=max_attempts,
-        now=now,
-    )
-    return next(jobs, None)
+    return next(claim_jobs(store, display_name, private_jwk, policy=policy, now=now), None)
 
 
 def _job_id_of(layout: Layout, file_id: str) -> str:
@@ -2777,9 +2828,7 @@ def get_next_job_in_queue(
     display_name: str,
     private_jwk: KeyLike | None = None,
     *,
-    holder: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE,
-    heartbeat: float = DEFAULT_HEARTBEAT,
+    policy: LeasePolicy = LeasePolicy(),
     now: Callable[[], float] = time.time,
 ) -> NextJob:
     """Claim the oldest queued job (see `claim_job`) and say where it now is.
@@ -2791,15 +2840,7 @@ def get_next_job_in_queue(
     Raises:
         NotFoundError: the backend has no configuration.
     """
-    claimed = claim_job(
-        store,
-        display_name,
-        private_jwk,
-        holder=holder,
-        lease_seconds=lease_seconds,
-        heartbeat=heartbeat,
-        now=now,
-    )
+    claimed = claim_job(store, display_name, private_jwk, policy=policy, now=now)
     return NextJob(_NONE, _NONE) if claimed is None else claimed[0]
 
 
@@ -2807,22 +2848,21 @@ def renew_lease(
     store: Storage,
     job_id: str,
     *,
-    holder: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE,
+    policy: LeasePolicy = LeasePolicy(),
     now: Callable[[], float] = time.time,
 ) -> Lease:
-    """Extend this worker's lease on a running job by *lease_seconds* from now.
+    """Extend *policy*'s holder's lease on a running job by its ``lease_seconds`` from now.
 
     Raises:
         LeaseLostError: the lease is gone, held by another worker, or changed
             meanwhile (e.g. requeued by a sweep that found it expired).
     """
     _check_handle(store)
-    holder = holder or _default_holder()
+    holder = policy.holder or _default_holder()
     found = _lease_at(store, check_name(job_id, "job_id"))
     if found is None or found[1].holder != holder:
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
-    renewed = attrs.evolve(found[1], expires=now() + lease_seconds)
+    renewed = attrs.evolve(found[1], expires=now() + policy.lease_seconds)
     try:
         if store["swap"](store["layout"].leases, job_id, found[0], _lease_doc(found[0], renewed)):
             return renewed
@@ -2836,23 +2876,21 @@ def requeue_expired(
     display_name: str | None = None,
     private_jwk: KeyLike | None = None,
     *,
+    policy: LeasePolicy = LeasePolicy(),
     now: Callable[[], float] = time.time,
-    skew: float = DEFAULT_SKEW,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    grace: float = DEFAULT_LEASE,
 ) -> list[str]:
     """Sweep the leases: return the running jobs of dead workers to their queue.
 
-    A lease counts as expired *skew* seconds after its time, so a worker whose
-    clock is ahead by less than that requeues no live job.  For each expired
+    A lease counts as expired ``policy.skew`` seconds after its time, so a worker
+    whose clock is ahead by less than that requeues no live job.  For each expired
     lease (of *display_name*'s jobs, or of all): a job whose worker died while
     finishing it is finished (its lease holds the final status); a job claimed
-    *max_attempts* times already (a poison job that kills its worker) is moved
+    ``policy.max_attempts`` times already (a poison job that kills its worker) is moved
     to deleted with an ERROR status; any other running job goes back to its
     queue, unless its cancel was requested (`cancel_job`): then it ends
     cancelled.  A running job that has no lease (its lease was garbage, or it was
     moved there by a program that takes none) gets one that expires after
-    *grace* seconds, and is then requeued like the others if it is still
+    ``policy.lease_seconds``, and is then requeued like the others if it is still
     there.  Every step is a `swap` of the lease as read, so of several sweeps
     and workers acting at once one wins, and a lease that changed meanwhile is
     left alone.  A document that cannot be read or placed is skipped: it
@@ -2868,6 +2906,7 @@ def requeue_expired(
     layout = store["layout"]
     requeued: list[str] = []
     current = now()
+    skew, max_attempts, grace = policy.skew, policy.max_attempts, policy.lease_seconds
     leased = store["list"](layout.leases)
     for job_id in leased:
         try:
@@ -3034,7 +3073,7 @@ def _sweep_lease(
     layout = store["layout"]
     raw, lease = found
     job_id, dn = lease.job_id, lease.display_name
-    if (display_name is not None and dn != display_name) or not lease_expired(lease, now, skew):
+    if (display_name is not None and dn != display_name) or not _expired(lease, now, skew):
         return False
     where = locate_job(store, dn, job_id)
     if where is None:  # the job is gone (deleted by hand, say): the lease guards nothing
@@ -3396,7 +3435,7 @@ def queue_stats(
     store: Storage,
     display_name: str,
     *,
-    lease_seconds: float = DEFAULT_LEASE,
+    policy: LeasePolicy = LeasePolicy(),
     known: dict[str, Doc] | None = None,
     now: Callable[[], float] = time.time,
 ) -> QueueStats:
@@ -3406,7 +3445,7 @@ def queue_stats(
     read from the job ids (an id that gives no believable time, such as
     sqooler's random ones, counts in the number but not in the age).  Running
     jobs are those whose lease is held (one read per lease, of any backend); a
-    lease's age assumes the workers' lease length *lease_seconds*.  Finished
+    lease's age assumes the workers' lease length ``policy.lease_seconds``.  Finished
     (DONE) and failed (ERROR) jobs are counted from their statuses (one listing,
     and one read per status of a job neither queued nor running); jobs/hour over
     the last hour and the last day, and the median seconds from submission (the
@@ -3420,7 +3459,7 @@ def queue_stats(
     """
     _check_handle(store)
     get_config(store, display_name)
-    layout, current = store["layout"], now()
+    layout, current, lease_seconds = store["layout"], now(), policy.lease_seconds
     known = {} if known is None else known
     queued = [
         _job_id_of(layout, name) for name in store["list"](_fill(layout.queued, display_name))
@@ -3494,7 +3533,7 @@ def update_in_database(
     display_name: str,
     private_jwk: KeyLike | None = None,
     *,
-    holder: str | None = None,
+    policy: LeasePolicy = LeasePolicy(),
     now: Callable[[], float] = time.time,
 ) -> None:
     """Finish a running job: Bob's last step.
@@ -3503,7 +3542,7 @@ def update_in_database(
     finished.  ERROR: move the job to deleted.  Then write the status (signed
     when the backend signs and *private_jwk* is given) and, for DONE and ERROR,
     release the lease (any other status only reports progress).  The job's
-    lease must be this worker's (*holder*, by default this process's
+    lease must be this worker's (``policy.holder``, by default this process's
     ``host:pid``, as `claim_job` takes it); a job without a lease (moved to
     running by a program that takes none) is finished too.  Before anything
     moves, the final status is recorded in the lease, so a worker that dies at
@@ -3529,7 +3568,7 @@ def update_in_database(
     file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
     cfg = _read_config(store, display_name)[1]
     sign = _backend_signer(store, cfg, private_jwk)
-    holder = holder or _default_holder()
+    holder = policy.holder or _default_holder()
     lease_at = _lease_at(store, job_id)
     if lease_at is not None and lease_at[1].holder != holder:
         raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
@@ -5680,12 +5719,9 @@ def work(
     executor: Callable[[Doc, str, str], Any],
     private_jwk: KeyLike | None = None,
     *,
-    holder: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE,
-    heartbeat: float = DEFAULT_HEARTBEAT,
+    policy: LeasePolicy = LeasePolicy(),
+    now: Callable[[], float] = time.time,
     poll: float = 1.0,
-    skew: float = DEFAULT_SKEW,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     max_jobs: int | None = None,
     stop: threading.Event | None = None,
     log: Callable[[str], None] | None = None,
@@ -5699,10 +5735,15 @@ def work(
     from job to job, so its heartbeat does not read the config each time), run
     ``executor(job, job_id, display_name)``, and finish the job with its result
     and a DONE status, or with an ERROR status whose ``error_message`` is the
-    exception's type and text.  While the executor runs, a thread renews the
-    lease every third of *lease_seconds*; jobs whose lease expired (their worker
-    died) are requeued at the start and then every *heartbeat* seconds.  When
-    no store has a job, waits *poll* seconds.  Returns after *max_jobs* jobs,
+    exception's type and text.  *policy* (`LeasePolicy`) says who holds the
+    jobs and for how long: while the executor runs, a thread renews the lease
+    every third of ``policy.lease_seconds``.  Jobs whose lease expired (their
+    worker died) are requeued by the claims' heartbeat (see `claim_jobs`): at
+    most every ``policy.heartbeat`` seconds by the clock *now* for all the
+    workers of a backend on a store, so a worker that starts within a heartbeat
+    of another's sweeps at its next one, not at once; each requeue is logged.
+    Leases and statuses are timed by *now* too.  When no store has a job,
+    waits *poll* seconds.  Returns after *max_jobs* jobs,
     or once *stop* is set, which never interrupts a running job (set it from a
     signal handler), or, with *burst*, once a pass over every store claims no
     job (a store that cannot be read counts as empty: its error is logged).
@@ -5740,12 +5781,11 @@ def work(
             )
         _backend_signer(store, cfg, private_jwk)
     stop = stop or threading.Event()
-    holder = holder or _default_holder()
+    policy = attrs.evolve(policy, holder=policy.holder or _default_holder())
     say = _reporter(log, logger)
     names = [store["name"] for store in stores]  # numbered where they repeat: local1, local2
     labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
     done = 0
-    next_requeue = [-math.inf] * len(stores)
     claimers: list[Iterator[tuple[NextJob, Doc]] | None] = [None] * len(stores)
     while not stop.is_set() and (max_jobs is None or done < max_jobs):
         idle = True
@@ -5753,17 +5793,6 @@ def work(
             if stop.is_set() or (max_jobs is not None and done >= max_jobs):
                 break
             try:
-                if time.monotonic() >= next_requeue[i]:  # at start, then every heartbeat
-                    next_requeue[i] = time.monotonic() + heartbeat  # (a failed sweep too)
-                    if requeued := requeue_expired(
-                        store,
-                        display_name,
-                        private_jwk,
-                        skew=skew,
-                        max_attempts=max_attempts,
-                        grace=lease_seconds,
-                    ):
-                        say(f"{label}: requeued {', '.join(requeued)} (lease expired)", _INFO)
                 claimed = _next_claim(
                     claimers,
                     i,
@@ -5772,11 +5801,9 @@ def work(
                         store,
                         display_name,
                         private_jwk,
-                        holder=holder,
-                        lease_seconds=lease_seconds,
-                        heartbeat=heartbeat,
-                        skew=skew,
-                        max_attempts=max_attempts,
+                        policy=policy,
+                        now=now,
+                        on_requeue=functools.partial(_say_requeued, say, label),
                     ),
                 )
             except SqstoreError as exc:
@@ -5785,15 +5812,7 @@ def work(
             if claimed is not None:
                 idle = False
                 done += _work_one(
-                    store,
-                    label,
-                    display_name,
-                    executor,
-                    private_jwk,
-                    claimed,
-                    holder,
-                    lease_seconds,
-                    say,
+                    store, label, display_name, executor, private_jwk, claimed, policy, now, say
                 )
         if idle and burst:
             break
@@ -5803,6 +5822,11 @@ def work(
 
 
 _INFO, _WARNING, _ERROR = 20, 30, 40  # logging's levels (logging loads only when used)
+
+
+def _say_requeued(say: Callable[[str, int], None], label: str, requeued: list[str]) -> None:
+    """Report the jobs a claim's heartbeat sweep requeued on the store labelled *label*."""
+    say(f"{label}: requeued {', '.join(requeued)} (lease expired)", _INFO)
 
 
 def _reporter(log: Callable[[str], None] | None, logger: Any) -> Callable[[str, int], None]:
@@ -5844,8 +5868,8 @@ def _work_one(
     executor: Callable[[Doc, str, str], Any],
     private_jwk: Any,
     claimed: tuple[NextJob, Doc],
-    holder: str,
-    lease_seconds: float,
+    policy: LeasePolicy,
+    now: Callable[[], float],
     say: Callable[[str, int], None],
 ) -> int:
     """Run and finish one claimed job, renewing its lease meanwhile; 1 if finished."""
@@ -5853,10 +5877,10 @@ def _work_one(
     finished, cancel, cancelled_by = threading.Event(), threading.Event(), list[str]()
 
     def renew() -> None:
-        while not finished.wait(lease_seconds / 3):
+        while not finished.wait(policy.lease_seconds / 3):
             _watch_cancel(store, job_id, cancel, cancelled_by)
             try:
-                renew_lease(store, job_id, holder=holder, lease_seconds=lease_seconds)
+                renew_lease(store, job_id, policy=policy, now=now)
             except LeaseLostError:
                 say(f"{label} {job_id}: lease lost; another worker may run the job", _WARNING)
                 return
@@ -5880,7 +5904,7 @@ def _work_one(
     for attempt in range(_FINISH_TRIES):
         try:
             update_in_database(
-                store, result, status, job_id, display_name, private_jwk, holder=holder
+                store, result, status, job_id, display_name, private_jwk, policy=policy, now=now
             )
             break
         except SqstoreError as exc:
@@ -6497,7 +6521,29 @@ def _cmd_backend_show(store: Storage, args: argparse.Namespace) -> int:
     return 0
 
 
+# LeasePolicy's fields, by the option of `sqstore work`, `running` and `requeue` that sets each
+_POLICY_OPTIONS = {
+    "lease_seconds": "lease",
+    "heartbeat": "heartbeat",
+    "skew": "skew",
+    "max_attempts": "max_attempts",
+}
+
+
+def _policy(args: argparse.Namespace, holder: str | None = None) -> LeasePolicy:
+    """The one LeasePolicy of a command's lease options; a bad value names its option."""
+    given = {f: getattr(args, o) for f, o in _POLICY_OPTIONS.items() if hasattr(args, o)}
+    try:
+        return LeasePolicy(holder=holder, **given)
+    except ValueError as exc:
+        text = str(exc).removeprefix(f"{LeasePolicy.__name__}.")
+        field = text.split(" ", 1)[0]
+        option = "--" + _POLICY_OPTIONS.get(field, field).replace("_", "-")
+        raise _UserError(option + text.removeprefix(field)) from None
+
+
 def _cmd_running(store: Storage, args: argparse.Namespace) -> int:
+    policy = _policy(args)
     _backend(store, args.storage, args.display_name)
     now = time.time()
     for job_id, lease in running_jobs(store, args.display_name).items():
@@ -6505,17 +6551,18 @@ def _cmd_running(store: Storage, args: argparse.Namespace) -> int:
             print(f"{job_id}\t(no lease)\t-\t-\t-")
             continue
         clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expires))
-        expired = lease_expired(lease, now, args.skew)  # as requeue and a sweep judge it
+        expired = lease_expired(lease, now, policy=policy)  # as requeue and a sweep judge it
         state = "expired" if expired else "overdue" if lease.expires < now else "live"
         print(f"{job_id}\t{lease.holder or '-'}\t{clock}\t{lease.attempts}\t{state}")
     return 0
 
 
 def _cmd_requeue(store: Storage, args: argparse.Namespace) -> int:
+    policy = _policy(args)
     _backend(store, args.storage, args.display_name)
     private = _load_jwk(args.key) if args.key else None
     if args.job_id is None:
-        for job_id in requeue_expired(store, args.display_name, private, skew=args.skew):
+        for job_id in requeue_expired(store, args.display_name, private, policy=policy):
             print(job_id)
         return 0
     try:
@@ -6790,15 +6837,10 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     import signal
 
     assert store is not None
-    if (
-        min(args.lease, args.heartbeat, args.poll, args.max_attempts) <= 0
-        or (args.max_jobs or 1) < 1
-    ):
-        raise _UserError(
-            "--lease, --heartbeat, --poll, --max-jobs and --max-attempts must be positive"
-        )
-    if args.skew < 0:
-        raise _UserError("--skew must not be negative")
+    holder = _default_holder()
+    policy = _policy(args, holder)
+    if min(args.heartbeat, args.poll) <= 0 or (args.max_jobs or 1) < 1:
+        raise _UserError("--heartbeat, --poll and --max-jobs must be positive")
     executor = _load_executor(args.executor)
     private = _load_jwk(args.key) if args.key else None
     urls = [args.storage, *args.also]
@@ -6815,7 +6857,6 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
         except BadSignatureError as exc:
             raise _UserError(f"{args.key}: not the key of {redact_url(url)}: {exc}") from None
     stop = threading.Event()
-    holder = _default_holder()
     logger = logging.getLogger("sqstore")
     errors = 0
 
@@ -6857,12 +6898,8 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
                 args.display_name,
                 executor,
                 private,
-                holder=holder,
-                lease_seconds=args.lease,
-                heartbeat=args.heartbeat,
+                policy=policy,
                 poll=args.poll,
-                skew=args.skew,
-                max_attempts=args.max_attempts,
                 max_jobs=args.max_jobs,
                 stop=stop,
                 burst=args.burst,

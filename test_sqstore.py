@@ -1331,11 +1331,21 @@ def test_claim_is_exactly_once_and_leased(store: Storage) -> None:
     first = sqstore.upload_job(store, JOB, "sim", "alice")
     second = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
-    a = sqstore.claim_job(store, "sim", holder="worker-a", lease_seconds=30, now=lambda: t0)
-    b = sqstore.claim_job(store, "sim", holder="worker-b", lease_seconds=30, now=lambda: t0)
+    a = sqstore.claim_job(
+        store,
+        "sim",
+        policy=sqstore.LeasePolicy(holder="worker-a", lease_seconds=30),
+        now=lambda: t0,
+    )
+    b = sqstore.claim_job(
+        store,
+        "sim",
+        policy=sqstore.LeasePolicy(holder="worker-b", lease_seconds=30),
+        now=lambda: t0,
+    )
     assert a is not None and b is not None
     assert (a[0].job_id, b[0].job_id) == (first, second)
-    assert sqstore.claim_job(store, "sim", holder="worker-c") is None
+    assert sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="worker-c")) is None
     lease = sqstore.from_doc(store["get"](folder(store, "leases"), first), sqstore.Lease)
     assert (lease.holder, lease.expires, lease.display_name) == ("worker-a", t0 + 30, "sim")
 
@@ -1358,7 +1368,9 @@ def test_draining_keeps_the_heartbeat(store: Storage) -> None:
     for _ in range(10):
         sqstore.upload_job(store, {"e": {}}, "sim", "alice")
     clock = [1_800_000_000.0]
-    for _ in sqstore.claim_jobs(store, "sim", heartbeat=60, now=lambda: clock[0]):
+    for _ in sqstore.claim_jobs(
+        store, "sim", policy=sqstore.LeasePolicy(heartbeat=60), now=lambda: clock[0]
+    ):
         clock[0] += 20  # each job takes 20 s
     last = sqstore.get_config(store, "sim").last_queue_check
     assert last is not None and clock[0] - last.timestamp() <= 60 + 20
@@ -1369,17 +1381,34 @@ def test_expired_leases_are_requeued(store: Storage) -> None:
     """A job whose worker vanished goes back to its queue once its lease expires, only then."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
-    assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=60, now=lambda: t0)
-    assert sqstore.requeue_expired(store, now=lambda: t0 + 59, skew=0) == []
+    assert sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="dead", lease_seconds=60), now=lambda: t0
+    )
+    assert (
+        sqstore.requeue_expired(store, now=lambda: t0 + 59, policy=sqstore.LeasePolicy(skew=0))
+        == []
+    )
     assert sqstore.requeue_expired(store, now=lambda: t0 + 61) == [], "within the clock skew"
     assert jobs_in(store, "queued") == []
-    assert sqstore.requeue_expired(store, "other", now=lambda: t0 + 61, skew=0) == []
-    assert sqstore.requeue_expired(store, now=lambda: t0 + 61, skew=0) == [job_id]
+    assert (
+        sqstore.requeue_expired(
+            store, "other", now=lambda: t0 + 61, policy=sqstore.LeasePolicy(skew=0)
+        )
+        == []
+    )
+    assert sqstore.requeue_expired(
+        store, now=lambda: t0 + 61, policy=sqstore.LeasePolicy(skew=0)
+    ) == [job_id]
     assert jobs_in(store, "queued") == [job_id]
     released = sqstore.from_doc(store["get"](folder(store, "leases"), job_id), sqstore.Lease)
     assert (released.holder, released.attempts) == ("", 1), "the lease counts the attempts"
-    assert sqstore.requeue_expired(store, now=lambda: t0 + 62, skew=0) == []
-    again = sqstore.claim_job(store, "sim", holder="alive", now=lambda: t0 + 62)
+    assert (
+        sqstore.requeue_expired(store, now=lambda: t0 + 62, policy=sqstore.LeasePolicy(skew=0))
+        == []
+    )
+    again = sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="alive"), now=lambda: t0 + 62
+    )
     assert again is not None and again[0].job_id == job_id
     taken = sqstore.from_doc(store["get"](folder(store, "leases"), job_id), sqstore.Lease)
     assert (taken.holder, taken.attempts) == ("alive", 2)
@@ -1402,16 +1431,16 @@ def test_lease_renewal(store: Storage) -> None:
     """The holder can extend its lease; anyone else gets LeaseLostError."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
-    sqstore.claim_job(store, "sim", holder="w", lease_seconds=60, now=lambda: t0)
-    renewed = sqstore.renew_lease(store, job_id, holder="w", lease_seconds=60, now=lambda: t0 + 50)
+    w, thief = sqstore.LeasePolicy(holder="w", lease_seconds=60), sqstore.LeasePolicy(holder="t")
+    sqstore.claim_job(store, "sim", policy=w, now=lambda: t0)
+    renewed = sqstore.renew_lease(store, job_id, policy=w, now=lambda: t0 + 50)
     assert renewed.expires == t0 + 110
     assert sqstore.requeue_expired(store, now=lambda: t0 + 100) == []
     with pytest.raises(sqstore.LeaseLostError):
-        sqstore.renew_lease(store, job_id, holder="thief")
+        sqstore.renew_lease(store, job_id, policy=thief)
+    error = sqstore.StatusMsg(job_id, "ERROR", "", "")
     with pytest.raises(sqstore.LeaseLostError):
-        sqstore.update_in_database(
-            store, None, sqstore.StatusMsg(job_id, "ERROR", "", ""), job_id, "sim", holder="thief"
-        )
+        sqstore.update_in_database(store, None, error, job_id, "sim", policy=thief)
     assert jobs_in(store, "running") == [job_id]
 
 
@@ -1433,9 +1462,10 @@ def test_heartbeat_requeues_expired_leases(store: Storage) -> None:
     """Polling workers requeue expired leases by themselves, once per heartbeat."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     t0 = 1_800_000_000.0
-    sqstore.claim_job(store, "sim", holder="dead", lease_seconds=5, now=lambda: t0)
-    assert sqstore.claim_job(store, "sim", heartbeat=60, skew=0, now=lambda: t0 + 30) is None
-    got = sqstore.claim_job(store, "sim", heartbeat=60, skew=0, now=lambda: t0 + 61)
+    dead, alive = sqstore.LeasePolicy(holder="dead", lease_seconds=5), sqstore.LeasePolicy(skew=0)
+    sqstore.claim_job(store, "sim", policy=dead, now=lambda: t0)
+    assert sqstore.claim_job(store, "sim", policy=alive, now=lambda: t0 + 30) is None
+    got = sqstore.claim_job(store, "sim", policy=alive, now=lambda: t0 + 61)
     assert got is not None and got[0].job_id == job_id
 
 
@@ -1448,15 +1478,26 @@ def test_polling_an_empty_queue_does_not_rewrite_the_config(store: Storage, keys
     clock = [1_800_000_000.0]
     for _ in range(20):
         assert (
-            sqstore.claim_job(counted, "sim", private, heartbeat=60, now=lambda: clock[0]) is None
+            sqstore.claim_job(
+                counted,
+                "sim",
+                private,
+                policy=sqstore.LeasePolicy(heartbeat=60),
+                now=lambda: clock[0],
+            )
+            is None
         )
         clock[0] += 1
     assert counts["update"] == 1
     clock[0] += 60
-    sqstore.claim_job(counted, "sim", private, heartbeat=60, now=lambda: clock[0])
+    sqstore.claim_job(
+        counted, "sim", private, policy=sqstore.LeasePolicy(heartbeat=60), now=lambda: clock[0]
+    )
     assert counts["update"] == 2
-    for _ in range(5):
-        sqstore.claim_job(counted, "sim", private, heartbeat=0, now=lambda: clock[0] + 1)
+    every_second = sqstore.LeasePolicy(heartbeat=1)
+    for k in range(1, 6):
+        at = functools.partial(float, clock[0] + k)
+        sqstore.claim_job(counted, "sim", private, policy=every_second, now=at)
     assert counts["update"] == 7
     assert sqstore.get_backend_status(store, "sim", now=lambda: clock[0]).operational
 
@@ -1548,9 +1589,11 @@ def test_error_moves_the_job_to_deleted(store: Storage) -> None:
 def test_progress_status_keeps_the_job_and_its_lease(store: Storage) -> None:
     """A status that is neither DONE nor ERROR is written; the job stays running and leased."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
-    sqstore.claim_job(store, "sim", holder="w")
+    sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="w"))
     progress = sqstore.StatusMsg(job_id, "QUEUED", "50 % done", "None")
-    sqstore.update_in_database(store, None, progress, job_id, "sim", holder="w")
+    sqstore.update_in_database(
+        store, None, progress, job_id, "sim", policy=sqstore.LeasePolicy(holder="w")
+    )
     assert sqstore.get_status(store, "sim", "alice", job_id) == progress
     assert jobs_in(store, "running") == jobs_in(store, "leases") == [job_id]
 
@@ -2182,11 +2225,15 @@ def _claim_worker(root: str, name: str, out: str, start: Any) -> None:
     store = sqstore.open_storage(root)
     start.wait()  # every process is up before any claims
     done = []
-    while (claimed := sqstore.claim_job(store, "sim", holder=name)) is not None:
+    while (
+        claimed := sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder=name))
+    ) is not None:
         nxt, job = claimed
         result = sqstore.run_simulator(job, nxt.job_id, "sim")
         status = sqstore.StatusMsg(nxt.job_id, "DONE", name, "None")
-        sqstore.update_in_database(store, result, status, nxt.job_id, "sim", holder=name)
+        sqstore.update_in_database(
+            store, result, status, nxt.job_id, "sim", policy=sqstore.LeasePolicy(holder=name)
+        )
         done.append(nxt.job_id)
     Path(out).write_text(json.dumps(done))
 
@@ -2259,7 +2306,8 @@ def test_sigkill_mid_write_never_leaves_a_torn_document(tmp_path: Path) -> None:
 CLAIM_AND_HANG = """
 import sys, time, sqstore
 store = sqstore.open_storage(sys.argv[1])
-claimed = sqstore.claim_job(store, "sim", holder="doomed", lease_seconds=1.0)
+doomed = sqstore.LeasePolicy(holder="doomed", lease_seconds=1.0)
+claimed = sqstore.claim_job(store, "sim", policy=doomed)
 print(claimed[0].job_id, flush=True)
 time.sleep(600)
 """
@@ -2281,9 +2329,9 @@ def test_worker_killed_mid_job_loses_nothing(url: str) -> None:
     proc.wait()
     assert store["list"]("jobs/running") == [job_id]
     assert sqstore.claim_job(store, "sim") is None
-    assert sqstore.requeue_expired(store, skew=0) == []
+    assert sqstore.requeue_expired(store, policy=sqstore.LeasePolicy(skew=0)) == []
     time.sleep(1.1)
-    assert sqstore.requeue_expired(store, skew=0) == [job_id]
+    assert sqstore.requeue_expired(store, policy=sqstore.LeasePolicy(skew=0)) == [job_id]
     assert finish(store, "sim") == [job_id]
     assert sqstore.get_status(store, "sim", "alice", job_id).status == "DONE"
 
@@ -2576,7 +2624,7 @@ def retry(step):
 print("ready", flush=True)
 while True:
     try:
-        claimed = sqstore.claim_job(store, "sim", holder=name)
+        claimed = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder=name))
     except sqstore.TransientError:
         time.sleep(0.05)
         continue
@@ -2586,7 +2634,8 @@ while True:
     done.append(nxt.job_id)
     result = sqstore.run_simulator(job, nxt.job_id, "sim")
     status = sqstore.StatusMsg(nxt.job_id, "DONE", name, "None")
-    retry(lambda: sqstore.update_in_database(store, result, status, nxt.job_id, "sim", holder=name))
+    mine = sqstore.LeasePolicy(holder=name)
+    retry(lambda: sqstore.update_in_database(store, result, status, nxt.job_id, "sim", policy=mine))
 print(json.dumps(done), flush=True)
 """
 
@@ -2670,7 +2719,15 @@ def _mixed_worker(kind: str, where: str, i: int, out: str, start: Any) -> None:
 
         start.wait()
         threading.Thread(target=watch, daemon=True).start()
-        sqstore.work([store], "mix", executor, holder=f"work{i}", poll=0.01, stop=stop, log=report)
+        sqstore.work(
+            [store],
+            "mix",
+            executor,
+            policy=sqstore.LeasePolicy(holder=f"work{i}"),
+            poll=0.01,
+            stop=stop,
+            log=report,
+        )
     elif kind == "sqstore":
         store = (
             sqstore.mongodb_storage(where)
@@ -2678,13 +2735,22 @@ def _mixed_worker(kind: str, where: str, i: int, out: str, start: Any) -> None:
             else sqstore.local_storage(where)
         )
         start.wait()
-        while (claimed := sqstore.claim_job(store, "mix", holder=f"{kind}{i}")) is not None:
+        while (
+            claimed := sqstore.claim_job(
+                store, "mix", policy=sqstore.LeasePolicy(holder=f"{kind}{i}")
+            )
+        ) is not None:
             nxt, job = claimed
             ran.append(nxt.job_id)
             result = sqstore.run_simulator(job, nxt.job_id, "mix")
             status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
             sqstore.update_in_database(
-                store, result, status, nxt.job_id, "mix", holder=f"{kind}{i}"
+                store,
+                result,
+                status,
+                nxt.job_id,
+                "mix",
+                policy=sqstore.LeasePolicy(holder=f"{kind}{i}"),
             )
     else:
         with warnings.catch_warnings():
@@ -3006,7 +3072,7 @@ def test_mongodb_claim_paused_inside_its_move_while_sqooler_takes_the_job(
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     sqstore.upload_status(store, "sim", "alice", job_id)
-    claimed = sqstore.claim_job(store, "sim", holder="me")
+    claimed = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="me"))
     assert interleaved == ["sqooler acts", "DuplicateKeyError"]
     assert claimed is not None and claimed[0].job_id == job_id
     finish_as(store, job_id, claimed[1], "me")
@@ -3152,7 +3218,9 @@ def test_dropbox_racing_claimers_each_get_distinct_jobs(dropbox_fake: Any) -> No
     claimed: list[list[str]] = [[] for _ in stores]
 
     def work(i: int) -> None:
-        for nxt, _ in sqstore.claim_jobs(stores[i], "sim", holder=f"w{i}"):
+        for nxt, _ in sqstore.claim_jobs(
+            stores[i], "sim", policy=sqstore.LeasePolicy(holder=f"w{i}")
+        ):
             claimed[i].append(nxt.job_id)
 
     assert race(4, work) == []
@@ -3671,7 +3739,7 @@ def _token_claimer(root: str, out: str, start: Any, stop: Any) -> None:
     start.wait()
     claimed = []
     while True:
-        got = sqstore.claim_job(store, "sim", holder=f"w{os.getpid()}")
+        got = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder=f"w{os.getpid()}"))
         if got is not None:
             claimed.append(got[0].job_id)
             finish_as(store, got[0].job_id, got[1], f"w{os.getpid()}")
@@ -3758,14 +3826,22 @@ def aged_lab(
         ("new_done", clock[0] - 3600, "DONE"),
         ("running", clock[0] - 10 * DAY, None),
     ):
-        got = sqstore.claim_job(store, "sim", holder="bob", now=functools.partial(float, at))
+        got = sqstore.claim_job(
+            store, "sim", policy=sqstore.LeasePolicy(holder="bob"), now=functools.partial(float, at)
+        )
         assert got is not None and got[0].job_id == jobs[name]
         if outcome is None:
             break
         result = sqstore.run_simulator(got[1], jobs[name], "sim") if outcome == "DONE" else None
         status = sqstore.StatusMsg(jobs[name], outcome, "x", "None")
         sqstore.update_in_database(
-            store, result, status, jobs[name], "sim", holder="bob", now=functools.partial(float, at)
+            store,
+            result,
+            status,
+            jobs[name],
+            "sim",
+            policy=sqstore.LeasePolicy(holder="bob"),
+            now=functools.partial(float, at),
         )
     return jobs
 
@@ -3880,7 +3956,7 @@ def test_prune_leaves_a_job_whose_worker_is_finishing_it(store: Storage) -> None
     it) is left alone by prune, however old; once the finish completes it can go."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     sqstore.upload_status(store, "sim", "alice", job_id)
-    got = sqstore.claim_job(store, "sim", holder="bob", now=lambda: T0)
+    got = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="bob"), now=lambda: T0)
     assert got is not None
     result = sqstore.run_simulator(got[1], job_id, "sim")
     status = sqstore.StatusMsg(job_id, "DONE", "x", "None")
@@ -3896,7 +3972,15 @@ def test_prune_leaves_a_job_whose_worker_is_finishing_it(store: Storage) -> None
         return call
 
     slow = sqstore.wrap_ops(store, late, only=("swap",))
-    sqstore.update_in_database(slow, result, status, job_id, "sim", holder="bob", now=lambda: T0)
+    sqstore.update_in_database(
+        slow,
+        result,
+        status,
+        job_id,
+        "sim",
+        policy=sqstore.LeasePolicy(holder="bob"),
+        now=lambda: T0,
+    )
     done_once(store, job_id)
     assert sqstore.prune(store, "sim", older_than=0, now=lambda: T0 + DAY)["jobs"] == [job_id]
 
@@ -3913,7 +3997,9 @@ def test_prune_sigkilled_midway_then_run_again_removes_everything_once(tmp_path:
         job_id = old_job(store, old - DAY + i * 0.001)
         sqstore.upload_status(store, "sim", "alice", job_id)
     finished: list[str] = []
-    while (got := sqstore.claim_job(store, "sim", holder="bob")) is not None:
+    while (
+        got := sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="bob"))
+    ) is not None:
         at = old if len(finished) < jobs else time.time()
         result = sqstore.run_simulator(got[1], got[0].job_id, "sim")
         status = sqstore.StatusMsg(got[0].job_id, "DONE", "x", "None")
@@ -3923,7 +4009,7 @@ def test_prune_sigkilled_midway_then_run_again_removes_everything_once(tmp_path:
             status,
             got[0].job_id,
             "sim",
-            holder="bob",
+            policy=sqstore.LeasePolicy(holder="bob"),
             now=functools.partial(float, at),
         )
         finished.append(got[0].job_id)
@@ -3988,15 +4074,21 @@ def test_queue_stats_counts_and_times(store: Storage) -> None:
     assert sqstore.get_backend_status(store, "sim").pending_jobs == 6
     outcomes = {ids[0]: ("DONE", T0 - 4000), ids[1]: ("DONE", T0 - 1000),
                 ids[2]: ("ERROR", T0 - 1000), ids[3]: ("DONE", T0 - 100)}  # fmt: skip
+    bob = sqstore.LeasePolicy(holder="bob")
     for job_id in ids[:4]:
-        got = sqstore.claim_job(store, "sim", holder="bob", now=lambda: T0 - 5000)
+        got = sqstore.claim_job(store, "sim", policy=bob, now=lambda: T0 - 5000)
         assert got is not None and got[0].job_id == job_id
         outcome, at = outcomes[job_id]
         result = sqstore.run_simulator(got[1], job_id, "sim") if outcome == "DONE" else None
         status = sqstore.StatusMsg(job_id, outcome, "x", "None")
-        sqstore.update_in_database(store, result, status, job_id, "sim", holder="bob",
+        sqstore.update_in_database(store, result, status, job_id, "sim", policy=bob,
                                    now=functools.partial(float, at))  # fmt: skip
-    got = sqstore.claim_job(store, "sim", holder="carol", lease_seconds=600, now=lambda: T0 - 60)
+    got = sqstore.claim_job(
+        store,
+        "sim",
+        policy=sqstore.LeasePolicy(holder="carol", lease_seconds=600),
+        now=lambda: T0 - 60,
+    )
     assert got is not None and got[0].job_id == ids[4]
     stats = sqstore.queue_stats(store, "sim", now=lambda: T0)
     assert stats.display_name == "sim"
@@ -4087,11 +4179,11 @@ def test_tokens_finish_times_and_pruning_leave_sqooler_reading_as_before(
     sqstore.upload_config(store, sqstore.demo_config("sq"), "sq")
     old = sqstore.upload_job(store, JOB, "sq", "alice", client_token="first")
     sqstore.upload_status(store, "sq", "alice", old)
-    got = sqstore.claim_job(store, "sq", holder="bob")
+    got = sqstore.claim_job(store, "sq", policy=sqstore.LeasePolicy(holder="bob"))
     assert got is not None
     sqstore.update_in_database(store, sqstore.run_simulator(got[1], old, "sq"),
                                sqstore.StatusMsg(old, "DONE", "x", "None"), old, "sq",
-                               holder="bob")  # fmt: skip
+                               policy=sqstore.LeasePolicy(holder="bob"))  # fmt: skip
     job_id = sqstore.upload_job(store, JOB, "sq", "alice", client_token="second")
     sqstore.upload_status(store, "sq", "alice", job_id)
     assert "finished_at" in store["get"](*place(store, "status", old, "sq"))
@@ -4883,16 +4975,18 @@ def test_unknown_fields_of_any_stored_document_are_read_and_kept(store: Storage)
     status = sqstore.StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
     store["upload"](*place(store, "status", job_id), {**sqstore.to_doc(status), **new})
     assert sqstore.get_status(store, "sim", "alice", job_id) == status
-    claimed = sqstore.claim_job(store, "sim", holder="bob")
+    claimed = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="bob"))
     assert claimed is not None
     lease_place = folder(store, "leases"), job_id
     lease = store["get"](*lease_place)
     assert store["swap"](*lease_place, lease, {**lease, **new})
-    sqstore.renew_lease(store, job_id, holder="bob")
+    sqstore.renew_lease(store, job_id, policy=sqstore.LeasePolicy(holder="bob"))
     assert store["get"](*lease_place)["written_by"] == "sqstore 9"
     result = sqstore.run_simulator(JOB, job_id, "sim")
     done = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
-    sqstore.update_in_database(store, result, done, job_id, "sim", holder="bob")
+    sqstore.update_in_database(
+        store, result, done, job_id, "sim", policy=sqstore.LeasePolicy(holder="bob")
+    )
     res_doc = store["get"](*place(store, "results", job_id))
     store["update"](*place(store, "results", job_id), {**res_doc, **new})
     assert sqstore.get_result(store, "sim", "alice", job_id).results == result.results
@@ -6642,6 +6736,125 @@ def test_dropbox_update_at_a_known_rev_still_replaces_and_refuses(
 
 
 # ============================================================================
+# One policy for claims, one sweep
+# ============================================================================
+@pytest.mark.usefixtures("configured")
+def test_work_requeues_a_dead_workers_job_by_the_clock_it_is_given(store: Storage) -> None:
+    """work() sweeps on its claims' heartbeat by the clock it is given: once that clock passes a
+    dead worker's lease, the job is requeued, the requeue logged, and the job run."""
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    sqstore.upload_status(store, "sim", "alice", job_id)
+    dead = sqstore.LeasePolicy(holder="dead:1", lease_seconds=60)
+    assert sqstore.claim_job(store, "sim", policy=dead, now=lambda: T0) is not None
+    policy = sqstore.LeasePolicy(holder="alive:2", lease_seconds=60, heartbeat=10, skew=0)
+    clock, lines = [T0 + 30], list[str]()
+
+    def serve() -> int:
+        return sqstore.work(
+            [store], "sim", sqstore.run_simulator, policy=policy, now=lambda: clock[0],
+            max_jobs=1, burst=True, log=lines.append,
+        )  # fmt: skip
+
+    assert serve() == 0 and lines == []  # within the lease: nothing to requeue
+    assert jobs_in(store, "running") == [job_id]
+    clock[0] = T0 + 61
+    assert serve() == 1
+    assert lines[0].endswith(f": requeued {job_id} (lease expired)")
+    assert f" {job_id} DONE in " in lines[1] and len(lines) == 2
+    done_once(store, job_id)
+
+
+@pytest.mark.usefixtures("configured")
+def test_claim_jobs_reports_what_its_heartbeat_sweep_requeued(store: Storage) -> None:
+    """claim_jobs calls on_requeue with the ids each heartbeat's sweep requeued, then claims
+    them like any queued job; a heartbeat that requeues nothing calls it not."""
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    dead = sqstore.LeasePolicy(holder="dead:1", lease_seconds=60)
+    assert sqstore.claim_job(store, "sim", policy=dead, now=lambda: T0) is not None
+    policy = sqstore.LeasePolicy(holder="w", heartbeat=10, skew=0)
+    seen: list[list[str]] = []
+    early = sqstore.claim_jobs(store, "sim", policy=policy, now=lambda: T0 + 30,
+                               on_requeue=seen.append)  # fmt: skip
+    assert list(early) == [] and seen == []
+    late = sqstore.claim_jobs(store, "sim", policy=policy, now=lambda: T0 + 61,
+                              on_requeue=seen.append)  # fmt: skip
+    assert [nxt.job_id for nxt, _ in late] == [job_id] and seen == [[job_id]]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("lease_seconds", 0), ("lease_seconds", -1.0), ("lease_seconds", float("inf")),
+        ("lease_seconds", float("nan")), ("lease_seconds", "60"), ("heartbeat", -1),
+        ("heartbeat", float("inf")), ("skew", -1), ("skew", float("nan")), ("skew", True),
+        ("max_attempts", 0), ("max_attempts", 2.5), ("holder", ""), ("holder", 7),
+    ],
+)  # fmt: skip
+def test_a_lease_policy_refuses_a_bad_value_by_name(field: str, value: Any) -> None:
+    """A LeasePolicy with a bad value is a ValueError that names the field."""
+    with pytest.raises(ValueError, match=rf"^LeasePolicy\.{field} "):
+        sqstore.LeasePolicy(**{field: value})
+
+
+def test_a_lease_policy_defaults_to_the_documented_constants() -> None:
+    """LeasePolicy() is this process's holder with the DEFAULT_* constants, and frozen."""
+    policy = sqstore.LeasePolicy()
+    assert policy == sqstore.LeasePolicy(
+        None, sqstore.DEFAULT_LEASE, sqstore.DEFAULT_HEARTBEAT, sqstore.DEFAULT_SKEW,
+        sqstore.DEFAULT_MAX_ATTEMPTS,
+    )  # fmt: skip
+    assert sqstore.LeasePolicy(skew=0, max_attempts=1, holder="h:1").skew == 0
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        policy.skew = 0  # type: ignore[misc]
+
+
+def test_the_lease_keywords_are_said_once_in_a_policy() -> None:
+    """No public function takes holder, lease_seconds, heartbeat, skew, max_attempts or grace
+    on its own; those that took them take ``policy`` (keyword-only, default LeasePolicy())."""
+    old = {"holder", "lease_seconds", "heartbeat", "skew", "max_attempts", "grace"}
+    import inspect
+
+    takers = set()
+    for name in sqstore.__all__:
+        obj = getattr(sqstore, name)
+        if not inspect.isfunction(obj):
+            continue
+        params = inspect.signature(obj).parameters
+        assert not old & set(params), name
+        if "policy" in params:
+            takers.add(name)
+            assert params["policy"].kind is inspect.Parameter.KEYWORD_ONLY, name
+            assert params["policy"].default == sqstore.LeasePolicy(), name
+    assert takers == {
+        "claim_job", "claim_jobs", "get_next_job_in_queue", "lease_expired", "queue_stats",
+        "renew_lease", "requeue_expired", "update_in_database", "work",
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["running", "sim", "--skew", "-1"], "--skew must be finite and not negative"),
+        (["requeue", "sim", "--skew", "nan"], "--skew must be finite and not negative"),
+        (["work", "sim", "--lease", "0"], "--lease must be positive and finite"),
+        (["work", "sim", "--heartbeat", "inf"], "--heartbeat must be finite and not negative"),
+        (["work", "sim", "--max-attempts", "0"], "--max-attempts must be a positive int"),
+    ],
+)
+def test_the_cli_refuses_a_bad_lease_option_by_its_flag(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """The lease options of running, requeue and work make one LeasePolicy: a bad value is one
+    line naming the option, exit 1."""
+    sqstore.upload_config(sqstore.local_storage(tmp_path), sqstore.demo_config("sim"), "sim")
+    proc = sqstore_cli("--storage", str(tmp_path), *args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"sqstore: error: {message}"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+
+
+# ============================================================================
 # The worker loop: real processes and signals
 # ============================================================================
 EXECUTOR = """
@@ -6690,8 +6903,9 @@ def test_work_serves_storages_in_turn_and_reports_failures(tmp_path: Path) -> No
     for store in (one, two):
         sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     dead = sqstore.upload_job(one, JOB, "sim", "alice")
-    expired = -sqstore.DEFAULT_SKEW - 1  # a lease that ran out longer ago than the clock skew
-    assert sqstore.claim_job(one, "sim", holder="dead", lease_seconds=expired) is not None
+    expired = -sqstore.DEFAULT_SKEW - 2  # claimed so long ago that the lease ran out past the skew
+    gone = sqstore.LeasePolicy(holder="dead", lease_seconds=1)
+    assert sqstore.claim_job(one, "sim", policy=gone, now=lambda: time.time() + expired) is not None
     ids["one"] += [dead, sqstore.upload_job(one, job_with(fail=True), "sim", "alice")]
     ids["two"] += [sqstore.upload_job(two, JOB, "sim", "bob") for _ in range(2)]
     for name, store in (("one", one), ("two", two)):
@@ -6860,7 +7074,7 @@ def test_cancel_races_a_claim_paused_at_each_step(store: Storage) -> None:
                 seen["cancel"] = sqstore.cancel_job(s, "sim", "alice", j)
 
             def claim(s: Storage = store, seen: dict[str, Any] = seen) -> None:
-                seen["claim"] = sqstore.claim_job(s, "sim", holder="w")
+                seen["claim"] = sqstore.claim_job(s, "sim", policy=sqstore.LeasePolicy(holder="w"))
 
             if paused == "claim":
                 claim(paused_at(store, index, cancel))
@@ -6888,7 +7102,7 @@ import sqstore
 store = sqstore.open_storage(sys.argv[1])
 with open(sys.argv[2], "a") as log:
     for _ in range(400):
-        claimed = sqstore.claim_job(store, "sim", holder=sys.argv[3])
+        claimed = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder=sys.argv[3]))
         if claimed is None:
             continue
         job_id = claimed[0].job_id
@@ -6898,7 +7112,8 @@ with open(sys.argv[2], "a") as log:
             time.sleep(0.001)
         result = sqstore.run_simulator(claimed[1], job_id, "sim")
         status = sqstore.StatusMsg(job_id, "DONE", "ok", "None")
-        sqstore.update_in_database(store, result, status, job_id, "sim", holder=sys.argv[3])
+        mine = sqstore.LeasePolicy(holder=sys.argv[3])
+        sqstore.update_in_database(store, result, status, job_id, "sim", policy=mine)
 """
 
 CANCEL_RACE_CANCELLER = """
@@ -6977,7 +7192,7 @@ def test_work_hands_the_cancel_request_to_its_executor(store: Storage) -> None:
 
     worker = threading.Thread(
         target=sqstore.work, args=([store], "sim", executor),
-        kwargs={"max_jobs": 1, "lease_seconds": 0.6, "poll": 0.05},
+        kwargs={"max_jobs": 1, "policy": sqstore.LeasePolicy(lease_seconds=0.6), "poll": 0.05},
     )  # fmt: skip
     worker.start()
     assert started.wait(60)
@@ -7321,10 +7536,17 @@ def test_a_job_cancelled_while_its_worker_died_is_not_run_again(store: Storage) 
     expires, nor by an operator's requeue: it ends cancelled, and no claim gets it again."""
     for how in ("sweep", "requeue_job"):
         job_id = queued_job(store)
-        assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+        assert sqstore.claim_job(
+            store, "sim", policy=sqstore.LeasePolicy(holder="dead", lease_seconds=1), now=lambda: T0
+        )
         assert sqstore.cancel_job(store, "sim", "alice", job_id) == "requested"
         if how == "sweep":
-            assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == []
+            assert (
+                sqstore.requeue_expired(
+                    store, now=lambda: T0 + 10, policy=sqstore.LeasePolicy(skew=0)
+                )
+                == []
+            )
         else:
             assert sqstore.requeue_job(store, "sim", job_id, now=lambda: T0 + 10) is False
         assert sqstore.claim_job(store, "sim", now=lambda: T0 + 20) is None, how
@@ -7340,9 +7562,13 @@ def test_a_cancel_request_that_cannot_be_read_never_strands_a_job(tmp_path: Path
     still requeued when its lease expires, and runs."""
     store = sqstore.local_storage(tmp_path)
     job_id = queued_job(store)
-    assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+    assert sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="dead", lease_seconds=1), now=lambda: T0
+    )
     (tmp_path / store["layout"].leases / "cancel" / f"{job_id}.json").mkdir(parents=True)
-    assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == [job_id]
+    assert sqstore.requeue_expired(
+        store, now=lambda: T0 + 10, policy=sqstore.LeasePolicy(skew=0)
+    ) == [job_id]
     assert finish(store, "sim") == [job_id]
 
 
@@ -7369,13 +7595,15 @@ def test_a_token_retry_racing_a_claim_never_queues_its_job_twice(store: Storage)
         claimed: list[Any] = []
 
         def claim(claimed: list[Any] = claimed) -> None:
-            claimed.append(sqstore.claim_job(store, "sim", holder="me"))
+            claimed.append(sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="me")))
 
         racing = paused_at(store, index, claim)
         job_id = sqstore.upload_job(racing, JOB, "sim", "alice", client_token=token)
         places = [kind for kind in ("queued", "running") if job_id in jobs_in(store, kind, job_id)]
         assert len(places) == 1, (index, places)
-        while (got := sqstore.claim_job(store, "sim", holder="me")) is not None:
+        while (
+            got := sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="me"))
+        ) is not None:
             finish_as(store, got[0].job_id, got[1], "me")
         for nxt in claimed:
             if nxt is not None:
@@ -7393,10 +7621,10 @@ def test_prune_removes_a_jobs_signature_and_cancel_request_with_it(
     nor its cancel request behind; a dry run removes neither."""
     signed_job = queued_job(store, key=user_keys[0])
     late = queued_job(store)
-    got = sqstore.claim_job(store, "sim", holder="w")
+    got = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="w"))
     assert got is not None and got[0].job_id == signed_job
     finish_as(store, signed_job, got[1], "w")
-    got = sqstore.claim_job(store, "sim", holder="w")
+    got = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="w"))
     assert got is not None
     assert sqstore.cancel_job(store, "sim", "alice", late) == "requested"
     finish_as(store, late, got[1], "w")  # a worker of its own, which never looked
@@ -7513,7 +7741,9 @@ def done_once(store: Storage, job_id: str, display_name: str = "sim") -> None:
 def finish_as(store: Storage, job_id: str, job: Any, holder: str, key: Any = None) -> None:
     result = sqstore.run_simulator(job, job_id, "sim")
     status = sqstore.StatusMsg(job_id, "DONE", DONE_STATUS, "None")
-    sqstore.update_in_database(store, result, status, job_id, "sim", key, holder=holder)
+    sqstore.update_in_database(
+        store, result, status, job_id, "sim", key, policy=sqstore.LeasePolicy(holder=holder)
+    )
 
 
 @pytest.mark.parametrize("second", ["sweep and claim", "claim only"])
@@ -7526,21 +7756,35 @@ def test_a_sweep_paused_at_each_step_never_takes_a_live_job(store: Storage, seco
 
     def meanwhile() -> None:
         if second == "sweep and claim":
-            sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0)
-        live["claim"] = sqstore.claim_job(store, "sim", holder="live", now=lambda: T0 + 10)
+            sqstore.requeue_expired(store, now=lambda: T0 + 10, policy=sqstore.LeasePolicy(skew=0))
+        live["claim"] = sqstore.claim_job(
+            store, "sim", policy=sqstore.LeasePolicy(holder="live"), now=lambda: T0 + 10
+        )
 
     for index in range(1, 40):
         live.clear()
         job_id = sqstore.upload_job(store, JOB, "sim", "alice")
         sqstore.upload_status(store, "sim", "alice", job_id)
-        assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
-        sqstore.requeue_expired(paused_at(store, index, meanwhile), now=lambda: T0 + 10, skew=0)
+        assert sqstore.claim_job(
+            store, "sim", policy=sqstore.LeasePolicy(holder="dead", lease_seconds=1), now=lambda: T0
+        )
+        sqstore.requeue_expired(
+            paused_at(store, index, meanwhile),
+            now=lambda: T0 + 10,
+            policy=sqstore.LeasePolicy(skew=0),
+        )
         runs = 0
         if live.get("claim"):
-            sqstore.renew_lease(store, job_id, holder="live", now=lambda: T0 + 11)
+            sqstore.renew_lease(
+                store, job_id, policy=sqstore.LeasePolicy(holder="live"), now=lambda: T0 + 11
+            )
             finish_as(store, job_id, live["claim"][1], "live")
             runs += 1
-        while (got := sqstore.claim_job(store, "sim", holder="z", now=lambda: T0 + 20)) is not None:
+        while (
+            got := sqstore.claim_job(
+                store, "sim", policy=sqstore.LeasePolicy(holder="z"), now=lambda: T0 + 20
+            )
+        ) is not None:
             finish_as(store, got[0].job_id, got[1], "z")
             runs += 1
         assert runs == 1, f"paused at call {index}"
@@ -7569,10 +7813,11 @@ def wrap(op, fn):
     return call
 
 store = sqstore.wrap_ops(store, wrap, ("upload", "update", "move", "delete", "swap"))
-nxt, job = sqstore.claim_job(store, "sim", key, holder="doomed", lease_seconds=1, heartbeat=0)
+doomed = sqstore.LeasePolicy(holder="doomed", lease_seconds=1, heartbeat=0)
+nxt, job = sqstore.claim_job(store, "sim", key, policy=doomed)
 result = sqstore.run_simulator(job, nxt.job_id, "sim")
 done = sqstore.StatusMsg(nxt.job_id, "DONE", "The job is done.", "None")
-sqstore.update_in_database(store, result, done, nxt.job_id, "sim", key, holder="doomed")
+sqstore.update_in_database(store, result, done, nxt.job_id, "sim", key, policy=doomed)
 print(writes[0], flush=True)
 """
 
@@ -7600,9 +7845,11 @@ def test_sigkill_at_each_write_of_a_signed_life_is_recovered(url: str) -> None:
             total = int(proc.stdout)  # the writes of a whole life: each was a kill point
         else:
             assert proc.returncode == -signal.SIGKILL, proc.stderr
-        sqstore.requeue_expired(store, "sim", private, now=an_hour_later, skew=0)
-        claim = functools.partial(sqstore.claim_job, store, "sim", private, holder="me")
-        while (got := claim(now=an_hour_later)) is not None:
+        sqstore.requeue_expired(
+            store, "sim", private, now=an_hour_later, policy=sqstore.LeasePolicy(skew=0)
+        )
+        me = sqstore.LeasePolicy(holder="me")
+        while got := sqstore.claim_job(store, "sim", private, policy=me, now=an_hour_later):
             finish_as(store, got[0].job_id, got[1], "me", private)
         try:
             done_once(store, job_id)
@@ -7633,17 +7880,28 @@ def test_running_jobs_without_a_usable_lease_are_adopted_then_requeued(store: St
     for job_id in ids:
         sqstore.upload_status(store, "sim", "alice", job_id)
     for holder in ("a", "b"):
-        assert sqstore.claim_job(store, "sim", holder=holder, now=lambda: T0)
+        assert sqstore.claim_job(
+            store, "sim", policy=sqstore.LeasePolicy(holder=holder), now=lambda: T0
+        )
     leases = folder(store, "leases")
     store["update"](leases, ids[0], {"torn": "not a lease"})
     store["delete"](leases, ids[1])
     queue = folder(store, "queued")
     store["move"](queue, folder(store, "running"), doc_id(store, "queued", ids[2]))
-    assert sqstore.requeue_expired(store, now=lambda: T0, grace=30) == []
+    assert (
+        sqstore.requeue_expired(store, now=lambda: T0, policy=sqstore.LeasePolicy(lease_seconds=30))
+        == []
+    )
     adopted = [sqstore.from_doc(store["get"](leases, j), sqstore.Lease) for j in ids]
     assert [(lease.holder, lease.expires) for lease in adopted] == [("(no lease)", T0 + 30)] * 3
-    assert sqstore.requeue_expired(store, now=lambda: T0 + 29, skew=0) == []
-    assert sqstore.requeue_expired(store, now=lambda: T0 + 31, skew=0) == ids
+    assert (
+        sqstore.requeue_expired(store, now=lambda: T0 + 29, policy=sqstore.LeasePolicy(skew=0))
+        == []
+    )
+    assert (
+        sqstore.requeue_expired(store, now=lambda: T0 + 31, policy=sqstore.LeasePolicy(skew=0))
+        == ids
+    )
     assert finish(store, "sim") == ids
     for job_id in ids:
         done_once(store, job_id)
@@ -7673,7 +7931,7 @@ def test_a_job_that_kills_its_worker_is_given_up(tmp_path: Path) -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "sqstore", "--storage", str(root), "work", "sim",
              "dying:run", "--lease", "0.3", "--skew", "0", "--max-jobs", "1", "--poll", "0.05",
-             "--max-attempts", "3"],
+             "--max-attempts", "3", "--heartbeat", "0.1"],
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if proc.returncode == 0:
@@ -7681,7 +7939,7 @@ def test_a_job_that_kills_its_worker_is_given_up(tmp_path: Path) -> None:
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         deaths += 1
         assert deaths <= 3
-        time.sleep(0.4)  # the dead worker's lease runs out
+        time.sleep(0.4)  # the dead worker's lease runs out, and a heartbeat (with its sweep) is due
     assert deaths == 3
     status = sqstore.get_status(store, "sim", "alice", poison)
     assert status.status == "ERROR" and "3 times" in status.error_message
@@ -7696,10 +7954,16 @@ def test_a_finisher_without_the_lease_cannot_overwrite_the_holder(store: Storage
     taken over cannot finish the job, even without naming a holder; the new holder can."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     sqstore.upload_status(store, "sim", "alice", job_id)
-    first = sqstore.claim_job(store, "sim", lease_seconds=1, now=lambda: T0)  # this process
+    first = sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(lease_seconds=1), now=lambda: T0
+    )  # this process
     assert first is not None
-    assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == [job_id]
-    second = sqstore.claim_job(store, "sim", holder="new", now=lambda: T0 + 10)
+    assert sqstore.requeue_expired(
+        store, now=lambda: T0 + 10, policy=sqstore.LeasePolicy(skew=0)
+    ) == [job_id]
+    second = sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="new"), now=lambda: T0 + 10
+    )
     assert second is not None
     stale = attrs.evolve(sqstore.run_simulator(JOB, job_id, "sim"), header={"by": "stale"})
     done = sqstore.StatusMsg(job_id, "DONE", DONE_STATUS, "None")
@@ -7707,7 +7971,9 @@ def test_a_finisher_without_the_lease_cannot_overwrite_the_holder(store: Storage
         sqstore.update_in_database(store, stale, done, job_id, "sim")
     assert jobs_in(store, "running") == [job_id]
     fresh = attrs.evolve(sqstore.run_simulator(JOB, job_id, "sim"), header={"by": "new"})
-    sqstore.update_in_database(store, fresh, done, job_id, "sim", holder="new")
+    sqstore.update_in_database(
+        store, fresh, done, job_id, "sim", policy=sqstore.LeasePolicy(holder="new")
+    )
     assert sqstore.get_result(store, "sim", "alice", job_id).header == {"by": "new"}
     done_once(store, job_id)
 
@@ -7717,9 +7983,16 @@ def test_clocks_that_disagree(store: Storage) -> None:
     """A sweeper whose clock is ahead by less than the tolerated skew requeues no live job;
     one behind never moves last_queue_check backwards."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
-    assert sqstore.claim_job(store, "sim", holder="w", lease_seconds=60, now=lambda: T0)
+    assert sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="w", lease_seconds=60), now=lambda: T0
+    )
     hour_ahead = T0 + 3600
-    assert sqstore.requeue_expired(store, now=lambda: hour_ahead, skew=3700) == []
+    assert (
+        sqstore.requeue_expired(
+            store, now=lambda: hour_ahead, policy=sqstore.LeasePolicy(skew=3700)
+        )
+        == []
+    )
     assert sqstore.requeue_expired(store, now=lambda: T0 + 60 + sqstore.DEFAULT_SKEW) == []
     assert jobs_in(store, "running") == [job_id]
     after = T0 + 61 + sqstore.DEFAULT_SKEW
@@ -7785,7 +8058,9 @@ def test_mongodb_claim_during_a_half_done_requeue_move_waits_for_it(mongodb_serv
         def started(self, event: Any) -> None:
             on_running = event.command_name == "delete" and event.command.get("delete") == "running"
             if on_running and "claim" not in live and live.get("armed"):
-                live["claim"] = sqstore.claim_job(plain, "sim", holder="live", now=lambda: T0 + 10)
+                live["claim"] = sqstore.claim_job(
+                    plain, "sim", policy=sqstore.LeasePolicy(holder="live"), now=lambda: T0 + 10
+                )
 
         def succeeded(self, event: Any) -> None:
             pass
@@ -7802,11 +8077,17 @@ def test_mongodb_claim_during_a_half_done_requeue_move_waits_for_it(mongodb_serv
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     sqstore.upload_status(store, "sim", "alice", job_id)
-    assert sqstore.claim_job(store, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+    assert sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="dead", lease_seconds=1), now=lambda: T0
+    )
     live["armed"] = True
-    assert sqstore.requeue_expired(store, now=lambda: T0 + 10, skew=0) == [job_id]
+    assert sqstore.requeue_expired(
+        store, now=lambda: T0 + 10, policy=sqstore.LeasePolicy(skew=0)
+    ) == [job_id]
     assert "claim" in live and live["claim"] is None, "the claim waited for the move"
-    got = sqstore.claim_job(plain, "sim", holder="z", now=lambda: T0 + 20)
+    got = sqstore.claim_job(
+        plain, "sim", policy=sqstore.LeasePolicy(holder="z"), now=lambda: T0 + 20
+    )
     assert got is not None and got[0].job_id == job_id
     finish_as(plain, job_id, got[1], "z")
     done_once(plain, job_id)
@@ -7829,10 +8110,14 @@ def test_a_claim_from_a_stale_listing_gives_back_the_lease_it_took(status: bool)
     and its claim count, and is requeued and finished."""
     store, (a, b) = jobs_with_status(2, status=status)
     clock = [T0]
-    drain = sqstore.claim_jobs(store, "sim", holder="Z", now=lambda: clock[0])
+    drain = sqstore.claim_jobs(
+        store, "sim", policy=sqstore.LeasePolicy(holder="Z"), now=lambda: clock[0]
+    )
     first = next(drain)
     assert first[0].job_id == a
-    taken = sqstore.claim_job(store, "sim", holder="W", now=lambda: T0 + 1)  # then W dies
+    taken = sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="W"), now=lambda: T0 + 1
+    )  # then W dies
     assert taken is not None and taken[0].job_id == b
     before = store["get"]("jobs/leases", b)
     clock[0] = T0 + 1000  # Z's job took 1000 s
@@ -7841,7 +8126,9 @@ def test_a_claim_from_a_stale_listing_gives_back_the_lease_it_took(status: bool)
     assert next(drain, None) is None
     assert store["get"]("jobs/leases", b) == before, "W's lease, with its claim count, is kept"
     assert sqstore.requeue_expired(store, now=lambda: T0 + 2000) == [b]
-    got = sqstore.claim_job(store, "sim", holder="Y", now=lambda: T0 + 2000)
+    got = sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="Y"), now=lambda: T0 + 2000
+    )
     assert got is not None and got[0].job_id == b
     finish_as(store, b, got[1], "Y")
     assert store["list"]("jobs/running") == store["list"]("jobs/leases") == []
@@ -7852,7 +8139,9 @@ def test_a_second_finish_with_another_outcome_completes_the_first() -> None:
     ERROR, completes the DONE it recorded (status written, lease dropped) and says so; the job
     is never left with a lease and a stale status."""
     store, (job_id,) = jobs_with_status(1)
-    claimed = sqstore.claim_job(store, "sim", holder="W", now=lambda: T0)
+    claimed = sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="W"), now=lambda: T0
+    )
     assert claimed is not None
     failing = [True]
 
@@ -7869,7 +8158,9 @@ def test_a_second_finish_with_another_outcome_completes_the_first() -> None:
         finish_as(sqstore.wrap_ops(store, wrap), job_id, claimed[1], "W")
     error = sqstore.StatusMsg(job_id, "ERROR", "Could not store the result.", "disk full")
     with pytest.raises(sqstore.InvalidDocumentError, match="finished as DONE already"):
-        sqstore.update_in_database(store, None, error, job_id, "sim", holder="W")
+        sqstore.update_in_database(
+            store, None, error, job_id, "sim", policy=sqstore.LeasePolicy(holder="W")
+        )
     done_once(store, job_id)
 
 
@@ -7924,13 +8215,17 @@ def test_odd_entries_stop_neither_the_sweep_nor_the_claims(local: Storage, tmp_p
     (root / "jobs/leases/0.json").mkdir()
     (root / "jobs/leases/00garbage.json").write_text("[1, 2")
     with contextlib.suppress(StopIteration):  # the odd jobs are set aside; dead's is claimed
-        got = sqstore.claim_job(local, "sim", holder="dead", lease_seconds=1, now=lambda: T0)
+        got = sqstore.claim_job(
+            local, "sim", policy=sqstore.LeasePolicy(holder="dead", lease_seconds=1), now=lambda: T0
+        )
         assert got is not None and got[0].job_id == dead
     assert sorted(jobs_in(local, "deleted")) == sorted(odd)
     for job_id in odd:
         status = sqstore.get_status(local, "sim", "alice", job_id)
         assert status.status == "ERROR" and job_id in status.error_message
-    assert sqstore.requeue_expired(local, now=lambda: T0 + 10, skew=0) == [dead]
+    assert sqstore.requeue_expired(
+        local, now=lambda: T0 + 10, policy=sqstore.LeasePolicy(skew=0)
+    ) == [dead]
     last = sqstore.upload_job(local, JOB, "sim", "alice")
     assert finish(local, "sim") == [dead, last]
 
@@ -7949,8 +8244,12 @@ def ended_every_way(store: Storage) -> dict[str, str]:
     assert sqstore.claim_job(store, "sim") is None  # unsigned: set aside
     sqstore.update_config(store, sqstore.demo_config("sim"), "sim")  # now it runs any job
     ended["given_up"] = queued_job(store)
-    assert sqstore.claim_job(store, "sim", holder="dead:1", lease_seconds=-1000) is not None
-    assert sqstore.requeue_expired(store, "sim", skew=0, max_attempts=1) == []
+    dead = sqstore.LeasePolicy(holder="dead:1", lease_seconds=1)
+    assert sqstore.claim_job(store, "sim", policy=dead, now=lambda: time.time() - 1001) is not None
+    assert (
+        sqstore.requeue_expired(store, "sim", policy=sqstore.LeasePolicy(skew=0, max_attempts=1))
+        == []
+    )
     ended["finished"] = queued_job(store)
     assert finish(store, "sim") == [ended["finished"]]
     for how, job_id in ended.items():
@@ -8069,11 +8368,13 @@ def late_finisher_lab(root: Path) -> tuple[Storage, str, LateFinish]:
     sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
     job_id = old_job(store, T0 - 11 * DAY)
     sqstore.upload_status(store, "sim", "alice", job_id)
-    claimed = sqstore.claim_job(store, "sim", holder="late", lease_seconds=60,
-                                now=lambda: T0 - 11 * DAY)  # fmt: skip
+    by_late = sqstore.LeasePolicy(holder="late", lease_seconds=60)
+    claimed = sqstore.claim_job(store, "sim", policy=by_late, now=lambda: T0 - 11 * DAY)
     assert claimed is not None
     assert sqstore.requeue_expired(store, "sim", now=lambda: T0 - 10 * DAY) == [job_id]
-    got = sqstore.claim_job(store, "sim", holder="bob", now=lambda: T0 - 10 * DAY)
+    got = sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="bob"), now=lambda: T0 - 10 * DAY
+    )
     assert got is not None
     finish_as(store, job_id, got[1], "bob")
     where = place(store, "status", job_id)
@@ -8083,7 +8384,7 @@ def late_finisher_lab(root: Path) -> tuple[Storage, str, LateFinish]:
         result = sqstore.run_simulator(claimed[1], job_id, "sim")
         done = sqstore.StatusMsg(job_id, "DONE", "late", "None")
         with contextlib.suppress(sqstore.NotFoundError, sqstore.LeaseLostError):
-            sqstore.update_in_database(store, result, done, job_id, "sim", holder="late")
+            sqstore.update_in_database(store, result, done, job_id, "sim", policy=by_late)
 
     return store, job_id, late
 
@@ -8114,9 +8415,9 @@ def test_prune_and_a_late_finisher_paused_at_each_call_leave_no_orphan(
             assert status.status != "DONE" or "result" in left, (index, left)
     store, job_id, _ = late_finisher_lab(tmp_path / "plain")
     late_done = sqstore.StatusMsg(job_id, "DONE", "late", "None")
+    result, by_late = sqstore.run_simulator(JOB, job_id, "sim"), sqstore.LeasePolicy(holder="late")
     with pytest.raises(sqstore.LeaseLostError, match="another worker"):
-        sqstore.update_in_database(store, sqstore.run_simulator(JOB, job_id, "sim"), late_done,
-                                   job_id, "sim", holder="late")  # fmt: skip
+        sqstore.update_in_database(store, result, late_done, job_id, "sim", policy=by_late)
     finish_as(store, job_id, JOB, "late")  # the very same finish again: a re-run, no change
     assert sqstore.get_status(store, "sim", "alice", job_id).detail == DONE_STATUS
 
@@ -8523,8 +8824,13 @@ def test_running_jobs_and_requeue_job(tmp_path: Path) -> None:
     for job_id in ids:
         sqstore.upload_status(store, "sim", "alice", job_id)
     for holder in ("w1", "w2"):
-        assert sqstore.claim_job(store, "sim", holder=holder, lease_seconds=600) is not None
-    assert sqstore.claim_job(store, "other", holder="w3") is not None
+        assert (
+            sqstore.claim_job(
+                store, "sim", policy=sqstore.LeasePolicy(holder=holder, lease_seconds=600)
+            )
+            is not None
+        )
+    assert sqstore.claim_job(store, "other", policy=sqstore.LeasePolicy(holder="w3")) is not None
     store["move"]("jobs/queued/sim", "jobs/running", ids[2])  # as sqooler claims: no lease
     running = sqstore.running_jobs(store, "sim")
     assert list(running) == ids
@@ -8539,7 +8845,7 @@ def test_running_jobs_and_requeue_job(tmp_path: Path) -> None:
         sqstore.requeue_job(store, "sim", ids[1])
     with pytest.raises(sqstore.NotFoundError, match="'sim'"):
         sqstore.requeue_job(store, "sim", theirs)
-    again = sqstore.claim_job(store, "sim", holder="w4")
+    again = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="w4"))
     assert again is not None and again[0].job_id == ids[1]
     lease = sqstore.running_jobs(store, "sim")[ids[1]]
     assert lease is not None and lease.holder == "w4"
@@ -8556,7 +8862,10 @@ def test_requeue_job_completes_a_recorded_finish_and_releases_a_half_claim(
     dying, blocked = (sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(2))
     for job_id in (dying, blocked):
         sqstore.upload_status(store, "sim", "alice", job_id)
-    assert sqstore.claim_job(store, "sim", holder="w1", lease_seconds=600) is not None
+    assert (
+        sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="w1", lease_seconds=600))
+        is not None
+    )
     lease = store["get"]("jobs/leases", dying)
     final = sqstore.StatusMsg(dying, "ERROR", "The executor failed.", "ValueError: x")
     store["update"]("jobs/leases", dying, {**lease, "finish": sqstore.to_doc(final)})
@@ -8565,9 +8874,11 @@ def test_requeue_job_completes_a_recorded_finish_and_releases_a_half_claim(
     assert sqstore.get_status(store, "sim", "alice", dying).error_message == "ValueError: x"
     half = sqstore.Lease(blocked, "sim", "w2", "t0ken", time.time() + 600)
     store["upload"]("jobs/leases", blocked, sqstore.to_doc(half))
-    assert sqstore.claim_job(store, "sim", holder="w3") is None  # w2 seems to hold it
+    assert (
+        sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="w3")) is None
+    )  # w2 seems to hold it
     assert sqstore.requeue_job(store, "sim", blocked) is True
-    claimed = sqstore.claim_job(store, "sim", holder="w3")
+    claimed = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="w3"))
     assert claimed is not None and claimed[0].job_id == blocked
 
 
@@ -8578,10 +8889,13 @@ def test_cli_running_and_requeue(tmp_path: Path) -> None:
     store, key, job_id = a_lab(tmp_path / "lab")
     second = sqstore.upload_job(store, JOB, "sqsim", "cli")
     third = sqstore.upload_job(store, JOB, "sqsim", "cli")
-    assert sqstore.claim_job(store, "sqsim", key, holder="deadbox:42", lease_seconds=600)
-    expired = -sqstore.DEFAULT_SKEW - 1
-    assert sqstore.claim_job(store, "sqsim", key, holder="gone:7", lease_seconds=expired)
-    assert sqstore.claim_job(store, "sqsim", key, holder="late:8", lease_seconds=-1)
+    assert sqstore.claim_job(
+        store, "sqsim", key, policy=sqstore.LeasePolicy(holder="deadbox:42", lease_seconds=600)
+    )
+    expired = -sqstore.DEFAULT_SKEW - 2  # claimed with a 1 s lease so long ago
+    gone, late = (sqstore.LeasePolicy(holder=h, lease_seconds=1) for h in ("gone:7", "late:8"))
+    assert sqstore.claim_job(store, "sqsim", key, policy=gone, now=lambda: time.time() + expired)
+    assert sqstore.claim_job(store, "sqsim", key, policy=late, now=lambda: time.time() - 2)
     proc = sqstore_cli("--storage", "lab", "running", "sqsim", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines()]
@@ -8755,12 +9069,14 @@ def test_locate_job_says_which_folder_holds_a_job_through_its_life(store: Storag
     done, failed = (sqstore.upload_job(store, JOB, "sim", "alice") for _ in range(2))
     assert sqstore.locate_job(store, "sim", done) == "queued"
     for job_id, outcome in ((done, "DONE"), (failed, "ERROR")):
-        claimed = sqstore.claim_job(store, "sim", holder="me")
+        claimed = sqstore.claim_job(store, "sim", policy=sqstore.LeasePolicy(holder="me"))
         assert claimed is not None and claimed[0].job_id == job_id
         assert sqstore.locate_job(store, "sim", job_id) == "running"
         result = sqstore.run_simulator(JOB, job_id, "sim") if outcome == "DONE" else None
         status = sqstore.StatusMsg(job_id, outcome, "x", "None")
-        sqstore.update_in_database(store, result, status, job_id, "sim", holder="me")
+        sqstore.update_in_database(
+            store, result, status, job_id, "sim", policy=sqstore.LeasePolicy(holder="me")
+        )
     assert sqstore.locate_job(store, "sim", done) == "finished"
     assert sqstore.locate_job(store, "sim", failed) == "deleted"
     assert sqstore.locate_job(store, "sim", sqstore.create_job_id(store, "sim", "alice")) is None
@@ -8773,14 +9089,23 @@ def test_lease_expired_judges_a_lease_as_the_sweep_does(store: Storage) -> None:
     """`lease_expired` is false while a lease runs (and *skew* after it), true after that and
     for a released lease; `requeue_expired` at the same instants agrees."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
-    assert sqstore.claim_job(store, "sim", holder="w", lease_seconds=10, now=lambda: T0)
+    assert sqstore.claim_job(
+        store, "sim", policy=sqstore.LeasePolicy(holder="w", lease_seconds=10), now=lambda: T0
+    )
     lease = sqstore.running_jobs(store, "sim")[job_id]
     assert lease is not None and lease.expires == T0 + 10
-    assert not sqstore.lease_expired(lease, T0 + 12, skew=5)
-    assert sqstore.requeue_expired(store, "sim", now=lambda: T0 + 12, skew=5) == []
-    assert sqstore.lease_expired(lease, T0 + 16, skew=5)
-    assert sqstore.lease_expired(attrs.evolve(lease, holder=""), T0, skew=5)
-    assert sqstore.requeue_expired(store, "sim", now=lambda: T0 + 16, skew=5) == [job_id]
+    assert not sqstore.lease_expired(lease, T0 + 12, policy=sqstore.LeasePolicy(skew=5))
+    assert (
+        sqstore.requeue_expired(
+            store, "sim", now=lambda: T0 + 12, policy=sqstore.LeasePolicy(skew=5)
+        )
+        == []
+    )
+    assert sqstore.lease_expired(lease, T0 + 16, policy=sqstore.LeasePolicy(skew=5))
+    assert sqstore.lease_expired(attrs.evolve(lease, holder=""), T0)
+    assert sqstore.requeue_expired(
+        store, "sim", now=lambda: T0 + 16, policy=sqstore.LeasePolicy(skew=5)
+    ) == [job_id]
 
 
 def test_check_signing_key_accepts_the_backends_own_key_only(
