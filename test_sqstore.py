@@ -6370,6 +6370,22 @@ def test_a_handle_verifies_with_the_kid_the_config_names_now(store: Storage) -> 
     assert sqstore.verify_result(store, "sim", later)
 
 
+def test_a_stored_key_with_members_of_any_json_type_verifies() -> None:
+    """A published key that another program stored with extra members of any JSON type
+    (lists, objects, numbers) is read and verifies as the same key does without them."""
+    store = sqstore.memory_storage()
+    private, public = sqstore.generate_keypair("labkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    job_id = sqstore.create_job_id(store, "sim", "a")
+    signed_result(store, job_id, private)
+    keys_folder = sqstore.locate(store["layout"], "public_key")[0]
+    store["upload"](keys_folder, "labkey", sqstore.to_doc(public))
+    for extra in ({"use": "sig"}, {"x5c": ["a"], "n": 1}, {"ext": True, "meta": {"a": 1}}):
+        store["update"](keys_folder, "labkey", {**sqstore.to_doc(public), **extra})
+        assert sqstore.get_public_key(store, "sim") == public
+        assert sqstore.verify_result(store, "sim", job_id)
+
+
 @pytest.mark.parametrize("kid", ["labkey", "thumbprint"])
 def test_a_key_sqooler_replaces_is_the_key_a_handle_verifies_with(
     shared: tuple[Any, Storage], kid: str
