@@ -1353,11 +1353,12 @@ def _signer(private_jwk: JWK) -> Callable[[bytes], bytes]:
 
 
 @functools.lru_cache(maxsize=64)
-def _verify_key(public_jwk: JWK) -> Any:
-    """PyNaCl's VerifyKey of a JWK, made once: a frontend verifies many results per key."""
+def _verify_key(public: bytes) -> Any:
+    """PyNaCl's VerifyKey of a 32-byte public key, made once: a frontend verifies many
+    results per key.  Keyed by the key's bytes, so it never answers for another key."""
     from nacl.signing import VerifyKey
 
-    return VerifyKey(_key_bytes(public_jwk, "x"))
+    return VerifyKey(public)
 
 
 def _ed25519_verify(public_jwk: JWK, data: bytes, signature: bytes) -> bool:
@@ -1365,7 +1366,7 @@ def _ed25519_verify(public_jwk: JWK, data: bytes, signature: bytes) -> bool:
     from nacl.exceptions import BadSignatureError as NaclBadSignature
 
     try:
-        _verify_key(public_jwk).verify(data, signature)
+        _verify_key(_key_bytes(public_jwk, "x")).verify(data, signature)
     except (NaclBadSignature, ValueError):
         return False
     return True
@@ -1654,19 +1655,29 @@ def verify_doc(doc: Mapping[str, Any], public_jwks: Sequence[KeyLike]) -> Doc:
         BadSignatureError: *doc* is unsigned, or no key verifies it (``payload`` set).
         InvalidDocumentError: *doc* is a malformed signed document.
     """
+    payload, kid, signing_input, signature = _signed_parts(doc)
+    keys = [_coerce(k, JWK, "public_jwk") for k in public_jwks]
+    if kid is not None:
+        keys = [key for key in keys if key.kid == kid]
+    if any(_ed25519_verify(key, signing_input, signature) for key in keys):
+        return payload
+    raise BadSignatureError(f"signature of kid {kid!r} does not verify", payload)
+
+
+def _signed_parts(doc: Mapping[str, Any]) -> tuple[Doc, str | None, bytes, bytes]:
+    """``(payload, kid, signing input, signature)`` of a signed document, not verified.
+
+    Raises:
+        BadSignatureError: *doc* is unsigned, or its header is not EdDSA's.
+        InvalidDocumentError: *doc* is a malformed signed document.
+    """
     if not is_signed(doc):
         raise BadSignatureError("the document is not signed", dict(doc))
     envelope, payload, header = _open_signed(doc)
     kid = header.get("kid")
     if header.get("alg") != "EdDSA" or header.get("crit"):
         raise BadSignatureError(f"unsupported JWS header {header!r}", payload)
-    keys = [_coerce(k, JWK, "public_jwk") for k in public_jwks]
-    if kid is not None:
-        keys = [key for key in keys if key.kid == kid]
-    signing_input, signature = _signing_input(envelope)
-    if any(_ed25519_verify(key, signing_input, signature) for key in keys):
-        return payload
-    raise BadSignatureError(f"signature of kid {kid!r} does not verify", payload)
+    return (payload, kid, *_signing_input(envelope))
 
 
 def _long_backend_name(store_name: str, config: BackendConfig) -> str:
@@ -2401,9 +2412,21 @@ def verify_result(
 
     An unsigned or tampered result gives False, and so does a genuine result of
     another job or backend put in this one's place: the signed payload must name
-    *job_id* (and *display_name*, where it names a backend).  The key is the one
-    the backend's config names, read each time; a frontend that checks many
-    results can fetch it once with `get_public_key` and pass it as *public_jwk*.
+    *job_id* (and *display_name*, where it names a backend).
+
+    The key is the one published now: each call reads the backend's config (for
+    its kid) and the key under that kid.  So a key replaced under its kid
+    (sqooler 0.9 replaces a published key, e.g. after a leak) or a config that
+    names a new kid counts from the next call, on this handle as on a new one,
+    and what the old key signs no longer verifies.  No key is kept from one
+    call to the next: a kid names whatever key is published under it (sqooler
+    lets the kid be any name, even another key's thumbprint), and a handle has
+    no cheaper way than reading the key to learn that it was replaced.  Only
+    PyNaCl's key object per 32 key bytes, and the record per stored key
+    document, are kept, in small caches keyed by those bytes and that document:
+    they cannot answer for another key.  A frontend that trusts a key it
+    fetched once (`get_public_key`) may pass it as *public_jwk*: it is then
+    used as given, and neither the config nor the key is read.
 
     Raises:
         NotFinishedError: the job has no result yet: it is queued or running.
@@ -2426,12 +2449,15 @@ def verify_result(
         key = get_public_key_from_kid(store, _config_kid(store, display_name))
     else:
         key = _coerce(public_jwk, JWK, "public_jwk")
-    try:
-        payload = verify_doc(raw, [key])
+    try:  # verify_doc(raw, [key]), without coercing a list of keys
+        payload, kid, signing_input, signature = _signed_parts(raw)
     except (BadSignatureError, InvalidDocumentError):
         return False
-    return payload.get("job_id") == job_id and payload.get("display_name", display_name) == (
-        display_name
+    return (
+        kid in (None, key.kid)
+        and _ed25519_verify(key, signing_input, signature)
+        and payload.get("job_id") == job_id
+        and payload.get("display_name", display_name) == display_name
     )
 
 
@@ -2499,7 +2525,20 @@ def get_public_key_from_kid(store: Storage, kid: str, role: str = "backend") -> 
     """
     _check_handle(store)
     folder = _key_folder(store, role)
-    return from_doc(_read(store, folder, check_name(kid, "kid")), JWK, where=f"{folder}/{kid}")
+    return _stored_jwk(_read(store, folder, check_name(kid, "kid")), f"{folder}/{kid}")
+
+
+def _stored_jwk(doc: Doc, where: str) -> JWK:
+    """A stored JWK as its record, structured once per distinct document: a small cache
+    keyed by the whole document (all text), so it never answers for another key."""
+    if all(type(value) is str or value is None for value in doc.values()):
+        return _jwk_of(tuple(doc.items()), where)
+    return from_doc(doc, JWK, where=where)
+
+
+@functools.lru_cache(maxsize=64)
+def _jwk_of(items: tuple[tuple[str, str | None], ...], where: str) -> JWK:
+    return from_doc(dict(items), JWK, where=where)
 
 
 @_reads

@@ -6413,6 +6413,110 @@ def test_copy_killed_then_resumed_copies_everything_once(tmp_path: Path) -> None
 
 
 # ============================================================================
+# Verifying results fast and safely
+# ============================================================================
+def signed_result(store: Storage, job_id: str, private: Any, *, named: str = "") -> None:
+    """Store a result for *job_id* signed with *private* (of job *named*, if given), as Bob
+    or someone holding his key would."""
+    result = sqstore.to_doc(sqstore.run_simulator(JOB, named or job_id, "sim"))
+    doc = sqstore.sign_doc(result, private, fmt=store["layout"].signature_format)
+    store["upload"](*place(store, "results", job_id), doc)
+
+
+def test_a_handle_verifies_with_the_key_published_now(store: Storage) -> None:
+    """Once the published key is replaced under its kid (a raw write), a handle that verified
+    with the old key accepts only what the new key signed, as a fresh reader does."""
+    old_private, old_public = sqstore.generate_keypair("labkey")
+    new_private, new_public = sqstore.generate_keypair("labkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", old_private)
+    sqstore.upload_public_key(store, old_public, "sim")
+    genuine, forged, later, other = (sqstore.create_job_id(store, "sim", "a") for _ in range(4))
+    signed_result(store, genuine, old_private)
+    assert sqstore.verify_result(store, "sim", genuine)
+    assert sqstore.verify_result(store, "sim", genuine)
+    keys_folder = sqstore.locate(store["layout"], "public_key")[0]
+    store["update"](keys_folder, "labkey", sqstore.to_doc(new_public))
+    signed_result(store, forged, old_private)  # with the old key, leaked
+    signed_result(store, later, new_private)
+    signed_result(store, other, new_private, named=later)  # another job's genuine result
+    assert not sqstore.verify_result(store, "sim", forged)
+    assert not sqstore.verify_result(store, "sim", genuine)
+    assert sqstore.verify_result(store, "sim", later)
+    assert not sqstore.verify_result(store, "sim", other)
+    assert sqstore.get_public_key(store, "sim").x == new_public.x
+
+
+def test_a_handle_verifies_with_the_kid_the_config_names_now(store: Storage) -> None:
+    """Once the config names a new kid (a key rotated under a new kid), a handle that verified
+    with the old key accepts only what the new key signed."""
+    old_private, old_public = sqstore.generate_keypair("labkey")
+    new_private, new_public = sqstore.generate_keypair("labkey2")
+    config = sqstore.demo_config("sim", sign=True)
+    sqstore.upload_config(store, config, "sim", old_private)
+    sqstore.upload_public_key(store, old_public, "sim")
+    genuine, forged, later = (sqstore.create_job_id(store, "sim", "a") for _ in range(3))
+    signed_result(store, genuine, old_private)
+    assert sqstore.verify_result(store, "sim", genuine)
+    rotated = sqstore.to_doc(attrs.evolve(config, kid="labkey2"))
+    fmt = store["layout"].signature_format
+    config_place = sqstore.locate(store["layout"], "config", "sim")
+    store["update"](*config_place, sqstore.sign_doc(rotated, new_private, fmt=fmt))
+    sqstore.upload_public_key(store, new_public, "sim")
+    signed_result(store, forged, old_private)
+    signed_result(store, later, new_private)
+    assert not sqstore.verify_result(store, "sim", forged)
+    assert not sqstore.verify_result(store, "sim", genuine)
+    assert sqstore.verify_result(store, "sim", later)
+
+
+def test_a_stored_key_with_members_of_any_json_type_verifies() -> None:
+    """A published key that another program stored with extra members of any JSON type
+    (lists, objects, numbers) is read and verifies as the same key does without them."""
+    store = sqstore.memory_storage()
+    private, public = sqstore.generate_keypair("labkey")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    job_id = sqstore.create_job_id(store, "sim", "a")
+    signed_result(store, job_id, private)
+    keys_folder = sqstore.locate(store["layout"], "public_key")[0]
+    store["upload"](keys_folder, "labkey", sqstore.to_doc(public))
+    for extra in ({"use": "sig"}, {"x5c": ["a"], "n": 1}, {"ext": True, "meta": {"a": 1}}):
+        store["update"](keys_folder, "labkey", {**sqstore.to_doc(public), **extra})
+        assert sqstore.get_public_key(store, "sim") == public
+        assert sqstore.verify_result(store, "sim", job_id)
+
+
+@pytest.mark.parametrize("kid", ["labkey", "thumbprint"])
+def test_a_key_sqooler_replaces_is_the_key_a_handle_verifies_with(
+    shared: tuple[Any, Storage], kid: str
+) -> None:
+    """sqooler 0.9 replaces a published key in place (a rotation after a leak), also under a
+    kid that is the old key's thumbprint: a handle that verified with the old key then
+    refuses results the old key signs."""
+    from sqooler.schemes import BackendConfigSchemaIn
+    from sqooler.security import JWK as SqoolerJWK
+
+    sqooler, store = shared
+    seed = os.urandom(32)
+    if kid == "thumbprint":
+        kid = sqstore.jwk_thumbprint(sqstore.generate_keypair("k", seed=seed)[1])
+    old_private, old_public = sqstore.generate_keypair(kid, seed=seed)
+    new_private, new_public = sqstore.generate_keypair(kid)
+    config = BackendConfigSchemaIn(**sqstore.to_doc(sqstore.demo_config("sim", sign=True)))
+    sqooler.upload_config(config, "sim", SqoolerJWK(**sqstore.to_doc(old_private)))
+    sqooler.upload_public_key(SqoolerJWK(**sqstore.to_doc(old_public)), "sim")
+    genuine, forged, later = (sqstore.create_job_id(store, "sim", "a") for _ in range(3))
+    signed_result(store, genuine, old_private)
+    assert sqstore.verify_result(store, "sim", genuine)
+    sqooler.upload_public_key(SqoolerJWK(**sqstore.to_doc(new_public)), "sim")
+    signed_result(store, forged, old_private)
+    signed_result(store, later, new_private)
+    assert not sqstore.verify_result(store, "sim", forged)
+    assert not sqstore.verify_result(store, "sim", genuine)
+    assert sqstore.verify_result(store, "sim", later)
+    assert sqooler.verify_result("sim", later) and not sqooler.verify_result("sim", forged)
+
+
+# ============================================================================
 # Performance: what each cut removes
 # ============================================================================
 def hex_ids(count: int) -> list[str]:
