@@ -2422,9 +2422,8 @@ def verify_result(
     call to the next: a kid names whatever key is published under it (sqooler
     lets the kid be any name, even another key's thumbprint), and a handle has
     no cheaper way than reading the key to learn that it was replaced.  Only
-    PyNaCl's key object per 32 key bytes, and the record per stored key
-    document, are kept, in small caches keyed by those bytes and that document:
-    they cannot answer for another key.  A frontend that trusts a key it
+    PyNaCl's key object is kept, in a small cache keyed by the key's 32 bytes:
+    it cannot answer for another key.  A frontend that trusts a key it
     fetched once (`get_public_key`) may pass it as *public_jwk*: it is then
     used as given, and neither the config nor the key is read.
 
@@ -2525,20 +2524,7 @@ def get_public_key_from_kid(store: Storage, kid: str, role: str = "backend") -> 
     """
     _check_handle(store)
     folder = _key_folder(store, role)
-    return _stored_jwk(_read(store, folder, check_name(kid, "kid")), f"{folder}/{kid}")
-
-
-def _stored_jwk(doc: Doc, where: str) -> JWK:
-    """A stored JWK as its record, structured once per distinct document: a small cache
-    keyed by the whole document (all text), so it never answers for another key."""
-    if all(type(value) is str or value is None for value in doc.values()):
-        return _jwk_of(tuple(doc.items()), where)
-    return from_doc(doc, JWK, where=where)
-
-
-@functools.lru_cache(maxsize=64)
-def _jwk_of(items: tuple[tuple[str, str | None], ...], where: str) -> JWK:
-    return from_doc(dict(items), JWK, where=where)
+    return from_doc(_read(store, folder, check_name(kid, "kid")), JWK, where=f"{folder}/{kid}")
 
 
 @_reads
