@@ -1456,6 +1456,34 @@ def test_the_state_machine_fails_the_layered_stack_without_its_retry() -> None:
         run_state_machine_as_test(Unretried, settings=SM_FIND)
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(sqstore.LOCAL_LAYOUT, id="local-layout"),
+        pytest.param(
+            sqstore.DROPBOX_LAYOUT,
+            id="dropbox-layout",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a dated id has the username before the microseconds: within one "
+                "second, the queue is served in username order, not submission order",
+            ),
+        ),
+    ],
+)
+def test_the_queue_is_served_in_submission_order_whoever_submits(layout: Any) -> None:
+    """Of two jobs submitted by two users, the one submitted first is claimed first."""
+    store = sqstore.memory_storage(layout=layout)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    now_ns = 1_700_000_000_000_000_000
+    first = sqstore.new_job_id(layout, "sim", "bob", now_ns, 1)
+    second = sqstore.new_job_id(layout, "sim", "alice", now_ns + 1_000, 2)  # 1 microsecond on
+    for job_id in (first, second):  # as upload_job stores them
+        store["upload"](*sqstore.locate(layout, "queued", "sim", job_id=job_id), {"j": job_id})
+    claimed = sqstore.claim_job(store, "sim", holder="worker")
+    assert claimed is not None and claimed[0].job_id == first, (first, second)
+
+
 # ============================================================================
 # Operations (the high-level API) on every backend
 # ============================================================================
