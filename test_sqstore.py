@@ -43,7 +43,13 @@ import cattrs.preconf.json
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import sqstore
 from sqstore import Storage
@@ -1397,6 +1403,14 @@ def _newest_first(store: Storage) -> Callable[..., Any]:
     return list_ids
 
 
+def _newest_steps(store: Storage) -> Callable[..., Any]:
+    def list_ids(path: str, limit: int | None = None) -> list[str]:
+        newest = store["list"](path)[::-1]
+        return newest if limit is None else newest[:limit]  # always the newest: no walk
+
+    return list_ids
+
+
 BROKEN_LAYERS = {
     "update creates": breaking("update", _upsert),
     "upload replaces": breaking("upload", _overwrite),
@@ -1407,6 +1421,7 @@ BROKEN_LAYERS = {
     "get serves what it read first": breaking("get", _stale_get),
     "a list step is the whole folder": breaking("list", _whole_steps),
     "list is newest first": breaking("list", _newest_first),
+    "a list step serves the newest": breaking("list", _newest_steps),
 }
 """Layers each breaking one verb's contract, as a layer could: the machine must find each."""
 
@@ -1454,6 +1469,180 @@ def test_the_state_machine_fails_the_layered_stack_without_its_retry() -> None:
         AssertionError, match=r"local-layered: .* gave \('error', <class '\S*TransientError"
     ):
         run_state_machine_as_test(Unretried, settings=SM_FIND)
+
+
+class JobLifeComparison(RuleBasedStateMachine):
+    """Random job lives (submit, claim, finish, cancel, requeue, sweep) give the same outcomes
+    on memory in sqooler's local layout (the model), memory in its Dropbox layout and a
+    directory in its Dropbox layout; only the job ids differ, so jobs are compared by the
+    order in which they were submitted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="sqstore-life-"))
+        self.stores = {
+            "memory": sqstore.memory_storage(),
+            "memory-dropbox-layout": sqstore.memory_storage(layout=sqstore.DROPBOX_LAYOUT),
+            "local-dropbox-layout": sqstore.local_storage(self.tmp, layout=sqstore.DROPBOX_LAYOUT),
+        }
+        for store in self.stores.values():
+            sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+        self.jobs: list[dict[str, str]] = []  # by submission: each store's id of the job
+        self.clock = 1_700_000_000.0
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def now(self) -> float:
+        return self.clock
+
+    def index(self, name: str, job_id: Any) -> Any:
+        """A job id of store *name* as its job's submission number (other values as they are)."""
+        for i, ids in enumerate(self.jobs):
+            if ids[name] == job_id:
+                return i
+        return job_id
+
+    def agree(self, act: Callable[[str, Storage], Any]) -> list[Any]:
+        """Run *act* on each store; its outcomes, job ids as submission numbers, must agree."""
+        outcomes = {}
+        for name, store in self.stores.items():
+            try:
+                outcomes[name] = ("ok", self.numbered(name, act(name, store)))
+            except Exception as exc:
+                outcomes[name] = ("error", type(exc))
+        model = outcomes["memory"]
+        for name, got in outcomes.items():
+            assert got == model, f"{name} gave {got}, but memory gave {model}"
+        return [outcomes[name] for name in self.stores]
+
+    def numbered(self, name: str, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.numbered(name, v) for v in value)
+        if isinstance(value, dict):
+            return {self.index(name, k): self.numbered(name, v) for k, v in value.items()}
+        if isinstance(value, sqstore.NextJob):
+            return ("next", self.index(name, value.job_id))
+        if isinstance(value, sqstore.Lease):
+            return ("lease", value.holder, value.attempts, value.expires)
+        return self.index(name, value)
+
+    def pick(self, nth: int, running: bool = False) -> dict[str, str]:
+        """Each store's id of a job: the nth submitted, or (*running*) the nth that the
+        model has running, when it has any."""
+        if running and (held := sorted(sqstore.running_jobs(self.stores["memory"], "sim"))):
+            nth = self.index("memory", held[nth % len(held)])
+        return self.jobs[nth % len(self.jobs)]
+
+    @rule(doc=json_docs)
+    def submit(self, doc: dict[str, Any]) -> None:
+        ids: dict[str, str] = {}
+
+        def act(name: str, store: Storage) -> None:
+            ids[name] = sqstore.upload_job(store, doc, "sim", "alice")
+            sqstore.upload_status(store, "sim", "alice", ids[name])
+
+        self.agree(act)
+        self.jobs.append(ids)
+
+    @precondition(lambda self: self.jobs)
+    @rule()
+    def claim(self) -> None:
+        def act(name: str, store: Storage) -> Any:
+            claimed = sqstore.claim_job(store, "sim", holder="worker", now=self.now)
+            return None if claimed is None else claimed[0]
+
+        self.agree(act)
+
+    @precondition(lambda self: self.jobs)
+    @rule(nth=st.integers(0, 9), done=st.booleans(), running=st.booleans())
+    def finish(self, nth: int, done: bool, running: bool) -> None:
+        ids = self.pick(nth, running)
+
+        def act(name: str, store: Storage) -> None:
+            job_id = ids[name]
+            status = sqstore.StatusMsg(job_id, "DONE" if done else "ERROR", "ran", "None")
+            result = sqstore.ResultDict(
+                display_name="sim", backend_version="1", job_id=job_id, status="DONE"
+            )
+            sqstore.update_in_database(
+                store,
+                result if done else None,
+                status,
+                job_id,
+                "sim",
+                holder="worker",
+                now=self.now,
+            )
+
+        self.agree(act)
+
+    @precondition(lambda self: self.jobs)
+    @rule(nth=st.integers(0, 9))
+    def cancel(self, nth: int) -> None:
+        ids = self.pick(nth)
+        self.agree(lambda name, store: sqstore.cancel_job(store, "sim", "alice", ids[name]))
+
+    @precondition(lambda self: self.jobs)
+    @rule(nth=st.integers(0, 9), running=st.booleans())
+    def requeue(self, nth: int, running: bool) -> None:
+        ids = self.pick(nth, running)
+        self.agree(lambda name, store: sqstore.requeue_job(store, "sim", ids[name], now=self.now))
+
+    @rule(seconds=st.sampled_from([1.0, 60.0, 800.0]))  # a lease is 600 s, the skew 120 s
+    def sweep(self, seconds: float) -> None:
+        self.clock += seconds
+        self.agree(lambda name, store: sqstore.requeue_expired(store, "sim", now=self.now))
+
+    @precondition(lambda self: self.jobs)
+    @rule(nth=st.integers(0, 9))
+    def read(self, nth: int) -> None:
+        ids = self.pick(nth)
+
+        def act(name: str, store: Storage) -> Any:
+            job_id = ids[name]
+            result = sqstore.get_result(store, "sim", "alice", job_id)
+            return sqstore.get_status(store, "sim", "alice", job_id).status, result.status
+
+        self.agree(act)
+
+    @invariant()
+    def queues_agree(self) -> None:
+        self.agree(lambda name, store: sqstore.running_jobs(store, "sim"))
+        self.agree(
+            lambda name, store: sqstore.get_backend_status(store, "sim", now=self.now).pending_jobs
+        )
+        self.agree(
+            lambda name, store: [
+                sqstore.job_id_from(store["layout"], "queued", i)
+                for i in sqstore.get_file_queue(
+                    store, sqstore.locate(store["layout"], "queued", "sim")[0]
+                )
+            ]
+        )
+
+
+JobLifeComparison.TestCase.settings = settings(
+    max_examples=int(os.environ.get("SQSTORE_SM_EXAMPLES", "60")),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestJobLifeComparison = JobLifeComparison.TestCase
+
+
+def test_the_job_life_machine_finds_a_broken_layer() -> None:
+    """A layer whose list steps serve the newest ids, under the operations of one store,
+    makes the comparison of job lives fail (its claims take the newest job)."""
+
+    class Broken(JobLifeComparison):
+        def __init__(self) -> None:
+            super().__init__()
+            name = "memory-dropbox-layout"
+            self.stores[name] = BROKEN_LAYERS["a list step serves the newest"](self.stores[name])
+
+    with pytest.raises(AssertionError, match=r"memory-dropbox-layout gave .* but memory gave"):
+        run_state_machine_as_test(Broken, settings=SM_FIND)
 
 
 @pytest.mark.parametrize(
