@@ -1475,7 +1475,9 @@ class JobLifeComparison(RuleBasedStateMachine):
     """Random job lives (submit, claim, finish, cancel, requeue, sweep) give the same outcomes
     on memory in sqooler's local layout (the model), memory in its Dropbox layout and a
     directory in its Dropbox layout; only the job ids differ, so jobs are compared by the
-    order in which they were submitted."""
+    order in which they were submitted.  One user submits: the Dropbox layout's ids name
+    their user, so a cancel by another user differs by design, and their order within a
+    second differs too (see the expected failure below)."""
 
     def __init__(self) -> None:
         super().__init__()
