@@ -1439,6 +1439,7 @@ SM_FIND = settings(
 """Settings of a machine that must fail: repeatable, and done at the first failure."""
 
 
+@pytest.mark.slow  # checks the machines, not the library: CI runs it
 @pytest.mark.parametrize("broken", sorted(BROKEN_LAYERS))
 def test_the_state_machine_finds_a_broken_layer(broken: str) -> None:
     """A layer that breaks one verb's contract makes the comparison with memory fail."""
@@ -1451,6 +1452,7 @@ def test_the_state_machine_finds_a_broken_layer(broken: str) -> None:
         run_state_machine_as_test(Broken, settings=SM_FIND)
 
 
+@pytest.mark.slow  # checks the machines, not the library: CI runs it
 def test_the_state_machine_fails_the_layered_stack_without_its_retry() -> None:
     """The failures injected below the retry layer are real: without with_retry the layered
     subject disagrees with memory."""
@@ -1633,6 +1635,7 @@ JobLifeComparison.TestCase.settings = settings(
 TestJobLifeComparison = JobLifeComparison.TestCase
 
 
+@pytest.mark.slow  # checks the machines, not the library: CI runs it
 def test_the_job_life_machine_finds_a_broken_layer() -> None:
     """A layer whose list steps serve the newest ids, under the operations of one store,
     makes the comparison of job lives fail (its claims take the newest job)."""
