@@ -77,7 +77,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import (
     TYPE_CHECKING,
@@ -2167,7 +2167,7 @@ def get_file_queue(store: Storage, storage_path: str) -> list[str]:
     """
     _check_handle(store)
     path = storage_path.strip("/") if isinstance(storage_path, str) else storage_path
-    return sorted(store["list"](_check_path(path)))
+    return _in_order(store["list"](_check_path(path)))
 
 
 def create_job_id(store: Storage, display_name: str, username: str) -> str:
@@ -3978,6 +3978,25 @@ def _loads(text: str | bytes, where: str) -> Doc:
     return doc
 
 
+_DATED_ID_RE = re.compile(r"(.*?)([0-9]{8}_[0-9]{6})-.+-([0-9a-f]{5})")
+
+
+def _in_order(names: Iterable[str]) -> list[str]:
+    """*names* oldest first: sorted, except that a dated id (sqooler's Dropbox form,
+    ``<prefix><YYYYMMDD_HHMMSS>-<dn>-<user>-<5 hex>``) sorts by its second and then
+    its microseconds, not by its user, so that jobs of one second keep their order.
+
+    >>> _in_order(["job-20231114_221320-sim-bob-00002", "job-20231114_221320-sim-alice-00003"])
+    ['job-20231114_221320-sim-bob-00002', 'job-20231114_221320-sim-alice-00003']
+    """
+
+    def key(name: str) -> tuple[str, str, str, str]:
+        dated = _DATED_ID_RE.fullmatch(name)
+        return (dated[1], dated[2], dated[3], name) if dated else (name, "", "", name)
+
+    return sorted(names, key=key)
+
+
 def _walker(list_all: Callable[[str], list[str]]) -> tuple[ListFn, Callable[[str], None]]:
     """``list`` for a backend that lists a whole folder at once: ``list(path, n)``
     serves the rest of the last listing of *path*, *n* ids at a time (see `Storage`);
@@ -4077,7 +4096,7 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
     def list_all(path: str) -> list[str]:
         _check_path(path)
         with lock:
-            return sorted(folders.get(path, ()))
+            return _in_order(folders.get(path, ()))
 
     def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
         where = _checked(path, doc_id)
@@ -4403,8 +4422,7 @@ def local_storage(
                         sweep(folder, entry)
         except NotFoundError:
             return []
-        ids.sort()
-        return ids
+        return _in_order(ids)
 
     def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
         """Under an exclusive ``flock`` of the folder's ``.sqstore.lock`` (released
@@ -4888,7 +4906,7 @@ def mongodb_storage(
         else:
             docs = call(path, lambda: send(lambda: list(source.find({}, {"_id": 1}))))
             names = (str(d["_id"]) for d in docs)
-        return sorted(n for n in names if isinstance(n, str) and _NAME_RE.fullmatch(n))
+        return _in_order(n for n in names if isinstance(n, str) and _NAME_RE.fullmatch(n))
 
     walk, forget_walk = _walker(list_all)  # keyed folders: names are fields, not _ids
     rests: dict[str, list[Any]] = {}  # folder -> _ids read, not served yet, newest first
@@ -5255,7 +5273,7 @@ def dropbox_storage(
             names = [e.name for e in entries if isinstance(e, dropbox.files.FolderMetadata)]
         else:
             names = [e.name[:-5] for e in entries if e.name.endswith(".json")]
-        return sorted(n for n in names if _NAME_RE.fullmatch(n))
+        return _in_order(n for n in names if _NAME_RE.fullmatch(n))
 
     list_ids, forget = _walker(list_all)
     return Storage(

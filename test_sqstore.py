@@ -1479,6 +1479,9 @@ def test_the_state_machine_fails_the_layered_stack_without_its_retry() -> None:
         run_state_machine_as_test(Unretried, settings=SM_FIND)
 
 
+WORKER = sqstore.LeasePolicy(holder="worker")
+
+
 class JobLifeComparison(RuleBasedStateMachine):
     """Random job lives (submit, claim, finish, cancel, requeue, sweep) give the same outcomes
     on memory in sqooler's local layout (the model), memory in its Dropbox layout and a
@@ -1559,7 +1562,7 @@ class JobLifeComparison(RuleBasedStateMachine):
     @rule()
     def claim(self) -> None:
         def act(name: str, store: Storage) -> Any:
-            claimed = sqstore.claim_job(store, "sim", holder="worker", now=self.now)
+            claimed = sqstore.claim_job(store, "sim", policy=WORKER, now=self.now)
             return None if claimed is None else claimed[0]
 
         self.agree(act)
@@ -1581,7 +1584,7 @@ class JobLifeComparison(RuleBasedStateMachine):
                 status,
                 job_id,
                 "sim",
-                holder="worker",
+                policy=WORKER,
                 now=self.now,
             )
 
@@ -1660,15 +1663,7 @@ def test_the_job_life_machine_finds_a_broken_layer() -> None:
     "layout",
     [
         pytest.param(sqstore.LOCAL_LAYOUT, id="local-layout"),
-        pytest.param(
-            sqstore.DROPBOX_LAYOUT,
-            id="dropbox-layout",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a dated id has the username before the microseconds: within one "
-                "second, the queue is served in username order, not submission order",
-            ),
-        ),
+        pytest.param(sqstore.DROPBOX_LAYOUT, id="dropbox-layout"),
     ],
 )
 def test_the_queue_is_served_in_submission_order_whoever_submits(layout: Any) -> None:
@@ -1680,7 +1675,7 @@ def test_the_queue_is_served_in_submission_order_whoever_submits(layout: Any) ->
     second = sqstore.new_job_id(layout, "sim", "alice", now_ns + 1_000, 2)  # 1 microsecond on
     for job_id in (first, second):  # as upload_job stores them
         store["upload"](*sqstore.locate(layout, "queued", "sim", job_id=job_id), {"j": job_id})
-    claimed = sqstore.claim_job(store, "sim", holder="worker")
+    claimed = sqstore.claim_job(store, "sim", policy=WORKER)
     assert claimed is not None and claimed[0].job_id == first, (first, second)
 
 
