@@ -1659,17 +1659,9 @@ def test_the_job_life_machine_finds_a_broken_layer() -> None:
         run_state_machine_as_test(Broken, settings=SM_FIND)
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param(sqstore.LOCAL_LAYOUT, id="local-layout"),
-        pytest.param(sqstore.DROPBOX_LAYOUT, id="dropbox-layout"),
-    ],
-)
-def test_the_queue_is_served_in_submission_order_whoever_submits(layout: Any) -> None:
+def test_the_queue_is_served_in_submission_order_whoever_submits(configured: Storage) -> None:
     """Of two jobs submitted by two users, the one submitted first is claimed first."""
-    store = sqstore.memory_storage(layout=layout)
-    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    store, layout = configured, configured["layout"]
     now_ns = 1_700_000_000_000_000_000
     first = sqstore.new_job_id(layout, "sim", "bob", now_ns, 1)
     second = sqstore.new_job_id(layout, "sim", "alice", now_ns + 1_000, 2)  # 1 microsecond on
