@@ -1313,12 +1313,13 @@ class StorageComparison(RuleBasedStateMachine):
             assert store["layout"] == (sqstore.DROPBOX_LAYOUT if dropbox else sqstore.LOCAL_LAYOUT)
 
 
-StorageComparison.TestCase.settings = settings(
+SM_RUNS = settings(
     max_examples=int(os.environ.get("SQSTORE_SM_EXAMPLES", "60")),
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+StorageComparison.TestCase.settings = SM_RUNS
 TestStorageComparison = StorageComparison.TestCase
 
 
@@ -1331,24 +1332,19 @@ def breaking(op: str, make: Callable[[Storage], Callable[..., Any]]) -> sqstore.
     return layer
 
 
-def _upsert(store: Storage) -> Callable[..., Any]:
-    def update(path: str, doc_id: str, doc: Any) -> None:
-        try:
-            store["update"](path, doc_id, doc)
-        except sqstore.NotFoundError:
-            store["upload"](path, doc_id, doc)
+def _falling_back(op: str, error: type[Exception], fallback: str) -> Callable[..., Any]:
+    """A broken *op* that, where the real one raises *error*, does *fallback* instead."""
 
-    return update
+    def make(store: Storage) -> Callable[..., Any]:
+        def call(path: str, doc_id: str, doc: Any) -> None:
+            try:
+                operation(store, op)(path, doc_id, doc)
+            except error:
+                operation(store, fallback)(path, doc_id, doc)
 
+        return call
 
-def _overwrite(store: Storage) -> Callable[..., Any]:
-    def upload(path: str, doc_id: str, doc: Any) -> None:
-        try:
-            store["upload"](path, doc_id, doc)
-        except sqstore.AlreadyExistsError:
-            store["update"](path, doc_id, doc)
-
-    return upload
+    return make
 
 
 def _quiet_delete(store: Storage) -> Callable[..., Any]:
@@ -1418,8 +1414,10 @@ def _newest_steps(store: Storage) -> Callable[..., Any]:
 
 
 BROKEN_LAYERS = {
-    "update creates": breaking("update", _upsert),
-    "upload replaces": breaking("upload", _overwrite),
+    "update creates": breaking("update", _falling_back("update", sqstore.NotFoundError, "upload")),
+    "upload replaces": breaking(
+        "upload", _falling_back("upload", sqstore.AlreadyExistsError, "update")
+    ),
     "delete of nothing passes": breaking("delete", _quiet_delete),
     "move replaces the target": breaking("move", _move_over),
     "swap ignores old": breaking("swap", _blind_swap),
@@ -1635,12 +1633,7 @@ class JobLifeComparison(RuleBasedStateMachine):
         )
 
 
-JobLifeComparison.TestCase.settings = settings(
-    max_examples=int(os.environ.get("SQSTORE_SM_EXAMPLES", "60")),
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+JobLifeComparison.TestCase.settings = SM_RUNS
 TestJobLifeComparison = JobLifeComparison.TestCase
 
 
