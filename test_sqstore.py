@@ -6634,6 +6634,115 @@ def test_dropbox_update_at_a_known_rev_still_replaces_and_refuses(
     assert other["list"]("jobs/a") == []
 
 
+def counted_opens(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Count this process's file opens (``os.open`` and ``openat2``) and reads, by kind."""
+    if sys.platform != "linux":
+        pytest.skip("openat2 is Linux's")
+    counts: collections.Counter[str] = collections.Counter()
+    real_open, real_read, make = os.open, os.read, sqstore._openat2_beneath
+
+    def opening(*args: Any, **kwargs: Any) -> int:
+        counts["open"] += 1
+        return real_open(*args, **kwargs)
+
+    def reading(fd: int, size: int) -> bytes:
+        counts["read"] += 1
+        return real_read(fd, size)
+
+    def beneath() -> Any:
+        call = make()
+        if call is None:
+            skip_or_fail("this kernel or sandbox has no openat2")
+
+        def opening_beneath(folder: int, name: str, flags: int) -> int:
+            counts["openat2"] += 1
+            return call(folder, name, flags)
+
+        return opening_beneath
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "read", reading)
+    monkeypatch.setattr(sqstore, "_openat2_beneath", beneath)
+    return counts
+
+
+def test_local_get_opens_the_root_and_the_document_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local get opens the root, then the document in one openat2 that follows no link
+    on the way, and reads it in one read; a missing one costs as much and is NotFoundError."""
+    counts = counted_opens(monkeypatch)
+    store = sqstore.local_storage(tmp_path / "store")
+    store["upload"]("jobs/queued/sim", "x", {"v": 1})
+    counts.clear()
+    assert store["get"]("jobs/queued/sim", "x") == {"v": 1}
+    assert counts == {"open": 1, "openat2": 1, "read": 1}, counts
+    counts.clear()
+    with pytest.raises(sqstore.NotFoundError, match="jobs/queued/sim/y does not exist"):
+        store["get"]("jobs/queued/sim", "y")
+    with pytest.raises(sqstore.NotFoundError, match="jobs/running/sim/x does not exist"):
+        store["get"]("jobs/running/sim", "x")
+    assert counts == {"open": 2, "openat2": 2}, counts
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x.json").write_text('{"secret": 1}')
+    (tmp_path / "store" / "jobs" / "lnk").symlink_to(tmp_path / "outside")
+    with pytest.raises(sqstore.StorageError, match=r"jobs/lnk is a symlink"):
+        store["get"]("jobs/lnk", "x")
+
+
+def test_local_folder_opens_take_one_call_below_the_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write, a move and a swap open each folder below the root in one openat2, however
+    deep: one local job life opens at most 50 files and folders (it was 82)."""
+    counts = counted_opens(monkeypatch)
+    store = sqstore.local_storage(tmp_path / "store")
+    store["upload"]("jobs/queued/sim", "x", {"v": 1})
+    store["upload"]("jobs/running/sim", "y", {"v": 1})
+    counts.clear()
+    store["move"]("jobs/queued/sim", "jobs/running/sim", "x")
+    assert counts["openat2"] == 2 and counts["open"] == 2, counts  # the root, twice
+    counts.clear()
+    assert store["swap"]("jobs/running/sim", "x", {"v": 1}, {"v": 2})
+    assert counts["openat2"] == 1 and counts["open"] == 4, counts  # root, lock, it, temp file
+    monkeypatch.undo()
+    counts = counted_opens(monkeypatch)
+    store = sqstore.local_storage(tmp_path / "life")
+    sqstore.upload_config(store, sqstore.demo_config("bench"), "bench")
+    sqstore._bench_lifecycles(store, None, 1)  # the folders are made, the heartbeat written
+    counts.clear()
+    sqstore._bench_lifecycles(store, None, 1)
+    assert counts["open"] + counts["openat2"] <= 50, counts
+
+
+def test_local_storage_without_openat2_walks_one_name_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where openat2 is refused (an old kernel, a sandbox), every verb still works and
+    a planted link is still refused, by opening one name at a time."""
+    import errno
+
+    refusals = []
+
+    def refusing() -> Callable[[int, str, int], int]:
+        def refuse(folder: int, name: str, flags: int) -> int:
+            refusals.append(name)
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), name)
+
+        return refuse
+
+    monkeypatch.setattr(sqstore, "_openat2_beneath", refusing)
+    store = sqstore.local_storage(tmp_path / "store")
+    store["upload"]("jobs/queued/sim", "x", {"v": 1})
+    store["move"]("jobs/queued/sim", "jobs/running/sim", "x")
+    assert store["get"]("jobs/running/sim", "x") == {"v": 1}
+    assert store["swap"]("jobs/running/sim", "x", {"v": 1}, None)
+    assert len(refusals) == 1, "refused once, then never asked again"
+    (tmp_path / "store" / "jobs" / "lnk").symlink_to(tmp_path)
+    with pytest.raises(sqstore.StorageError, match=r"jobs/lnk is a symlink"):
+        store["get"]("jobs/lnk", "x")
+
+
 # ============================================================================
 # The worker loop: real processes and signals
 # ============================================================================
