@@ -1429,7 +1429,10 @@ def _parse_json(text: str | bytes, what: str) -> Any:
     """
     try:
         if not isinstance(text, str):  # as json.loads decodes bytes
-            text = text.decode(json.detect_encoding(text), "surrogatepass")
+            # An object that starts with "{" and no NUL next is UTF-8 (as detect_encoding
+            # says, without its look at every BOM first): what sqstore writes.
+            utf8 = text[:1] == b"{" and text[1:2] != b"\0"
+            text = text.decode("utf-8" if utf8 else json.detect_encoding(text), "surrogatepass")
         return _JSON_DECODER.decode(text)
     except (ValueError, UnicodeDecodeError) as exc:
         error = InvalidDocumentError(f"{what}: not valid JSON ({exc})")
@@ -3786,6 +3789,10 @@ def _set_aside(
     """
     job_id, job = claimed[0].job_id, claimed[1]
     path, doc_id = _config_location(store, display_name)
+    if configs:  # read by the heartbeat, which parsed it: its two fields tell the policy
+        policy = payload_of(configs[-1])
+        if not (policy.get("require_signed_jobs") or policy.get("accepted_kids")):
+            return False
     raw = configs[-1] if configs else _read(store, path, doc_id)
     cfg = _parse(raw, BackendConfig, f"{path}/{doc_id}")
     if not (cfg.require_signed_jobs or cfg.accepted_kids):
@@ -4064,7 +4071,8 @@ def _openat2_beneath() -> Callable[[int, str, int], int] | None:
 
     def open_beneath(folder: int, name: str, flags: int) -> int:
         how = hows.get(flags) or (ctypes.c_uint64 * 3)(flags | cloexec, 0, resolve)
-        fd = syscall(437, folder, os.fsencode(name), ctypes.addressof(how), 24)  # SYS_openat2
+        # SYS_openat2; a name below the root is ASCII (`check_name`, `_check_path`)
+        fd = syscall(437, folder, name.encode(), ctypes.addressof(how), 24)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), name)

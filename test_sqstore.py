@@ -6743,6 +6743,54 @@ def test_local_storage_without_openat2_walks_one_name_at_a_time(
         store["get"]("jobs/lnk", "x")
 
 
+@pytest.mark.usefixtures("configured")
+def test_a_claim_parses_its_backends_config_once(
+    store: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """claim_job structures the config its heartbeat read once: the signed-jobs policy is
+    read from that same, already checked document, not structured a second time."""
+    sqstore.timestamp_queue(store, "sim")
+    parsed: list[type] = []
+    real = sqstore.from_doc
+
+    def counting(doc: Any, cls: type[Any], **kwargs: Any) -> Any:
+        parsed.append(cls)
+        return real(doc, cls, **kwargs)
+
+    monkeypatch.setattr(sqstore, "from_doc", counting)
+    for n in range(3):
+        job_id = sqstore.upload_job(store, {"n": n}, "sim", "alice")
+        parsed.clear()
+        claimed = sqstore.claim_job(store, "sim")
+        assert claimed is not None and claimed[0].job_id == job_id
+        assert parsed.count(sqstore.BackendConfig) == 1, parsed
+
+
+def test_a_local_job_life_decodes_json_without_sniffing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What sqstore wrote is read as UTF-8 at once: json.detect_encoding is called for no
+    document of a job life (it was for each of its 10 reads); other encodings still read."""
+    store = sqstore.local_storage(tmp_path / "store")
+    sqstore.upload_config(store, sqstore.demo_config("bench"), "bench")
+    sqstore._bench_lifecycles(store, None, 1)
+    sniffs: list[bytes] = []
+    real = json.detect_encoding
+
+    def sniffing(data: bytes) -> str:
+        sniffs.append(data[:4])
+        return real(data)
+
+    monkeypatch.setattr(json, "detect_encoding", sniffing)
+    sqstore._bench_lifecycles(store, None, 1)
+    assert sniffs == [], sniffs
+    for text in ('{"\u00e9": "\u00e9"}', '{"é": "é"}'):
+        for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32-be"):
+            (tmp_path / "store" / "x").mkdir(exist_ok=True)
+            (tmp_path / "store" / "x" / "d.json").write_bytes(text.encode(encoding))
+            assert store["get"]("x", "d") == {"é": "é"}, encoding
+
+
 # ============================================================================
 # The worker loop: real processes and signals
 # ============================================================================
