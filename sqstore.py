@@ -1153,6 +1153,8 @@ signature (of a signed submission) and cancel request; a submit token."""
 def _folder_template(layout: Layout, kind: str) -> str:
     if kind not in LOCATIONS:
         raise ValueError(f"kind must be one of {', '.join(LOCATIONS)}, not {kind!r}")
+    if kind in _LAYOUT_FOLDERS:  # a folder the layout names: most calls, at no cost
+        return str(getattr(layout, kind))
     derived = {
         "config": layout.configs,
         "public_key": layout.public_keys,
@@ -1164,6 +1166,10 @@ def _folder_template(layout: Layout, kind: str) -> str:
         "submit_token": f"{layout.leases}/tokens/{{display_name}}",
     }
     return derived.get(kind) or str(getattr(layout, kind))
+
+
+_LAYOUT_FOLDERS = frozenset({"queued", "running", "finished", "deleted", "status"})
+"""The kinds of `LOCATIONS` whose folder is the `Layout` field of the same name."""
 
 
 def _id_template(layout: Layout, kind: str) -> str:
