@@ -4107,8 +4107,10 @@ def local_storage(
     write that returned.
 
     No symbolic link below *root* is ever followed (*root* itself may be one):
-    each folder is opened relative to its parent with ``O_NOFOLLOW``, so a link
-    planted in the tree makes the call fail with a `StorageError` naming it.
+    a folder or document below it is opened in one ``openat2`` with
+    ``RESOLVE_NO_SYMLINKS`` on Linux, else each folder relative to its parent
+    with ``O_NOFOLLOW``, so a link planted in the tree makes the call fail with a
+    `StorageError` naming it.
     ``move`` and ``delete`` act on a document that is a link, never on its
     target, so such an entry can be set aside.  A write that does not fit on the
     disk raises `StorageError` and leaves the old document.  ``list`` removes the
