@@ -1221,6 +1221,8 @@ signature (of a signed submission) and cancel request; a submit token."""
 def _folder_template(layout: Layout, kind: str) -> str:
     if kind not in LOCATIONS:
         raise ValueError(f"kind must be one of {', '.join(LOCATIONS)}, not {kind!r}")
+    if kind in _LAYOUT_FOLDERS:  # a folder the layout names: most calls, at no cost
+        return str(getattr(layout, kind))
     derived = {
         "config": layout.configs,
         "public_key": layout.public_keys,
@@ -1232,6 +1234,10 @@ def _folder_template(layout: Layout, kind: str) -> str:
         "submit_token": f"{layout.leases}/tokens/{{display_name}}",
     }
     return derived.get(kind) or str(getattr(layout, kind))
+
+
+_LAYOUT_FOLDERS = frozenset({"queued", "running", "finished", "deleted", "status"})
+"""The kinds of `LOCATIONS` whose folder is the `Layout` field of the same name."""
 
 
 def _id_template(layout: Layout, kind: str) -> str:
@@ -1519,7 +1525,10 @@ def _parse_json(text: str | bytes, what: str) -> Any:
     """
     try:
         if not isinstance(text, str):  # as json.loads decodes bytes
-            text = text.decode(json.detect_encoding(text), "surrogatepass")
+            # An object that starts with "{" and no NUL next is UTF-8 (as detect_encoding
+            # says, without its look at every BOM first): what sqstore writes.
+            utf8 = text[:1] == b"{" and text[1:2] != b"\0"
+            text = text.decode("utf-8" if utf8 else json.detect_encoding(text), "surrogatepass")
         return _JSON_DECODER.decode(text)
     except (ValueError, UnicodeDecodeError) as exc:
         error = InvalidDocumentError(f"{what}: not valid JSON ({exc})")
@@ -3893,6 +3902,10 @@ def _set_aside(
     """
     job_id, job = claimed[0].job_id, claimed[1]
     path, doc_id = _config_location(store, display_name)
+    if configs:  # read by the heartbeat, which parsed it: its two fields tell the policy
+        policy = payload_of(configs[-1])
+        if not (policy.get("require_signed_jobs") or policy.get("accepted_kids")):
+            return False
     raw = configs[-1] if configs else _read(store, path, doc_id)
     cfg = _parse(raw, BackendConfig, f"{path}/{doc_id}")
     if not (cfg.require_signed_jobs or cfg.accepted_kids):
@@ -4161,6 +4174,45 @@ _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not block a read
 
 
+def _openat2_beneath() -> Callable[[int, str, int], int] | None:
+    """Linux's ``openat2`` (through libc's ``syscall``), or None elsewhere: open a path
+    below a folder in one system call that fails (``ELOOP``) if any component of it is
+    a symbolic link, where opening one name at a time with ``O_NOFOLLOW`` takes one each."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = (
+        ctypes.c_long,
+        ctypes.c_long,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    )
+    resolve = 0x04 | 0x08  # RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    hows = {  # struct open_how {flags, mode, resolve}, for the two kinds of open made
+        flags: (ctypes.c_uint64 * 3)(flags | cloexec, 0, resolve)
+        for flags in (_FOLDER_FLAGS, _FILE_FLAGS)
+    }
+
+    def open_beneath(folder: int, name: str, flags: int) -> int:
+        how = hows.get(flags) or (ctypes.c_uint64 * 3)(flags | cloexec, 0, resolve)
+        # SYS_openat2; a name below the root is ASCII (`check_name`, `_check_path`)
+        fd = syscall(437, folder, name.encode(), ctypes.addressof(how), 24)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), name)
+        return int(fd)
+
+    return open_beneath
+
+
 def local_storage(
     root: str | os.PathLike[str],
     name: str = "local",
@@ -4181,8 +4233,10 @@ def local_storage(
     write that returned.
 
     No symbolic link below *root* is ever followed (*root* itself may be one):
-    each folder is opened relative to its parent with ``O_NOFOLLOW``, so a link
-    planted in the tree makes the call fail with a `StorageError` naming it.
+    a folder or document below it is opened in one ``openat2`` with
+    ``RESOLVE_NO_SYMLINKS`` on Linux, else each folder relative to its parent
+    with ``O_NOFOLLOW``, so a link planted in the tree makes the call fail with a
+    `StorageError` naming it.
     ``move`` and ``delete`` act on a document that is a link, never on its
     target, so such an entry can be set aside.  A write that does not fit on the
     disk raises `StorageError` and leaves the old document.  ``list`` removes the
@@ -4191,6 +4245,7 @@ def local_storage(
     _check_store_name(name)
     base = os.fspath(root)
     noreplace = _renameat2_noreplace()
+    beneath = _openat2_beneath()
 
     def where(path: str, doc_id: str) -> tuple[str, str]:
         """(file name, 'path/id' for messages), after validating path and id."""
@@ -4212,9 +4267,41 @@ def local_storage(
             f"{what}: {link} is a symlink: sqstore never follows links inside its root"
         )
 
+    def open_below(name: str, flags: int) -> int | None:
+        """``<root>/<name>`` opened in one ``openat2`` that follows no link, or None
+        where that cannot be had (no such call, a link on the way): the caller then
+        takes the way that says why, one name at a time.
+
+        Raises:
+            FileNotFoundError: a name on the way is missing.
+        """
+        nonlocal beneath
+        if beneath is None:
+            return None
+        top = os.open(base, _FOLDER_FLAGS)
+        try:
+            return beneath(top, name, flags)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                beneath = None  # a kernel without it, or a sandbox that refuses it
+            return None
+        finally:
+            os.close(top)
+
     def open_folder(path: str, what: str, create: bool = False) -> int:
-        """Open ``<root>/<path>`` one name at a time, never following a link;
-        with *create*, make the folders that are missing."""
+        """Open ``<root>/<path>``, never following a link (in one call where the
+        system can, else one name at a time); with *create*, make the folders that
+        are missing."""
+        try:
+            fast = open_below(path, _FOLDER_FLAGS)
+        except FileNotFoundError:
+            if not create:
+                raise
+            fast = None
+        if fast is not None:
+            return fast
         try:
             fd = os.open(base, _FOLDER_FLAGS)
         except FileNotFoundError:
@@ -4278,13 +4365,18 @@ def local_storage(
             if exc.errno in (errno.ELOOP, errno.EMLINK):
                 raise symlink(what, f"{path}/{name}") from None
             raise
+        return read_open(fd, name, path, what)
+
+    def read_open(fd: int, name: str, path: str, what: str) -> bytes:
+        """The content of the open file *fd* (``<path>/<name>``), which it closes."""
         try:
             size = os.fstat(fd)
             if not stat.S_ISREG(size.st_mode):
                 raise StorageError(f"{what}: {path}/{name} is not a regular file")
             chunks = [os.read(fd, size.st_size + 1)]
-            while chunks[-1]:
-                chunks.append(os.read(fd, 65536))
+            if len(chunks[0]) > size.st_size:  # it grew since: read on to its end
+                while chunks[-1]:
+                    chunks.append(os.read(fd, 65536))
         finally:
             os.close(fd)
         return b"".join(chunks)
@@ -4363,6 +4455,13 @@ def local_storage(
 
     def get(path: str, doc_id: str) -> Doc:
         file, what = where(path, doc_id)
+        try:
+            fd = open_below(f"{path}/{file}", _FILE_FLAGS)
+            data = None if fd is None else read_open(fd, file, path, what)
+        except OSError as exc:
+            raise fail(exc, what) from exc
+        if data is not None:
+            return _loads(data, what)
         with opened(path, what) as folder:
             data = read(folder, file, path, what)
         return _loads(data, what)
