@@ -4036,11 +4036,21 @@ def _walker(list_all: Callable[[str], list[str]]) -> tuple[ListFn, Callable[[str
     return list_ids, forget
 
 
-def _moving_on(
-    move: Callable[[str, str, str], Doc | None], forget: Callable[[str], None]
-) -> Callable[[str, str, str], Doc | None]:
-    """*move*, after which this handle's walk of the target folder starts afresh: a job
-    this handle puts back in a queue (a requeue) comes in its next step, in order."""
+def _handle(
+    name: str,
+    layout: Layout,
+    upload: Callable[[str, str, Doc], None],
+    update: Callable[[str, str, Doc], None],
+    get: Callable[[str, str], Doc],
+    move: Callable[[str, str, str], Doc | None],
+    delete: Callable[[str, str], None],
+    list_ids: ListFn,
+    swap: Callable[[str, str, Doc, Doc | None], bool],
+    forget: Callable[[str], None],
+) -> Storage:
+    """The handle of a backend's verbs, in `Storage`'s order.  After a move, the walk of
+    the target folder (*forget*) starts afresh: a job this handle puts back in a queue
+    (a requeue) comes in its next step, in order."""
 
     @functools.wraps(move)
     def moving(src: str, dst: str, doc_id: str) -> Doc | None:
@@ -4048,7 +4058,17 @@ def _moving_on(
         forget(dst)
         return moved
 
-    return moving
+    return Storage(
+        name=name,
+        layout=layout,
+        upload=upload,
+        update=update,
+        get=get,
+        move=moving,
+        delete=delete,
+        list=list_ids,
+        swap=swap,
+    )
 
 
 def _check_limit(limit: Any) -> None:
@@ -4126,17 +4146,7 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
             return True
 
     list_ids, forget = _walker(list_all)
-    return Storage(
-        name=name,
-        layout=layout,
-        upload=upload,
-        update=update,
-        get=get,
-        move=_moving_on(move, forget),
-        delete=delete,
-        list=list_ids,
-        swap=swap,
-    )
+    return _handle(name, layout, upload, update, get, move, delete, list_ids, swap, forget)
 
 
 def _renameat2_noreplace() -> Callable[[int, str, int, str], None] | None:
@@ -4553,17 +4563,7 @@ def local_storage(
                 os.close(lock)  # closing the descriptor releases the lock
 
     list_ids, forget = _walker(list_all)
-    return Storage(
-        name=name,
-        layout=layout,
-        upload=upload,
-        update=update,
-        get=get,
-        move=_moving_on(move, forget),
-        delete=delete,
-        list=list_ids,
-        swap=swap,
-    )
+    return _handle(name, layout, upload, update, get, move, delete, list_ids, swap, forget)
 
 
 _MONGO_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
@@ -5056,17 +5056,7 @@ def mongodb_storage(
         for path, fields in keyed.items():
             for field in (*fields, _MONGO_NAME_FIELD):
                 call(path, functools.partial(collection(path).create_index, field))
-    return Storage(
-        name=name,
-        layout=layout,
-        upload=upload,
-        update=update,
-        get=get,
-        move=_moving_on(move, forget),
-        delete=delete,
-        list=list_ids,
-        swap=swap,
-    )
+    return _handle(name, layout, upload, update, get, move, delete, list_ids, swap, forget)
 
 
 def dropbox_storage(
@@ -5375,17 +5365,7 @@ def dropbox_storage(
         return _in_order(n for n in names if _NAME_RE.fullmatch(n))
 
     list_ids, forget = _walker(list_all)
-    return Storage(
-        name=name,
-        layout=layout,
-        upload=upload,
-        update=update,
-        get=get,
-        move=_moving_on(move, forget),
-        delete=delete,
-        list=list_ids,
-        swap=swap,
-    )
+    return _handle(name, layout, upload, update, get, move, delete, list_ids, swap, forget)
 
 
 _DROPBOX_ENV = {

@@ -7133,13 +7133,19 @@ def test_work_reads_the_config_once_per_job(tmp_path: Path) -> None:
     assert reads.count(store["layout"].configs) <= 20 + 3, reads.count(store["layout"].configs)
 
 
-def test_create_only_upload_is_one_rename_that_never_replaces(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On Linux an upload renames its temporary file into place with RENAME_NOREPLACE: no link."""
+@pytest.fixture
+def linux_store(tmp_path: Path) -> Storage:
+    """A local store in ``tmp_path/store``, on Linux only (renameat2 is Linux's)."""
     if sys.platform != "linux":
         pytest.skip("renameat2 is Linux's")
-    store = sqstore.local_storage(tmp_path / "store")
+    return sqstore.local_storage(tmp_path / "store")
+
+
+def test_create_only_upload_is_one_rename_that_never_replaces(
+    linux_store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Linux an upload renames its temporary file into place with RENAME_NOREPLACE: no link."""
+    store = linux_store
 
     def refused(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("link used")
@@ -7153,12 +7159,10 @@ def test_create_only_upload_is_one_rename_that_never_replaces(
 
 
 def test_local_move_is_one_rename_that_never_replaces(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    linux_store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On Linux a move is one RENAME_NOREPLACE: it checks nothing first, and refuses a target."""
-    if sys.platform != "linux":
-        pytest.skip("renameat2 is Linux's")
-    store = sqstore.local_storage(tmp_path / "store")
+    store = linux_store
     for path in ("a", "b"):
         store["upload"](path, "x", {"in": path})
     store["upload"]("a", "y", {"in": "a"})
