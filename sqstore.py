@@ -1739,6 +1739,9 @@ _GATE_DOCS: tuple[tuple[str, list[str], str], ...] = (
 # ============================================================================
 
 
+# Reading documents -----------------------------------------------------------
+
+
 # Seconds before reading a half-written document again: its writer may be descheduled
 # between truncating and writing it (longer on a loaded machine): keep trying for 1.5 s.
 _REREAD_PAUSES = (0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
@@ -1781,6 +1784,9 @@ def _parse(raw: Doc, cls: type[T], where: str) -> T:
         raise InvalidDocumentError(f"{where}: {exc}") from exc
 
 
+# Configs ---------------------------------------------------------------------
+
+
 def _config_location(store: Storage, display_name: str) -> tuple[str, str]:
     return locate(store["layout"], "config", display_name)
 
@@ -1789,6 +1795,17 @@ def _read_config(store: Storage, display_name: str) -> tuple[Doc, BackendConfig]
     path, doc_id = _config_location(store, display_name)
     raw = _read(store, path, doc_id)
     return raw, _parse(raw, BackendConfig, f"{path}/{doc_id}")
+
+
+def _config_kid(store: Storage, display_name: str) -> str:
+    """The ``kid`` of a backend's config, read without structuring the whole config."""
+    path, doc_id = _config_location(store, display_name)
+    kid = payload_of(_read(store, path, doc_id)).get("kid")
+    if kid is None:
+        raise NotFoundError(f"backend {display_name!r} has no kid: it publishes no key")
+    if not isinstance(kid, str):
+        raise InvalidDocumentError(f"{path}/{doc_id}: kid must be a string, not {kid!r}")
+    return kid
 
 
 def _doc_signer(store: Storage, private_jwk: Any) -> Callable[[Doc], Doc]:
@@ -2092,6 +2109,8 @@ _ATTRIBUTE_PATHS = {
     "finished": "finished",
     "pks": "public_keys",
 }
+
+
 _ATTRIBUTE_IDS = {
     "configs": "config_id",
     "job": "job_file",
@@ -2179,6 +2198,13 @@ def get_file_queue(store: Storage, storage_path: str) -> list[str]:
     return _in_order(store["list"](_check_path(path)))
 
 
+# Jobs: submit, signed submissions, submit tokens -----------------------------
+# A job's signature is a detached signed document in ``<status folder>/signatures``,
+# so the job itself stays the bare JSON that any sqooler spooler runs.  A submit
+# token is a document that sqooler never reads, below the leases':
+# ``<leases>/tokens/<dn>/<client_token>`` names the job submitted with it.
+
+
 def create_job_id(store: Storage, display_name: str, username: str) -> str:
     """Return a new job id for the store's layout; ids sort by creation time.
 
@@ -2264,299 +2290,172 @@ def get_job(store: Storage, storage_path: str, job_id: str) -> Doc:
     return _read(store, storage_path, doc_id)
 
 
-def _status_location(
-    store: Storage, display_name: str, username: str | None, job_id: str
-) -> tuple[str, str]:
-    """Where a job's status lives; *username* None when the caller does not know it."""
-    return locate(store["layout"], "status", display_name, username, check_name(job_id, "job_id"))
+_CANONICAL_JSON = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False
+)
 
 
-def upload_status(
+def _signature_folder(layout: Layout, display_name: str) -> str:
+    return locate(layout, "job_signature", display_name)[0]
+
+
+def _job_signature_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
+    return _signature_folder(store["layout"], display_name), check_name(job_id, "job_id")
+
+
+def _job_digest(job: Any) -> str:
+    """The SHA-256 of a job as stored: its JSON with sorted keys, compact (hex)."""
+    import hashlib
+
+    try:
+        text = _CANONICAL_JSON.encode(json.loads(_JSON.encode(job)))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidDocumentError(f"the job is not JSON: {exc}") from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sign_job(
+    store: Storage, job: Doc, display_name: str, username: str, job_id: str, private_jwk: Any
+) -> None:
+    """Store the signature of a job about to be queued (before it, so none runs unsigned)."""
+    payload = {
+        "job_id": job_id,
+        "display_name": display_name,
+        "username": username,
+        "job_sha256": _job_digest(job),
+    }
+    path, doc_id = _job_signature_location(store, display_name, job_id)
+    signed = _doc_signer(store, private_jwk)(payload)
+    try:
+        store["upload"](path, doc_id, signed)
+    except AlreadyExistsError:  # left by a submit that failed: this one is the job's
+        store["update"](path, doc_id, signed)
+
+
+_TOKEN_STALE = DEFAULT_SKEW + 60.0
+"""Seconds after which a submit that wrote its token but not its job counts as dead."""
+
+
+def _token_folder(layout: Layout, display_name: str) -> str:
+    return locate(layout, "submit_token", display_name)[0]
+
+
+def _submit_holder() -> str:
+    """Who is submitting: this process and thread (a retry from here is never concurrent)."""
+    return f"{_default_holder()}:{threading.get_ident()}"
+
+
+def _submit_once(
+    store: Storage,
+    job: Doc,
+    display_name: str,
+    username: str,
+    client_token: str,
+    private_jwk: KeyLike | None,
+) -> str:
+    """`upload_job` with a token: one job per token and backend, whatever the retries.
+
+    The token document is created (create-only) before the job, naming the job's
+    id and its submitter (*holder*), and its holder is cleared once the job is
+    queued.  A later submit with the token returns that id; if the job was never
+    queued, it queues it, when the holder is itself (an earlier attempt of this
+    thread) or dead (the token is older than ``_TOKEN_STALE``).
+    """
+    layout = store["layout"]
+    folder = _token_folder(layout, _check_display_name(display_name))
+    check_name(client_token, "client_token")
+    digest, me = _job_digest(job), _submit_holder()
+    for _ in range(5):
+        job_id = create_job_id(store, display_name, username)
+        mine: Doc = {"client_token": client_token, "job_id": job_id, "display_name": display_name}
+        mine |= {"username": username, "digest": digest, "holder": me, "created": time.time()}
+        try:
+            store["upload"](folder, client_token, mine)
+            return _queue_for_token(store, display_name, username, mine, job, private_jwk)
+        except AlreadyExistsError:
+            pass
+        try:
+            raw = store["get"](folder, client_token)
+        except NotFoundError:
+            continue  # removed meanwhile (pruned): a new submit
+        found, holder, created = _token_fields(raw, f"{folder}/{client_token}")
+        if raw.get("username") != username or raw.get("digest") != digest:
+            raise AlreadyExistsError(
+                f"{folder}/{client_token}: client_token {client_token!r} was used for "
+                f"another job ({found}) or by another user"
+            )
+        if not holder:
+            return found
+        if holder != me and time.time() - created < _TOKEN_STALE:
+            if locate_job(store, display_name, found) is not None:
+                return found
+            raise TransientError(
+                f"{folder}/{client_token}: another submit with client_token {client_token!r} "
+                "is under way; try again"
+            )
+        taken = {**raw, "holder": me, "created": time.time()}  # ours before, or a dead one's
+        try:
+            if store["swap"](folder, client_token, raw, taken):
+                return _queue_for_token(
+                    store, display_name, username, taken, job, private_jwk, fresh=False
+                )
+        except NotFoundError:
+            continue
+    raise TransientError(f"{folder}/{client_token}: the token keeps changing; try again")
+
+
+def _token_fields(raw: Doc, where: str) -> tuple[str, str, float]:
+    """The job id, holder and creation time of a stored token document."""
+    job_id, holder, created = raw.get("job_id"), raw.get("holder"), raw.get("created")
+    if (
+        not isinstance(job_id, str)
+        or _NAME_RE.fullmatch(job_id) is None
+        or not isinstance(holder, str)
+        or isinstance(created, bool)
+        or not isinstance(created, (int, float))
+    ):
+        raise InvalidDocumentError(f"{where}: not a submit token document")
+    return job_id, holder, float(created)
+
+
+def _queue_for_token(
     store: Storage,
     display_name: str,
     username: str,
-    job_id: str,
-    private_jwk: KeyLike | None = None,
-) -> StatusMsg:
-    """Create a job's first status (INITIALIZING), signed when the backend signs.
+    doc: Doc,
+    job: Doc,
+    private_jwk: KeyLike | None,
+    *,
+    fresh: bool = True,
+) -> str:
+    """Queue the job a token document names, unless it is somewhere already, then mark
+    the token done (no holder)."""
+    layout, job_id = store["layout"], doc["job_id"]
+    folder = _token_folder(layout, display_name)
+    if fresh or _nowhere(store, display_name, job_id):
+        if private_jwk is not None:
+            _sign_job(store, job, display_name, username, job_id, private_jwk)
+        with contextlib.suppress(AlreadyExistsError):  # an upload of ours answered too late
+            store["upload"](
+                _fill(layout.queued, display_name, username),
+                _fill(layout.job_file, job_id=job_id),
+                job,
+            )
+    with contextlib.suppress(NotFoundError):  # pruned already: nothing to mark
+        store["swap"](folder, doc["client_token"], doc, {**doc, "holder": ""})
+    return str(job_id)
 
-    The backend's config is read first, as sqooler does, so that a frontend's
-    job for an unknown backend fails here: one read, which signing needs anyway.
 
-    Raises:
-        AlreadyExistsError: the job has a status already.
-        BadSignatureError: the backend signs and *private_jwk* is not its key.
-        InvalidNameError: bad display name, username or job id.
-        NotFoundError: the backend has no configuration.
-    """
-    _check_handle(store)
-    path, doc_id = _status_location(store, display_name, username, job_id)
-    sign = _backend_signer(store, _read_config(store, display_name)[1], private_jwk)
-    status = StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
-    doc = to_doc(status)
-    store["upload"](path, doc_id, doc if sign is None else sign(doc))
-    return status
-
-
-@_reads
-def get_status(store: Storage, display_name: str, username: str, job_id: str) -> StatusMsg:
-    """Return a job's status; an ERROR status that says so when there is none.
-
-    Raises:
-        InvalidDocumentError: the stored status is malformed.
-        NotFoundError: a name given cannot exist (the message says which and why).
-    """
-    _check_handle(store)
-    path, doc_id = _status_location(store, display_name, username, job_id)
+def _nowhere(store: Storage, display_name: str, job_id: str) -> bool:
+    """Whether a job is in none of its folders (`_find_job`: looked for twice)."""
     try:
-        raw = _read(store, path, doc_id)
+        _find_job(store, display_name, job_id)
     except NotFoundError:
-        return StatusMsg(
-            job_id, "ERROR", "Could not find the status file.", f"Missing status file for {job_id}."
-        )
-    return _parse(raw, StatusMsg, f"{path}/{doc_id}")
+        return True
+    return False
 
 
-_UNFINISHED = ("INITIALIZING", "QUEUED")
-
-
-def _unfinished_status(store: Storage, display_name: str, job_id: str) -> str | None:
-    """A job's status value, or None when it has no readable status."""
-    path, doc_id = _status_location(store, display_name, None, job_id)
-    try:
-        return _parse(_read(store, path, doc_id), StatusMsg, f"{path}/{doc_id}").status
-    except (NotFoundError, InvalidDocumentError):
-        return None
-
-
-def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
-    return locate(store["layout"], "result", display_name, None, check_name(job_id, "job_id"))
-
-
-def upload_result(
-    store: Storage,
-    result_dict: ResultLike,
-    display_name: str,
-    job_id: str,
-    private_jwk: KeyLike | None = None,
-) -> bool:
-    """Upload a job's result, signed when the backend's configuration says so.
-
-    A result whose ``job_id`` differs from *job_id* is corrected, with a warning.
-
-    Returns:
-        True, as sqooler does.
-
-    Raises:
-        AlreadyExistsError: the job has a result already.
-        BadSignatureError: the backend signs and no valid private key was given.
-        NotFoundError: the backend has no configuration.
-    """
-    _check_handle(store)
-    path, doc_id = _result_location(store, display_name, job_id)
-    cfg = get_config(store, display_name)
-    sign = _backend_signer(store, cfg, private_jwk)
-    store["upload"](path, doc_id, _result_doc(result_dict, cfg, job_id, sign))
-    return True
-
-
-def _result_doc(
-    result: Any, cfg: BackendConfig, job_id: str, sign: Callable[[Doc], Doc] | None
-) -> Doc:
-    res = _coerce(result, ResultDict, "result_dict")
-    if res.job_id != job_id:
-        warnings.warn(f"result for job {job_id} carried job_id {res.job_id!r}", stacklevel=3)
-        res = attrs.evolve(res, job_id=job_id)
-    if not cfg.sign:
-        return to_doc(res)
-    if sign is None:
-        raise BadSignatureError(f"backend {cfg.display_name!r} signs, but no private_jwk was given")
-    return sign(to_doc(res))
-
-
-@_reads
-def get_result(store: Storage, display_name: str, username: str, job_id: str) -> ResultDict:
-    """Return a job's result, with ``backend_name`` filled in.
-
-    A job without a result answers with a result of ``success=False`` and no
-    experiments whose ``status`` is the job's: ``"INITIALIZING"`` or
-    ``"QUEUED"`` while it waits or runs (one more read, of its status), and
-    ``"ERROR"`` when it failed or is unknown, as in sqooler.  The signature is
-    not checked here: use `verify_result`.
-
-    Raises:
-        InvalidDocumentError: the stored result is malformed.
-        NotFoundError: the backend has no configuration, or a name given cannot
-            exist (the message says which and why).
-    """
-    _check_handle(store)
-    check_name(username, "username")
-    path, doc_id = _result_location(store, display_name, job_id)
-    raw: Doc | None = None
-    with contextlib.suppress(NotFoundError):
-        raw = _read(store, path, doc_id)
-    if raw is None:
-        status = _unfinished_status(store, display_name, job_id)
-        if status == "DONE":  # it finished between the two reads
-            with contextlib.suppress(NotFoundError):
-                raw = _read(store, path, doc_id)
-        if raw is None:
-            return ResultDict(
-                display_name=display_name,
-                backend_version="",
-                job_id=job_id,
-                status=status if status in _UNFINISHED else "ERROR",
-                success=False,
-            )
-    result = _parse(raw, ResultDict, f"{path}/{doc_id}")
-    cfg = get_config(store, display_name)
-    return attrs.evolve(result, backend_name=_long_backend_name(store["name"], cfg))
-
-
-@_reads
-def verify_result(
-    store: Storage, display_name: str, job_id: str, *, public_jwk: KeyLike | None = None
-) -> bool:
-    """Return whether a job's result carries a valid signature of the backend's key.
-
-    An unsigned or tampered result gives False, and so does a genuine result of
-    another job or backend put in this one's place: the signed payload must name
-    *job_id* (and *display_name*, where it names a backend).
-
-    The key is the one published now: each call reads the backend's config (for
-    its kid) and the key under that kid.  So a key replaced under its kid
-    (sqooler 0.9 replaces a published key, e.g. after a leak) or a config that
-    names a new kid counts from the next call, on this handle as on a new one,
-    and what the old key signs no longer verifies.  No key is kept from one
-    call to the next: a kid names whatever key is published under it (sqooler
-    lets the kid be any name, even another key's thumbprint), and a handle has
-    no cheaper way than reading the key to learn that it was replaced.  Only
-    PyNaCl's key object is kept, in a small cache keyed by the key's 32 bytes:
-    it cannot answer for another key.  A frontend that trusts a key it
-    fetched once (`get_public_key`) may pass it as *public_jwk*: it is then
-    used as given, and neither the config nor the key is read.
-
-    Raises:
-        NotFinishedError: the job has no result yet: it is queued or running.
-        NotFoundError: no such result, the backend or its public key is missing, or
-            a name given cannot exist.
-        InvalidDocumentError: the stored result is not JSON.
-    """
-    _check_handle(store)
-    path, doc_id = _result_location(store, display_name, job_id)
-    try:
-        raw = _read(store, path, doc_id)
-    except NotFoundError as exc:
-        status = _unfinished_status(store, display_name, job_id)
-        if status is None or status not in _UNFINISHED:
-            raise
-        raise NotFinishedError(
-            f"{path}/{doc_id}: job {job_id} has no result yet (status {status})", status
-        ) from exc
-    if public_jwk is None:
-        key = get_public_key_from_kid(store, _config_kid(store, display_name))
-    else:
-        key = _coerce(public_jwk, JWK, "public_jwk")
-    try:  # verify_doc(raw, [key]), without coercing a list of keys
-        payload, kid, signing_input, signature = _signed_parts(raw)
-    except (BadSignatureError, InvalidDocumentError):
-        return False
-    return (
-        kid in (None, key.kid)
-        and _ed25519_verify(key, signing_input, signature)
-        and payload.get("job_id") == job_id
-        and payload.get("display_name", display_name) == display_name
-    )
-
-
-def upload_public_key(
-    store: Storage, public_jwk: KeyLike, display_name: str, role: str = "backend"
-) -> None:
-    """Publish a public key under its ``kid``: a backend's (after `upload_config`) or a user's.
-
-    A backend's key must carry the kid its config names.  A user's key
-    (``role="user"``, as sqooler after 0.9 has it) needs no config: *display_name*
-    is then its owner's name, and the key goes, in the same form, to a folder of
-    its own (``<public_keys>/users``; `get_public_key_from_kid` with
-    ``role="user"`` reads it), so that no user can take a backend's kid.
-    Publishing the same key again is a no-op; a different key for a published
-    ``kid`` is refused (sqooler would silently replace it).
-
-    Raises:
-        AlreadyExistsError: another key is published under that kid.
-        BadSignatureError: the key is private, not for verifying, or (a backend's)
-            not the config's kid.
-        InvalidNameError: bad display name (or user name) or kid.
-        NotFoundError: a backend's key, and the backend has no configuration.
-        ValueError: *role* is neither ``"backend"`` nor ``"user"``.
-    """
-    _check_handle(store)
-    _key_folder(store, role)
-    key = _coerce(public_jwk, JWK, "public_jwk")
-    if key.key_ops != "verify" or key.d is not None:
-        raise BadSignatureError(f"JWK {key.kid!r} is not a public key for verifying")
-    _key_bytes(key, "x")
-    if role == "user":
-        check_name(display_name, "username")
-    else:
-        cfg = _read_config(store, display_name)[1]
-        if key.kid != cfg.kid:
-            raise BadSignatureError(
-                f"JWK kid {key.kid!r} is not the kid {cfg.kid!r} of backend {display_name!r}"
-            )
-    folder = _key_folder(store, role)
-    try:
-        store["upload"](folder, check_name(key.kid, "kid"), to_doc(key))
-    except AlreadyExistsError:
-        old = get_public_key_from_kid(store, key.kid, role)
-        if _key_bytes(old, "x") != _key_bytes(key, "x"):
-            raise AlreadyExistsError(
-                f"{folder}/{key.kid}: another public key is published for kid {key.kid!r}"
-            ) from None
-
-
-def _key_folder(store: Storage, role: str) -> str:
-    """Where the public keys of backends, or of users (``role="user"``), are published."""
-    if role not in ("backend", "user"):
-        raise ValueError(f"role must be 'backend' or 'user', not {role!r}")
-    return locate(store["layout"], "public_key" if role == "backend" else "user_key")[0]
-
-
-@_reads
-def get_public_key_from_kid(store: Storage, kid: str, role: str = "backend") -> JWK:
-    """Return the public key published under *kid*, a backend's or (``role="user"``) a user's.
-
-    Raises:
-        NotFoundError: no key under that kid, or no such kid can exist.
-        InvalidDocumentError: the stored key is malformed.
-        ValueError: *role* is neither ``"backend"`` nor ``"user"``.
-    """
-    _check_handle(store)
-    folder = _key_folder(store, role)
-    return from_doc(_read(store, folder, check_name(kid, "kid")), JWK, where=f"{folder}/{kid}")
-
-
-@_reads
-def get_public_key(store: Storage, display_name: str) -> JWK:
-    """Return the public key of a backend (the one named by its config's ``kid``).
-
-    Raises:
-        NotFoundError: no config, no kid in it, no key under that kid, or
-            *display_name* cannot be a backend's.
-    """
-    _check_handle(store)
-    return get_public_key_from_kid(store, _config_kid(store, display_name))
-
-
-def _config_kid(store: Storage, display_name: str) -> str:
-    """The ``kid`` of a backend's config, read without structuring the whole config."""
-    path, doc_id = _config_location(store, display_name)
-    kid = payload_of(_read(store, path, doc_id)).get("kid")
-    if kid is None:
-        raise NotFoundError(f"backend {display_name!r} has no kid: it publishes no key")
-    if not isinstance(kid, str):
-        raise InvalidDocumentError(f"{path}/{doc_id}: kid must be a string, not {kid!r}")
-    return kid
+# Claims and leases -----------------------------------------------------------
 
 
 def _default_holder() -> str:
@@ -2617,61 +2516,6 @@ def locate_job(store: Storage, display_name: str, job_id: str) -> str | None:
         if _exists(store, folder, file_id):
             return kind
     return None
-
-
-def _record_finish(
-    store: Storage, lease_at: tuple[Doc, Lease] | None, job_id: str, status_doc: Doc
-) -> tuple[Doc, Lease] | None:
-    """Record a job's final status in its lease (a `swap` of the lease as read), so
-    that a sweep can complete the finish if this worker dies; return the new lease.
-
-    Raises:
-        LeaseLostError: the lease changed since it was read (another worker has the job).
-    """
-    if lease_at is None or lease_at[1].finish == status_doc:
-        return lease_at
-    finishing = attrs.evolve(lease_at[1], finish=status_doc)
-    doc = _lease_doc(lease_at[0], finishing)
-    if not store["swap"](store["layout"].leases, job_id, lease_at[0], doc):
-        raise LeaseLostError(f"job {job_id}: the lease changed; another worker has it")
-    return doc, finishing
-
-
-def _close(
-    store: Storage,
-    lease_at: tuple[Doc, Lease] | None,
-    display_name: str,
-    job_id: str,
-    status_doc: Doc,
-) -> None:
-    """End a job's life: record the final status in its lease, move the job from
-    running to finished (DONE) or deleted (ERROR), write the status, drop the lease.
-
-    Each step is safe to repeat, and a worker that dies after the first leaves a
-    lease that says what is left to do: `requeue_expired` completes it.
-
-    Raises:
-        LeaseLostError: the lease changed since it was read (another worker has the job).
-        NotFoundError: the job is neither running nor where it was to go.
-    """
-    layout = store["layout"]
-    final = payload_of(status_doc).get("status")
-    target = _job_fill(
-        layout, layout.finished if final == "DONE" else layout.deleted, display_name, job_id
-    )
-    file_id = _fill(layout.job_file, job_id=job_id)
-    lease_at = _record_finish(store, lease_at, job_id, status_doc)
-    try:
-        store["move"](layout.running, target, file_id)
-    except NotFoundError:
-        if not _exists(store, target, file_id):  # not finished by an earlier run of this step
-            raise NotFoundError(
-                f"job {job_id} is neither in {layout.running} nor in {target}"
-            ) from None
-    _put_status(store, display_name, None, job_id, status_doc)
-    if lease_at is not None:
-        with contextlib.suppress(NotFoundError):  # dropped by a sweep that completed it
-            store["swap"](layout.leases, job_id, lease_at[0], None)
 
 
 def claim_jobs(
@@ -2844,19 +2688,6 @@ def _job_id_of(layout: Layout, file_id: str) -> str:
     return _id_in_file(layout.job_file, file_id) or file_id
 
 
-def _put_status(
-    store: Storage, display_name: str, username: str | None, job_id: str, doc: Doc
-) -> None:
-    path, doc_id = _status_location(store, display_name, username, job_id)
-    try:
-        store["update"](path, doc_id, doc)
-    except NotFoundError:
-        try:
-            store["upload"](path, doc_id, doc)
-        except AlreadyExistsError:  # created meanwhile: ours is the newer word
-            store["update"](path, doc_id, doc)
-
-
 def get_next_job_in_queue(
     store: Storage,
     display_name: str,
@@ -2876,6 +2707,105 @@ def get_next_job_in_queue(
     """
     claimed = claim_job(store, display_name, private_jwk, policy=policy, now=now)
     return NextJob(_NONE, _NONE) if claimed is None else claimed[0]
+
+
+def _config_memo(store: Storage, display_name: str) -> tuple[Storage, list[Doc]]:
+    """*store*, remembering in the list the last config of *display_name* it read: a
+    claim learns its backend's policy from the read its heartbeat makes anyway."""
+    where = _config_location(store, display_name)
+    seen: list[Doc] = []
+    read = store["get"]
+
+    def get(path: str, doc_id: str) -> Doc:
+        doc = read(path, doc_id)
+        if (path, doc_id) == where:
+            seen[:] = [doc]
+        return doc
+
+    return {**store, "get": get}, seen
+
+
+def _job_signature_problem(
+    store: Storage,
+    display_name: str,
+    username: str | None,
+    job_id: str,
+    job: Doc,
+    accepted: tuple[str, ...] = (),
+) -> str:
+    """Why a job's signature is not good (a user key, of *accepted* kids if any); "" if it is."""
+    path, doc_id = _job_signature_location(store, display_name, job_id)
+    try:
+        raw = _read(store, path, doc_id)
+        kid = _open_signed(raw)[2].get("kid") if is_signed(raw) else None
+    except NotFoundError:
+        return "the job is not signed"
+    except (InvalidDocumentError, StorageError) as exc:  # a claim must not hold the job
+        return f"its signature cannot be read: {exc}"
+    if not isinstance(kid, str):
+        return "the job is not signed with a key id"
+    if accepted and kid not in accepted:
+        return f"it is signed with key {kid!r}, which this backend does not accept"
+    try:
+        key = get_public_key_from_kid(store, kid, role="user")
+        payload = verify_doc(raw, [key])
+    except NotFoundError:
+        return f"it is signed with an unknown key {kid!r}"
+    except StorageError as exc:
+        return f"its key {kid!r} cannot be read: {exc}"
+    except (BadSignatureError, InvalidDocumentError):
+        return f"its signature does not verify with key {kid!r}"
+    names = (payload.get("job_id"), payload.get("display_name"), payload.get("username"))
+    if names[:2] != (job_id, display_name) or username not in (None, names[2]):
+        return "its signature is that of another job"
+    if payload.get("job_sha256") != _job_digest(job):
+        return "the job was changed after it was signed"
+    return ""
+
+
+def _set_aside(
+    store: Storage, display_name: str, claimed: tuple[NextJob, Doc], configs: list[Doc]
+) -> bool:
+    """Set aside (to deleted, with an ERROR status saying why) a just-claimed job that its
+    backend does not run; return whether it did.
+
+    A backend whose config sets ``require_signed_jobs`` (or lists
+    ``accepted_kids``) runs only jobs signed with a published user key (one of
+    those kids) over this very job.  The config is the one last read in
+    *configs* (the claim's heartbeat reads it), else it is read now.
+    """
+    job_id, job = claimed[0].job_id, claimed[1]
+    path, doc_id = _config_location(store, display_name)
+    if configs:  # read by the heartbeat, which parsed it: its two fields tell the policy
+        policy = payload_of(configs[-1])
+        if not (policy.get("require_signed_jobs") or policy.get("accepted_kids")):
+            return False
+    raw = configs[-1] if configs else _read(store, path, doc_id)
+    cfg = _parse(raw, BackendConfig, f"{path}/{doc_id}")
+    if not (cfg.require_signed_jobs or cfg.accepted_kids):
+        return False
+    why = _job_signature_problem(store, display_name, None, job_id, job, cfg.accepted_kids)
+    if not why:
+        return False
+    status = StatusMsg(
+        job_id, "ERROR", "The job was set aside: its signature is not accepted.", why
+    )
+    doc = _finished_at(to_doc(status), time.time())
+    _close(store, _lease_at(store, job_id), display_name, job_id, doc)
+    return True
+
+
+def _set_aside_or_give_back(
+    store: Storage, display_name: str, claimed: tuple[NextJob, Doc], configs: list[Doc]
+) -> bool:
+    """`_set_aside`, but a job it cannot decide on (a read failed) goes back to its queue
+    at once, before the failure is raised, rather than wait in running for its lease."""
+    try:
+        return _set_aside(store, display_name, claimed, configs)
+    except SqstoreError:
+        with contextlib.suppress(SqstoreError):  # else its lease expires and a sweep does it
+            requeue_job(store, display_name, claimed[0].job_id)
+        raise
 
 
 def renew_lease(
@@ -2968,6 +2898,92 @@ def requeue_expired(
             with contextlib.suppress(InvalidDocumentError, InvalidNameError, StorageError):
                 _adopt(store, display_name, job_id, current + grace)
     return requeued
+
+
+_ORPHAN = "(no lease)"  # the holder of a lease that a sweep gave to a running job
+
+
+def _adopt(store: Storage, display_name: str | None, job_id: str, expires: float) -> None:
+    """Give a running job without a lease one that expires at *expires*, if its
+    backend can be told: from a dated id, or from where its status is."""
+    layout = store["layout"]
+    check_name(job_id, "job_id")
+    names = [display_name] if display_name is not None else get_backends(store)
+    owners = [dn for dn in names if _owner(store, dn, job_id)]
+    if len(owners) != 1 or not _exists(
+        store, layout.running, _fill(layout.job_file, job_id=job_id)
+    ):
+        return
+    lease = Lease(job_id, owners[0], _ORPHAN, os.urandom(8).hex(), expires)
+    with contextlib.suppress(AlreadyExistsError):  # claimed or adopted meanwhile
+        store["upload"](layout.leases, job_id, to_doc(lease))
+
+
+def _sweep_lease(
+    store: Storage,
+    display_name: str | None,
+    private_jwk: Any,
+    found: tuple[Doc, Lease],
+    now: float,
+    skew: float,
+    max_attempts: int,
+    grace: float,
+) -> bool:
+    """Act on one lease as read (see `requeue_expired`); True if its job was requeued."""
+    layout = store["layout"]
+    raw, lease = found
+    job_id, dn = lease.job_id, lease.display_name
+    if (display_name is not None and dn != display_name) or not _expired(lease, now, skew):
+        return False
+    where = locate_job(store, dn, job_id)
+    if where is None:  # the job is gone (deleted by hand, say): the lease guards nothing
+        store["swap"](layout.leases, job_id, raw, None)
+        return False
+    if lease.finish is not None and not (
+        where == "running"
+        and payload_of(lease.finish).get("status") == "DONE"
+        and not _exists(store, *_result_location(store, dn, job_id))
+    ):
+        _close(store, found, dn, job_id, lease.finish)  # its worker died while finishing it
+        return False
+    if where != "running":
+        if where != "queued":  # finished or gone: the lease guards nothing
+            store["swap"](layout.leases, job_id, raw, None)
+        return False  # queued: the next claim takes the lease over
+    if not lease.holder:  # requeued, then moved to running by a program without leases
+        adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
+        store["swap"](layout.leases, job_id, raw, _lease_doc(raw, adopted))
+        return False
+    try:
+        cancelled_by = cancel_requested(store, job_id)  # asked while it ran: it ends here
+    except StorageError:
+        cancelled_by = None  # unreadable: it runs again, and its worker looks again
+    if cancelled_by is not None or lease.attempts >= max_attempts:
+        if cancelled_by is not None:
+            why = "Its worker stopped before it ended; the job was not run again."
+            status = _cancelled(job_id, cancelled_by, why)
+        else:
+            why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
+            status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
+        doc = _finished_at(to_doc(status), now)
+        if private_jwk is not None and (
+            sign := _backend_signer(store, get_config(store, dn), private_jwk)
+        ):
+            doc = sign(doc)
+        _close(store, found, dn, job_id, doc)
+        if cancelled_by is not None:
+            _forget_cancel(store, job_id)
+        return False
+    released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
+    if not store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
+        return False  # another sweep or the worker acted first
+    try:
+        store["move"](
+            layout.running, _fill(layout.queued, dn), _fill(layout.job_file, job_id=job_id)
+        )
+    except (NotFoundError, AlreadyExistsError):
+        return False  # finished or requeued meanwhile
+    return True
 
 
 def running_jobs(store: Storage, display_name: str) -> dict[str, Lease | None]:
@@ -3074,222 +3090,216 @@ def requeue_job(
     raise LeaseLostError(f"job {job_id}: its lease keeps changing; another worker acts on it")
 
 
-_ORPHAN = "(no lease)"  # the holder of a lease that a sweep gave to a running job
+# Cancel ----------------------------------------------------------------------
+# A cancel request is a document keyed by job id in ``<leases>/cancel``.
 
 
-def _adopt(store: Storage, display_name: str | None, job_id: str, expires: float) -> None:
-    """Give a running job without a lease one that expires at *expires*, if its
-    backend can be told: from a dated id, or from where its status is."""
-    layout = store["layout"]
+def _cancel_folder(layout: Layout) -> str:
+    return locate(layout, "cancel_request")[0]
+
+
+def _cancel_location(store: Storage, job_id: str) -> tuple[str, str]:
+    return _cancel_folder(store["layout"]), check_name(job_id, "job_id")
+
+
+def _cancelled(job_id: str, username: str, why: str) -> StatusMsg:
+    return StatusMsg(job_id, "ERROR", f"Cancelled by {username}.", why)
+
+
+def _cancelled_before(job_id: str, username: str) -> Doc:
+    """The status of a job cancelled in the queue, finished now."""
+    status = _cancelled(job_id, username, "The job was cancelled before it ran.")
+    return _finished_at(to_doc(status), time.time())
+
+
+def _check_job_names(store: Storage, display_name: str, username: str, job_id: str) -> str:
+    """Check the names of a job; a dated job id must name this backend and this user."""
+    _check_display_name(display_name)
+    check_name(username, "username")
     check_name(job_id, "job_id")
-    names = [display_name] if display_name is not None else get_backends(store)
-    owners = [dn for dn in names if _owner(store, dn, job_id)]
-    if len(owners) != 1 or not _exists(
-        store, layout.running, _fill(layout.job_file, job_id=job_id)
-    ):
-        return
-    lease = Lease(job_id, owners[0], _ORPHAN, os.urandom(8).hex(), expires)
-    with contextlib.suppress(AlreadyExistsError):  # claimed or adopted meanwhile
-        store["upload"](layout.leases, job_id, to_doc(lease))
+    parts = job_id.split("-")
+    dated = store["layout"].job_ids == "dated" and len(parts) == 4
+    if dated and (parts[1], parts[2]) != (display_name, username):
+        raise NotFoundError(f"job {job_id} is not a job of {username!r} on {display_name!r}")
+    return job_id
 
 
-def _sweep_lease(
-    store: Storage,
-    display_name: str | None,
-    private_jwk: Any,
-    found: tuple[Doc, Lease],
-    now: float,
-    skew: float,
-    max_attempts: int,
-    grace: float,
-) -> bool:
-    """Act on one lease as read (see `requeue_expired`); True if its job was requeued."""
+def _find_job(store: Storage, display_name: str, job_id: str) -> str:
+    """Which of queued, running, finished or deleted holds a job; looked up twice, since
+    a claim moving it from queued to running between two reads would hide it from one.
+
+    Raises:
+        NotFoundError: the backend has no such job.
+    """
+    for _ in range(2):
+        if (where := locate_job(store, display_name, job_id)) is not None:
+            return where
+    raise NotFoundError(f"backend {display_name!r} has no job {job_id}")
+
+
+def cancel_job(store: Storage, display_name: str, username: str, job_id: str) -> str:
+    """Cancel a job for *username*: a queued job never runs, a running one is asked to stop.
+
+    First a cancel request is stored (create-only), then the job is moved from
+    the queue to deleted.  Of that move and a worker's claim exactly one wins:
+    either the job never runs (``"cancelled"``: it is in deleted with an ERROR
+    status whose detail is ``"Cancelled by <username>."``), or it is running
+    and the request is there for its worker (``"requested"``): `work` hands it
+    to the executor and ends the job as cancelled, dropping its result, unless
+    the worker had begun to finish the job before it saw the request.  A job
+    that had ended already is left as it is (``"finished"``).  A cancel stopped
+    half-way (its process killed) is completed by calling it again.
+
+    Returns:
+        ``"cancelled"``, ``"requested"`` or ``"finished"``.
+
+    Raises:
+        InvalidNameError: bad display name, username or job id.
+        NotFoundError: the backend has no such job (or a dated id names another
+            backend or user).
+    """
+    _check_handle(store)
+    _check_job_names(store, display_name, username, job_id)
     layout = store["layout"]
-    raw, lease = found
-    job_id, dn = lease.job_id, lease.display_name
-    if (display_name is not None and dn != display_name) or not _expired(lease, now, skew):
-        return False
-    where = locate_job(store, dn, job_id)
-    if where is None:  # the job is gone (deleted by hand, say): the lease guards nothing
-        store["swap"](layout.leases, job_id, raw, None)
-        return False
-    if lease.finish is not None and not (
-        where == "running"
-        and payload_of(lease.finish).get("status") == "DONE"
-        and not _exists(store, *_result_location(store, dn, job_id))
-    ):
-        _close(store, found, dn, job_id, lease.finish)  # its worker died while finishing it
-        return False
-    if where != "running":
-        if where != "queued":  # finished or gone: the lease guards nothing
-            store["swap"](layout.leases, job_id, raw, None)
-        return False  # queued: the next claim takes the lease over
-    if not lease.holder:  # requeued, then moved to running by a program without leases
-        adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
-        store["swap"](layout.leases, job_id, raw, _lease_doc(raw, adopted))
-        return False
-    try:
-        cancelled_by = cancel_requested(store, job_id)  # asked while it ran: it ends here
-    except StorageError:
-        cancelled_by = None  # unreadable: it runs again, and its worker looks again
-    if cancelled_by is not None or lease.attempts >= max_attempts:
-        if cancelled_by is not None:
-            why = "Its worker stopped before it ended; the job was not run again."
-            status = _cancelled(job_id, cancelled_by, why)
-        else:
-            why = f"Its worker died or lost the lease {lease.attempts} times; not run again."
-            status = StatusMsg(job_id, "ERROR", "The job was given up.", why)
-        doc = _finished_at(to_doc(status), now)
-        if private_jwk is not None and (
-            sign := _backend_signer(store, get_config(store, dn), private_jwk)
-        ):
-            doc = sign(doc)
-        _close(store, found, dn, job_id, doc)
-        if cancelled_by is not None:
-            _forget_cancel(store, job_id)
-        return False
-    released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
-    if not store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
-        return False  # another sweep or the worker acted first
-    try:
-        store["move"](
-            layout.running, _fill(layout.queued, dn), _fill(layout.job_file, job_id=job_id)
-        )
-    except (NotFoundError, AlreadyExistsError):
-        return False  # finished or requeued meanwhile
-    return True
+    where = _find_job(store, display_name, job_id)
+    if where in ("finished", "deleted"):
+        return _after_the_end(store, display_name, username, job_id, where)
+    path, doc_id = _cancel_location(store, job_id)
+    request = {"job_id": job_id, "display_name": display_name, "username": username}
+    with contextlib.suppress(AlreadyExistsError):  # asked before: that request stands
+        store["upload"](path, doc_id, {**request, "requested": time.time()})
+    file_id = _fill(layout.job_file, job_id=job_id)
+    deleted = _job_fill(layout, layout.deleted, display_name, job_id)
+    for _ in range(3):  # again if a sweep put the job back in the queue meanwhile
+        if where != "queued":
+            break
+        try:
+            store["move"](_fill(layout.queued, display_name), deleted, file_id)
+        except NotFoundError:  # claimed meanwhile: it runs, and its worker gets the request
+            where = _find_job(store, display_name, job_id)
+            continue
+        _put_status(store, display_name, None, job_id, _cancelled_before(job_id, username))
+        _forget_cancel(store, job_id)
+        return "cancelled"
+    if where in ("running", "queued"):
+        return "requested"
+    _forget_cancel(store, job_id)  # it ended meanwhile: nothing is left to ask
+    return "finished"
 
 
-# Idempotent submit, retention, queue insight
-#
-# A submit token is a document that sqooler never reads, below the leases':
-# ``<leases>/tokens/<dn>/<client_token>`` names the job submitted with it.  Times:
-# a job's submission from its id (see `new_job_id`, `_submitted_at`), its finish
-# from ``finished_at`` in its final status (a field sqooler's readers ignore).
-
-_TOKEN_STALE = DEFAULT_SKEW + 60.0
-"""Seconds after which a submit that wrote its token but not its job counts as dead."""
-
-_YEAR = 366 * 86_400.0
-
-
-def _token_folder(layout: Layout, display_name: str) -> str:
-    return locate(layout, "submit_token", display_name)[0]
-
-
-def _submit_holder() -> str:
-    """Who is submitting: this process and thread (a retry from here is never concurrent)."""
-    return f"{_default_holder()}:{threading.get_ident()}"
-
-
-def _submit_once(
-    store: Storage,
-    job: Doc,
-    display_name: str,
-    username: str,
-    client_token: str,
-    private_jwk: KeyLike | None,
+def _after_the_end(
+    store: Storage, display_name: str, username: str, job_id: str, where: str
 ) -> str:
-    """`upload_job` with a token: one job per token and backend, whatever the retries.
+    """Cancel a job that has ended: a request left behind is dropped, and a job in deleted
+    whose status is not final was moved there by a cancel that stopped before writing
+    its status, which is written now."""
+    if cancel_requested(store, job_id) is None:
+        return "finished"
+    outcome = "finished"
+    if where == "deleted" and _final_status(store, display_name, job_id) is None:
+        _put_status(store, display_name, None, job_id, _cancelled_before(job_id, username))
+        outcome = "cancelled"
+    _forget_cancel(store, job_id)
+    return outcome
 
-    The token document is created (create-only) before the job, naming the job's
-    id and its submitter (*holder*), and its holder is cleared once the job is
-    queued.  A later submit with the token returns that id; if the job was never
-    queued, it queues it, when the holder is itself (an earlier attempt of this
-    thread) or dead (the token is older than ``_TOKEN_STALE``).
+
+@_reads
+def cancel_requested(store: Storage, job_id: str) -> str | None:
+    """Return who asked to cancel a job (see `cancel_job`), or None if nobody did.
+
+    A worker loop of one's own (`claim_job` ... `update_in_database`) polls this;
+    `work` does it for its executor.
+
+    Raises:
+        NotFoundError: *job_id* cannot be a job id.
+    """
+    _check_handle(store)
+    path, doc_id = _cancel_location(store, job_id)
+    try:
+        doc = _read(store, path, doc_id)
+    except NotFoundError:
+        return None
+    except InvalidDocumentError:
+        return "someone"  # a request it is, even if it cannot be read
+    who = doc.get("username")
+    return who if isinstance(who, str) and _NAME_RE.fullmatch(who) else "someone"
+
+
+def _forget_cancel(store: Storage, job_id: str) -> None:
+    """Drop a job's cancel request once it is honoured (gone already: fine)."""
+    with contextlib.suppress(NotFoundError, StorageError, TransientError):
+        store["delete"](*_cancel_location(store, job_id))
+
+
+# Finish ----------------------------------------------------------------------
+
+
+def _record_finish(
+    store: Storage, lease_at: tuple[Doc, Lease] | None, job_id: str, status_doc: Doc
+) -> tuple[Doc, Lease] | None:
+    """Record a job's final status in its lease (a `swap` of the lease as read), so
+    that a sweep can complete the finish if this worker dies; return the new lease.
+
+    Raises:
+        LeaseLostError: the lease changed since it was read (another worker has the job).
+    """
+    if lease_at is None or lease_at[1].finish == status_doc:
+        return lease_at
+    finishing = attrs.evolve(lease_at[1], finish=status_doc)
+    doc = _lease_doc(lease_at[0], finishing)
+    if not store["swap"](store["layout"].leases, job_id, lease_at[0], doc):
+        raise LeaseLostError(f"job {job_id}: the lease changed; another worker has it")
+    return doc, finishing
+
+
+def _close(
+    store: Storage,
+    lease_at: tuple[Doc, Lease] | None,
+    display_name: str,
+    job_id: str,
+    status_doc: Doc,
+) -> None:
+    """End a job's life: record the final status in its lease, move the job from
+    running to finished (DONE) or deleted (ERROR), write the status, drop the lease.
+
+    Each step is safe to repeat, and a worker that dies after the first leaves a
+    lease that says what is left to do: `requeue_expired` completes it.
+
+    Raises:
+        LeaseLostError: the lease changed since it was read (another worker has the job).
+        NotFoundError: the job is neither running nor where it was to go.
     """
     layout = store["layout"]
-    folder = _token_folder(layout, _check_display_name(display_name))
-    check_name(client_token, "client_token")
-    digest, me = _job_digest(job), _submit_holder()
-    for _ in range(5):
-        job_id = create_job_id(store, display_name, username)
-        mine: Doc = {"client_token": client_token, "job_id": job_id, "display_name": display_name}
-        mine |= {"username": username, "digest": digest, "holder": me, "created": time.time()}
-        try:
-            store["upload"](folder, client_token, mine)
-            return _queue_for_token(store, display_name, username, mine, job, private_jwk)
-        except AlreadyExistsError:
-            pass
-        try:
-            raw = store["get"](folder, client_token)
-        except NotFoundError:
-            continue  # removed meanwhile (pruned): a new submit
-        found, holder, created = _token_fields(raw, f"{folder}/{client_token}")
-        if raw.get("username") != username or raw.get("digest") != digest:
-            raise AlreadyExistsError(
-                f"{folder}/{client_token}: client_token {client_token!r} was used for "
-                f"another job ({found}) or by another user"
-            )
-        if not holder:
-            return found
-        if holder != me and time.time() - created < _TOKEN_STALE:
-            if locate_job(store, display_name, found) is not None:
-                return found
-            raise TransientError(
-                f"{folder}/{client_token}: another submit with client_token {client_token!r} "
-                "is under way; try again"
-            )
-        taken = {**raw, "holder": me, "created": time.time()}  # ours before, or a dead one's
-        try:
-            if store["swap"](folder, client_token, raw, taken):
-                return _queue_for_token(
-                    store, display_name, username, taken, job, private_jwk, fresh=False
-                )
-        except NotFoundError:
-            continue
-    raise TransientError(f"{folder}/{client_token}: the token keeps changing; try again")
-
-
-def _token_fields(raw: Doc, where: str) -> tuple[str, str, float]:
-    """The job id, holder and creation time of a stored token document."""
-    job_id, holder, created = raw.get("job_id"), raw.get("holder"), raw.get("created")
-    if (
-        not isinstance(job_id, str)
-        or _NAME_RE.fullmatch(job_id) is None
-        or not isinstance(holder, str)
-        or isinstance(created, bool)
-        or not isinstance(created, (int, float))
-    ):
-        raise InvalidDocumentError(f"{where}: not a submit token document")
-    return job_id, holder, float(created)
-
-
-def _queue_for_token(
-    store: Storage,
-    display_name: str,
-    username: str,
-    doc: Doc,
-    job: Doc,
-    private_jwk: KeyLike | None,
-    *,
-    fresh: bool = True,
-) -> str:
-    """Queue the job a token document names, unless it is somewhere already, then mark
-    the token done (no holder)."""
-    layout, job_id = store["layout"], doc["job_id"]
-    folder = _token_folder(layout, display_name)
-    if fresh or _nowhere(store, display_name, job_id):
-        if private_jwk is not None:
-            _sign_job(store, job, display_name, username, job_id, private_jwk)
-        with contextlib.suppress(AlreadyExistsError):  # an upload of ours answered too late
-            store["upload"](
-                _fill(layout.queued, display_name, username),
-                _fill(layout.job_file, job_id=job_id),
-                job,
-            )
-    with contextlib.suppress(NotFoundError):  # pruned already: nothing to mark
-        store["swap"](folder, doc["client_token"], doc, {**doc, "holder": ""})
-    return str(job_id)
-
-
-def _nowhere(store: Storage, display_name: str, job_id: str) -> bool:
-    """Whether a job is in none of its folders (`_find_job`: looked for twice)."""
+    final = payload_of(status_doc).get("status")
+    target = _job_fill(
+        layout, layout.finished if final == "DONE" else layout.deleted, display_name, job_id
+    )
+    file_id = _fill(layout.job_file, job_id=job_id)
+    lease_at = _record_finish(store, lease_at, job_id, status_doc)
     try:
-        _find_job(store, display_name, job_id)
+        store["move"](layout.running, target, file_id)
     except NotFoundError:
-        return True
-    return False
+        if not _exists(store, target, file_id):  # not finished by an earlier run of this step
+            raise NotFoundError(
+                f"job {job_id} is neither in {layout.running} nor in {target}"
+            ) from None
+    _put_status(store, display_name, None, job_id, status_doc)
+    if lease_at is not None:
+        with contextlib.suppress(NotFoundError):  # dropped by a sweep that completed it
+            store["swap"](layout.leases, job_id, lease_at[0], None)
+
+
+def _put_status(
+    store: Storage, display_name: str, username: str | None, job_id: str, doc: Doc
+) -> None:
+    path, doc_id = _status_location(store, display_name, username, job_id)
+    try:
+        store["update"](path, doc_id, doc)
+    except NotFoundError:
+        try:
+            store["upload"](path, doc_id, doc)
+        except AlreadyExistsError:  # created meanwhile: ours is the newer word
+            store["update"](path, doc_id, doc)
 
 
 def _finished_at(doc: Doc, at: float) -> Doc:
@@ -3297,6 +3307,433 @@ def _finished_at(doc: Doc, at: float) -> Doc:
     if doc.get("status") in ("DONE", "ERROR"):
         doc["finished_at"] = datetime.fromtimestamp(at, timezone.utc).isoformat()
     return doc
+
+
+def _final_status(store: Storage, display_name: str, job_id: str) -> Doc | None:
+    """A job's stored status if it is DONE or ERROR (None if not, or none, or garbage)."""
+    try:
+        status = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
+    except (NotFoundError, InvalidDocumentError):
+        return None
+    return status if status.get("status") in ("DONE", "ERROR") else None
+
+
+def update_in_database(
+    store: Storage,
+    result_dict: ResultLike | None,
+    status_msg_dict: StatusLike,
+    job_id: str,
+    display_name: str,
+    private_jwk: KeyLike | None = None,
+    *,
+    policy: LeasePolicy = LeasePolicy(),
+    now: Callable[[], float] = time.time,
+) -> None:
+    """Finish a running job: Bob's last step.
+
+    DONE: upload the result (signed when the backend signs) and move the job to
+    finished.  ERROR: move the job to deleted.  Then write the status (signed
+    when the backend signs and *private_jwk* is given) and, for DONE and ERROR,
+    release the lease (any other status only reports progress).  The job's
+    lease must be this worker's (``policy.holder``, by default this process's
+    ``host:pid``, as `claim_job` takes it); a job without a lease (moved to
+    running by a program that takes none) is finished too.  Before anything
+    moves, the final status is recorded in the lease, so a worker that dies at
+    any later step leaves a job that `requeue_expired` finishes; re-running
+    this step finishes it too.  A job without a lease that is finished already
+    (in finished or deleted, with a DONE or ERROR status) is left as it is: a
+    re-run changes nothing, and a worker that lost its lease and finishes after
+    another worker did gets `LeaseLostError` (unless it finishes with the very
+    same status).  A DONE or ERROR status says when (``finished_at``,
+    from *now*), for `queue_stats` and `prune`.
+
+    Raises:
+        InvalidDocumentError: DONE without a result, a malformed status/result, or an
+            earlier run of this step moved the job with the other outcome (that
+            outcome is then completed, and stands).
+        LeaseLostError: the lease is another worker's, or changed meanwhile, or
+            another worker finished the job already.
+        NotFoundError: the job is neither running nor already finished.
+    """
+    _check_handle(store)
+    layout = store["layout"]
+    status = _coerce(status_msg_dict, StatusMsg, "status_msg_dict")
+    file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
+    cfg = _read_config(store, display_name)[1]
+    sign = _backend_signer(store, cfg, private_jwk)
+    holder = policy.holder or _default_holder()
+    lease_at = _lease_at(store, job_id)
+    if lease_at is not None and lease_at[1].holder != holder:
+        raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
+    status_doc = _finished_at(to_doc(status), now())
+    status_doc = status_doc if sign is None else sign(status_doc)
+    if status.status not in ("DONE", "ERROR"):  # progress: the job keeps running and its lease
+        if lease_at is None and not _exists(store, layout.running, file_id):
+            raise NotFoundError(f"job {job_id} is not in {layout.running}")
+        _put_status(store, display_name, None, job_id, status_doc)
+        return
+    if lease_at is None and not _exists(store, layout.running, file_id):
+        # Finished already?  The status is read before the job is looked for: `prune`
+        # removes a job before its status, so a job found after is not being removed.
+        finished = _final_status(store, display_name, job_id)
+        target = layout.finished if status.status == "DONE" else layout.deleted
+        target = _job_fill(layout, target, display_name, job_id)
+        if not _exists(store, target, file_id):
+            raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
+        if finished is not None:  # that finish stands
+            if {**finished, "finished_at": None} != {**to_doc(status), "finished_at": None}:
+                raise LeaseLostError(f"job {job_id} was finished by another worker already")
+            return  # by an earlier run of this step
+    recorded = None if lease_at is None or lease_at[1].finish is None else lease_at[1].finish
+    if (
+        recorded is not None
+        and payload_of(recorded).get("status") != status.status
+        and not _exists(store, layout.running, file_id)
+    ):  # an earlier run of this step moved the job already: its outcome stands
+        _close(store, lease_at, display_name, job_id, recorded)
+        raise InvalidDocumentError(
+            f"job {job_id} was finished as {payload_of(recorded).get('status')} already "
+            f"(now completed); it cannot become {status.status}"
+        )
+    result = None
+    if status.status == "DONE":
+        if result_dict is None:
+            raise InvalidDocumentError(f"job {job_id}: a DONE job needs a result_dict")
+        result = _result_doc(result_dict, cfg, job_id, sign)
+    lease_at = _record_finish(store, lease_at, job_id, status_doc)  # first: a sweep can finish
+    if result is not None:
+        path, doc_id = _result_location(store, display_name, job_id)
+        try:
+            store["upload"](path, doc_id, result)
+        except AlreadyExistsError:  # a re-run after a crash or a requeue: latest wins
+            store["update"](path, doc_id, result)
+    _close(store, lease_at, display_name, job_id, status_doc)
+
+
+# Results ---------------------------------------------------------------------
+
+
+_UNFINISHED = ("INITIALIZING", "QUEUED")
+
+
+def _unfinished_status(store: Storage, display_name: str, job_id: str) -> str | None:
+    """A job's status value, or None when it has no readable status."""
+    path, doc_id = _status_location(store, display_name, None, job_id)
+    try:
+        return _parse(_read(store, path, doc_id), StatusMsg, f"{path}/{doc_id}").status
+    except (NotFoundError, InvalidDocumentError):
+        return None
+
+
+def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
+    return locate(store["layout"], "result", display_name, None, check_name(job_id, "job_id"))
+
+
+def upload_result(
+    store: Storage,
+    result_dict: ResultLike,
+    display_name: str,
+    job_id: str,
+    private_jwk: KeyLike | None = None,
+) -> bool:
+    """Upload a job's result, signed when the backend's configuration says so.
+
+    A result whose ``job_id`` differs from *job_id* is corrected, with a warning.
+
+    Returns:
+        True, as sqooler does.
+
+    Raises:
+        AlreadyExistsError: the job has a result already.
+        BadSignatureError: the backend signs and no valid private key was given.
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    path, doc_id = _result_location(store, display_name, job_id)
+    cfg = get_config(store, display_name)
+    sign = _backend_signer(store, cfg, private_jwk)
+    store["upload"](path, doc_id, _result_doc(result_dict, cfg, job_id, sign))
+    return True
+
+
+def _result_doc(
+    result: Any, cfg: BackendConfig, job_id: str, sign: Callable[[Doc], Doc] | None
+) -> Doc:
+    res = _coerce(result, ResultDict, "result_dict")
+    if res.job_id != job_id:
+        warnings.warn(f"result for job {job_id} carried job_id {res.job_id!r}", stacklevel=3)
+        res = attrs.evolve(res, job_id=job_id)
+    if not cfg.sign:
+        return to_doc(res)
+    if sign is None:
+        raise BadSignatureError(f"backend {cfg.display_name!r} signs, but no private_jwk was given")
+    return sign(to_doc(res))
+
+
+@_reads
+def get_result(store: Storage, display_name: str, username: str, job_id: str) -> ResultDict:
+    """Return a job's result, with ``backend_name`` filled in.
+
+    A job without a result answers with a result of ``success=False`` and no
+    experiments whose ``status`` is the job's: ``"INITIALIZING"`` or
+    ``"QUEUED"`` while it waits or runs (one more read, of its status), and
+    ``"ERROR"`` when it failed or is unknown, as in sqooler.  The signature is
+    not checked here: use `verify_result`.
+
+    Raises:
+        InvalidDocumentError: the stored result is malformed.
+        NotFoundError: the backend has no configuration, or a name given cannot
+            exist (the message says which and why).
+    """
+    _check_handle(store)
+    check_name(username, "username")
+    path, doc_id = _result_location(store, display_name, job_id)
+    raw: Doc | None = None
+    with contextlib.suppress(NotFoundError):
+        raw = _read(store, path, doc_id)
+    if raw is None:
+        status = _unfinished_status(store, display_name, job_id)
+        if status == "DONE":  # it finished between the two reads
+            with contextlib.suppress(NotFoundError):
+                raw = _read(store, path, doc_id)
+        if raw is None:
+            return ResultDict(
+                display_name=display_name,
+                backend_version="",
+                job_id=job_id,
+                status=status if status in _UNFINISHED else "ERROR",
+                success=False,
+            )
+    result = _parse(raw, ResultDict, f"{path}/{doc_id}")
+    cfg = get_config(store, display_name)
+    return attrs.evolve(result, backend_name=_long_backend_name(store["name"], cfg))
+
+
+@_reads
+def verify_result(
+    store: Storage, display_name: str, job_id: str, *, public_jwk: KeyLike | None = None
+) -> bool:
+    """Return whether a job's result carries a valid signature of the backend's key.
+
+    An unsigned or tampered result gives False, and so does a genuine result of
+    another job or backend put in this one's place: the signed payload must name
+    *job_id* (and *display_name*, where it names a backend).
+
+    The key is the one published now: each call reads the backend's config (for
+    its kid) and the key under that kid.  So a key replaced under its kid
+    (sqooler 0.9 replaces a published key, e.g. after a leak) or a config that
+    names a new kid counts from the next call, on this handle as on a new one,
+    and what the old key signs no longer verifies.  No key is kept from one
+    call to the next: a kid names whatever key is published under it (sqooler
+    lets the kid be any name, even another key's thumbprint), and a handle has
+    no cheaper way than reading the key to learn that it was replaced.  Only
+    PyNaCl's key object is kept, in a small cache keyed by the key's 32 bytes:
+    it cannot answer for another key.  A frontend that trusts a key it
+    fetched once (`get_public_key`) may pass it as *public_jwk*: it is then
+    used as given, and neither the config nor the key is read.
+
+    Raises:
+        NotFinishedError: the job has no result yet: it is queued or running.
+        NotFoundError: no such result, the backend or its public key is missing, or
+            a name given cannot exist.
+        InvalidDocumentError: the stored result is not JSON.
+    """
+    _check_handle(store)
+    path, doc_id = _result_location(store, display_name, job_id)
+    try:
+        raw = _read(store, path, doc_id)
+    except NotFoundError as exc:
+        status = _unfinished_status(store, display_name, job_id)
+        if status is None or status not in _UNFINISHED:
+            raise
+        raise NotFinishedError(
+            f"{path}/{doc_id}: job {job_id} has no result yet (status {status})", status
+        ) from exc
+    if public_jwk is None:
+        key = get_public_key_from_kid(store, _config_kid(store, display_name))
+    else:
+        key = _coerce(public_jwk, JWK, "public_jwk")
+    try:  # verify_doc(raw, [key]), without coercing a list of keys
+        payload, kid, signing_input, signature = _signed_parts(raw)
+    except (BadSignatureError, InvalidDocumentError):
+        return False
+    return (
+        kid in (None, key.kid)
+        and _ed25519_verify(key, signing_input, signature)
+        and payload.get("job_id") == job_id
+        and payload.get("display_name", display_name) == display_name
+    )
+
+
+@_reads
+def verify_job(store: Storage, display_name: str, username: str, job_id: str) -> bool:
+    """Return whether a finished job verifies end to end, from submission to result.
+
+    The job (wherever it is now) must carry a valid signature of a published
+    user key (see ``upload_job(..., private_jwk=)``) over this job of
+    *username* on *display_name*, and its result must be signed by the backend
+    and name this job (`verify_result`).  Unsigned, tampered or replayed
+    documents give False.
+
+    Raises:
+        NotFoundError: no such job or result, or the backend's public key is
+            missing, or a name given cannot exist.
+        InvalidDocumentError: the stored job or result is not JSON.
+    """
+    _check_handle(store)
+    _check_job_names(store, display_name, username, job_id)
+    layout = store["layout"]
+    where = _find_job(store, display_name, job_id)
+    job = get_job(store, _job_fill(layout, getattr(layout, where), display_name, job_id), job_id)
+    if _job_signature_problem(store, display_name, username, job_id, job):
+        return False
+    return verify_result(store, display_name, job_id)
+
+
+# Status ----------------------------------------------------------------------
+
+
+def _status_location(
+    store: Storage, display_name: str, username: str | None, job_id: str
+) -> tuple[str, str]:
+    """Where a job's status lives; *username* None when the caller does not know it."""
+    return locate(store["layout"], "status", display_name, username, check_name(job_id, "job_id"))
+
+
+def upload_status(
+    store: Storage,
+    display_name: str,
+    username: str,
+    job_id: str,
+    private_jwk: KeyLike | None = None,
+) -> StatusMsg:
+    """Create a job's first status (INITIALIZING), signed when the backend signs.
+
+    The backend's config is read first, as sqooler does, so that a frontend's
+    job for an unknown backend fails here: one read, which signing needs anyway.
+
+    Raises:
+        AlreadyExistsError: the job has a status already.
+        BadSignatureError: the backend signs and *private_jwk* is not its key.
+        InvalidNameError: bad display name, username or job id.
+        NotFoundError: the backend has no configuration.
+    """
+    _check_handle(store)
+    path, doc_id = _status_location(store, display_name, username, job_id)
+    sign = _backend_signer(store, _read_config(store, display_name)[1], private_jwk)
+    status = StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
+    doc = to_doc(status)
+    store["upload"](path, doc_id, doc if sign is None else sign(doc))
+    return status
+
+
+@_reads
+def get_status(store: Storage, display_name: str, username: str, job_id: str) -> StatusMsg:
+    """Return a job's status; an ERROR status that says so when there is none.
+
+    Raises:
+        InvalidDocumentError: the stored status is malformed.
+        NotFoundError: a name given cannot exist (the message says which and why).
+    """
+    _check_handle(store)
+    path, doc_id = _status_location(store, display_name, username, job_id)
+    try:
+        raw = _read(store, path, doc_id)
+    except NotFoundError:
+        return StatusMsg(
+            job_id, "ERROR", "Could not find the status file.", f"Missing status file for {job_id}."
+        )
+    return _parse(raw, StatusMsg, f"{path}/{doc_id}")
+
+
+# Keys ------------------------------------------------------------------------
+
+
+def upload_public_key(
+    store: Storage, public_jwk: KeyLike, display_name: str, role: str = "backend"
+) -> None:
+    """Publish a public key under its ``kid``: a backend's (after `upload_config`) or a user's.
+
+    A backend's key must carry the kid its config names.  A user's key
+    (``role="user"``, as sqooler after 0.9 has it) needs no config: *display_name*
+    is then its owner's name, and the key goes, in the same form, to a folder of
+    its own (``<public_keys>/users``; `get_public_key_from_kid` with
+    ``role="user"`` reads it), so that no user can take a backend's kid.
+    Publishing the same key again is a no-op; a different key for a published
+    ``kid`` is refused (sqooler would silently replace it).
+
+    Raises:
+        AlreadyExistsError: another key is published under that kid.
+        BadSignatureError: the key is private, not for verifying, or (a backend's)
+            not the config's kid.
+        InvalidNameError: bad display name (or user name) or kid.
+        NotFoundError: a backend's key, and the backend has no configuration.
+        ValueError: *role* is neither ``"backend"`` nor ``"user"``.
+    """
+    _check_handle(store)
+    _key_folder(store, role)
+    key = _coerce(public_jwk, JWK, "public_jwk")
+    if key.key_ops != "verify" or key.d is not None:
+        raise BadSignatureError(f"JWK {key.kid!r} is not a public key for verifying")
+    _key_bytes(key, "x")
+    if role == "user":
+        check_name(display_name, "username")
+    else:
+        cfg = _read_config(store, display_name)[1]
+        if key.kid != cfg.kid:
+            raise BadSignatureError(
+                f"JWK kid {key.kid!r} is not the kid {cfg.kid!r} of backend {display_name!r}"
+            )
+    folder = _key_folder(store, role)
+    try:
+        store["upload"](folder, check_name(key.kid, "kid"), to_doc(key))
+    except AlreadyExistsError:
+        old = get_public_key_from_kid(store, key.kid, role)
+        if _key_bytes(old, "x") != _key_bytes(key, "x"):
+            raise AlreadyExistsError(
+                f"{folder}/{key.kid}: another public key is published for kid {key.kid!r}"
+            ) from None
+
+
+def _key_folder(store: Storage, role: str) -> str:
+    """Where the public keys of backends, or of users (``role="user"``), are published."""
+    if role not in ("backend", "user"):
+        raise ValueError(f"role must be 'backend' or 'user', not {role!r}")
+    return locate(store["layout"], "public_key" if role == "backend" else "user_key")[0]
+
+
+@_reads
+def get_public_key_from_kid(store: Storage, kid: str, role: str = "backend") -> JWK:
+    """Return the public key published under *kid*, a backend's or (``role="user"``) a user's.
+
+    Raises:
+        NotFoundError: no key under that kid, or no such kid can exist.
+        InvalidDocumentError: the stored key is malformed.
+        ValueError: *role* is neither ``"backend"`` nor ``"user"``.
+    """
+    _check_handle(store)
+    folder = _key_folder(store, role)
+    return from_doc(_read(store, folder, check_name(kid, "kid")), JWK, where=f"{folder}/{kid}")
+
+
+@_reads
+def get_public_key(store: Storage, display_name: str) -> JWK:
+    """Return the public key of a backend (the one named by its config's ``kid``).
+
+    Raises:
+        NotFoundError: no config, no kid in it, no key under that kid, or
+            *display_name* cannot be a backend's.
+    """
+    _check_handle(store)
+    return get_public_key_from_kid(store, _config_kid(store, display_name))
+
+
+# Retention and queue insight -------------------------------------------------
+# A job's submission time is read from its id (see `new_job_id`, `_submitted_at`),
+# its finish from ``finished_at`` in its final status (a field sqooler's readers ignore).
+
+
+_YEAR = 366 * 86_400.0
 
 
 def _finish_time(status: Doc) -> float | None:
@@ -3548,415 +3985,6 @@ def queue_stats(
         jobs_per_hour_last_day=day / 24,
         median_seconds_to_done=statistics.median(waits) if waits else None,
     )
-
-
-def _final_status(store: Storage, display_name: str, job_id: str) -> Doc | None:
-    """A job's stored status if it is DONE or ERROR (None if not, or none, or garbage)."""
-    try:
-        status = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
-    except (NotFoundError, InvalidDocumentError):
-        return None
-    return status if status.get("status") in ("DONE", "ERROR") else None
-
-
-def update_in_database(
-    store: Storage,
-    result_dict: ResultLike | None,
-    status_msg_dict: StatusLike,
-    job_id: str,
-    display_name: str,
-    private_jwk: KeyLike | None = None,
-    *,
-    policy: LeasePolicy = LeasePolicy(),
-    now: Callable[[], float] = time.time,
-) -> None:
-    """Finish a running job: Bob's last step.
-
-    DONE: upload the result (signed when the backend signs) and move the job to
-    finished.  ERROR: move the job to deleted.  Then write the status (signed
-    when the backend signs and *private_jwk* is given) and, for DONE and ERROR,
-    release the lease (any other status only reports progress).  The job's
-    lease must be this worker's (``policy.holder``, by default this process's
-    ``host:pid``, as `claim_job` takes it); a job without a lease (moved to
-    running by a program that takes none) is finished too.  Before anything
-    moves, the final status is recorded in the lease, so a worker that dies at
-    any later step leaves a job that `requeue_expired` finishes; re-running
-    this step finishes it too.  A job without a lease that is finished already
-    (in finished or deleted, with a DONE or ERROR status) is left as it is: a
-    re-run changes nothing, and a worker that lost its lease and finishes after
-    another worker did gets `LeaseLostError` (unless it finishes with the very
-    same status).  A DONE or ERROR status says when (``finished_at``,
-    from *now*), for `queue_stats` and `prune`.
-
-    Raises:
-        InvalidDocumentError: DONE without a result, a malformed status/result, or an
-            earlier run of this step moved the job with the other outcome (that
-            outcome is then completed, and stands).
-        LeaseLostError: the lease is another worker's, or changed meanwhile, or
-            another worker finished the job already.
-        NotFoundError: the job is neither running nor already finished.
-    """
-    _check_handle(store)
-    layout = store["layout"]
-    status = _coerce(status_msg_dict, StatusMsg, "status_msg_dict")
-    file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
-    cfg = _read_config(store, display_name)[1]
-    sign = _backend_signer(store, cfg, private_jwk)
-    holder = policy.holder or _default_holder()
-    lease_at = _lease_at(store, job_id)
-    if lease_at is not None and lease_at[1].holder != holder:
-        raise LeaseLostError(f"job {job_id}: lease not held by {holder!r}")
-    status_doc = _finished_at(to_doc(status), now())
-    status_doc = status_doc if sign is None else sign(status_doc)
-    if status.status not in ("DONE", "ERROR"):  # progress: the job keeps running and its lease
-        if lease_at is None and not _exists(store, layout.running, file_id):
-            raise NotFoundError(f"job {job_id} is not in {layout.running}")
-        _put_status(store, display_name, None, job_id, status_doc)
-        return
-    if lease_at is None and not _exists(store, layout.running, file_id):
-        # Finished already?  The status is read before the job is looked for: `prune`
-        # removes a job before its status, so a job found after is not being removed.
-        finished = _final_status(store, display_name, job_id)
-        target = layout.finished if status.status == "DONE" else layout.deleted
-        target = _job_fill(layout, target, display_name, job_id)
-        if not _exists(store, target, file_id):
-            raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
-        if finished is not None:  # that finish stands
-            if {**finished, "finished_at": None} != {**to_doc(status), "finished_at": None}:
-                raise LeaseLostError(f"job {job_id} was finished by another worker already")
-            return  # by an earlier run of this step
-    recorded = None if lease_at is None or lease_at[1].finish is None else lease_at[1].finish
-    if (
-        recorded is not None
-        and payload_of(recorded).get("status") != status.status
-        and not _exists(store, layout.running, file_id)
-    ):  # an earlier run of this step moved the job already: its outcome stands
-        _close(store, lease_at, display_name, job_id, recorded)
-        raise InvalidDocumentError(
-            f"job {job_id} was finished as {payload_of(recorded).get('status')} already "
-            f"(now completed); it cannot become {status.status}"
-        )
-    result = None
-    if status.status == "DONE":
-        if result_dict is None:
-            raise InvalidDocumentError(f"job {job_id}: a DONE job needs a result_dict")
-        result = _result_doc(result_dict, cfg, job_id, sign)
-    lease_at = _record_finish(store, lease_at, job_id, status_doc)  # first: a sweep can finish
-    if result is not None:
-        path, doc_id = _result_location(store, display_name, job_id)
-        try:
-            store["upload"](path, doc_id, result)
-        except AlreadyExistsError:  # a re-run after a crash or a requeue: latest wins
-            store["update"](path, doc_id, result)
-    _close(store, lease_at, display_name, job_id, status_doc)
-
-
-# Cancel and signed submissions ----------------------------------------------
-# A cancel request is a document keyed by job id in ``<leases>/cancel``; a job's
-# signature is a detached signed document in ``<status folder>/signatures``, so the
-# job itself stays the bare JSON that any sqooler spooler runs.
-
-_CANONICAL_JSON = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False
-)
-
-
-def _cancel_folder(layout: Layout) -> str:
-    return locate(layout, "cancel_request")[0]
-
-
-def _cancel_location(store: Storage, job_id: str) -> tuple[str, str]:
-    return _cancel_folder(store["layout"]), check_name(job_id, "job_id")
-
-
-def _cancelled(job_id: str, username: str, why: str) -> StatusMsg:
-    return StatusMsg(job_id, "ERROR", f"Cancelled by {username}.", why)
-
-
-def _cancelled_before(job_id: str, username: str) -> Doc:
-    """The status of a job cancelled in the queue, finished now."""
-    status = _cancelled(job_id, username, "The job was cancelled before it ran.")
-    return _finished_at(to_doc(status), time.time())
-
-
-def _check_job_names(store: Storage, display_name: str, username: str, job_id: str) -> str:
-    """Check the names of a job; a dated job id must name this backend and this user."""
-    _check_display_name(display_name)
-    check_name(username, "username")
-    check_name(job_id, "job_id")
-    parts = job_id.split("-")
-    dated = store["layout"].job_ids == "dated" and len(parts) == 4
-    if dated and (parts[1], parts[2]) != (display_name, username):
-        raise NotFoundError(f"job {job_id} is not a job of {username!r} on {display_name!r}")
-    return job_id
-
-
-def _find_job(store: Storage, display_name: str, job_id: str) -> str:
-    """Which of queued, running, finished or deleted holds a job; looked up twice, since
-    a claim moving it from queued to running between two reads would hide it from one.
-
-    Raises:
-        NotFoundError: the backend has no such job.
-    """
-    for _ in range(2):
-        if (where := locate_job(store, display_name, job_id)) is not None:
-            return where
-    raise NotFoundError(f"backend {display_name!r} has no job {job_id}")
-
-
-def cancel_job(store: Storage, display_name: str, username: str, job_id: str) -> str:
-    """Cancel a job for *username*: a queued job never runs, a running one is asked to stop.
-
-    First a cancel request is stored (create-only), then the job is moved from
-    the queue to deleted.  Of that move and a worker's claim exactly one wins:
-    either the job never runs (``"cancelled"``: it is in deleted with an ERROR
-    status whose detail is ``"Cancelled by <username>."``), or it is running
-    and the request is there for its worker (``"requested"``): `work` hands it
-    to the executor and ends the job as cancelled, dropping its result, unless
-    the worker had begun to finish the job before it saw the request.  A job
-    that had ended already is left as it is (``"finished"``).  A cancel stopped
-    half-way (its process killed) is completed by calling it again.
-
-    Returns:
-        ``"cancelled"``, ``"requested"`` or ``"finished"``.
-
-    Raises:
-        InvalidNameError: bad display name, username or job id.
-        NotFoundError: the backend has no such job (or a dated id names another
-            backend or user).
-    """
-    _check_handle(store)
-    _check_job_names(store, display_name, username, job_id)
-    layout = store["layout"]
-    where = _find_job(store, display_name, job_id)
-    if where in ("finished", "deleted"):
-        return _after_the_end(store, display_name, username, job_id, where)
-    path, doc_id = _cancel_location(store, job_id)
-    request = {"job_id": job_id, "display_name": display_name, "username": username}
-    with contextlib.suppress(AlreadyExistsError):  # asked before: that request stands
-        store["upload"](path, doc_id, {**request, "requested": time.time()})
-    file_id = _fill(layout.job_file, job_id=job_id)
-    deleted = _job_fill(layout, layout.deleted, display_name, job_id)
-    for _ in range(3):  # again if a sweep put the job back in the queue meanwhile
-        if where != "queued":
-            break
-        try:
-            store["move"](_fill(layout.queued, display_name), deleted, file_id)
-        except NotFoundError:  # claimed meanwhile: it runs, and its worker gets the request
-            where = _find_job(store, display_name, job_id)
-            continue
-        _put_status(store, display_name, None, job_id, _cancelled_before(job_id, username))
-        _forget_cancel(store, job_id)
-        return "cancelled"
-    if where in ("running", "queued"):
-        return "requested"
-    _forget_cancel(store, job_id)  # it ended meanwhile: nothing is left to ask
-    return "finished"
-
-
-def _after_the_end(
-    store: Storage, display_name: str, username: str, job_id: str, where: str
-) -> str:
-    """Cancel a job that has ended: a request left behind is dropped, and a job in deleted
-    whose status is not final was moved there by a cancel that stopped before writing
-    its status, which is written now."""
-    if cancel_requested(store, job_id) is None:
-        return "finished"
-    outcome = "finished"
-    if where == "deleted" and _final_status(store, display_name, job_id) is None:
-        _put_status(store, display_name, None, job_id, _cancelled_before(job_id, username))
-        outcome = "cancelled"
-    _forget_cancel(store, job_id)
-    return outcome
-
-
-@_reads
-def cancel_requested(store: Storage, job_id: str) -> str | None:
-    """Return who asked to cancel a job (see `cancel_job`), or None if nobody did.
-
-    A worker loop of one's own (`claim_job` ... `update_in_database`) polls this;
-    `work` does it for its executor.
-
-    Raises:
-        NotFoundError: *job_id* cannot be a job id.
-    """
-    _check_handle(store)
-    path, doc_id = _cancel_location(store, job_id)
-    try:
-        doc = _read(store, path, doc_id)
-    except NotFoundError:
-        return None
-    except InvalidDocumentError:
-        return "someone"  # a request it is, even if it cannot be read
-    who = doc.get("username")
-    return who if isinstance(who, str) and _NAME_RE.fullmatch(who) else "someone"
-
-
-def _forget_cancel(store: Storage, job_id: str) -> None:
-    """Drop a job's cancel request once it is honoured (gone already: fine)."""
-    with contextlib.suppress(NotFoundError, StorageError, TransientError):
-        store["delete"](*_cancel_location(store, job_id))
-
-
-def _signature_folder(layout: Layout, display_name: str) -> str:
-    return locate(layout, "job_signature", display_name)[0]
-
-
-def _job_signature_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
-    return _signature_folder(store["layout"], display_name), check_name(job_id, "job_id")
-
-
-def _job_digest(job: Any) -> str:
-    """The SHA-256 of a job as stored: its JSON with sorted keys, compact (hex)."""
-    import hashlib
-
-    try:
-        text = _CANONICAL_JSON.encode(json.loads(_JSON.encode(job)))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidDocumentError(f"the job is not JSON: {exc}") from None
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _sign_job(
-    store: Storage, job: Doc, display_name: str, username: str, job_id: str, private_jwk: Any
-) -> None:
-    """Store the signature of a job about to be queued (before it, so none runs unsigned)."""
-    payload = {
-        "job_id": job_id,
-        "display_name": display_name,
-        "username": username,
-        "job_sha256": _job_digest(job),
-    }
-    path, doc_id = _job_signature_location(store, display_name, job_id)
-    signed = _doc_signer(store, private_jwk)(payload)
-    try:
-        store["upload"](path, doc_id, signed)
-    except AlreadyExistsError:  # left by a submit that failed: this one is the job's
-        store["update"](path, doc_id, signed)
-
-
-def _job_signature_problem(
-    store: Storage,
-    display_name: str,
-    username: str | None,
-    job_id: str,
-    job: Doc,
-    accepted: tuple[str, ...] = (),
-) -> str:
-    """Why a job's signature is not good (a user key, of *accepted* kids if any); "" if it is."""
-    path, doc_id = _job_signature_location(store, display_name, job_id)
-    try:
-        raw = _read(store, path, doc_id)
-        kid = _open_signed(raw)[2].get("kid") if is_signed(raw) else None
-    except NotFoundError:
-        return "the job is not signed"
-    except (InvalidDocumentError, StorageError) as exc:  # a claim must not hold the job
-        return f"its signature cannot be read: {exc}"
-    if not isinstance(kid, str):
-        return "the job is not signed with a key id"
-    if accepted and kid not in accepted:
-        return f"it is signed with key {kid!r}, which this backend does not accept"
-    try:
-        key = get_public_key_from_kid(store, kid, role="user")
-        payload = verify_doc(raw, [key])
-    except NotFoundError:
-        return f"it is signed with an unknown key {kid!r}"
-    except StorageError as exc:
-        return f"its key {kid!r} cannot be read: {exc}"
-    except (BadSignatureError, InvalidDocumentError):
-        return f"its signature does not verify with key {kid!r}"
-    names = (payload.get("job_id"), payload.get("display_name"), payload.get("username"))
-    if names[:2] != (job_id, display_name) or username not in (None, names[2]):
-        return "its signature is that of another job"
-    if payload.get("job_sha256") != _job_digest(job):
-        return "the job was changed after it was signed"
-    return ""
-
-
-def _config_memo(store: Storage, display_name: str) -> tuple[Storage, list[Doc]]:
-    """*store*, remembering in the list the last config of *display_name* it read: a
-    claim learns its backend's policy from the read its heartbeat makes anyway."""
-    where = _config_location(store, display_name)
-    seen: list[Doc] = []
-    read = store["get"]
-
-    def get(path: str, doc_id: str) -> Doc:
-        doc = read(path, doc_id)
-        if (path, doc_id) == where:
-            seen[:] = [doc]
-        return doc
-
-    return {**store, "get": get}, seen
-
-
-def _set_aside(
-    store: Storage, display_name: str, claimed: tuple[NextJob, Doc], configs: list[Doc]
-) -> bool:
-    """Set aside (to deleted, with an ERROR status saying why) a just-claimed job that its
-    backend does not run; return whether it did.
-
-    A backend whose config sets ``require_signed_jobs`` (or lists
-    ``accepted_kids``) runs only jobs signed with a published user key (one of
-    those kids) over this very job.  The config is the one last read in
-    *configs* (the claim's heartbeat reads it), else it is read now.
-    """
-    job_id, job = claimed[0].job_id, claimed[1]
-    path, doc_id = _config_location(store, display_name)
-    if configs:  # read by the heartbeat, which parsed it: its two fields tell the policy
-        policy = payload_of(configs[-1])
-        if not (policy.get("require_signed_jobs") or policy.get("accepted_kids")):
-            return False
-    raw = configs[-1] if configs else _read(store, path, doc_id)
-    cfg = _parse(raw, BackendConfig, f"{path}/{doc_id}")
-    if not (cfg.require_signed_jobs or cfg.accepted_kids):
-        return False
-    why = _job_signature_problem(store, display_name, None, job_id, job, cfg.accepted_kids)
-    if not why:
-        return False
-    status = StatusMsg(
-        job_id, "ERROR", "The job was set aside: its signature is not accepted.", why
-    )
-    doc = _finished_at(to_doc(status), time.time())
-    _close(store, _lease_at(store, job_id), display_name, job_id, doc)
-    return True
-
-
-def _set_aside_or_give_back(
-    store: Storage, display_name: str, claimed: tuple[NextJob, Doc], configs: list[Doc]
-) -> bool:
-    """`_set_aside`, but a job it cannot decide on (a read failed) goes back to its queue
-    at once, before the failure is raised, rather than wait in running for its lease."""
-    try:
-        return _set_aside(store, display_name, claimed, configs)
-    except SqstoreError:
-        with contextlib.suppress(SqstoreError):  # else its lease expires and a sweep does it
-            requeue_job(store, display_name, claimed[0].job_id)
-        raise
-
-
-@_reads
-def verify_job(store: Storage, display_name: str, username: str, job_id: str) -> bool:
-    """Return whether a finished job verifies end to end, from submission to result.
-
-    The job (wherever it is now) must carry a valid signature of a published
-    user key (see ``upload_job(..., private_jwk=)``) over this job of
-    *username* on *display_name*, and its result must be signed by the backend
-    and name this job (`verify_result`).  Unsigned, tampered or replayed
-    documents give False.
-
-    Raises:
-        NotFoundError: no such job or result, or the backend's public key is
-            missing, or a name given cannot exist.
-        InvalidDocumentError: the stored job or result is not JSON.
-    """
-    _check_handle(store)
-    _check_job_names(store, display_name, username, job_id)
-    layout = store["layout"]
-    where = _find_job(store, display_name, job_id)
-    job = get_job(store, _job_fill(layout, getattr(layout, where), display_name, job_id), job_id)
-    if _job_signature_problem(store, display_name, username, job_id, job):
-        return False
-    return verify_result(store, display_name, job_id)
 
 
 # ============================================================================
