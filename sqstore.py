@@ -56,6 +56,10 @@ atomic; names are validated before they reach a path or a query; results are
 signed with Ed25519 in sqooler's JWS form or RFC 7515's.  PyNaCl, pymongo and
 the Dropbox SDK are imported only by the functions that need them, so
 ``import sqstore`` loads attrs and cattrs alone.  Python >= 3.10.
+
+The library ends at the ``# Programs`` banner; the programs below it (the demo
+simulator, ``work``, ``copy_storage``, the command line, the bench) use only
+the library, which names none of them: a vendor may cut the file there.
 """
 
 from __future__ import annotations
