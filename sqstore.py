@@ -81,6 +81,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import (
@@ -2576,8 +2577,9 @@ def claim_jobs(
                 if not exc.partial:
                     raise
                 return  # being rewritten in place by another program: beat at the next job
-            if wrote:
+            if wrote or _sweep_due(store, display_name, now(), policy.heartbeat):
                 requeued = requeue_expired(store, display_name, private_jwk, policy=policy, now=now)
+                _SWEPT.setdefault(store["list"], {})[display_name] = now()
                 if requeued and on_requeue is not None:
                     on_requeue(requeued)
             next_beat = now() + policy.heartbeat
@@ -2609,6 +2611,19 @@ def claim_jobs(
                 yield claimed
         if not found:
             return
+
+
+_SWEPT: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
+"""When each handle (known by its ``list``) last swept a backend's leases, by its claims' clock."""
+
+
+def _sweep_due(store: Storage, display_name: str, at: float, heartbeat: float) -> bool:
+    """Whether this handle's claims have not swept *display_name* for a *heartbeat*: so they
+    sweep on their own clock too, not only when their beat writes ``last_queue_check`` (which
+    another program polling the backend, or a worker whose clock is ahead, keeps fresh).  A
+    handle's first claims start the count, so a single claim does not sweep on its own."""
+    last = _SWEPT.setdefault(store["list"], {}).setdefault(display_name, at)
+    return at - last >= heartbeat
 
 
 def _queue_walk(store: Storage, queue: str) -> Iterator[str]:

@@ -7527,6 +7527,32 @@ def test_work_requeues_a_dead_workers_job_by_the_clock_it_is_given(store: Storag
 
 
 @pytest.mark.usefixtures("configured")
+@pytest.mark.parametrize("other", ["polls", "clock ahead"])
+def test_a_dead_workers_job_is_requeued_whoever_writes_the_heartbeat(
+    store: Storage, other: str
+) -> None:
+    """A worker's own claims sweep at least once per heartbeat of their clock, even when
+    another program (sqooler 0.9 writes ``last_queue_check`` at every poll, or a worker
+    whose clock is an hour ahead) keeps the heartbeat fresh so that no claim of this one
+    ever writes it: a dead worker's job is requeued and claimed within a few heartbeats."""
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    dead = sqstore.LeasePolicy(holder="dead:1", lease_seconds=1)
+    assert sqstore.claim_job(store, "sim", policy=dead, now=lambda: T0) is not None
+    policy = sqstore.LeasePolicy(holder="alive:2", heartbeat=3, skew=0)
+    if other == "clock ahead":
+        assert sqstore.timestamp_queue(store, "sim", now=lambda: T0 + 3600)
+    for tick in range(1, 40):  # a polling loop, a claim every half second
+        at = T0 + tick / 2
+        if other == "polls":
+            assert sqstore.timestamp_queue(store, "sim", min_interval=0, now=lambda: at)
+        if (claimed := sqstore.claim_job(store, "sim", policy=policy, now=lambda: at)) is not None:
+            assert claimed[0].job_id == job_id
+            assert at <= T0 + 1 + 2 * policy.heartbeat, at
+            return
+    raise AssertionError(f"the dead worker's job was never requeued ({other})")
+
+
+@pytest.mark.usefixtures("configured")
 def test_claim_jobs_reports_what_its_heartbeat_sweep_requeued(store: Storage) -> None:
     """claim_jobs calls on_requeue with the ids each heartbeat's sweep requeued, then claims
     them like any queued job; a heartbeat that requeues nothing calls it not."""
