@@ -1721,13 +1721,18 @@ def jobs_in(store: Storage, kind: str, job_id: str = "") -> list[str]:
 
 def finish(store: Storage, display_name: str, key: Any = None) -> list[str]:
     """Run Bob until the queue is empty; return the job ids in the order claimed."""
-    done = []
-    while (claimed := sqstore.claim_job(store, display_name, key)) is not None:
-        nxt, job = claimed
-        result = sqstore.run_simulator(job, nxt.job_id, display_name)
-        status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
-        sqstore.update_in_database(store, result, status, nxt.job_id, display_name, key)
-        done.append(nxt.job_id)
+    done: list[str] = []
+    lines: list[str] = []
+
+    def bob(job: dict[str, Any], job_id: str, dn: str) -> Any:
+        done.append(job_id)
+        return sqstore.run_simulator(job, job_id, dn)
+
+    finished = sqstore.work([store], display_name, bob, key, burst=True, log=lines.append)
+    assert finished == len(done) == len(lines), lines  # each claimed job finished, no error
+    assert all(f" {job_id} DONE in " in line for job_id, line in zip(done, lines, strict=True)), (
+        lines
+    )
     return done
 
 
