@@ -156,6 +156,8 @@ __all__ = [
     "backend_dict_to_qiskit_status",
     "cancel_job",
     "cancel_requested",
+    "check_display_name",
+    "check_handle",
     "check_name",
     "check_signing_key",
     "claim_job",
@@ -180,6 +182,7 @@ __all__ = [
     "get_result",
     "get_status",
     "is_signed",
+    "is_stored",
     "job_id_from",
     "jwk_thumbprint",
     "lease_expired",
@@ -1055,6 +1058,15 @@ StatusLike = StatusMsg | Mapping[str, Any] | _Model
 
 
 def _check_handle(store: Any) -> None:
+    """Check that *store* is a storage handle: a mapping with the seven operations.
+
+    What every operation checks first; a program or a layer of your own can check a
+    handle it is given the same way.
+
+    Raises:
+        TypeError: *store* is not a mapping, or lacks one of ``upload``, ``update``,
+            ``get``, ``move``, ``delete``, ``list`` and ``swap`` (named in the message).
+    """
     if not isinstance(store, Mapping) or not store.keys() >= _HANDLE_KEYS:
         missing = sorted(_HANDLE_KEYS - set(store)) if isinstance(store, Mapping) else None
         raise TypeError(f"not a sqstore storage handle (missing keys: {missing})")
@@ -1133,6 +1145,16 @@ def _reads(read: Callable[_P, T]) -> Callable[_P, T]:
 
 
 def _check_display_name(value: Any) -> str:
+    """Return *value* if it is a backend's name (its display name), else raise.
+
+    A display name is narrower than `check_name`'s names: 1 to 64 of ``a-z 0-9``.
+
+    Raises:
+        InvalidNameError: *value* is not a str or not of that form.
+
+    >>> _check_display_name("sim")
+    'sim'
+    """
     return check_name(value, "display_name", pattern=_DISPLAY_NAME_RE)
 
 
@@ -1771,6 +1793,16 @@ def _read(store: Storage, path: str, doc_id: str) -> Doc:
 
 
 def _exists(store: Storage, path: str, doc_id: str) -> bool:
+    """Whether a document is stored at *path*/*doc_id* (one that is not JSON counts).
+
+    The question a read of a kind cannot answer: `get_status` answers a missing status
+    with sqooler's ERROR status, and `get_result` a missing result with ``success=False``.
+    One ``get``.
+
+    Raises:
+        InvalidNameError: *path* or *doc_id* is no valid folder or id.
+        StorageError: the backend failed (`TransientError` when it may pass).
+    """
     try:
         store["get"](path, doc_id)
     except NotFoundError:
@@ -5933,9 +5965,9 @@ def work(
             raise BadSignatureError(
                 f"backend {display_name!r} on {store['name']} signs: work needs its private key"
             )
-        _backend_signer(store, cfg, private_jwk)
+        if cfg.sign and private_jwk is not None:
+            check_signing_key(store, cfg, private_jwk)
     stop = stop or threading.Event()
-    policy = attrs.evolve(policy, holder=policy.holder or _default_holder())
     say = _reporter(log, logger)
     names = [store["name"] for store in stores]  # numbered where they repeat: local1, local2
     labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
@@ -6046,7 +6078,7 @@ def _work_one(
     start = time.perf_counter()
     try:
         result = _run_executor(executor, job, job_id, display_name, cancel)
-        status = StatusMsg(job_id, "DONE", "The job is done.", _NONE)
+        status = StatusMsg(job_id, "DONE", "The job is done.", "None")  # sqooler's "no error"
     except Exception as exc:
         result = None
         status = StatusMsg(job_id, "ERROR", "The executor failed.", f"{type(exc).__name__}: {exc}")
@@ -6989,9 +7021,10 @@ def _load_executor(spec: str) -> Callable[[Doc, str, str], Any]:
 def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     import logging
     import signal
+    import socket
 
     assert store is not None
-    holder = _default_holder()
+    holder = f"{socket.gethostname()}:{os.getpid()}"  # LeasePolicy's holder=None, named
     policy = _policy(args, holder)
     if min(args.heartbeat, args.poll) <= 0 or (args.max_jobs or 1) < 1:
         raise _UserError("--heartbeat, --poll and --max-jobs must be positive")
