@@ -157,6 +157,8 @@ __all__ = [
     "backend_dict_to_qiskit_status",
     "cancel_job",
     "cancel_requested",
+    "check_display_name",
+    "check_handle",
     "check_name",
     "check_signing_key",
     "claim_job",
@@ -181,6 +183,7 @@ __all__ = [
     "get_result",
     "get_status",
     "is_signed",
+    "is_stored",
     "job_id_from",
     "jwk_thumbprint",
     "lease_expired",
@@ -1055,7 +1058,16 @@ StatusLike = StatusMsg | Mapping[str, Any] | _Model
 """A job's status: a `StatusMsg`, a dict with its fields, or sqooler's ``StatusMsgDict``."""
 
 
-def _check_handle(store: Any) -> None:
+def check_handle(store: Any) -> None:
+    """Check that *store* is a storage handle: a mapping with the seven operations.
+
+    What every operation checks first; a program or a layer of your own can check a
+    handle it is given the same way.
+
+    Raises:
+        TypeError: *store* is not a mapping, or lacks one of ``upload``, ``update``,
+            ``get``, ``move``, ``delete``, ``list`` and ``swap`` (named in the message).
+    """
     if not isinstance(store, Mapping) or not store.keys() >= _HANDLE_KEYS:
         missing = sorted(_HANDLE_KEYS - set(store)) if isinstance(store, Mapping) else None
         raise TypeError(f"not a sqstore storage handle (missing keys: {missing})")
@@ -1133,7 +1145,17 @@ def _reads(read: Callable[_P, T]) -> Callable[_P, T]:
     return reading
 
 
-def _check_display_name(value: Any) -> str:
+def check_display_name(value: Any) -> str:
+    """Return *value* if it is a backend's name (its display name), else raise.
+
+    A display name is narrower than `check_name`'s names: 1 to 64 of ``a-z 0-9``.
+
+    Raises:
+        InvalidNameError: *value* is not a str or not of that form.
+
+    >>> check_display_name("sim")
+    'sim'
+    """
     return check_name(value, "display_name", pattern=_DISPLAY_NAME_RE)
 
 
@@ -1282,7 +1304,7 @@ def locate(
     """
     folder, file = _folder_template(layout, kind), _id_template(layout, kind)
     if "{display_name}" in folder + file:
-        _check_display_name(display_name)
+        check_display_name(display_name)
     if job_id:
         names = {"public_key": "kid", "user_key": "kid", "submit_token": "client_token"}
         check_name(job_id, names.get(kind, "job_id"))
@@ -1716,7 +1738,7 @@ def demo_config(display_name: str, *, sign: bool = False) -> BackendConfig:
     return BackendConfig(
         description="sqstore's built-in qubit state-vector simulator",
         version="0.1.0",
-        display_name=_check_display_name(display_name),
+        display_name=check_display_name(display_name),
         cold_atom_type="spin",
         gates=gates,
         max_experiments=50,
@@ -1771,7 +1793,17 @@ def _read(store: Storage, path: str, doc_id: str) -> Doc:
     return doc
 
 
-def _exists(store: Storage, path: str, doc_id: str) -> bool:
+def is_stored(store: Storage, path: str, doc_id: str) -> bool:
+    """Whether a document is stored at *path*/*doc_id* (one that is not JSON counts).
+
+    The question a read of a kind cannot answer: `get_status` answers a missing status
+    with sqooler's ERROR status, and `get_result` a missing result with ``success=False``.
+    One ``get``.
+
+    Raises:
+        InvalidNameError: *path* or *doc_id* is no valid folder or id.
+        StorageError: the backend failed (`TransientError` when it may pass).
+    """
     try:
         store["get"](path, doc_id)
     except NotFoundError:
@@ -1897,7 +1929,7 @@ def upload_config(
         BadSignatureError: the config signs but no valid private key was given.
         InvalidDocumentError, InvalidNameError: bad config or display name.
     """
-    _check_handle(store)
+    check_handle(store)
     path, doc_id = _config_location(store, display_name)
     store["upload"](path, doc_id, _config_doc(store, config_dict, display_name, private_jwk))
 
@@ -1916,7 +1948,7 @@ def update_config(
             another key, or the new one signs and no key was given.
         InvalidDocumentError, InvalidNameError: bad config or display name.
     """
-    _check_handle(store)
+    check_handle(store)
     old = _read_config(store, display_name)[0]
     _write_config(store, old, config_dict, display_name, private_jwk)
 
@@ -1954,13 +1986,13 @@ def get_config(store: Storage, display_name: str) -> BackendConfig:
             be a backend's (the message says why).
         InvalidDocumentError: the stored configuration is malformed.
     """
-    _check_handle(store)
+    check_handle(store)
     return _read_config(store, display_name)[1]
 
 
 def get_backends(store: Storage) -> list[str]:
     """Return the display names of every backend with a configuration, sorted."""
-    _check_handle(store)
+    check_handle(store)
     return store["list"](store["layout"].configs)
 
 
@@ -1972,7 +2004,7 @@ def get_backend_dict(store: Storage, display_name: str) -> BackendDict:
         NotFoundError: the backend has no configuration, or *display_name* cannot
             be a backend's (the message says why).
     """
-    _check_handle(store)
+    check_handle(store)
     return _backend_dict(store["name"], get_config(store, display_name))
 
 
@@ -2012,7 +2044,7 @@ def get_backend_status(
         NotFoundError: the backend has no configuration, or *display_name* cannot
             be a backend's (the message says why).
     """
-    _check_handle(store)
+    check_handle(store)
     cfg = get_config(store, display_name)
     status = backend_dict_to_qiskit_status(store, cfg, timeout=timeout, now=now)
     queued = store["list"](_fill(store["layout"].queued, display_name))
@@ -2039,7 +2071,7 @@ def timestamp_queue(
         NotFoundError: the backend has no configuration.
         BadSignatureError: the config is signed and *private_jwk* is not its key.
     """
-    _check_handle(store)
+    check_handle(store)
     raw, cfg = _read_config(store, display_name)
     current = now()
     last = cfg.last_queue_check
@@ -2059,9 +2091,9 @@ def long_backend_name(store: Storage, display_name: str, simulator: bool) -> str
     >>> long_backend_name(memory_storage(), "sim", True)
     'memory_sim_simulator'
     """
-    _check_handle(store)
+    check_handle(store)
     kind = "simulator" if simulator else "hardware"
-    return f"{store['name']}_{_check_display_name(display_name)}_{kind}"
+    return f"{store['name']}_{check_display_name(display_name)}_{kind}"
 
 
 def backend_dict_to_qiskit(store: Storage, backend_config_info: Any) -> BackendDict:
@@ -2072,7 +2104,7 @@ def backend_dict_to_qiskit(store: Storage, backend_config_info: Any) -> BackendD
     Raises:
         InvalidDocumentError: *backend_config_info* is not a valid configuration.
     """
-    _check_handle(store)
+    check_handle(store)
     return _backend_dict(
         store["name"], _coerce(backend_config_info, BackendConfig, "backend_config_info")
     )
@@ -2092,7 +2124,7 @@ def backend_dict_to_qiskit_status(
     Raises:
         InvalidDocumentError: *backend_dict* is not a valid configuration.
     """
-    _check_handle(store)
+    check_handle(store)
     cfg = _coerce(backend_dict, BackendConfig, "backend_dict")
     return BackendStatus(
         backend_name=_long_backend_name(store["name"], cfg),
@@ -2144,7 +2176,7 @@ def get_attribute_path(
     >>> get_attribute_path(memory_storage(), "queue", "sim")
     'jobs/queued/sim'
     """
-    _check_handle(store)
+    check_handle(store)
     layout = store["layout"]
     field = _ATTRIBUTE_PATHS.get(attribute_name)
     if field is None:
@@ -2152,7 +2184,7 @@ def get_attribute_path(
             f"attribute {attribute_name!r} has no folder: use one of {sorted(_ATTRIBUTE_PATHS)}"
         )
     template = getattr(layout, field)
-    dn = _check_display_name(display_name) if "{display_name}" in template else ""
+    dn = check_display_name(display_name) if "{display_name}" in template else ""
     if "{username}" not in template:
         return _fill(template, dn)
     if job_id is not None:
@@ -2178,14 +2210,14 @@ def get_attribute_id(
     >>> get_attribute_id(memory_storage(layout=DROPBOX_LAYOUT), "status", "j1")
     'status-j1'
     """
-    _check_handle(store)
+    check_handle(store)
     field = _ATTRIBUTE_IDS.get(attribute_name)
     if field is None:
         raise InvalidNameError(
             f"attribute {attribute_name!r} has no id: use one of {sorted(_ATTRIBUTE_IDS)}"
         )
     if attribute_name == "configs":
-        return _fill(getattr(store["layout"], field), _check_display_name(display_name))
+        return _fill(getattr(store["layout"], field), check_display_name(display_name))
     return _fill(getattr(store["layout"], field), job_id=check_name(job_id, "job_id"))
 
 
@@ -2198,7 +2230,7 @@ def get_file_queue(store: Storage, storage_path: str) -> list[str]:
     Raises:
         InvalidNameError: *storage_path* is not a safe folder path.
     """
-    _check_handle(store)
+    check_handle(store)
     path = storage_path.strip("/") if isinstance(storage_path, str) else storage_path
     return _in_order(store["list"](_check_path(path)))
 
@@ -2216,8 +2248,8 @@ def create_job_id(store: Storage, display_name: str, username: str) -> str:
     Raises:
         InvalidNameError: bad display name or username (a dated id's username has no ``-``).
     """
-    _check_handle(store)
-    _check_display_name(display_name)
+    check_handle(store)
+    check_display_name(display_name)
     check_name(username, "username")
     if store["layout"].job_ids == "dated" and "-" in username:
         raise InvalidNameError(f"invalid username {username!r}: dated job ids need one without '-'")
@@ -2257,7 +2289,7 @@ def upload_job(
         TransientError: another submit with *client_token* is between its two
             writes (try again).
     """
-    _check_handle(store)
+    check_handle(store)
     if not isinstance(job_dict, dict):
         raise InvalidDocumentError(f"job_dict must be a JSON object, not {type(job_dict).__name__}")
     if client_token is not None:
@@ -2289,7 +2321,7 @@ def get_job(store: Storage, storage_path: str, job_id: str) -> Doc:
         NotFoundError: no such job there, or no such job or folder can exist.
         InvalidDocumentError: the stored job is not a JSON object.
     """
-    _check_handle(store)
+    check_handle(store)
     _check_path(storage_path)
     doc_id = _fill(store["layout"].job_file, job_id=check_name(job_id, "job_id"))
     return _read(store, storage_path, doc_id)
@@ -2367,7 +2399,7 @@ def _submit_once(
     thread) or dead (the token is older than ``_TOKEN_STALE``).
     """
     layout = store["layout"]
-    folder = _token_folder(layout, _check_display_name(display_name))
+    folder = _token_folder(layout, check_display_name(display_name))
     check_name(client_token, "client_token")
     digest, me = _job_digest(job), _submit_holder()
     for _ in range(5):
@@ -2518,7 +2550,7 @@ def locate_job(store: Storage, display_name: str, job_id: str) -> str | None:
     file_id = _fill(layout.job_file, job_id=job_id)
     for kind in ("running", "queued", "finished", "deleted"):
         folder = _job_fill(layout, getattr(layout, kind), display_name, job_id)
-        if _exists(store, folder, file_id):
+        if is_stored(store, folder, file_id):
             return kind
     return None
 
@@ -2558,9 +2590,9 @@ def claim_jobs(
     Raises:
         NotFoundError: the backend has no configuration.
     """
-    _check_handle(store)
+    check_handle(store)
     layout = store["layout"]
-    queue = _fill(layout.queued, _check_display_name(display_name))
+    queue = _fill(layout.queued, check_display_name(display_name))
     holder = policy.holder or _default_holder()
     lease_seconds, skew = policy.lease_seconds, policy.skew
     next_beat = -math.inf
@@ -2659,7 +2691,7 @@ def _claim_one(
         found = _lease_at(store, job_id)  # released by a requeue, or its claimer died
         if found is None or not (_expired(found[1], now, skew) or found[1].holder == _ORPHAN):
             return None  # another worker holds it (an adopted job back in the queue has none)
-        if _exists(store, layout.running, file_id):
+        if is_stored(store, layout.running, file_id):
             return None  # a requeue's move is half done (MongoDB): the sweep completes it
         taken = attrs.evolve(fresh, attempts=found[1].attempts + 1)
         taken_doc = _lease_doc(found[0], taken)
@@ -2840,7 +2872,7 @@ def renew_lease(
         LeaseLostError: the lease is gone, held by another worker, or changed
             meanwhile (e.g. requeued by a sweep that found it expired).
     """
-    _check_handle(store)
+    check_handle(store)
     holder = policy.holder or _default_holder()
     found = _lease_at(store, check_name(job_id, "job_id"))
     if found is None or found[1].holder != holder:
@@ -2883,9 +2915,9 @@ def requeue_expired(
     Returns:
         The ids of the requeued jobs, in lease order.
     """
-    _check_handle(store)
+    check_handle(store)
     if display_name is not None:
-        _check_display_name(display_name)
+        check_display_name(display_name)
     layout = store["layout"]
     requeued: list[str] = []
     current = now()
@@ -2929,7 +2961,7 @@ def _adopt(store: Storage, display_name: str | None, job_id: str, expires: float
     check_name(job_id, "job_id")
     names = [display_name] if display_name is not None else get_backends(store)
     owners = [dn for dn in names if _owner(store, dn, job_id)]
-    if len(owners) != 1 or not _exists(
+    if len(owners) != 1 or not is_stored(
         store, layout.running, _fill(layout.job_file, job_id=job_id)
     ):
         return
@@ -2961,7 +2993,7 @@ def _sweep_lease(
     if lease.finish is not None and not (
         where == "running"
         and payload_of(lease.finish).get("status") == "DONE"
-        and not _exists(store, *_result_location(store, dn, job_id))
+        and not is_stored(store, *_result_location(store, dn, job_id))
     ):
         _close(store, found, dn, job_id, lease.finish)  # its worker died while finishing it
         return False
@@ -3017,8 +3049,8 @@ def running_jobs(store: Storage, display_name: str) -> dict[str, Lease | None]:
     Raises:
         InvalidNameError: bad display name.
     """
-    _check_handle(store)
-    _check_display_name(display_name)
+    check_handle(store)
+    check_display_name(display_name)
     layout = store["layout"]
     found: dict[str, Lease | None] = {}
     for file_id in store["list"](layout.running):
@@ -3041,7 +3073,7 @@ def _owner(store: Storage, display_name: str, job_id: str) -> bool:
     if store["layout"].job_ids == "dated" and len(parts := job_id.split("-")) == 4:
         return parts[1] == display_name
     try:
-        return _exists(store, *_status_location(store, display_name, None, job_id))
+        return is_stored(store, *_status_location(store, display_name, None, job_id))
     except InvalidNameError:
         return False
 
@@ -3073,8 +3105,8 @@ def requeue_job(
         NotFoundError: the job is not a running job of *display_name*.
         InvalidNameError: bad display name or job id.
     """
-    _check_handle(store)
-    _check_display_name(display_name)
+    check_handle(store)
+    check_display_name(display_name)
     check_name(job_id, "job_id")
     layout = store["layout"]
     for _ in range(5):  # a lease that changes meanwhile (a renewal, a sweep) is read again
@@ -3082,7 +3114,7 @@ def requeue_job(
         if found is None or found[1].display_name != display_name:
             if found is not None or not _owner(store, display_name, job_id):
                 raise NotFoundError(f"job {job_id} is not a job of backend {display_name!r}")
-            if not _exists(store, layout.running, _fill(layout.job_file, job_id=job_id)):
+            if not is_stored(store, layout.running, _fill(layout.job_file, job_id=job_id)):
                 raise NotFoundError(f"job {job_id} of backend {display_name!r} is not running")
             _adopt(store, display_name, job_id, now())
             continue
@@ -3133,7 +3165,7 @@ def _cancelled_before(job_id: str, username: str) -> Doc:
 
 def _check_job_names(store: Storage, display_name: str, username: str, job_id: str) -> str:
     """Check the names of a job; a dated job id must name this backend and this user."""
-    _check_display_name(display_name)
+    check_display_name(display_name)
     check_name(username, "username")
     check_name(job_id, "job_id")
     parts = job_id.split("-")
@@ -3177,7 +3209,7 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
         NotFoundError: the backend has no such job (or a dated id names another
             backend or user).
     """
-    _check_handle(store)
+    check_handle(store)
     _check_job_names(store, display_name, username, job_id)
     layout = store["layout"]
     where = _find_job(store, display_name, job_id)
@@ -3232,7 +3264,7 @@ def cancel_requested(store: Storage, job_id: str) -> str | None:
     Raises:
         NotFoundError: *job_id* cannot be a job id.
     """
-    _check_handle(store)
+    check_handle(store)
     path, doc_id = _cancel_location(store, job_id)
     try:
         doc = _read(store, path, doc_id)
@@ -3298,7 +3330,7 @@ def _close(
     try:
         store["move"](layout.running, target, file_id)
     except NotFoundError:
-        if not _exists(store, target, file_id):  # not finished by an earlier run of this step
+        if not is_stored(store, target, file_id):  # not finished by an earlier run of this step
             raise NotFoundError(
                 f"job {job_id} is neither in {layout.running} nor in {target}"
             ) from None
@@ -3374,7 +3406,7 @@ def update_in_database(
             another worker finished the job already.
         NotFoundError: the job is neither running nor already finished.
     """
-    _check_handle(store)
+    check_handle(store)
     layout = store["layout"]
     status = _coerce(status_msg_dict, StatusMsg, "status_msg_dict")
     file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
@@ -3387,17 +3419,17 @@ def update_in_database(
     status_doc = _finished_at(to_doc(status), now())
     status_doc = status_doc if sign is None else sign(status_doc)
     if status.status not in ("DONE", "ERROR"):  # progress: the job keeps running and its lease
-        if lease_at is None and not _exists(store, layout.running, file_id):
+        if lease_at is None and not is_stored(store, layout.running, file_id):
             raise NotFoundError(f"job {job_id} is not in {layout.running}")
         _put_status(store, display_name, None, job_id, status_doc)
         return
-    if lease_at is None and not _exists(store, layout.running, file_id):
+    if lease_at is None and not is_stored(store, layout.running, file_id):
         # Finished already?  The status is read before the job is looked for: `prune`
         # removes a job before its status, so a job found after is not being removed.
         finished = _final_status(store, display_name, job_id)
         target = layout.finished if status.status == "DONE" else layout.deleted
         target = _job_fill(layout, target, display_name, job_id)
-        if not _exists(store, target, file_id):
+        if not is_stored(store, target, file_id):
             raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
         if finished is not None:  # that finish stands
             if {**finished, "finished_at": None} != {**to_doc(status), "finished_at": None}:
@@ -3407,7 +3439,7 @@ def update_in_database(
     if (
         recorded is not None
         and payload_of(recorded).get("status") != status.status
-        and not _exists(store, layout.running, file_id)
+        and not is_stored(store, layout.running, file_id)
     ):  # an earlier run of this step moved the job already: its outcome stands
         _close(store, lease_at, display_name, job_id, recorded)
         raise InvalidDocumentError(
@@ -3467,7 +3499,7 @@ def upload_result(
         BadSignatureError: the backend signs and no valid private key was given.
         NotFoundError: the backend has no configuration.
     """
-    _check_handle(store)
+    check_handle(store)
     path, doc_id = _result_location(store, display_name, job_id)
     cfg = get_config(store, display_name)
     sign = _backend_signer(store, cfg, private_jwk)
@@ -3504,7 +3536,7 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
         NotFoundError: the backend has no configuration, or a name given cannot
             exist (the message says which and why).
     """
-    _check_handle(store)
+    check_handle(store)
     check_name(username, "username")
     path, doc_id = _result_location(store, display_name, job_id)
     raw: Doc | None = None
@@ -3557,7 +3589,7 @@ def verify_result(
             a name given cannot exist.
         InvalidDocumentError: the stored result is not JSON.
     """
-    _check_handle(store)
+    check_handle(store)
     path, doc_id = _result_location(store, display_name, job_id)
     try:
         raw = _read(store, path, doc_id)
@@ -3599,7 +3631,7 @@ def verify_job(store: Storage, display_name: str, username: str, job_id: str) ->
             missing, or a name given cannot exist.
         InvalidDocumentError: the stored job or result is not JSON.
     """
-    _check_handle(store)
+    check_handle(store)
     _check_job_names(store, display_name, username, job_id)
     layout = store["layout"]
     where = _find_job(store, display_name, job_id)
@@ -3637,7 +3669,7 @@ def upload_status(
         InvalidNameError: bad display name, username or job id.
         NotFoundError: the backend has no configuration.
     """
-    _check_handle(store)
+    check_handle(store)
     path, doc_id = _status_location(store, display_name, username, job_id)
     sign = _backend_signer(store, _read_config(store, display_name)[1], private_jwk)
     status = StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
@@ -3654,7 +3686,7 @@ def get_status(store: Storage, display_name: str, username: str, job_id: str) ->
         InvalidDocumentError: the stored status is malformed.
         NotFoundError: a name given cannot exist (the message says which and why).
     """
-    _check_handle(store)
+    check_handle(store)
     path, doc_id = _status_location(store, display_name, username, job_id)
     try:
         raw = _read(store, path, doc_id)
@@ -3689,7 +3721,7 @@ def upload_public_key(
         NotFoundError: a backend's key, and the backend has no configuration.
         ValueError: *role* is neither ``"backend"`` nor ``"user"``.
     """
-    _check_handle(store)
+    check_handle(store)
     _key_folder(store, role)
     key = _coerce(public_jwk, JWK, "public_jwk")
     if key.key_ops != "verify" or key.d is not None:
@@ -3730,7 +3762,7 @@ def get_public_key_from_kid(store: Storage, kid: str, role: str = "backend") -> 
         InvalidDocumentError: the stored key is malformed.
         ValueError: *role* is neither ``"backend"`` nor ``"user"``.
     """
-    _check_handle(store)
+    check_handle(store)
     folder = _key_folder(store, role)
     return from_doc(_read(store, folder, check_name(kid, "kid")), JWK, where=f"{folder}/{kid}")
 
@@ -3743,7 +3775,7 @@ def get_public_key(store: Storage, display_name: str) -> JWK:
         NotFoundError: no config, no kid in it, no key under that kid, or
             *display_name* cannot be a backend's.
     """
-    _check_handle(store)
+    check_handle(store)
     return get_public_key_from_kid(store, _config_kid(store, display_name))
 
 
@@ -3843,8 +3875,8 @@ def prune(
         InvalidNameError: bad display name.
         ValueError: *older_than* is negative, or *keep_results* is less than it.
     """
-    _check_handle(store)
-    _check_display_name(display_name)
+    check_handle(store)
+    check_display_name(display_name)
     if not isinstance(older_than, (int, float)) or not older_than >= 0:
         raise ValueError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
     keep = older_than if keep_results is None else keep_results
@@ -3857,7 +3889,7 @@ def prune(
     def remove(kind: str, name: str, path: str, doc_id: str) -> None:
         try:
             if dry_run:
-                if not _exists(store, path, doc_id):
+                if not is_stored(store, path, doc_id):
                     return
             else:
                 store["delete"](path, doc_id)
@@ -3947,7 +3979,7 @@ def queue_stats(
     Raises:
         NotFoundError: the backend has no configuration.
     """
-    _check_handle(store)
+    check_handle(store)
     get_config(store, display_name)
     layout, current, lease_seconds = store["layout"], now(), policy.lease_seconds
     known = {} if known is None else known
@@ -5594,7 +5626,7 @@ def wrap_ops(
     >>> store["list"]("jobs/running"), seen
     ([], ['list'])
     """
-    _check_handle(store)
+    check_handle(store)
     wrapped = {op: functools.wraps(store[op])(wrap(op, store[op])) for op in only}  # type: ignore[literal-required]
     return cast(Storage, {**store, **wrapped})
 
@@ -5937,8 +5969,8 @@ def work(
     if not stores:
         raise ValueError("work needs at least one store")
     for store in stores:
-        _check_handle(store)
-    _check_display_name(display_name)
+        check_handle(store)
+    check_display_name(display_name)
     for store in stores:  # a wrong or missing key fails now, not at every claim
         try:
             cfg = get_config(store, display_name)
@@ -5948,9 +5980,9 @@ def work(
             raise BadSignatureError(
                 f"backend {display_name!r} on {store['name']} signs: work needs its private key"
             )
-        _backend_signer(store, cfg, private_jwk)
+        if cfg.sign and private_jwk is not None:
+            check_signing_key(store, cfg, private_jwk)
     stop = stop or threading.Event()
-    policy = attrs.evolve(policy, holder=policy.holder or _default_holder())
     say = _reporter(log, logger)
     names = [store["name"] for store in stores]  # numbered where they repeat: local1, local2
     labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
@@ -6061,7 +6093,7 @@ def _work_one(
     start = time.perf_counter()
     try:
         result = _run_executor(executor, job, job_id, display_name, cancel)
-        status = StatusMsg(job_id, "DONE", "The job is done.", _NONE)
+        status = StatusMsg(job_id, "DONE", "The job is done.", "None")  # sqooler's "no error"
     except Exception as exc:
         result = None
         status = StatusMsg(job_id, "ERROR", "The executor failed.", f"{type(exc).__name__}: {exc}")
@@ -6178,8 +6210,8 @@ def copy_storage(
     Raises:
         ValueError: the two layouts disagree on which folders are per backend.
     """
-    _check_handle(src)
-    _check_handle(dst)
+    check_handle(src)
+    check_handle(dst)
     layouts = src_layout, dst_layout = src["layout"], dst["layout"]
     for _, place in _COPY_PLACES:
         per_backend = ["{display_name}" in _folder_template(lay, place) for lay in layouts]
@@ -6389,7 +6421,7 @@ def _job_status(store: Storage, args: argparse.Namespace) -> StatusMsg:
     """The status of the job the command names, which must exist."""
     _backend(store, args.storage, args.display_name)
     status = get_status(store, args.display_name, args.username, args.job_id)
-    if not _exists(
+    if not is_stored(
         store, *locate(store["layout"], "status", args.display_name, args.username, args.job_id)
     ):
         raise _UserError(
@@ -6537,7 +6569,7 @@ def _cmd_status(store: Storage, args: argparse.Namespace) -> int:
 def _cmd_result(store: Storage, args: argparse.Namespace) -> int:
     _backend(store, args.storage, args.display_name)
     check_name(args.job_id, "job_id")
-    if not _exists(
+    if not is_stored(
         store, *locate(store["layout"], "result", args.display_name, job_id=args.job_id)
     ):
         status = _job_status(store, args)
@@ -6571,7 +6603,7 @@ def _cmd_verify(store: Storage, args: argparse.Namespace) -> int:
 
 def _refuse_without_result(store: Storage, args: argparse.Namespace) -> None:
     """Say why there is nothing to verify when the job has no result (or no job is there)."""
-    if _exists(store, *locate(store["layout"], "result", args.display_name, job_id=args.job_id)):
+    if is_stored(store, *locate(store["layout"], "result", args.display_name, job_id=args.job_id)):
         return
     where = locate_job(store, args.display_name, args.job_id)
     if where is None:
@@ -7004,9 +7036,10 @@ def _load_executor(spec: str) -> Callable[[Doc, str, str], Any]:
 def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     import logging
     import signal
+    import socket
 
     assert store is not None
-    holder = _default_holder()
+    holder = f"{socket.gethostname()}:{os.getpid()}"  # LeasePolicy's holder=None, named
     policy = _policy(args, holder)
     if min(args.heartbeat, args.poll) <= 0 or (args.max_jobs or 1) < 1:
         raise _UserError("--heartbeat, --poll and --max-jobs must be positive")

@@ -1721,13 +1721,18 @@ def jobs_in(store: Storage, kind: str, job_id: str = "") -> list[str]:
 
 def finish(store: Storage, display_name: str, key: Any = None) -> list[str]:
     """Run Bob until the queue is empty; return the job ids in the order claimed."""
-    done = []
-    while (claimed := sqstore.claim_job(store, display_name, key)) is not None:
-        nxt, job = claimed
-        result = sqstore.run_simulator(job, nxt.job_id, display_name)
-        status = sqstore.StatusMsg(nxt.job_id, "DONE", "ok", "None")
-        sqstore.update_in_database(store, result, status, nxt.job_id, display_name, key)
-        done.append(nxt.job_id)
+    done: list[str] = []
+    lines: list[str] = []
+
+    def bob(job: dict[str, Any], job_id: str, dn: str) -> Any:
+        done.append(job_id)
+        return sqstore.run_simulator(job, job_id, dn)
+
+    finished = sqstore.work([store], display_name, bob, key, burst=True, log=lines.append)
+    assert finished == len(done) == len(lines), lines  # each claimed job finished, no error
+    assert all(f" {job_id} DONE in " in line for job_id, line in zip(done, lines, strict=True)), (
+        lines
+    )
     return done
 
 
@@ -9939,15 +9944,14 @@ def test_parse_jwk_reads_both_forms_and_never_shows_the_key() -> None:
 
 # The library's private names that the programs use, and why no public name does it.
 PROGRAMS_PRIVATE_NAMES = {
-    # work() and its per-job step: the checks and defaults the operations make, the cancel
-    # status, and whether an executor's result can be stored at all
-    *("_check_handle", "_check_display_name", "_backend_signer", "_default_holder", "_NONE"),
-    *("_forget_cancel", "_cancelled", "_coerce", "_json_bytes"),
+    # work()'s per-job step: the status of a job cancelled while running (the one wording of
+    # a cancel), dropping the cancel request it honoured, and whether an executor's result can
+    # be stored at all (the strict coercion and JSON encoding that the finish applies)
+    *("_cancelled", "_forget_cancel", "_coerce", "_json_bytes"),
     # copy_storage: which folders are per backend or per user (`locate` fills them in)
     "_folder_template",
-    # the command line: a URL's directory, whether a status or result is stored (a read
-    # returns sqooler's answer for a missing one), a user's JSON file read strictly
-    *("_local_root", "_exists", "_loads"),
+    # the command line: a URL's directory, a user's JSON file read strictly
+    *("_local_root", "_loads"),
     # the bench: a Dropbox client of its own that counts requests; the floor's create-only
     # rename; the signing input under verify_result, to time the bare verify
     *("_dropbox_credentials", "_renameat2_noreplace", "_signing_input", "_open_signed"),
@@ -9999,6 +10003,61 @@ def test_the_tests_use_public_names_only_but_a_listed_few() -> None:
         and not node.attr.startswith("__")
     }
     assert named == PRIVATE_NAMES_TESTED
+
+
+# ============================================================================
+# Programs on public names
+# ============================================================================
+def test_check_handle_refuses_what_is_not_a_storage_handle() -> None:
+    """check_handle accepts a storage handle and raises TypeError, naming the missing
+    operations, for anything else."""
+    sqstore.check_handle(sqstore.memory_storage())
+    with pytest.raises(TypeError, match=r"missing keys: \['delete'"):
+        sqstore.check_handle({"upload": print})
+    with pytest.raises(TypeError, match="not a sqstore storage handle"):
+        sqstore.check_handle("memory://")
+
+
+def test_check_display_name_returns_a_backend_name_or_refuses_it() -> None:
+    """check_display_name returns a backend name of 1 to 64 of a-z and 0-9 and raises
+    InvalidNameError for any other value, a job id's characters included."""
+    assert sqstore.check_display_name("sim2") == "sim2"
+    for bad in ("Sim", "sim-2", "", "a" * 65, None, "../sim"):
+        with pytest.raises(sqstore.InvalidNameError, match="display_name"):
+            sqstore.check_display_name(bad)
+    assert sqstore.check_name("sim-2", "display_name") == "sim-2"  # the general rule is wider
+
+
+def test_is_stored_tells_a_stored_document_from_a_missing_one(store: Storage) -> None:
+    """is_stored says whether a document is stored, where get_status answers a missing status
+    with sqooler's ERROR status; it raises InvalidNameError for a name no document can have."""
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    folder, doc_id = sqstore.locate(store["layout"], "status", "sim", "alice", job_id)
+    assert not sqstore.is_stored(store, folder, doc_id)
+    assert sqstore.get_status(store, "sim", "alice", job_id).status == "ERROR"
+    sqstore.upload_status(store, "sim", "alice", job_id)
+    assert sqstore.is_stored(store, folder, doc_id)
+    with pytest.raises(sqstore.InvalidNameError):
+        sqstore.is_stored(store, folder, "../x")
+
+
+@pytest.mark.usefixtures("configured")
+def test_work_holds_its_jobs_as_this_process(store: Storage) -> None:
+    """work with no holder in its policy holds each job as this process, ``host:pid``, as
+    LeasePolicy documents for holder=None."""
+    import socket
+
+    sqstore.upload_job(store, JOB, "sim", "alice")
+    holders: list[str | None] = []
+
+    def look(job: dict[str, Any], job_id: str, dn: str) -> Any:
+        lease = sqstore.running_jobs(store, dn)[job_id]
+        holders.append(lease.holder if lease is not None else None)
+        return sqstore.run_simulator(job, job_id, dn)
+
+    assert sqstore.work([store], "sim", look, burst=True, log=lambda line: None) == 1
+    assert holders == [f"{socket.gethostname()}:{os.getpid()}"]
 
 
 # ============================================================================
