@@ -645,20 +645,23 @@ class QueueStats:
     median_seconds_to_done: float | None
 
 
+_MAX_SECONDS = 1e9
+"""The longest time a `LeasePolicy` takes (31 years): beyond it, timers and clocks overflow."""
+
+
 def _seconds(*, zero: bool) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    """An attrs validator: a finite number of seconds, > 0 (or >= 0 if *zero*)."""
-    rule = "finite and not negative" if zero else "positive and finite"
+    """An attrs validator: seconds from 0.001 (or 0 if *zero*) to ``_MAX_SECONDS``."""
+    least = 0.0 if zero else 0.001
+    rule = f"{'0' if zero else '0.001'} to {_MAX_SECONDS:g} (seconds)"
 
     def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-            or (value == 0 and not zero)
+            or not least <= value <= _MAX_SECONDS  # also NaN; an int of any size compares
         ):
             name = f"{type(instance).__name__}.{attribute.name}"
-            raise ValueError(f"{name} must be {rule} (seconds), not {value!r}")
+            raise ValueError(f"{name} must be {rule}, not {value!r}")
 
     return check
 
@@ -670,9 +673,11 @@ def _check_attempts(instance: Any, attribute: attrs.Attribute[Any], value: Any) 
 
 
 def _check_holder(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
+    if value is not None and (not isinstance(value, str) or not value or value == _ORPHAN):
         name = f"{type(instance).__name__}.{attribute.name}"
-        raise ValueError(f"{name} must be None or a non-empty string, not {value!r}")
+        raise ValueError(
+            f"{name} must be None or a non-empty string but {_ORPHAN!r}, not {value!r}"
+        )
 
 
 @attrs.frozen
@@ -680,7 +685,8 @@ class LeasePolicy:
     """How a worker holds the jobs it claims, and how a sweep judges the leases of others.
 
     One value passed as ``policy=`` to the claim, lease, sweep and finish
-    operations and to the worker loop, so that a worker says it once.  A bad value is a
+    operations and to the worker loop, so that a worker says it once.  Times are
+    seconds, from 0.001 (0 for *heartbeat* and *skew*) to 1e9; a bad value is a
     `ValueError` that names the field.
 
     Attributes:
@@ -2546,8 +2552,9 @@ def locate_job(store: Storage, display_name: str, job_id: str) -> str | None:
     Raises:
         InvalidNameError: *display_name* or *job_id* cannot be a name.
     """
+    check_display_name(display_name)
     layout = store["layout"]
-    file_id = _fill(layout.job_file, job_id=job_id)
+    file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
     for kind in ("running", "queued", "finished", "deleted"):
         folder = _job_fill(layout, getattr(layout, kind), display_name, job_id)
         if is_stored(store, folder, file_id):
@@ -5618,6 +5625,7 @@ def wrap_ops(
 
     Raises:
         TypeError: *store* is not a storage handle.
+        ValueError: *only* names something that is not one of the seven verbs.
 
     >>> seen = []
     >>> def spy(op, fn):
@@ -5627,6 +5635,8 @@ def wrap_ops(
     ([], ['list'])
     """
     check_handle(store)
+    if isinstance(only, str) or not set(only) <= set(_OPS):
+        raise ValueError(f"only= takes verbs of {' '.join(_OPS)}, not {only!r}")
     wrapped = {op: functools.wraps(store[op])(wrap(op, store[op])) for op in only}  # type: ignore[literal-required]
     return cast(Storage, {**store, **wrapped})
 
@@ -6741,6 +6751,30 @@ def _policy(args: argparse.Namespace, holder: str | None = None) -> LeasePolicy:
         field = text.split(" ", 1)[0]
         option = "--" + _POLICY_OPTIONS.get(field, field).replace("_", "-")
         raise _UserError(option + text.removeprefix(field)) from None
+
+
+_POLICY_HELP = {
+    "lease": (DEFAULT_LEASE, "seconds a claim lasts unless renewed; a running job found without"
+              " a lease gets as long"),
+    "heartbeat": (DEFAULT_HEARTBEAT, "seconds between liveness writes and sweeps"),
+    "skew": (DEFAULT_SKEW, "seconds past its time before a lease counts as expired (the clock"
+             " difference between workers tolerated)"),
+    "max_attempts": (DEFAULT_MAX_ATTEMPTS, "claims after which a job whose worker keeps dying is"
+                     " given up"),
+}  # fmt: skip
+
+
+def _policy_options(parser: argparse.ArgumentParser, *options: str) -> None:
+    """Add these lease options (keys of ``_POLICY_HELP``) to a command, as `_policy` reads them."""
+    for option in options:
+        default, text = _POLICY_HELP[option]
+        parser.add_argument(
+            "--" + option.replace("_", "-"),
+            type=type(default),
+            default=default,
+            metavar="N" if isinstance(default, int) else "SECONDS",
+            help=f"{text} (default {default:g})",
+        )
 
 
 def _cmd_running(store: Storage, args: argparse.Namespace) -> int:
@@ -7887,19 +7921,11 @@ def _parser() -> argparse.ArgumentParser:
         "--also", metavar="URL", action="append", default=[],
         help="another storage to serve, in turn with --storage (repeatable)",
     )  # fmt: skip
-    for flag, default, text in (
-        ("--lease", DEFAULT_LEASE, "seconds a claim lasts unless renewed"),
-        ("--heartbeat", DEFAULT_HEARTBEAT, "seconds between liveness writes and requeues"),
-        ("--poll", 1.0, "seconds to wait when every queue is empty"),
-        ("--skew", DEFAULT_SKEW, "seconds of clock difference between workers tolerated"),
-    ):
-        work_.add_argument(
-            flag,
-            type=float,
-            default=default,
-            metavar="SECONDS",
-            help=f"{text} (default {default:g})",
-        )
+    _policy_options(work_, "lease", "heartbeat", "skew", "max_attempts")
+    work_.add_argument(
+        "--poll", type=float, default=1.0, metavar="SECONDS",
+        help="seconds to wait when every queue is empty (default 1)",
+    )  # fmt: skip
     work_.add_argument("--max-jobs", type=int, metavar="N", help="stop after this many jobs")
     work_.add_argument(
         "--burst", action="store_true",
@@ -7910,11 +7936,6 @@ def _parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log every storage operation too"
     )
     loud.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    work_.add_argument(
-        "--max-attempts", type=int, metavar="N", default=DEFAULT_MAX_ATTEMPTS,
-        help="claims after which a job whose worker keeps dying is given up "
-        f"(default {DEFAULT_MAX_ATTEMPTS})",
-    )  # fmt: skip
     command("backends", _cmd_backends, "list backends with their status")
     queue = command("queue", _cmd_queue, "list a backend's queued job ids, oldest first")
     queue.add_argument("display_name")
@@ -7934,10 +7955,7 @@ def _parser() -> argparse.ArgumentParser:
         "(past its time, within the skew) or expired (a sweep takes it back)",
     )  # fmt: skip
     running.add_argument("display_name")
-    running.add_argument(
-        "--skew", type=float, default=DEFAULT_SKEW, metavar="SECONDS",
-        help=f"seconds past its time before a lease counts as expired (default {DEFAULT_SKEW:g})",
-    )  # fmt: skip
+    _policy_options(running, "skew")
     requeue = command(
         "requeue", _cmd_requeue,
         "put a running job back in its queue now (a dead worker's); without JOB_ID, "
@@ -7946,10 +7964,7 @@ def _parser() -> argparse.ArgumentParser:
     requeue.add_argument("display_name")
     requeue.add_argument("job_id", nargs="?")
     requeue.add_argument("--key", metavar="FILE", help="to sign a status, when the backend signs")
-    requeue.add_argument(
-        "--skew", type=float, default=DEFAULT_SKEW, metavar="SECONDS",
-        help=f"seconds past its time before a lease counts as expired (default {DEFAULT_SKEW:g})",
-    )  # fmt: skip
+    _policy_options(requeue, "lease", "skew", "max_attempts")
     prune_ = command("prune", _cmd_prune, "remove a backend's jobs that finished long ago")
     prune_.add_argument("display_name")
     prune_.add_argument(

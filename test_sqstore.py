@@ -7582,12 +7582,24 @@ def test_claim_jobs_reports_what_its_heartbeat_sweep_requeued(store: Storage) ->
         ("lease_seconds", float("nan")), ("lease_seconds", "60"), ("heartbeat", -1),
         ("heartbeat", float("inf")), ("skew", -1), ("skew", float("nan")), ("skew", True),
         ("max_attempts", 0), ("max_attempts", 2.5), ("holder", ""), ("holder", 7),
+        ("lease_seconds", 1e308), ("lease_seconds", 10**400), ("lease_seconds", 5e-324),
+        ("heartbeat", 10**400), ("skew", 10**400), ("holder", "(no lease)"),
     ],
 )  # fmt: skip
 def test_a_lease_policy_refuses_a_bad_value_by_name(field: str, value: Any) -> None:
     """A LeasePolicy with a bad value is a ValueError that names the field."""
     with pytest.raises(ValueError, match=rf"^LeasePolicy\.{field} "):
         sqstore.LeasePolicy(**{field: value})
+
+
+def test_locate_job_and_wrap_ops_refuse_what_cannot_be_meant(store: Storage) -> None:
+    """locate_job checks its names as its siblings do; wrap_ops takes only verbs."""
+    for display_name, job_id in (("SIM", "abc"), (None, "abc"), ("sim", 5), ("sim", None)):
+        with pytest.raises(sqstore.InvalidNameError):
+            sqstore.locate_job(store, display_name, job_id)  # type: ignore[arg-type]
+    for only in ("list", ("layout",), ("bogus",)):
+        with pytest.raises(ValueError, match="verbs"):
+            sqstore.wrap_ops(store, lambda op, fn: fn, only)
 
 
 def test_a_lease_policy_defaults_to_the_documented_constants() -> None:
@@ -7629,10 +7641,11 @@ def test_the_lease_keywords_are_said_once_in_a_policy() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["running", "sim", "--skew", "-1"], "--skew must be finite and not negative"),
-        (["requeue", "sim", "--skew", "nan"], "--skew must be finite and not negative"),
-        (["work", "sim", "--lease", "0"], "--lease must be positive and finite"),
-        (["work", "sim", "--heartbeat", "inf"], "--heartbeat must be finite and not negative"),
+        (["running", "sim", "--skew", "-1"], "--skew must be 0 to 1e+09 (seconds)"),
+        (["requeue", "sim", "--skew", "nan"], "--skew must be 0 to 1e+09 (seconds)"),
+        (["requeue", "sim", "--lease", "1e10"], "--lease must be 0.001 to 1e+09 (seconds)"),
+        (["work", "sim", "--lease", "0"], "--lease must be 0.001 to 1e+09 (seconds)"),
+        (["work", "sim", "--heartbeat", "inf"], "--heartbeat must be 0 to 1e+09 (seconds)"),
         (["work", "sim", "--max-attempts", "0"], "--max-attempts must be a positive int"),
     ],
 )
@@ -7646,6 +7659,35 @@ def test_the_cli_refuses_a_bad_lease_option_by_its_flag(
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith(f"sqstore: error: {message}"), proc.stderr
     assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sqstore_requeue_gives_up_a_job_after_the_fleets_max_attempts(tmp_path: Path) -> None:
+    """``sqstore requeue --max-attempts N`` judges claims as a fleet run with that policy does:
+    a job claimed four times by workers that died is requeued under 10, and at its fifth
+    claim given up under the default 3."""
+    store = sqstore.local_storage(tmp_path)
+    sqstore.upload_config(store, sqstore.demo_config("sim"), "sim")
+    job_id = sqstore.upload_job(store, JOB, "sim", "alice")
+    fleet = sqstore.LeasePolicy(holder="dead:1", lease_seconds=1, skew=0, max_attempts=10)
+    past = time.time() - 1000  # the command judges leases by the real clock
+    for attempt in range(3):  # three workers die holding it
+        at = past + 10 * attempt
+        assert sqstore.claim_job(store, "sim", policy=fleet, now=functools.partial(float, at))
+        assert sqstore.requeue_expired(
+            store, "sim", policy=fleet, now=functools.partial(float, at + 5)
+        ) == [job_id]
+    assert sqstore.claim_job(store, "sim", policy=fleet, now=functools.partial(float, past + 30))
+    patient = sqstore_cli(
+        "--storage", str(tmp_path), "requeue", "sim", "--skew", "0", "--max-attempts", "10",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert patient.returncode == 0 and patient.stdout.split() == [job_id], patient.stderr
+    assert sqstore.locate_job(store, "sim", job_id) == "queued"
+    assert sqstore.claim_job(store, "sim", policy=fleet, now=functools.partial(float, past + 40))
+    strict = sqstore_cli("--storage", str(tmp_path), "requeue", "sim", "--skew", "0", cwd=tmp_path)
+    assert strict.returncode == 0 and strict.stdout.split() == [], strict.stderr
+    assert sqstore.locate_job(store, "sim", job_id) == "deleted"
 
 
 # ============================================================================
