@@ -1791,19 +1791,15 @@ def _parse(raw: Doc, cls: type[T], where: str) -> T:
 # Configs ---------------------------------------------------------------------
 
 
-def _config_location(store: Storage, display_name: str) -> tuple[str, str]:
-    return locate(store["layout"], "config", display_name)
-
-
 def _read_config(store: Storage, display_name: str) -> tuple[Doc, BackendConfig]:
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     raw = _read(store, path, doc_id)
     return raw, _parse(raw, BackendConfig, f"{path}/{doc_id}")
 
 
 def _config_kid(store: Storage, display_name: str) -> str:
     """The ``kid`` of a backend's config, read without structuring the whole config."""
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     kid = payload_of(_read(store, path, doc_id)).get("kid")
     if kid is None:
         raise NotFoundError(f"backend {display_name!r} has no kid: it publishes no key")
@@ -1897,7 +1893,7 @@ def upload_config(
         InvalidDocumentError, InvalidNameError: bad config or display name.
     """
     _check_handle(store)
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     store["upload"](path, doc_id, _config_doc(store, config_dict, display_name, private_jwk))
 
 
@@ -1923,7 +1919,7 @@ def update_config(
 def _write_config(
     store: Storage, old: Doc, config: Any, display_name: str, private_jwk: Any
 ) -> None:
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     cfg = _coerce(config, BackendConfig, "config_dict")
     if is_signed(old):
         if private_jwk is None:
@@ -2014,7 +2010,7 @@ def get_backend_status(
     _check_handle(store)
     cfg = get_config(store, display_name)
     status = backend_dict_to_qiskit_status(store, cfg, timeout=timeout, now=now)
-    queued = store["list"](_fill(store["layout"].queued, display_name))
+    queued = store["list"](locate(store["layout"], "queued", display_name)[0])
     return attrs.evolve(status, pending_jobs=len(queued))
 
 
@@ -2267,11 +2263,7 @@ def upload_job(
         if private_jwk is not None:
             _sign_job(store, job_dict, display_name, username, job_id, private_jwk)
         try:
-            store["upload"](
-                _fill(layout.queued, display_name, username),
-                _fill(layout.job_file, job_id=job_id),
-                job_dict,
-            )
+            store["upload"](*locate(layout, "queued", display_name, username, job_id), job_dict)
         except AlreadyExistsError:
             if attempt == 2:
                 raise
@@ -2299,14 +2291,6 @@ _CANONICAL_JSON = json.JSONEncoder(
 )
 
 
-def _signature_folder(layout: Layout, display_name: str) -> str:
-    return locate(layout, "job_signature", display_name)[0]
-
-
-def _job_signature_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
-    return _signature_folder(store["layout"], display_name), check_name(job_id, "job_id")
-
-
 def _job_digest(job: Any) -> str:
     """The SHA-256 of a job as stored: its JSON with sorted keys, compact (hex)."""
     import hashlib
@@ -2328,7 +2312,7 @@ def _sign_job(
         "username": username,
         "job_sha256": _job_digest(job),
     }
-    path, doc_id = _job_signature_location(store, display_name, job_id)
+    path, doc_id = locate(store["layout"], "job_signature", display_name, job_id=job_id)
     signed = _doc_signer(store, private_jwk)(payload)
     try:
         store["upload"](path, doc_id, signed)
@@ -2338,10 +2322,6 @@ def _sign_job(
 
 _TOKEN_STALE = DEFAULT_SKEW + 60.0
 """Seconds after which a submit that wrote its token but not its job counts as dead."""
-
-
-def _token_folder(layout: Layout, display_name: str) -> str:
-    return locate(layout, "submit_token", display_name)[0]
 
 
 def _submit_holder() -> str:
@@ -2365,9 +2345,7 @@ def _submit_once(
     queued, it queues it, when the holder is itself (an earlier attempt of this
     thread) or dead (the token is older than ``_TOKEN_STALE``).
     """
-    layout = store["layout"]
-    folder = _token_folder(layout, _check_display_name(display_name))
-    check_name(client_token, "client_token")
+    folder = locate(store["layout"], "submit_token", display_name, job_id=client_token)[0]
     digest, me = _job_digest(job), _submit_holder()
     for _ in range(5):
         job_id = create_job_id(store, display_name, username)
@@ -2435,18 +2413,14 @@ def _queue_for_token(
     """Queue the job a token document names, unless it is somewhere already, then mark
     the token done (no holder)."""
     layout, job_id = store["layout"], doc["job_id"]
-    folder = _token_folder(layout, display_name)
     if fresh or _nowhere(store, display_name, job_id):
         if private_jwk is not None:
             _sign_job(store, job, display_name, username, job_id, private_jwk)
         with contextlib.suppress(AlreadyExistsError):  # an upload of ours answered too late
-            store["upload"](
-                _fill(layout.queued, display_name, username),
-                _fill(layout.job_file, job_id=job_id),
-                job,
-            )
+            store["upload"](*locate(layout, "queued", display_name, username, job_id), job)
+    token = locate(layout, "submit_token", display_name, job_id=doc["client_token"])
     with contextlib.suppress(NotFoundError):  # pruned already: nothing to mark
-        store["swap"](folder, doc["client_token"], doc, {**doc, "holder": ""})
+        store["swap"](*token, doc, {**doc, "holder": ""})
     return str(job_id)
 
 
@@ -2513,11 +2487,8 @@ def locate_job(store: Storage, display_name: str, job_id: str) -> str | None:
     Raises:
         InvalidNameError: *display_name* or *job_id* cannot be a name.
     """
-    layout = store["layout"]
-    file_id = _fill(layout.job_file, job_id=job_id)
     for kind in ("running", "queued", "finished", "deleted"):
-        folder = _job_fill(layout, getattr(layout, kind), display_name, job_id)
-        if _exists(store, folder, file_id):
+        if _exists(store, *locate(store["layout"], kind, display_name, job_id=job_id)):
             return kind
     return None
 
@@ -2559,7 +2530,7 @@ def claim_jobs(
     """
     _check_handle(store)
     layout = store["layout"]
-    queue = _fill(layout.queued, _check_display_name(display_name))
+    queue = locate(layout, "queued", display_name)[0]
     holder = policy.holder or _default_holder()
     lease_seconds, skew = policy.lease_seconds, policy.skew
     next_beat = -math.inf
@@ -2716,7 +2687,7 @@ def get_next_job_in_queue(
 def _config_memo(store: Storage, display_name: str) -> tuple[Storage, list[Doc]]:
     """*store*, remembering in the list the last config of *display_name* it read: a
     claim learns its backend's policy from the read its heartbeat makes anyway."""
-    where = _config_location(store, display_name)
+    where = locate(store["layout"], "config", display_name)
     seen: list[Doc] = []
     read = store["get"]
 
@@ -2738,7 +2709,7 @@ def _job_signature_problem(
     accepted: tuple[str, ...] = (),
 ) -> str:
     """Why a job's signature is not good (a user key, of *accepted* kids if any); "" if it is."""
-    path, doc_id = _job_signature_location(store, display_name, job_id)
+    path, doc_id = locate(store["layout"], "job_signature", display_name, job_id=job_id)
     try:
         raw = _read(store, path, doc_id)
         kid = _open_signed(raw)[2].get("kid") if is_signed(raw) else None
@@ -2779,7 +2750,7 @@ def _set_aside(
     *configs* (the claim's heartbeat reads it), else it is read now.
     """
     job_id, job = claimed[0].job_id, claimed[1]
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     if configs:  # read by the heartbeat, which parsed it: its two fields tell the policy
         policy = payload_of(configs[-1])
         if not (policy.get("require_signed_jobs") or policy.get("accepted_kids")):
@@ -2914,9 +2885,7 @@ def _adopt(store: Storage, display_name: str | None, job_id: str, expires: float
     check_name(job_id, "job_id")
     names = [display_name] if display_name is not None else get_backends(store)
     owners = [dn for dn in names if _owner(store, dn, job_id)]
-    if len(owners) != 1 or not _exists(
-        store, layout.running, _fill(layout.job_file, job_id=job_id)
-    ):
+    if len(owners) != 1 or not _exists(store, *locate(layout, "running", owners[0], job_id=job_id)):
         return
     lease = Lease(job_id, owners[0], _ORPHAN, os.urandom(8).hex(), expires)
     with contextlib.suppress(AlreadyExistsError):  # claimed or adopted meanwhile
@@ -2946,7 +2915,7 @@ def _sweep_lease(
     if lease.finish is not None and not (
         where == "running"
         and payload_of(lease.finish).get("status") == "DONE"
-        and not _exists(store, *_result_location(store, dn, job_id))
+        and not _exists(store, *locate(layout, "result", dn, job_id=job_id))
     ):
         _close(store, found, dn, job_id, lease.finish)  # its worker died while finishing it
         return False
@@ -2981,10 +2950,9 @@ def _sweep_lease(
     released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
     if not store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
         return False  # another sweep or the worker acted first
+    running, file_id = locate(layout, "running", dn, job_id=job_id)
     try:
-        store["move"](
-            layout.running, _fill(layout.queued, dn), _fill(layout.job_file, job_id=job_id)
-        )
+        store["move"](running, locate(layout, "queued", dn)[0], file_id)
     except (NotFoundError, AlreadyExistsError):
         return False  # finished or requeued meanwhile
     return True
@@ -3026,7 +2994,7 @@ def _owner(store: Storage, display_name: str, job_id: str) -> bool:
     if store["layout"].job_ids == "dated" and len(parts := job_id.split("-")) == 4:
         return parts[1] == display_name
     try:
-        return _exists(store, *_status_location(store, display_name, None, job_id))
+        return _exists(store, *locate(store["layout"], "status", display_name, job_id=job_id))
     except InvalidNameError:
         return False
 
@@ -3067,7 +3035,7 @@ def requeue_job(
         if found is None or found[1].display_name != display_name:
             if found is not None or not _owner(store, display_name, job_id):
                 raise NotFoundError(f"job {job_id} is not a job of backend {display_name!r}")
-            if not _exists(store, layout.running, _fill(layout.job_file, job_id=job_id)):
+            if not _exists(store, *locate(layout, "running", display_name, job_id=job_id)):
                 raise NotFoundError(f"job {job_id} of backend {display_name!r} is not running")
             _adopt(store, display_name, job_id, now())
             continue
@@ -3096,14 +3064,6 @@ def requeue_job(
 
 # Cancel ----------------------------------------------------------------------
 # A cancel request is a document keyed by job id in ``<leases>/cancel``.
-
-
-def _cancel_folder(layout: Layout) -> str:
-    return locate(layout, "cancel_request")[0]
-
-
-def _cancel_location(store: Storage, job_id: str) -> tuple[str, str]:
-    return _cancel_folder(store["layout"]), check_name(job_id, "job_id")
 
 
 def _cancelled(job_id: str, username: str, why: str) -> StatusMsg:
@@ -3168,17 +3128,17 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
     where = _find_job(store, display_name, job_id)
     if where in ("finished", "deleted"):
         return _after_the_end(store, display_name, username, job_id, where)
-    path, doc_id = _cancel_location(store, job_id)
+    path, doc_id = locate(layout, "cancel_request", job_id=job_id)
     request = {"job_id": job_id, "display_name": display_name, "username": username}
     with contextlib.suppress(AlreadyExistsError):  # asked before: that request stands
         store["upload"](path, doc_id, {**request, "requested": time.time()})
-    file_id = _fill(layout.job_file, job_id=job_id)
-    deleted = _job_fill(layout, layout.deleted, display_name, job_id)
+    queued, file_id = locate(layout, "queued", display_name, job_id=job_id)
+    deleted = locate(layout, "deleted", display_name, job_id=job_id)[0]
     for _ in range(3):  # again if a sweep put the job back in the queue meanwhile
         if where != "queued":
             break
         try:
-            store["move"](_fill(layout.queued, display_name), deleted, file_id)
+            store["move"](queued, deleted, file_id)
         except NotFoundError:  # claimed meanwhile: it runs, and its worker gets the request
             where = _find_job(store, display_name, job_id)
             continue
@@ -3218,7 +3178,7 @@ def cancel_requested(store: Storage, job_id: str) -> str | None:
         NotFoundError: *job_id* cannot be a job id.
     """
     _check_handle(store)
-    path, doc_id = _cancel_location(store, job_id)
+    path, doc_id = locate(store["layout"], "cancel_request", job_id=check_name(job_id, "job_id"))
     try:
         doc = _read(store, path, doc_id)
     except NotFoundError:
@@ -3232,7 +3192,7 @@ def cancel_requested(store: Storage, job_id: str) -> str | None:
 def _forget_cancel(store: Storage, job_id: str) -> None:
     """Drop a job's cancel request once it is honoured (gone already: fine)."""
     with contextlib.suppress(NotFoundError, StorageError, TransientError):
-        store["delete"](*_cancel_location(store, job_id))
+        store["delete"](*locate(store["layout"], "cancel_request", job_id=job_id))
 
 
 # Finish ----------------------------------------------------------------------
@@ -3275,10 +3235,8 @@ def _close(
     """
     layout = store["layout"]
     final = payload_of(status_doc).get("status")
-    target = _job_fill(
-        layout, layout.finished if final == "DONE" else layout.deleted, display_name, job_id
-    )
-    file_id = _fill(layout.job_file, job_id=job_id)
+    kind = "finished" if final == "DONE" else "deleted"
+    target, file_id = locate(layout, kind, display_name, job_id=job_id)
     lease_at = _record_finish(store, lease_at, job_id, status_doc)
     try:
         store["move"](layout.running, target, file_id)
@@ -3296,7 +3254,7 @@ def _close(
 def _put_status(
     store: Storage, display_name: str, username: str | None, job_id: str, doc: Doc
 ) -> None:
-    path, doc_id = _status_location(store, display_name, username, job_id)
+    path, doc_id = locate(store["layout"], "status", display_name, username, job_id)
     try:
         store["update"](path, doc_id, doc)
     except NotFoundError:
@@ -3316,7 +3274,9 @@ def _finished_at(doc: Doc, at: float) -> Doc:
 def _final_status(store: Storage, display_name: str, job_id: str) -> Doc | None:
     """A job's stored status if it is DONE or ERROR (None if not, or none, or garbage)."""
     try:
-        status = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
+        status = payload_of(
+            _read(store, *locate(store["layout"], "status", display_name, job_id=job_id))
+        )
     except (NotFoundError, InvalidDocumentError):
         return None
     return status if status.get("status") in ("DONE", "ERROR") else None
@@ -3362,7 +3322,7 @@ def update_in_database(
     _check_handle(store)
     layout = store["layout"]
     status = _coerce(status_msg_dict, StatusMsg, "status_msg_dict")
-    file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
+    file_id = locate(layout, "running", display_name, job_id=check_name(job_id, "job_id"))[1]
     cfg = _read_config(store, display_name)[1]
     sign = _backend_signer(store, cfg, private_jwk)
     holder = policy.holder or _default_holder()
@@ -3380,8 +3340,8 @@ def update_in_database(
         # Finished already?  The status is read before the job is looked for: `prune`
         # removes a job before its status, so a job found after is not being removed.
         finished = _final_status(store, display_name, job_id)
-        target = layout.finished if status.status == "DONE" else layout.deleted
-        target = _job_fill(layout, target, display_name, job_id)
+        kind = "finished" if status.status == "DONE" else "deleted"
+        target = locate(layout, kind, display_name, job_id=job_id)[0]
         if not _exists(store, target, file_id):
             raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
         if finished is not None:  # that finish stands
@@ -3406,7 +3366,7 @@ def update_in_database(
         result = _result_doc(result_dict, cfg, job_id, sign)
     lease_at = _record_finish(store, lease_at, job_id, status_doc)  # first: a sweep can finish
     if result is not None:
-        path, doc_id = _result_location(store, display_name, job_id)
+        path, doc_id = locate(layout, "result", display_name, job_id=job_id)
         try:
             store["upload"](path, doc_id, result)
         except AlreadyExistsError:  # a re-run after a crash or a requeue: latest wins
@@ -3422,15 +3382,11 @@ _UNFINISHED = ("INITIALIZING", "QUEUED")
 
 def _unfinished_status(store: Storage, display_name: str, job_id: str) -> str | None:
     """A job's status value, or None when it has no readable status."""
-    path, doc_id = _status_location(store, display_name, None, job_id)
+    path, doc_id = locate(store["layout"], "status", display_name, job_id=job_id)
     try:
         return _parse(_read(store, path, doc_id), StatusMsg, f"{path}/{doc_id}").status
     except (NotFoundError, InvalidDocumentError):
         return None
-
-
-def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
-    return locate(store["layout"], "result", display_name, None, check_name(job_id, "job_id"))
 
 
 def upload_result(
@@ -3453,7 +3409,9 @@ def upload_result(
         NotFoundError: the backend has no configuration.
     """
     _check_handle(store)
-    path, doc_id = _result_location(store, display_name, job_id)
+    path, doc_id = locate(
+        store["layout"], "result", display_name, job_id=check_name(job_id, "job_id")
+    )
     cfg = get_config(store, display_name)
     sign = _backend_signer(store, cfg, private_jwk)
     store["upload"](path, doc_id, _result_doc(result_dict, cfg, job_id, sign))
@@ -3491,7 +3449,9 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
     """
     _check_handle(store)
     check_name(username, "username")
-    path, doc_id = _result_location(store, display_name, job_id)
+    path, doc_id = locate(
+        store["layout"], "result", display_name, job_id=check_name(job_id, "job_id")
+    )
     raw: Doc | None = None
     with contextlib.suppress(NotFoundError):
         raw = _read(store, path, doc_id)
@@ -3543,7 +3503,9 @@ def verify_result(
         InvalidDocumentError: the stored result is not JSON.
     """
     _check_handle(store)
-    path, doc_id = _result_location(store, display_name, job_id)
+    path, doc_id = locate(
+        store["layout"], "result", display_name, job_id=check_name(job_id, "job_id")
+    )
     try:
         raw = _read(store, path, doc_id)
     except NotFoundError as exc:
@@ -3588,20 +3550,13 @@ def verify_job(store: Storage, display_name: str, username: str, job_id: str) ->
     _check_job_names(store, display_name, username, job_id)
     layout = store["layout"]
     where = _find_job(store, display_name, job_id)
-    job = get_job(store, _job_fill(layout, getattr(layout, where), display_name, job_id), job_id)
+    job = get_job(store, locate(layout, where, display_name, job_id=job_id)[0], job_id)
     if _job_signature_problem(store, display_name, username, job_id, job):
         return False
     return verify_result(store, display_name, job_id)
 
 
 # Status ----------------------------------------------------------------------
-
-
-def _status_location(
-    store: Storage, display_name: str, username: str | None, job_id: str
-) -> tuple[str, str]:
-    """Where a job's status lives; *username* None when the caller does not know it."""
-    return locate(store["layout"], "status", display_name, username, check_name(job_id, "job_id"))
 
 
 def upload_status(
@@ -3623,7 +3578,8 @@ def upload_status(
         NotFoundError: the backend has no configuration.
     """
     _check_handle(store)
-    path, doc_id = _status_location(store, display_name, username, job_id)
+    job_id = check_name(job_id, "job_id")
+    path, doc_id = locate(store["layout"], "status", display_name, username, job_id)
     sign = _backend_signer(store, _read_config(store, display_name)[1], private_jwk)
     status = StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
     doc = to_doc(status)
@@ -3640,7 +3596,8 @@ def get_status(store: Storage, display_name: str, username: str, job_id: str) ->
         NotFoundError: a name given cannot exist (the message says which and why).
     """
     _check_handle(store)
-    path, doc_id = _status_location(store, display_name, username, job_id)
+    job_id = check_name(job_id, "job_id")
+    path, doc_id = locate(store["layout"], "status", display_name, username, job_id)
     try:
         raw = _read(store, path, doc_id)
     except NotFoundError:
@@ -3786,8 +3743,10 @@ def _plausible(seconds: float) -> bool:
 def _status_ids(store: Storage, display_name: str) -> list[str]:
     """The job ids with a status of a backend (one listing)."""
     layout = store["layout"]
-    folder = _fill(layout.status, display_name)
-    found = (_id_in_file(layout.status_file, name) for name in store["list"](folder))
+    found = (
+        job_id_from(layout, "status", name)
+        for name in store["list"](locate(layout, "status", display_name)[0])
+    )
     return [job_id for job_id in found if job_id is not None]
 
 
@@ -3855,7 +3814,7 @@ def prune(
         if submitted is not None and 0 <= current - submitted < older_than:
             continue  # submitted too recently to have finished long enough ago
         try:
-            status_at = _status_location(store, display_name, None, job_id)
+            status_at = locate(store["layout"], "status", display_name, job_id=job_id)
             raw = _read(store, *status_at)
             status, at = payload_of(raw), _finish_time(payload_of(raw))
             if at is None or at > current - older_than or status.get("status") not in STATUSES:
@@ -3873,18 +3832,19 @@ def prune(
                 if tokens is None:
                     tokens = _tokens_of_jobs(store, display_name)
                 for token in tokens.get(job_id, ()):
-                    remove("tokens", token, _token_folder(layout, display_name), token)
-                remove("results", job_id, *_result_location(store, display_name, job_id))
+                    remove(
+                        "tokens", token, *locate(layout, "submit_token", display_name, job_id=token)
+                    )
+                remove("results", job_id, *locate(layout, "result", display_name, job_id=job_id))
             for path, doc_id in (  # what goes with the job, reported with it
-                _job_signature_location(store, display_name, job_id),
-                _cancel_location(store, job_id),
+                locate(layout, "job_signature", display_name, job_id=job_id),
+                locate(layout, "cancel_request", job_id=job_id),
             ):
                 if not dry_run:
                     with contextlib.suppress(NotFoundError):
                         store["delete"](path, doc_id)
             if where is not None:
-                path = _job_fill(layout, getattr(layout, where), display_name, job_id)
-                remove("jobs", job_id, path, _fill(layout.job_file, job_id=job_id))
+                remove("jobs", job_id, *locate(layout, where, display_name, job_id=job_id))
             if everything:
                 remove("statuses", job_id, *status_at)
         except (InvalidDocumentError, InvalidNameError, NotFoundError):
@@ -3894,7 +3854,7 @@ def prune(
 
 def _tokens_of_jobs(store: Storage, display_name: str) -> dict[str, list[str]]:
     """The submit tokens of a backend, by the job id each names (one read per token)."""
-    folder = _token_folder(store["layout"], display_name)
+    folder = locate(store["layout"], "submit_token", display_name)[0]
     found: dict[str, list[str]] = {}
     for token in store["list"](folder):
         try:
@@ -3937,7 +3897,8 @@ def queue_stats(
     layout, current, lease_seconds = store["layout"], now(), policy.lease_seconds
     known = {} if known is None else known
     queued = [
-        _job_id_of(layout, name) for name in store["list"](_fill(layout.queued, display_name))
+        _job_id_of(layout, name)
+        for name in store["list"](locate(layout, "queued", display_name)[0])
     ]
     ages = []
     for job_id in queued:
@@ -3963,7 +3924,7 @@ def queue_stats(
         if status is None:
             try:
                 status = payload_of(
-                    _read(store, *_status_location(store, display_name, None, job_id))
+                    _read(store, *locate(store["layout"], "status", display_name, job_id=job_id))
                 )
             except (NotFoundError, InvalidDocumentError, InvalidNameError):
                 continue
