@@ -2098,25 +2098,18 @@ def backend_dict_to_qiskit_status(
     )
 
 
-# sqooler's attribute names -> the Layout field of that folder, and of that document's id
+# sqooler's attribute names -> the kind (of `LOCATIONS`) of that folder, and of that document's id
 _ATTRIBUTE_PATHS = {
-    "configs": "configs",
-    "results": "results",
+    "configs": "config",
+    "results": "result",
     "running": "running",
     "status": "status",
     "queue": "queued",
     "deleted": "deleted",
     "finished": "finished",
-    "pks": "public_keys",
+    "pks": "public_key",
 }
-
-
-_ATTRIBUTE_IDS = {
-    "configs": "config_id",
-    "job": "job_file",
-    "results": "result_file",
-    "status": "status_file",
-}
+_ATTRIBUTE_IDS = {"configs": "config", "job": "queued", "results": "result", "status": "status"}
 
 
 def get_attribute_path(
@@ -2140,23 +2133,24 @@ def get_attribute_path(
     'jobs/queued/sim'
     """
     _check_handle(store)
-    layout = store["layout"]
-    field = _ATTRIBUTE_PATHS.get(attribute_name)
-    if field is None:
+    kind = _ATTRIBUTE_PATHS.get(attribute_name)
+    if kind is None:
         raise InvalidNameError(
             f"attribute {attribute_name!r} has no folder: use one of {sorted(_ATTRIBUTE_PATHS)}"
         )
-    template = getattr(layout, field)
-    dn = _check_display_name(display_name) if "{display_name}" in template else ""
-    if "{username}" not in template:
-        return _fill(template, dn)
-    if job_id is not None:
-        return _job_fill(layout, template, dn, check_name(job_id, "job_id"))
-    if username is None:
+    folder = _folder_template(store["layout"], kind)
+    if "{" not in folder:  # one folder for every backend and job
+        return folder
+    if "{username}" not in folder:
+        job_id = username = None
+    elif job_id is not None:
+        username = None  # the job's own
+    elif username is None:
         raise InvalidNameError(
             f"the {attribute_name} folder of this layout needs a job_id or username"
         )
-    return _fill(template, dn, check_name(username, "username"))
+    dn: Any = display_name  # None too: locate names it in its error
+    return locate(store["layout"], kind, dn, username, job_id or "")[0]
 
 
 def get_attribute_id(
@@ -2174,14 +2168,15 @@ def get_attribute_id(
     'status-j1'
     """
     _check_handle(store)
-    field = _ATTRIBUTE_IDS.get(attribute_name)
-    if field is None:
+    kind = _ATTRIBUTE_IDS.get(attribute_name)
+    if kind is None:
         raise InvalidNameError(
             f"attribute {attribute_name!r} has no id: use one of {sorted(_ATTRIBUTE_IDS)}"
         )
-    if attribute_name == "configs":
-        return _fill(getattr(store["layout"], field), _check_display_name(display_name))
-    return _fill(getattr(store["layout"], field), job_id=check_name(job_id, "job_id"))
+    if kind == "config":
+        dn: Any = display_name  # None too: locate names it in its error
+        return locate(store["layout"], kind, dn)[1]
+    return _fill(_id_template(store["layout"], kind), job_id=check_name(job_id, "job_id"))
 
 
 def get_file_queue(store: Storage, storage_path: str) -> list[str]:

@@ -9796,6 +9796,105 @@ def test_cli_backend_add_names_a_bad_config_file_once(tmp_path: Path) -> None:
 
 
 # ============================================================================
+# One locator
+# ============================================================================
+_ATTRIBUTE_CASES: list[tuple[str, str, tuple[Any, ...], dict[str, str], str, str]] = [
+    # (function, attribute, args, keywords, local answer, Dropbox answer); "!" = InvalidNameError
+    ("path", "configs", (), {}, "backends/configs", "Backend_files/Config"),
+    ("path", "pks", (), {}, "backends/public_keys", "Backend_files/public_keys"),
+    ("path", "queue", (), {}, "!invalid display_name None", "!invalid display_name None"),
+    (
+        "path",
+        "queue",
+        ("sim",),
+        {"job_id": "../x"},
+        "jobs/queued/sim",
+        "Backend_files/Queued_Jobs/sim",
+    ),
+    (
+        "path",
+        "nope",
+        ("sim",),
+        {},
+        "!attribute 'nope' has no folder: use one of ['configs', "
+        "'deleted', 'finished', 'pks', 'queue', 'results', 'running', 'status']",
+        "!attribute 'nope'",
+    ),
+    (
+        "path",
+        "finished",
+        ("sim",),
+        {},
+        "jobs/finished/sim",
+        "!the finished folder of this layout needs a job_id or username",
+    ),
+    (
+        "path",
+        "finished",
+        ("sim",),
+        {"job_id": "20231114_221320-sim-alice-1e240", "username": "bob"},
+        "jobs/finished/sim",
+        "Backend_files/Finished_Jobs/sim/alice",
+    ),
+    (
+        "path",
+        "finished",
+        ("sim",),
+        {"username": "bob"},
+        "jobs/finished/sim",
+        "Backend_files/Finished_Jobs/sim/bob",
+    ),
+    ("path", "finished", ("sim",), {"username": "../"}, "jobs/finished/sim", "!invalid username"),
+    (
+        "path",
+        "results",
+        ("sim",),
+        {"job_id": "6553f100075bcd15abcdef01"},
+        "results/sim",
+        "Backend_files/Result/sim/None",
+    ),
+    (
+        "path",
+        "results",
+        ("Sim",),
+        {"job_id": "j1"},
+        "!invalid display_name 'Sim'",
+        "!invalid display_name 'Sim'",
+    ),
+    ("id", "configs", ("j1",), {}, "!invalid display_name None", "!invalid display_name None"),
+    ("id", "configs", ("j1", "sim"), {}, "sim", "sim"),
+    ("id", "status", ("j1",), {}, "j1", "status-j1"),
+    ("id", "job", ("j1",), {}, "j1", "job-j1"),
+    ("id", "results", ("../j1",), {}, "!invalid job_id '../j1'", "!invalid job_id '../j1'"),
+    (
+        "id",
+        "queue",
+        ("j1",),
+        {},
+        "!attribute 'queue' has no id: use one of ['configs', 'job', 'results', 'status']",
+        "!attribute 'queue' has no id",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", _ATTRIBUTE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[3]}{c[2]}")
+def test_get_attribute_path_and_id_answer_as_the_layout_places_documents(
+    case: tuple[str, str, tuple[Any, ...], dict[str, str], str, str],
+) -> None:
+    """get_attribute_path/_id give each layout's folder and id, or an InvalidNameError why not."""
+    which, attribute, args, keywords, local, dropbox = case
+    function = sqstore.get_attribute_path if which == "path" else sqstore.get_attribute_id
+    for layout, expected in ((sqstore.LOCAL_LAYOUT, local), (sqstore.DROPBOX_LAYOUT, dropbox)):
+        store = sqstore.memory_storage(layout=layout)
+        if expected.startswith("!"):
+            with pytest.raises(sqstore.InvalidNameError) as caught:
+                function(store, attribute, *args, **keywords)
+            assert str(caught.value).startswith(expected[1:]), str(caught.value)
+        else:
+            assert function(store, attribute, *args, **keywords) == expected
+
+
+# ============================================================================
 # Public names only
 # ============================================================================
 def test_wrap_ops_makes_a_layer_of_a_function_and_leaves_the_store_alone(store: Storage) -> None:
