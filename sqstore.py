@@ -3266,15 +3266,19 @@ def _finished_at(doc: Doc, at: float) -> Doc:
     return doc
 
 
+def _status_doc(store: Storage, display_name: str, job_id: str) -> Doc | None:
+    """A job's stored status (its payload); None if it has none, or garbage, or a bad id."""
+    try:
+        where = locate(store["layout"], "status", display_name, job_id=job_id)
+        return payload_of(_read(store, *where))
+    except (NotFoundError, InvalidDocumentError, InvalidNameError):
+        return None
+
+
 def _final_status(store: Storage, display_name: str, job_id: str) -> Doc | None:
     """A job's stored status if it is DONE or ERROR (None if not, or none, or garbage)."""
-    try:
-        status = payload_of(
-            _read(store, *locate(store["layout"], "status", display_name, job_id=job_id))
-        )
-    except (NotFoundError, InvalidDocumentError):
-        return None
-    return status if status.get("status") in ("DONE", "ERROR") else None
+    status = _status_doc(store, display_name, job_id)
+    return status if status is not None and status.get("status") in ("DONE", "ERROR") else None
 
 
 def update_in_database(
@@ -3377,10 +3381,10 @@ _UNFINISHED = ("INITIALIZING", "QUEUED")
 
 def _unfinished_status(store: Storage, display_name: str, job_id: str) -> str | None:
     """A job's status value, or None when it has no readable status."""
-    path, doc_id = locate(store["layout"], "status", display_name, job_id=job_id)
-    try:
-        return _parse(_read(store, path, doc_id), StatusMsg, f"{path}/{doc_id}").status
-    except (NotFoundError, InvalidDocumentError):
+    status = _status_doc(store, display_name, job_id)
+    try:  # only a valid status document counts
+        return None if status is None else from_doc(status, StatusMsg).status
+    except InvalidDocumentError:
         return None
 
 
@@ -3809,11 +3813,11 @@ def prune(
         if submitted is not None and 0 <= current - submitted < older_than:
             continue  # submitted too recently to have finished long enough ago
         try:
-            status_at = locate(store["layout"], "status", display_name, job_id=job_id)
-            raw = _read(store, *status_at)
-            status, at = payload_of(raw), _finish_time(payload_of(raw))
+            status = _status_doc(store, display_name, job_id) or {}
+            at = _finish_time(status)
             if at is None or at > current - older_than or status.get("status") not in STATUSES:
                 continue
+            status_at = locate(store["layout"], "status", display_name, job_id=job_id)
             if _lease_at(store, job_id) is not None:
                 continue  # a finish under way, or one that a sweep must complete
             where = locate_job(store, display_name, job_id)
@@ -3917,14 +3921,9 @@ def queue_stats(
             continue
         status = known.get(job_id)
         if status is None:
-            try:
-                status = payload_of(
-                    _read(store, *locate(store["layout"], "status", display_name, job_id=job_id))
-                )
-            except (NotFoundError, InvalidDocumentError, InvalidNameError):
-                continue
-            if status.get("status") not in ("DONE", "ERROR"):
-                continue  # not final: read again next time
+            status = _final_status(store, display_name, job_id)
+            if status is None:
+                continue  # not final (read again next time), or none
             known[job_id] = status
         at, submitted = _finish_time(status), _submitted_at(layout, job_id)
         waited = None if at is None or submitted is None else at - submitted
