@@ -852,24 +852,19 @@ def to_doc(record: Any) -> Doc:
 def _error_text(exc: BaseException, *, secret: bool = False) -> str:
     """What is wrong, field by field; with *secret*, only where (never a value or a key)."""
     if isinstance(exc, cattrs.BaseValidationError):
-        fmt = _format_secret_exception if secret else _format_exception
+        fmt = functools.partial(_format_exception, secret=secret)
         return "; ".join(cattrs.transform_error(exc, format_exception=fmt))
     return "invalid value" if secret else str(exc)
 
 
-def _format_secret_exception(exc: BaseException, type_: Any) -> str:
+def _format_exception(exc: BaseException, type_: Any, *, secret: bool = False) -> str:
     if isinstance(exc, KeyError):
         return "required field missing"
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"{len(exc.extra_fields)} unknown field(s)"
-    return "invalid value"
-
-
-def _format_exception(exc: BaseException, type_: Any) -> str:
-    if isinstance(exc, KeyError):
-        return "required field missing"
-    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"unknown field(s) {sorted(exc.extra_fields)}"
+        extra = exc.extra_fields
+        return f"{len(extra)} unknown field(s)" if secret else f"unknown field(s) {sorted(extra)}"
+    if secret:
+        return "invalid value"
     if isinstance(exc, ValueError) and len(exc.args) > 1 and isinstance(exc.args[0], str):
         return exc.args[0]  # an attrs validator: (message, attribute, options, value)
     name = getattr(type_, "__name__", None) or str(type_)
@@ -933,15 +928,11 @@ def _coerce(value: Any, cls: type[T], what: str) -> T:
     return from_doc(dict(value), cls, where=what)
 
 
+@functools.cache
 def _field_names(cls: type) -> frozenset[str]:
-    names = _FIELD_NAMES.get(cls)
-    return frozenset(field.name for field in attrs.fields(cls)) if names is None else names
+    return frozenset(_doc_fields(cls))
 
 
-_FIELD_NAMES: dict[type, frozenset[str]] = {  # the records written often, and nested ones
-    cls: frozenset(field.name for field in attrs.fields(cls))
-    for cls in (BackendConfig, StatusMsg, ResultDict, ExperimentDict, DataDict, GateDict, Lease)
-}
 # The records nested in a record, by field: where `_unknown_fields` looks further.
 _NESTED: dict[type, tuple[tuple[str, type], ...]] = {
     ResultDict: (("results", ExperimentDict),),
@@ -3698,14 +3689,10 @@ _YEAR = 366 * 86_400.0
 
 def _finish_time(status: Doc) -> float | None:
     """The Unix time at which a status document says its job finished; None if it does not."""
-    text = status.get("finished_at")
-    if not isinstance(text, str):
-        return None
     try:
-        stamp = datetime.fromisoformat(text)
+        return _parse_datetime(status.get("finished_at"), datetime).timestamp()
     except ValueError:
         return None
-    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _submitted_at(layout: Layout, job_id: str) -> float | None:
