@@ -2450,6 +2450,13 @@ def _lease_doc(raw: Doc, lease: Lease) -> Doc:
     return _keeping_unknown(to_doc(lease), raw, Lease)
 
 
+def _swap_lease(store: Storage, found: tuple[Doc, Lease], **changes: Any) -> bool:
+    """Change the lease *found* (as read) by *changes*; False if it changed meanwhile."""
+    raw, lease = found
+    new = _lease_doc(raw, attrs.evolve(lease, **changes))
+    return store["swap"](store["layout"].leases, lease.job_id, raw, new)
+
+
 def _expired(lease: Lease, now: float, skew: float) -> bool:
     return not lease.holder or now > lease.expires + skew
 
@@ -2910,8 +2917,7 @@ def _sweep_lease(
             store["swap"](layout.leases, job_id, raw, None)
         return False  # queued: the next claim takes the lease over
     if not lease.holder:  # requeued, then moved to running by a program without leases
-        adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
-        store["swap"](layout.leases, job_id, raw, _lease_doc(raw, adopted))
+        _swap_lease(store, found, holder=_ORPHAN, expires=now + grace)
         return False
     try:
         cancelled_by = cancel_requested(store, job_id)  # asked while it ran: it ends here
@@ -2933,8 +2939,9 @@ def _sweep_lease(
         if cancelled_by is not None:
             _forget_cancel(store, job_id)
         return False
-    released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
-    if not store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
+    if not _swap_lease(
+        store, found, holder="", token=os.urandom(8).hex(), expires=now, finish=None
+    ):
         return False  # another sweep or the worker acted first
     running, file_id = locate(layout, "running", dn, job_id=job_id)
     try:
@@ -3025,18 +3032,16 @@ def requeue_job(
                 raise NotFoundError(f"job {job_id} of backend {display_name!r} is not running")
             _adopt(store, display_name, job_id, now())
             continue
-        raw, lease = found
+        lease = found[1]
         where = locate_job(store, display_name, job_id)
         if where == "queued" and lease.holder:  # a claim that stopped before its move
-            released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now())
-            if store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
+            if _swap_lease(store, found, holder="", token=os.urandom(8).hex(), expires=now()):
                 return True
             continue
         if where != "running":
             raise NotFoundError(f"job {job_id} of backend {display_name!r} is not running")
         if not lease.holder:  # released, then moved to running without a lease: hold it first
-            held = attrs.evolve(lease, holder=_ORPHAN, expires=now())
-            store["swap"](layout.leases, job_id, raw, _lease_doc(raw, held))
+            _swap_lease(store, found, holder=_ORPHAN, expires=now())
             continue
         # every lease counts as expired (skew -inf), and no job is given up here
         if _sweep_lease(
@@ -3220,9 +3225,7 @@ def _close(
         NotFoundError: the job is neither running nor where it was to go.
     """
     layout = store["layout"]
-    final = payload_of(status_doc).get("status")
-    kind = "finished" if final == "DONE" else "deleted"
-    target, file_id = locate(layout, kind, display_name, job_id=job_id)
+    target, file_id = _end_of(layout, display_name, job_id, payload_of(status_doc).get("status"))
     lease_at = _record_finish(store, lease_at, job_id, status_doc)
     try:
         store["move"](layout.running, target, file_id)
@@ -3235,6 +3238,12 @@ def _close(
     if lease_at is not None:
         with contextlib.suppress(NotFoundError):  # dropped by a sweep that completed it
             store["swap"](layout.leases, job_id, lease_at[0], None)
+
+
+def _end_of(layout: Layout, display_name: str, job_id: str, status: Any) -> tuple[str, str]:
+    """Where a job goes when it ends with *status*: finished if DONE, else deleted."""
+    kind = "finished" if status == "DONE" else "deleted"
+    return locate(layout, kind, display_name, job_id=job_id)
 
 
 def _put_status(
@@ -3330,8 +3339,7 @@ def update_in_database(
         # Finished already?  The status is read before the job is looked for: `prune`
         # removes a job before its status, so a job found after is not being removed.
         finished = _final_status(store, display_name, job_id)
-        kind = "finished" if status.status == "DONE" else "deleted"
-        target = locate(layout, kind, display_name, job_id=job_id)[0]
+        target = _end_of(layout, display_name, job_id, status.status)[0]
         if not _exists(store, target, file_id):
             raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
         if finished is not None:  # that finish stands
