@@ -3002,15 +3002,13 @@ def requeue_job(
 ) -> bool:
     """Put a running job back in its queue at once, whether or not its lease expired.
 
-    For a job whose worker is known to be dead (or was stopped): the job is
-    requeued as `requeue_expired` requeues a job whose lease expired, without
-    waiting for that, and never given up however often it was claimed.  A
-    worker that is still running it loses its lease (its finish then fails
-    with `LeaseLostError`).  A job whose worker died
-    while finishing it is finished instead (its lease holds the final status,
-    signed with *private_jwk* when given), and so is a job whose cancel was
-    requested (`cancel_job`): it ends cancelled.  A lease left on a queued job by a
-    claim that stopped half-way is released.
+    For a job whose worker is known to be dead (or was stopped): its lease is
+    swept as `requeue_expired` sweeps an expired one (a recorded finish or a
+    requested cancel ends the job instead; statuses signed with *private_jwk*
+    when given), at once and never giving the job up however often it was
+    claimed.  A worker still running it loses its lease (its finish then fails
+    with `LeaseLostError`).  A lease left on a queued job by a claim that
+    stopped half-way is released.
 
     Returns:
         True if the job went back to its queue, False if it was finished instead.
@@ -3214,11 +3212,7 @@ def _close(
     job_id: str,
     status_doc: Doc,
 ) -> None:
-    """End a job's life: record the final status in its lease, move the job from
-    running to finished (DONE) or deleted (ERROR), write the status, drop the lease.
-
-    Each step is safe to repeat, and a worker that dies after the first leaves a
-    lease that says what is left to do: `requeue_expired` completes it.
+    """End a job's life: the DONE and ERROR steps of `update_in_database`, each safe to repeat.
 
     Raises:
         LeaseLostError: the lease changed since it was read (another worker has the job).
