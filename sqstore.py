@@ -1393,9 +1393,7 @@ def jwk_thumbprint(jwk: KeyLike) -> str:
     """
     key = _coerce(jwk, JWK, "jwk")
     x = _b64url(_key_bytes(key, "x"), pad=False)
-    canonical = json.dumps(
-        {"crv": key.crv, "kty": key.kty, "x": x}, separators=(",", ":"), sort_keys=True
-    )
+    canonical = _CANONICAL_JSON.encode({"crv": key.crv, "kty": key.kty, "x": x})
     import hashlib
 
     return _b64url(hashlib.sha256(canonical.encode()).digest(), pad=False)
@@ -1684,9 +1682,8 @@ def _signed_parts(doc: Mapping[str, Any]) -> tuple[Doc, str | None, bytes, bytes
     return (payload, kid, *_signing_input(envelope))
 
 
-def _long_backend_name(store_name: str, config: BackendConfig) -> str:
-    kind = "simulator" if config.simulator else "hardware"
-    return f"{store_name}_{config.display_name}_{kind}"
+def _long_backend_name(store_name: str, display_name: Any, simulator: bool) -> str:
+    return f"{store_name}_{display_name}_{'simulator' if simulator else 'hardware'}"
 
 
 def _operational(last_check: datetime | None, now: float, timeout: float) -> bool:
@@ -1968,7 +1965,7 @@ def _backend_dict(store_name: str, cfg: BackendConfig) -> BackendDict:
         display_name=cfg.display_name or "",
         backend_version=cfg.version,
         n_qubits=cfg.num_wires,
-        backend_name=_long_backend_name(store_name, cfg),
+        backend_name=_long_backend_name(store_name, cfg.display_name, cfg.simulator),
         basis_gates=tuple(str(g.get("name")) for g in cfg.gates),
         max_experiments=cfg.max_experiments,
         max_shots=cfg.max_shots,
@@ -2046,8 +2043,7 @@ def long_backend_name(store: Storage, display_name: str, simulator: bool) -> str
     'memory_sim_simulator'
     """
     _check_handle(store)
-    kind = "simulator" if simulator else "hardware"
-    return f"{store['name']}_{_check_display_name(display_name)}_{kind}"
+    return _long_backend_name(store["name"], _check_display_name(display_name), simulator)
 
 
 def backend_dict_to_qiskit(store: Storage, backend_config_info: Any) -> BackendDict:
@@ -2081,7 +2077,7 @@ def backend_dict_to_qiskit_status(
     _check_handle(store)
     cfg = _coerce(backend_dict, BackendConfig, "backend_dict")
     return BackendStatus(
-        backend_name=_long_backend_name(store["name"], cfg),
+        backend_name=_long_backend_name(store["name"], cfg.display_name, cfg.simulator),
         backend_version=cfg.version,
         operational=_operational(cfg.last_queue_check, now(), timeout),
         pending_jobs=cfg.pending_jobs or 0,
@@ -3462,7 +3458,8 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
             )
     result = _parse(raw, ResultDict, f"{path}/{doc_id}")
     cfg = get_config(store, display_name)
-    return attrs.evolve(result, backend_name=_long_backend_name(store["name"], cfg))
+    name = _long_backend_name(store["name"], cfg.display_name, cfg.simulator)
+    return attrs.evolve(result, backend_name=name)
 
 
 @_reads
