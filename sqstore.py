@@ -862,24 +862,19 @@ def to_doc(record: Any) -> Doc:
 def _error_text(exc: BaseException, *, secret: bool = False) -> str:
     """What is wrong, field by field; with *secret*, only where (never a value or a key)."""
     if isinstance(exc, cattrs.BaseValidationError):
-        fmt = _format_secret_exception if secret else _format_exception
+        fmt = functools.partial(_format_exception, secret=secret)
         return "; ".join(cattrs.transform_error(exc, format_exception=fmt))
     return "invalid value" if secret else str(exc)
 
 
-def _format_secret_exception(exc: BaseException, type_: Any) -> str:
+def _format_exception(exc: BaseException, type_: Any, *, secret: bool = False) -> str:
     if isinstance(exc, KeyError):
         return "required field missing"
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"{len(exc.extra_fields)} unknown field(s)"
-    return "invalid value"
-
-
-def _format_exception(exc: BaseException, type_: Any) -> str:
-    if isinstance(exc, KeyError):
-        return "required field missing"
-    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"unknown field(s) {sorted(exc.extra_fields)}"
+        extra = exc.extra_fields
+        return f"{len(extra)} unknown field(s)" if secret else f"unknown field(s) {sorted(extra)}"
+    if secret:
+        return "invalid value"
     if isinstance(exc, ValueError) and len(exc.args) > 1 and isinstance(exc.args[0], str):
         return exc.args[0]  # an attrs validator: (message, attribute, options, value)
     name = getattr(type_, "__name__", None) or str(type_)
@@ -943,15 +938,11 @@ def _coerce(value: Any, cls: type[T], what: str) -> T:
     return from_doc(dict(value), cls, where=what)
 
 
+@functools.cache
 def _field_names(cls: type) -> frozenset[str]:
-    names = _FIELD_NAMES.get(cls)
-    return frozenset(field.name for field in attrs.fields(cls)) if names is None else names
+    return frozenset(_doc_fields(cls))
 
 
-_FIELD_NAMES: dict[type, frozenset[str]] = {  # the records written often, and nested ones
-    cls: frozenset(field.name for field in attrs.fields(cls))
-    for cls in (BackendConfig, StatusMsg, ResultDict, ExperimentDict, DataDict, GateDict, Lease)
-}
 # The records nested in a record, by field: where `_unknown_fields` looks further.
 _NESTED: dict[type, tuple[tuple[str, type], ...]] = {
     ResultDict: (("results", ExperimentDict),),
@@ -1431,9 +1422,7 @@ def jwk_thumbprint(jwk: KeyLike) -> str:
     """
     key = _coerce(jwk, JWK, "jwk")
     x = _b64url(_key_bytes(key, "x"), pad=False)
-    canonical = json.dumps(
-        {"crv": key.crv, "kty": key.kty, "x": x}, separators=(",", ":"), sort_keys=True
-    )
+    canonical = _CANONICAL_JSON.encode({"crv": key.crv, "kty": key.kty, "x": x})
     import hashlib
 
     return _b64url(hashlib.sha256(canonical.encode()).digest(), pad=False)
@@ -1722,9 +1711,8 @@ def _signed_parts(doc: Mapping[str, Any]) -> tuple[Doc, str | None, bytes, bytes
     return (payload, kid, *_signing_input(envelope))
 
 
-def _long_backend_name(store_name: str, config: BackendConfig) -> str:
-    kind = "simulator" if config.simulator else "hardware"
-    return f"{store_name}_{config.display_name}_{kind}"
+def _long_backend_name(store_name: str, display_name: Any, simulator: bool) -> str:
+    return f"{store_name}_{display_name}_{'simulator' if simulator else 'hardware'}"
 
 
 def _operational(last_check: datetime | None, now: float, timeout: float) -> bool:
@@ -1830,19 +1818,15 @@ def _parse(raw: Doc, cls: type[T], where: str) -> T:
 # Configs ---------------------------------------------------------------------
 
 
-def _config_location(store: Storage, display_name: str) -> tuple[str, str]:
-    return locate(store["layout"], "config", display_name)
-
-
 def _read_config(store: Storage, display_name: str) -> tuple[Doc, BackendConfig]:
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     raw = _read(store, path, doc_id)
     return raw, _parse(raw, BackendConfig, f"{path}/{doc_id}")
 
 
 def _config_kid(store: Storage, display_name: str) -> str:
     """The ``kid`` of a backend's config, read without structuring the whole config."""
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     kid = payload_of(_read(store, path, doc_id)).get("kid")
     if kid is None:
         raise NotFoundError(f"backend {display_name!r} has no kid: it publishes no key")
@@ -1936,7 +1920,7 @@ def upload_config(
         InvalidDocumentError, InvalidNameError: bad config or display name.
     """
     check_handle(store)
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     store["upload"](path, doc_id, _config_doc(store, config_dict, display_name, private_jwk))
 
 
@@ -1962,7 +1946,7 @@ def update_config(
 def _write_config(
     store: Storage, old: Doc, config: Any, display_name: str, private_jwk: Any
 ) -> None:
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     cfg = _coerce(config, BackendConfig, "config_dict")
     if is_signed(old):
         if private_jwk is None:
@@ -2020,7 +2004,7 @@ def _backend_dict(store_name: str, cfg: BackendConfig) -> BackendDict:
         display_name=cfg.display_name or "",
         backend_version=cfg.version,
         n_qubits=cfg.num_wires,
-        backend_name=_long_backend_name(store_name, cfg),
+        backend_name=_long_backend_name(store_name, cfg.display_name, cfg.simulator),
         basis_gates=tuple(str(g.get("name")) for g in cfg.gates),
         max_experiments=cfg.max_experiments,
         max_shots=cfg.max_shots,
@@ -2053,7 +2037,7 @@ def get_backend_status(
     check_handle(store)
     cfg = get_config(store, display_name)
     status = backend_dict_to_qiskit_status(store, cfg, timeout=timeout, now=now)
-    queued = store["list"](_fill(store["layout"].queued, display_name))
+    queued = store["list"](locate(store["layout"], "queued", display_name)[0])
     return attrs.evolve(status, pending_jobs=len(queued))
 
 
@@ -2098,8 +2082,7 @@ def long_backend_name(store: Storage, display_name: str, simulator: bool) -> str
     'memory_sim_simulator'
     """
     check_handle(store)
-    kind = "simulator" if simulator else "hardware"
-    return f"{store['name']}_{check_display_name(display_name)}_{kind}"
+    return _long_backend_name(store["name"], check_display_name(display_name), simulator)
 
 
 def backend_dict_to_qiskit(store: Storage, backend_config_info: Any) -> BackendDict:
@@ -2133,7 +2116,7 @@ def backend_dict_to_qiskit_status(
     check_handle(store)
     cfg = _coerce(backend_dict, BackendConfig, "backend_dict")
     return BackendStatus(
-        backend_name=_long_backend_name(store["name"], cfg),
+        backend_name=_long_backend_name(store["name"], cfg.display_name, cfg.simulator),
         backend_version=cfg.version,
         operational=_operational(cfg.last_queue_check, now(), timeout),
         pending_jobs=cfg.pending_jobs or 0,
@@ -2141,25 +2124,18 @@ def backend_dict_to_qiskit_status(
     )
 
 
-# sqooler's attribute names -> the Layout field of that folder, and of that document's id
+# sqooler's attribute names -> the kind (of `LOCATIONS`) of that folder, and of that document's id
 _ATTRIBUTE_PATHS = {
-    "configs": "configs",
-    "results": "results",
+    "configs": "config",
+    "results": "result",
     "running": "running",
     "status": "status",
     "queue": "queued",
     "deleted": "deleted",
     "finished": "finished",
-    "pks": "public_keys",
+    "pks": "public_key",
 }
-
-
-_ATTRIBUTE_IDS = {
-    "configs": "config_id",
-    "job": "job_file",
-    "results": "result_file",
-    "status": "status_file",
-}
+_ATTRIBUTE_IDS = {"configs": "config", "job": "queued", "results": "result", "status": "status"}
 
 
 def get_attribute_path(
@@ -2183,23 +2159,24 @@ def get_attribute_path(
     'jobs/queued/sim'
     """
     check_handle(store)
-    layout = store["layout"]
-    field = _ATTRIBUTE_PATHS.get(attribute_name)
-    if field is None:
+    kind = _ATTRIBUTE_PATHS.get(attribute_name)
+    if kind is None:
         raise InvalidNameError(
             f"attribute {attribute_name!r} has no folder: use one of {sorted(_ATTRIBUTE_PATHS)}"
         )
-    template = getattr(layout, field)
-    dn = check_display_name(display_name) if "{display_name}" in template else ""
-    if "{username}" not in template:
-        return _fill(template, dn)
-    if job_id is not None:
-        return _job_fill(layout, template, dn, check_name(job_id, "job_id"))
-    if username is None:
+    folder = _folder_template(store["layout"], kind)
+    if "{" not in folder:  # one folder for every backend and job
+        return folder
+    if "{username}" not in folder:
+        job_id = username = None
+    elif job_id is not None:
+        username = None  # the job's own
+    elif username is None:
         raise InvalidNameError(
             f"the {attribute_name} folder of this layout needs a job_id or username"
         )
-    return _fill(template, dn, check_name(username, "username"))
+    dn: Any = display_name  # None too: locate names it in its error
+    return locate(store["layout"], kind, dn, username, job_id or "")[0]
 
 
 def get_attribute_id(
@@ -2217,14 +2194,15 @@ def get_attribute_id(
     'status-j1'
     """
     check_handle(store)
-    field = _ATTRIBUTE_IDS.get(attribute_name)
-    if field is None:
+    kind = _ATTRIBUTE_IDS.get(attribute_name)
+    if kind is None:
         raise InvalidNameError(
             f"attribute {attribute_name!r} has no id: use one of {sorted(_ATTRIBUTE_IDS)}"
         )
-    if attribute_name == "configs":
-        return _fill(getattr(store["layout"], field), check_display_name(display_name))
-    return _fill(getattr(store["layout"], field), job_id=check_name(job_id, "job_id"))
+    if kind == "config":
+        dn: Any = display_name  # None too: locate names it in its error
+        return locate(store["layout"], kind, dn)[1]
+    return _fill(_id_template(store["layout"], kind), job_id=check_name(job_id, "job_id"))
 
 
 def get_file_queue(store: Storage, storage_path: str) -> list[str]:
@@ -2306,11 +2284,7 @@ def upload_job(
         if private_jwk is not None:
             _sign_job(store, job_dict, display_name, username, job_id, private_jwk)
         try:
-            store["upload"](
-                _fill(layout.queued, display_name, username),
-                _fill(layout.job_file, job_id=job_id),
-                job_dict,
-            )
+            store["upload"](*locate(layout, "queued", display_name, username, job_id), job_dict)
         except AlreadyExistsError:
             if attempt == 2:
                 raise
@@ -2338,14 +2312,6 @@ _CANONICAL_JSON = json.JSONEncoder(
 )
 
 
-def _signature_folder(layout: Layout, display_name: str) -> str:
-    return locate(layout, "job_signature", display_name)[0]
-
-
-def _job_signature_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
-    return _signature_folder(store["layout"], display_name), check_name(job_id, "job_id")
-
-
 def _job_digest(job: Any) -> str:
     """The SHA-256 of a job as stored: its JSON with sorted keys, compact (hex)."""
     import hashlib
@@ -2367,7 +2333,7 @@ def _sign_job(
         "username": username,
         "job_sha256": _job_digest(job),
     }
-    path, doc_id = _job_signature_location(store, display_name, job_id)
+    path, doc_id = locate(store["layout"], "job_signature", display_name, job_id=job_id)
     signed = _doc_signer(store, private_jwk)(payload)
     try:
         store["upload"](path, doc_id, signed)
@@ -2377,10 +2343,6 @@ def _sign_job(
 
 _TOKEN_STALE = DEFAULT_SKEW + 60.0
 """Seconds after which a submit that wrote its token but not its job counts as dead."""
-
-
-def _token_folder(layout: Layout, display_name: str) -> str:
-    return locate(layout, "submit_token", display_name)[0]
 
 
 def _submit_holder() -> str:
@@ -2404,9 +2366,8 @@ def _submit_once(
     queued, it queues it, when the holder is itself (an earlier attempt of this
     thread) or dead (the token is older than ``_TOKEN_STALE``).
     """
-    layout = store["layout"]
-    folder = _token_folder(layout, check_display_name(display_name))
     check_name(client_token, "client_token")
+    folder = locate(store["layout"], "submit_token", display_name, job_id=client_token)[0]
     digest, me = _job_digest(job), _submit_holder()
     for _ in range(5):
         job_id = create_job_id(store, display_name, username)
@@ -2474,18 +2435,14 @@ def _queue_for_token(
     """Queue the job a token document names, unless it is somewhere already, then mark
     the token done (no holder)."""
     layout, job_id = store["layout"], doc["job_id"]
-    folder = _token_folder(layout, display_name)
     if fresh or _nowhere(store, display_name, job_id):
         if private_jwk is not None:
             _sign_job(store, job, display_name, username, job_id, private_jwk)
         with contextlib.suppress(AlreadyExistsError):  # an upload of ours answered too late
-            store["upload"](
-                _fill(layout.queued, display_name, username),
-                _fill(layout.job_file, job_id=job_id),
-                job,
-            )
+            store["upload"](*locate(layout, "queued", display_name, username, job_id), job)
+    token = locate(layout, "submit_token", display_name, job_id=doc["client_token"])
     with contextlib.suppress(NotFoundError):  # pruned already: nothing to mark
-        store["swap"](folder, doc["client_token"], doc, {**doc, "holder": ""})
+        store["swap"](*token, doc, {**doc, "holder": ""})
     return str(job_id)
 
 
@@ -2529,6 +2486,13 @@ def _lease_doc(raw: Doc, lease: Lease) -> Doc:
     return _keeping_unknown(to_doc(lease), raw, Lease)
 
 
+def _swap_lease(store: Storage, found: tuple[Doc, Lease], **changes: Any) -> bool:
+    """Change the lease *found* (as read) by *changes*; False if it changed meanwhile."""
+    raw, lease = found
+    new = _lease_doc(raw, attrs.evolve(lease, **changes))
+    return store["swap"](store["layout"].leases, lease.job_id, raw, new)
+
+
 def _expired(lease: Lease, now: float, skew: float) -> bool:
     return not lease.holder or now > lease.expires + skew
 
@@ -2553,11 +2517,9 @@ def locate_job(store: Storage, display_name: str, job_id: str) -> str | None:
         InvalidNameError: *display_name* or *job_id* cannot be a name.
     """
     check_display_name(display_name)
-    layout = store["layout"]
-    file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
+    check_name(job_id, "job_id")
     for kind in ("running", "queued", "finished", "deleted"):
-        folder = _job_fill(layout, getattr(layout, kind), display_name, job_id)
-        if is_stored(store, folder, file_id):
+        if is_stored(store, *locate(store["layout"], kind, display_name, job_id=job_id)):
             return kind
     return None
 
@@ -2599,7 +2561,7 @@ def claim_jobs(
     """
     check_handle(store)
     layout = store["layout"]
-    queue = _fill(layout.queued, check_display_name(display_name))
+    queue = locate(layout, "queued", display_name)[0]
     holder = policy.holder or _default_holder()
     lease_seconds, skew = policy.lease_seconds, policy.skew
     next_beat = -math.inf
@@ -2770,7 +2732,7 @@ def get_next_job_in_queue(
 def _config_memo(store: Storage, display_name: str) -> tuple[Storage, list[Doc]]:
     """*store*, remembering in the list the last config of *display_name* it read: a
     claim learns its backend's policy from the read its heartbeat makes anyway."""
-    where = _config_location(store, display_name)
+    where = locate(store["layout"], "config", display_name)
     seen: list[Doc] = []
     read = store["get"]
 
@@ -2792,7 +2754,7 @@ def _job_signature_problem(
     accepted: tuple[str, ...] = (),
 ) -> str:
     """Why a job's signature is not good (a user key, of *accepted* kids if any); "" if it is."""
-    path, doc_id = _job_signature_location(store, display_name, job_id)
+    path, doc_id = locate(store["layout"], "job_signature", display_name, job_id=job_id)
     try:
         raw = _read(store, path, doc_id)
         kid = _open_signed(raw)[2].get("kid") if is_signed(raw) else None
@@ -2833,7 +2795,7 @@ def _set_aside(
     *configs* (the claim's heartbeat reads it), else it is read now.
     """
     job_id, job = claimed[0].job_id, claimed[1]
-    path, doc_id = _config_location(store, display_name)
+    path, doc_id = locate(store["layout"], "config", display_name)
     if configs:  # read by the heartbeat, which parsed it: its two fields tell the policy
         policy = payload_of(configs[-1])
         if not (policy.get("require_signed_jobs") or policy.get("accepted_kids")):
@@ -2969,7 +2931,7 @@ def _adopt(store: Storage, display_name: str | None, job_id: str, expires: float
     names = [display_name] if display_name is not None else get_backends(store)
     owners = [dn for dn in names if _owner(store, dn, job_id)]
     if len(owners) != 1 or not is_stored(
-        store, layout.running, _fill(layout.job_file, job_id=job_id)
+        store, *locate(layout, "running", owners[0], job_id=job_id)
     ):
         return
     lease = Lease(job_id, owners[0], _ORPHAN, os.urandom(8).hex(), expires)
@@ -3000,7 +2962,7 @@ def _sweep_lease(
     if lease.finish is not None and not (
         where == "running"
         and payload_of(lease.finish).get("status") == "DONE"
-        and not is_stored(store, *_result_location(store, dn, job_id))
+        and not is_stored(store, *locate(layout, "result", dn, job_id=job_id))
     ):
         _close(store, found, dn, job_id, lease.finish)  # its worker died while finishing it
         return False
@@ -3009,8 +2971,7 @@ def _sweep_lease(
             store["swap"](layout.leases, job_id, raw, None)
         return False  # queued: the next claim takes the lease over
     if not lease.holder:  # requeued, then moved to running by a program without leases
-        adopted = attrs.evolve(lease, holder=_ORPHAN, expires=now + grace)
-        store["swap"](layout.leases, job_id, raw, _lease_doc(raw, adopted))
+        _swap_lease(store, found, holder=_ORPHAN, expires=now + grace)
         return False
     try:
         cancelled_by = cancel_requested(store, job_id)  # asked while it ran: it ends here
@@ -3032,13 +2993,13 @@ def _sweep_lease(
         if cancelled_by is not None:
             _forget_cancel(store, job_id)
         return False
-    released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now, finish=None)
-    if not store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
+    if not _swap_lease(
+        store, found, holder="", token=os.urandom(8).hex(), expires=now, finish=None
+    ):
         return False  # another sweep or the worker acted first
+    running, file_id = locate(layout, "running", dn, job_id=job_id)
     try:
-        store["move"](
-            layout.running, _fill(layout.queued, dn), _fill(layout.job_file, job_id=job_id)
-        )
+        store["move"](running, locate(layout, "queued", dn)[0], file_id)
     except (NotFoundError, AlreadyExistsError):
         return False  # finished or requeued meanwhile
     return True
@@ -3080,7 +3041,7 @@ def _owner(store: Storage, display_name: str, job_id: str) -> bool:
     if store["layout"].job_ids == "dated" and len(parts := job_id.split("-")) == 4:
         return parts[1] == display_name
     try:
-        return is_stored(store, *_status_location(store, display_name, None, job_id))
+        return is_stored(store, *locate(store["layout"], "status", display_name, job_id=job_id))
     except InvalidNameError:
         return False
 
@@ -3095,15 +3056,13 @@ def requeue_job(
 ) -> bool:
     """Put a running job back in its queue at once, whether or not its lease expired.
 
-    For a job whose worker is known to be dead (or was stopped): the job is
-    requeued as `requeue_expired` requeues a job whose lease expired, without
-    waiting for that, and never given up however often it was claimed.  A
-    worker that is still running it loses its lease (its finish then fails
-    with `LeaseLostError`).  A job whose worker died
-    while finishing it is finished instead (its lease holds the final status,
-    signed with *private_jwk* when given), and so is a job whose cancel was
-    requested (`cancel_job`): it ends cancelled.  A lease left on a queued job by a
-    claim that stopped half-way is released.
+    For a job whose worker is known to be dead (or was stopped): its lease is
+    swept as `requeue_expired` sweeps an expired one (a recorded finish or a
+    requested cancel ends the job instead; statuses signed with *private_jwk*
+    when given), at once and never giving the job up however often it was
+    claimed.  A worker still running it loses its lease (its finish then fails
+    with `LeaseLostError`).  A lease left on a queued job by a claim that
+    stopped half-way is released.
 
     Returns:
         True if the job went back to its queue, False if it was finished instead.
@@ -3121,22 +3080,20 @@ def requeue_job(
         if found is None or found[1].display_name != display_name:
             if found is not None or not _owner(store, display_name, job_id):
                 raise NotFoundError(f"job {job_id} is not a job of backend {display_name!r}")
-            if not is_stored(store, layout.running, _fill(layout.job_file, job_id=job_id)):
+            if not is_stored(store, *locate(layout, "running", display_name, job_id=job_id)):
                 raise NotFoundError(f"job {job_id} of backend {display_name!r} is not running")
             _adopt(store, display_name, job_id, now())
             continue
-        raw, lease = found
+        lease = found[1]
         where = locate_job(store, display_name, job_id)
         if where == "queued" and lease.holder:  # a claim that stopped before its move
-            released = attrs.evolve(lease, holder="", token=os.urandom(8).hex(), expires=now())
-            if store["swap"](layout.leases, job_id, raw, _lease_doc(raw, released)):
+            if _swap_lease(store, found, holder="", token=os.urandom(8).hex(), expires=now()):
                 return True
             continue
         if where != "running":
             raise NotFoundError(f"job {job_id} of backend {display_name!r} is not running")
         if not lease.holder:  # released, then moved to running without a lease: hold it first
-            held = attrs.evolve(lease, holder=_ORPHAN, expires=now())
-            store["swap"](layout.leases, job_id, raw, _lease_doc(raw, held))
+            _swap_lease(store, found, holder=_ORPHAN, expires=now())
             continue
         # every lease counts as expired (skew -inf), and no job is given up here
         if _sweep_lease(
@@ -3150,14 +3107,6 @@ def requeue_job(
 
 # Cancel ----------------------------------------------------------------------
 # A cancel request is a document keyed by job id in ``<leases>/cancel``.
-
-
-def _cancel_folder(layout: Layout) -> str:
-    return locate(layout, "cancel_request")[0]
-
-
-def _cancel_location(store: Storage, job_id: str) -> tuple[str, str]:
-    return _cancel_folder(store["layout"]), check_name(job_id, "job_id")
 
 
 def _cancelled(job_id: str, username: str, why: str) -> StatusMsg:
@@ -3222,17 +3171,17 @@ def cancel_job(store: Storage, display_name: str, username: str, job_id: str) ->
     where = _find_job(store, display_name, job_id)
     if where in ("finished", "deleted"):
         return _after_the_end(store, display_name, username, job_id, where)
-    path, doc_id = _cancel_location(store, job_id)
+    path, doc_id = locate(layout, "cancel_request", job_id=job_id)
     request = {"job_id": job_id, "display_name": display_name, "username": username}
     with contextlib.suppress(AlreadyExistsError):  # asked before: that request stands
         store["upload"](path, doc_id, {**request, "requested": time.time()})
-    file_id = _fill(layout.job_file, job_id=job_id)
-    deleted = _job_fill(layout, layout.deleted, display_name, job_id)
+    queued, file_id = locate(layout, "queued", display_name, job_id=job_id)
+    deleted = locate(layout, "deleted", display_name, job_id=job_id)[0]
     for _ in range(3):  # again if a sweep put the job back in the queue meanwhile
         if where != "queued":
             break
         try:
-            store["move"](_fill(layout.queued, display_name), deleted, file_id)
+            store["move"](queued, deleted, file_id)
         except NotFoundError:  # claimed meanwhile: it runs, and its worker gets the request
             where = _find_job(store, display_name, job_id)
             continue
@@ -3272,7 +3221,7 @@ def cancel_requested(store: Storage, job_id: str) -> str | None:
         NotFoundError: *job_id* cannot be a job id.
     """
     check_handle(store)
-    path, doc_id = _cancel_location(store, job_id)
+    path, doc_id = locate(store["layout"], "cancel_request", job_id=check_name(job_id, "job_id"))
     try:
         doc = _read(store, path, doc_id)
     except NotFoundError:
@@ -3286,7 +3235,7 @@ def cancel_requested(store: Storage, job_id: str) -> str | None:
 def _forget_cancel(store: Storage, job_id: str) -> None:
     """Drop a job's cancel request once it is honoured (gone already: fine)."""
     with contextlib.suppress(NotFoundError, StorageError, TransientError):
-        store["delete"](*_cancel_location(store, job_id))
+        store["delete"](*locate(store["layout"], "cancel_request", job_id=job_id))
 
 
 # Finish ----------------------------------------------------------------------
@@ -3317,22 +3266,14 @@ def _close(
     job_id: str,
     status_doc: Doc,
 ) -> None:
-    """End a job's life: record the final status in its lease, move the job from
-    running to finished (DONE) or deleted (ERROR), write the status, drop the lease.
-
-    Each step is safe to repeat, and a worker that dies after the first leaves a
-    lease that says what is left to do: `requeue_expired` completes it.
+    """End a job's life: the DONE and ERROR steps of `update_in_database`, each safe to repeat.
 
     Raises:
         LeaseLostError: the lease changed since it was read (another worker has the job).
         NotFoundError: the job is neither running nor where it was to go.
     """
     layout = store["layout"]
-    final = payload_of(status_doc).get("status")
-    target = _job_fill(
-        layout, layout.finished if final == "DONE" else layout.deleted, display_name, job_id
-    )
-    file_id = _fill(layout.job_file, job_id=job_id)
+    target, file_id = _end_of(layout, display_name, job_id, payload_of(status_doc).get("status"))
     lease_at = _record_finish(store, lease_at, job_id, status_doc)
     try:
         store["move"](layout.running, target, file_id)
@@ -3347,10 +3288,16 @@ def _close(
             store["swap"](layout.leases, job_id, lease_at[0], None)
 
 
+def _end_of(layout: Layout, display_name: str, job_id: str, status: Any) -> tuple[str, str]:
+    """Where a job goes when it ends with *status*: finished if DONE, else deleted."""
+    kind = "finished" if status == "DONE" else "deleted"
+    return locate(layout, kind, display_name, job_id=job_id)
+
+
 def _put_status(
     store: Storage, display_name: str, username: str | None, job_id: str, doc: Doc
 ) -> None:
-    path, doc_id = _status_location(store, display_name, username, job_id)
+    path, doc_id = locate(store["layout"], "status", display_name, username, job_id)
     try:
         store["update"](path, doc_id, doc)
     except NotFoundError:
@@ -3367,13 +3314,19 @@ def _finished_at(doc: Doc, at: float) -> Doc:
     return doc
 
 
+def _status_doc(store: Storage, display_name: str, job_id: str) -> Doc | None:
+    """A job's stored status (its payload); None if it has none, or garbage, or a bad id."""
+    try:
+        where = locate(store["layout"], "status", display_name, job_id=job_id)
+        return payload_of(_read(store, *where))
+    except (NotFoundError, InvalidDocumentError, InvalidNameError):
+        return None
+
+
 def _final_status(store: Storage, display_name: str, job_id: str) -> Doc | None:
     """A job's stored status if it is DONE or ERROR (None if not, or none, or garbage)."""
-    try:
-        status = payload_of(_read(store, *_status_location(store, display_name, None, job_id)))
-    except (NotFoundError, InvalidDocumentError):
-        return None
-    return status if status.get("status") in ("DONE", "ERROR") else None
+    status = _status_doc(store, display_name, job_id)
+    return status if status is not None and status.get("status") in ("DONE", "ERROR") else None
 
 
 def update_in_database(
@@ -3416,7 +3369,7 @@ def update_in_database(
     check_handle(store)
     layout = store["layout"]
     status = _coerce(status_msg_dict, StatusMsg, "status_msg_dict")
-    file_id = _fill(layout.job_file, job_id=check_name(job_id, "job_id"))
+    file_id = locate(layout, "running", display_name, job_id=check_name(job_id, "job_id"))[1]
     cfg = _read_config(store, display_name)[1]
     sign = _backend_signer(store, cfg, private_jwk)
     holder = policy.holder or _default_holder()
@@ -3434,8 +3387,7 @@ def update_in_database(
         # Finished already?  The status is read before the job is looked for: `prune`
         # removes a job before its status, so a job found after is not being removed.
         finished = _final_status(store, display_name, job_id)
-        target = layout.finished if status.status == "DONE" else layout.deleted
-        target = _job_fill(layout, target, display_name, job_id)
+        target = _end_of(layout, display_name, job_id, status.status)[0]
         if not is_stored(store, target, file_id):
             raise NotFoundError(f"job {job_id} is neither in {layout.running} nor in {target}")
         if finished is not None:  # that finish stands
@@ -3460,7 +3412,7 @@ def update_in_database(
         result = _result_doc(result_dict, cfg, job_id, sign)
     lease_at = _record_finish(store, lease_at, job_id, status_doc)  # first: a sweep can finish
     if result is not None:
-        path, doc_id = _result_location(store, display_name, job_id)
+        path, doc_id = locate(layout, "result", display_name, job_id=job_id)
         try:
             store["upload"](path, doc_id, result)
         except AlreadyExistsError:  # a re-run after a crash or a requeue: latest wins
@@ -3476,15 +3428,11 @@ _UNFINISHED = ("INITIALIZING", "QUEUED")
 
 def _unfinished_status(store: Storage, display_name: str, job_id: str) -> str | None:
     """A job's status value, or None when it has no readable status."""
-    path, doc_id = _status_location(store, display_name, None, job_id)
-    try:
-        return _parse(_read(store, path, doc_id), StatusMsg, f"{path}/{doc_id}").status
-    except (NotFoundError, InvalidDocumentError):
+    status = _status_doc(store, display_name, job_id)
+    try:  # only a valid status document counts
+        return None if status is None else from_doc(status, StatusMsg).status
+    except InvalidDocumentError:
         return None
-
-
-def _result_location(store: Storage, display_name: str, job_id: str) -> tuple[str, str]:
-    return locate(store["layout"], "result", display_name, None, check_name(job_id, "job_id"))
 
 
 def upload_result(
@@ -3507,7 +3455,9 @@ def upload_result(
         NotFoundError: the backend has no configuration.
     """
     check_handle(store)
-    path, doc_id = _result_location(store, display_name, job_id)
+    path, doc_id = locate(
+        store["layout"], "result", display_name, job_id=check_name(job_id, "job_id")
+    )
     cfg = get_config(store, display_name)
     sign = _backend_signer(store, cfg, private_jwk)
     store["upload"](path, doc_id, _result_doc(result_dict, cfg, job_id, sign))
@@ -3545,7 +3495,9 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
     """
     check_handle(store)
     check_name(username, "username")
-    path, doc_id = _result_location(store, display_name, job_id)
+    path, doc_id = locate(
+        store["layout"], "result", display_name, job_id=check_name(job_id, "job_id")
+    )
     raw: Doc | None = None
     with contextlib.suppress(NotFoundError):
         raw = _read(store, path, doc_id)
@@ -3564,7 +3516,8 @@ def get_result(store: Storage, display_name: str, username: str, job_id: str) ->
             )
     result = _parse(raw, ResultDict, f"{path}/{doc_id}")
     cfg = get_config(store, display_name)
-    return attrs.evolve(result, backend_name=_long_backend_name(store["name"], cfg))
+    name = _long_backend_name(store["name"], cfg.display_name, cfg.simulator)
+    return attrs.evolve(result, backend_name=name)
 
 
 @_reads
@@ -3597,7 +3550,9 @@ def verify_result(
         InvalidDocumentError: the stored result is not JSON.
     """
     check_handle(store)
-    path, doc_id = _result_location(store, display_name, job_id)
+    path, doc_id = locate(
+        store["layout"], "result", display_name, job_id=check_name(job_id, "job_id")
+    )
     try:
         raw = _read(store, path, doc_id)
     except NotFoundError as exc:
@@ -3642,20 +3597,13 @@ def verify_job(store: Storage, display_name: str, username: str, job_id: str) ->
     _check_job_names(store, display_name, username, job_id)
     layout = store["layout"]
     where = _find_job(store, display_name, job_id)
-    job = get_job(store, _job_fill(layout, getattr(layout, where), display_name, job_id), job_id)
+    job = get_job(store, locate(layout, where, display_name, job_id=job_id)[0], job_id)
     if _job_signature_problem(store, display_name, username, job_id, job):
         return False
     return verify_result(store, display_name, job_id)
 
 
 # Status ----------------------------------------------------------------------
-
-
-def _status_location(
-    store: Storage, display_name: str, username: str | None, job_id: str
-) -> tuple[str, str]:
-    """Where a job's status lives; *username* None when the caller does not know it."""
-    return locate(store["layout"], "status", display_name, username, check_name(job_id, "job_id"))
 
 
 def upload_status(
@@ -3677,7 +3625,8 @@ def upload_status(
         NotFoundError: the backend has no configuration.
     """
     check_handle(store)
-    path, doc_id = _status_location(store, display_name, username, job_id)
+    job_id = check_name(job_id, "job_id")
+    path, doc_id = locate(store["layout"], "status", display_name, username, job_id)
     sign = _backend_signer(store, _read_config(store, display_name)[1], private_jwk)
     status = StatusMsg(job_id, "INITIALIZING", "Got your json.", "None")
     doc = to_doc(status)
@@ -3694,7 +3643,8 @@ def get_status(store: Storage, display_name: str, username: str, job_id: str) ->
         NotFoundError: a name given cannot exist (the message says which and why).
     """
     check_handle(store)
-    path, doc_id = _status_location(store, display_name, username, job_id)
+    job_id = check_name(job_id, "job_id")
+    path, doc_id = locate(store["layout"], "status", display_name, username, job_id)
     try:
         raw = _read(store, path, doc_id)
     except NotFoundError:
@@ -3796,14 +3746,10 @@ _YEAR = 366 * 86_400.0
 
 def _finish_time(status: Doc) -> float | None:
     """The Unix time at which a status document says its job finished; None if it does not."""
-    text = status.get("finished_at")
-    if not isinstance(text, str):
-        return None
     try:
-        stamp = datetime.fromisoformat(text)
+        return _parse_datetime(status.get("finished_at"), datetime).timestamp()
     except ValueError:
         return None
-    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _submitted_at(layout: Layout, job_id: str) -> float | None:
@@ -3840,8 +3786,10 @@ def _plausible(seconds: float) -> bool:
 def _status_ids(store: Storage, display_name: str) -> list[str]:
     """The job ids with a status of a backend (one listing)."""
     layout = store["layout"]
-    folder = _fill(layout.status, display_name)
-    found = (_id_in_file(layout.status_file, name) for name in store["list"](folder))
+    found = (
+        job_id_from(layout, "status", name)
+        for name in store["list"](locate(layout, "status", display_name)[0])
+    )
     return [job_id for job_id in found if job_id is not None]
 
 
@@ -3909,11 +3857,11 @@ def prune(
         if submitted is not None and 0 <= current - submitted < older_than:
             continue  # submitted too recently to have finished long enough ago
         try:
-            status_at = _status_location(store, display_name, None, job_id)
-            raw = _read(store, *status_at)
-            status, at = payload_of(raw), _finish_time(payload_of(raw))
+            status = _status_doc(store, display_name, job_id) or {}
+            at = _finish_time(status)
             if at is None or at > current - older_than or status.get("status") not in STATUSES:
                 continue
+            status_at = locate(store["layout"], "status", display_name, job_id=job_id)
             if _lease_at(store, job_id) is not None:
                 continue  # a finish under way, or one that a sweep must complete
             where = locate_job(store, display_name, job_id)
@@ -3927,18 +3875,19 @@ def prune(
                 if tokens is None:
                     tokens = _tokens_of_jobs(store, display_name)
                 for token in tokens.get(job_id, ()):
-                    remove("tokens", token, _token_folder(layout, display_name), token)
-                remove("results", job_id, *_result_location(store, display_name, job_id))
+                    remove(
+                        "tokens", token, *locate(layout, "submit_token", display_name, job_id=token)
+                    )
+                remove("results", job_id, *locate(layout, "result", display_name, job_id=job_id))
             for path, doc_id in (  # what goes with the job, reported with it
-                _job_signature_location(store, display_name, job_id),
-                _cancel_location(store, job_id),
+                locate(layout, "job_signature", display_name, job_id=job_id),
+                locate(layout, "cancel_request", job_id=job_id),
             ):
                 if not dry_run:
                     with contextlib.suppress(NotFoundError):
                         store["delete"](path, doc_id)
             if where is not None:
-                path = _job_fill(layout, getattr(layout, where), display_name, job_id)
-                remove("jobs", job_id, path, _fill(layout.job_file, job_id=job_id))
+                remove("jobs", job_id, *locate(layout, where, display_name, job_id=job_id))
             if everything:
                 remove("statuses", job_id, *status_at)
         except (InvalidDocumentError, InvalidNameError, NotFoundError):
@@ -3948,7 +3897,7 @@ def prune(
 
 def _tokens_of_jobs(store: Storage, display_name: str) -> dict[str, list[str]]:
     """The submit tokens of a backend, by the job id each names (one read per token)."""
-    folder = _token_folder(store["layout"], display_name)
+    folder = locate(store["layout"], "submit_token", display_name)[0]
     found: dict[str, list[str]] = {}
     for token in store["list"](folder):
         try:
@@ -3991,7 +3940,8 @@ def queue_stats(
     layout, current, lease_seconds = store["layout"], now(), policy.lease_seconds
     known = {} if known is None else known
     queued = [
-        _job_id_of(layout, name) for name in store["list"](_fill(layout.queued, display_name))
+        _job_id_of(layout, name)
+        for name in store["list"](locate(layout, "queued", display_name)[0])
     ]
     ages = []
     for job_id in queued:
@@ -4015,14 +3965,9 @@ def queue_stats(
             continue
         status = known.get(job_id)
         if status is None:
-            try:
-                status = payload_of(
-                    _read(store, *_status_location(store, display_name, None, job_id))
-                )
-            except (NotFoundError, InvalidDocumentError, InvalidNameError):
-                continue
-            if status.get("status") not in ("DONE", "ERROR"):
-                continue  # not final: read again next time
+            status = _final_status(store, display_name, job_id)
+            if status is None:
+                continue  # not final (read again next time), or none
             known[job_id] = status
         at, submitted = _finish_time(status), _submitted_at(layout, job_id)
         waited = None if at is None or submitted is None else at - submitted

@@ -4109,7 +4109,7 @@ def test_submit_token_reused_for_another_job_or_user_is_refused(store: Storage) 
     with pytest.raises(sqstore.AlreadyExistsError, match="t1"):
         sqstore.upload_job(store, JOB, "sim", "bob", client_token="t1")
     for bad in ("../x", "", "a/b", "$where", 5):
-        with pytest.raises(sqstore.InvalidNameError):
+        with pytest.raises(sqstore.InvalidNameError, match="client_token"):
             sqstore.upload_job(store, JOB, "sim", "alice", client_token=bad)  # type: ignore[arg-type]
     assert jobs_in(store, "queued") == [job_id]
 
@@ -5070,14 +5070,8 @@ def test_django_ninja_frontend_serves_records(tmp_path: Path) -> None:
         assert [b["display_name"] for b in listed.json()] == ["qsim"]
         status = client.get("/api/v3/qsim/get_backend_status")
         assert status.status_code == 200 and status.json()["operational"] is False
-        job = {
-            "experiment_0": {
-                "instructions": [["h", [0], []], ["measure", [0], []]],
-                "num_wires": 1,
-                "shots": 4,
-                "wire_order": "sequential",
-            }
-        }
+        hadamard = [["h", [0], []], ["measure", [0], []]]
+        job = {"experiment_0": {**JOB["experiment_0"], "instructions": hadamard, "shots": 4}}
         posted = client.post(
             "/api/v3/qsim/post_job",
             {"job": json.dumps(job), "token": "alice"},
@@ -9865,6 +9859,105 @@ def test_cli_backend_add_names_a_bad_config_file_once(tmp_path: Path) -> None:
         proc = run_cli("--storage", "lab", "backend", "add", name, cwd=tmp_path)
         one_error_line(proc, name, "not a backend config")
         assert proc.stderr.count(name) == 1, proc.stderr
+
+
+# ============================================================================
+# One locator
+# ============================================================================
+_ATTRIBUTE_CASES: list[tuple[str, str, tuple[Any, ...], dict[str, str], str, str]] = [
+    # (function, attribute, args, keywords, local answer, Dropbox answer); "!" = InvalidNameError
+    ("path", "configs", (), {}, "backends/configs", "Backend_files/Config"),
+    ("path", "pks", (), {}, "backends/public_keys", "Backend_files/public_keys"),
+    ("path", "queue", (), {}, "!invalid display_name None", "!invalid display_name None"),
+    (
+        "path",
+        "queue",
+        ("sim",),
+        {"job_id": "../x"},
+        "jobs/queued/sim",
+        "Backend_files/Queued_Jobs/sim",
+    ),
+    (
+        "path",
+        "nope",
+        ("sim",),
+        {},
+        "!attribute 'nope' has no folder: use one of ['configs', "
+        "'deleted', 'finished', 'pks', 'queue', 'results', 'running', 'status']",
+        "!attribute 'nope'",
+    ),
+    (
+        "path",
+        "finished",
+        ("sim",),
+        {},
+        "jobs/finished/sim",
+        "!the finished folder of this layout needs a job_id or username",
+    ),
+    (
+        "path",
+        "finished",
+        ("sim",),
+        {"job_id": "20231114_221320-sim-alice-1e240", "username": "bob"},
+        "jobs/finished/sim",
+        "Backend_files/Finished_Jobs/sim/alice",
+    ),
+    (
+        "path",
+        "finished",
+        ("sim",),
+        {"username": "bob"},
+        "jobs/finished/sim",
+        "Backend_files/Finished_Jobs/sim/bob",
+    ),
+    ("path", "finished", ("sim",), {"username": "../"}, "jobs/finished/sim", "!invalid username"),
+    (
+        "path",
+        "results",
+        ("sim",),
+        {"job_id": "6553f100075bcd15abcdef01"},
+        "results/sim",
+        "Backend_files/Result/sim/None",
+    ),
+    (
+        "path",
+        "results",
+        ("Sim",),
+        {"job_id": "j1"},
+        "!invalid display_name 'Sim'",
+        "!invalid display_name 'Sim'",
+    ),
+    ("id", "configs", ("j1",), {}, "!invalid display_name None", "!invalid display_name None"),
+    ("id", "configs", ("j1", "sim"), {}, "sim", "sim"),
+    ("id", "status", ("j1",), {}, "j1", "status-j1"),
+    ("id", "job", ("j1",), {}, "j1", "job-j1"),
+    ("id", "results", ("../j1",), {}, "!invalid job_id '../j1'", "!invalid job_id '../j1'"),
+    (
+        "id",
+        "queue",
+        ("j1",),
+        {},
+        "!attribute 'queue' has no id: use one of ['configs', 'job', 'results', 'status']",
+        "!attribute 'queue' has no id",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", _ATTRIBUTE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[3]}{c[2]}")
+def test_get_attribute_path_and_id_answer_as_the_layout_places_documents(
+    case: tuple[str, str, tuple[Any, ...], dict[str, str], str, str],
+) -> None:
+    """get_attribute_path/_id give each layout's folder and id, or an InvalidNameError why not."""
+    which, attribute, args, keywords, local, dropbox = case
+    function = sqstore.get_attribute_path if which == "path" else sqstore.get_attribute_id
+    for layout, expected in ((sqstore.LOCAL_LAYOUT, local), (sqstore.DROPBOX_LAYOUT, dropbox)):
+        store = sqstore.memory_storage(layout=layout)
+        if expected.startswith("!"):
+            with pytest.raises(sqstore.InvalidNameError) as caught:
+                function(store, attribute, *args, **keywords)
+            assert str(caught.value).startswith(expected[1:]), str(caught.value)
+        else:
+            assert function(store, attribute, *args, **keywords) == expected
 
 
 # ============================================================================
