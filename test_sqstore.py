@@ -6167,6 +6167,19 @@ time.sleep(600)
 """
 
 
+@contextlib.contextmanager
+def child_running(script: str, arg: str, ready: str) -> Iterator[subprocess.Popen[str]]:
+    """Run ``python -c script arg`` until the block ends (then SIGKILL it), from the moment
+    it prints the line *ready*."""
+    child = subprocess.Popen([sys.executable, "-c", script, arg], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == ready + "\n"
+        yield child
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
 @pytest.mark.slow
 def test_local_swap_waits_for_the_lock_and_a_dead_holder_releases_it(
     local: Storage, tmp_path: Path
@@ -6174,13 +6187,8 @@ def test_local_swap_waits_for_the_lock_and_a_dead_holder_releases_it(
     """A local swap waits while another process holds the folder's lock, and goes through
     once that process is SIGKILLed: the kernel releases the lock of a dead holder."""
     local["upload"]("jobs/leases", "j1", {"holder": "a"})
-    holder = subprocess.Popen(
-        [sys.executable, "-c", SWAP_HOLDING_THE_LOCK, str(tmp_path / "store/jobs/leases")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        outcome: list[bool] = []
+    outcome: list[bool] = []
+    with child_running(SWAP_HOLDING_THE_LOCK, str(tmp_path / "store/jobs/leases"), "locked"):
         swapper = threading.Thread(
             target=lambda: outcome.append(
                 local["swap"]("jobs/leases", "j1", {"holder": "a"}, {"holder": "b"})
@@ -6190,10 +6198,7 @@ def test_local_swap_waits_for_the_lock_and_a_dead_holder_releases_it(
         swapper.join(0.5)
         assert swapper.is_alive() and outcome == [], "the swap must wait for the lock"
         assert local["get"]("jobs/leases", "j1") == {"holder": "a"}
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    swapper.join(30)
+    swapper.join(30)  # the holder is SIGKILLed as the block ends
     assert outcome == [True]
     assert local["get"]("jobs/leases", "j1") == {"holder": "b"}
 
@@ -6706,12 +6711,8 @@ def test_copy_there_and_back_keeps_every_document(
     """Whatever state an exchange is in (signed submissions, submit tokens and cancel requests
     included), copying it to the other layout and back gives back every document it holds,
     and nothing else."""
-    private, public = rfc_keys()
-    user_private, user_public = rfc_keys("alice-key")
     src, held = recorded(sqstore.memory_storage(layout=first))
-    sqstore.upload_config(src, sqstore.demo_config("sim", sign=True), "sim", private)
-    sqstore.upload_public_key(src, public, "sim")
-    sqstore.upload_public_key(src, user_public, "alice", role="user")
+    private, user_private = signing_exchange(src)
     sqstore.upload_config(src, sqstore.demo_config("plain"), "plain")
     running: dict[str, list[str]] = {"sim": [], "plain": []}
     submitted: list[tuple[str, str, str]] = []
@@ -6741,16 +6742,23 @@ def test_copy_there_and_back_keeps_every_document(
     assert {at: back["get"](*at) for at in back_held} == {at: src["get"](*at) for at in held}
 
 
+def signing_exchange(store: Storage) -> tuple[sqstore.JWK, sqstore.JWK]:
+    """Configure the signing backend "sim" and publish its key and user alice's; return the
+    two private keys (the backend's, alice's)."""
+    private, public = rfc_keys()
+    user_private, user_public = rfc_keys("alice-key")
+    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
+    sqstore.upload_public_key(store, public, "sim")
+    sqstore.upload_public_key(store, user_public, "alice", role="user")
+    return private, user_private
+
+
 @pytest.mark.parametrize("layout", [sqstore.LOCAL_LAYOUT, sqstore.DROPBOX_LAYOUT])
 def test_locate_names_every_place_the_operations_write(layout: sqstore.Layout) -> None:
     """Every document a job's life writes (signed, with a token, a cancel request and a user
     key) is where `locate` says a document of its kind lives, and nowhere else."""
-    private, public = rfc_keys()
-    user_private, user_public = rfc_keys("alice-key")
     store, held = recorded(sqstore.memory_storage(layout=layout))
-    sqstore.upload_config(store, sqstore.demo_config("sim", sign=True), "sim", private)
-    sqstore.upload_public_key(store, public, "sim")
-    sqstore.upload_public_key(store, user_public, "alice", role="user")
+    private, user_private = signing_exchange(store)
     done = sqstore.upload_job(store, JOB, "sim", "alice", "t1", private_jwk=user_private)
     sqstore.upload_status(store, "sim", "alice", done, private)
     running = sqstore.upload_job(store, JOB, "sim", "alice")
@@ -9015,18 +9023,10 @@ def test_reads_outlast_a_program_that_rewrites_documents_in_place(
     read of it succeeds: a half-written document is read again, not reported."""
     sqstore.upload_config(local, sqstore.demo_config("sim"), "sim")
     root = tmp_path / "store"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", IN_PLACE_WRITER, str(root / "backends/configs/sim.json")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+    with child_running(IN_PLACE_WRITER, str(root / "backends/configs/sim.json"), "ready"):
         for _ in range(200):
             assert sqstore.get_config(local, "sim").display_name == "sim"
             time.sleep(0.002)
-    finally:
-        writer.kill()
-        writer.wait()
 
 
 def test_odd_entries_stop_neither_the_sweep_nor_the_claims(local: Storage, tmp_path: Path) -> None:
