@@ -6730,7 +6730,10 @@ def _cmd_running(store: Storage, args: argparse.Namespace) -> int:
         if lease is None:
             print(f"{job_id}\t(no lease)\t-\t-\t-")
             continue
-        clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expires))
+        try:
+            clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expires))
+        except (OverflowError, OSError, ValueError):  # a time no calendar here holds
+            clock = f"{lease.expires:g}"
         expired = lease_expired(lease, now, policy=policy)  # as requeue and a sweep judge it
         state = "expired" if expired else "overdue" if lease.expires < now else "live"
         print(f"{job_id}\t{lease.holder or '-'}\t{clock}\t{lease.attempts}\t{state}")

@@ -9741,6 +9741,11 @@ def test_cli_running_and_requeue(tmp_path: Path) -> None:
     assert sorted(store["list"]("jobs/queued/sqsim")) == sorted([job_id, second])
     left = sqstore_cli("--storage", "lab", "running", "sqsim", cwd=tmp_path)
     assert left.returncode == 0 and left.stdout.split("\t")[0] == third
+    odd = {**store["get"]("jobs/leases", third), "expires": 1e300}  # written by another program
+    store["update"]("jobs/leases", third, odd)
+    beyond = sqstore_cli("--storage", "lab", "running", "sqsim", cwd=tmp_path)
+    assert beyond.returncode == 0, beyond.stderr
+    assert beyond.stdout.split("\t")[2:] == ["1e+300", "1", "live\n"], beyond.stdout
 
 
 # ============================================================================
