@@ -81,7 +81,6 @@ import sys
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import (
@@ -699,7 +698,9 @@ class LeasePolicy:
             and the lease length `queue_stats` assumes for a lease's age.
         heartbeat: seconds between two writes of the backend's
             ``last_queue_check`` by a claiming worker (0: at every claim); each
-            write also sweeps the backend's expired leases (`requeue_expired`).
+            write also sweeps the backend's expired leases (`requeue_expired`),
+            and a long-lived claimer sweeps once per heartbeat of its own clock
+            when none of its beats wrote (see `claim_jobs`).
         skew: seconds past its time at which a lease counts as expired, the
             clock difference between workers tolerated.
         max_attempts: claims after which a sweep gives a job up (its worker
@@ -2549,7 +2550,11 @@ def claim_jobs(
     most every ``policy.heartbeat`` seconds (by the clock *now*, against the time
     stored by whichever worker wrote it last), and each time it is, expired
     leases of this backend are requeued (`requeue_expired` with *policy* and
-    *now*), so a polling worker needs no sweep of its own.  *on_requeue*, if
+    *now*); so are they once a heartbeat after this claimer's first beat, by
+    *now*, when none of its beats wrote (another program, such as a sqooler
+    spooler polling the backend, keeps the stamp fresh).  A loop of one-shot
+    `claim_job` calls sweeps only when it writes the stamp: beside such a
+    program it calls `requeue_expired` itself, or uses `work`.  *on_requeue*, if
     given, is called with the ids each such sweep requeued (when it requeued
     any); they are then claimed like any queued job.
 
@@ -2559,6 +2564,22 @@ def claim_jobs(
     Raises:
         NotFoundError: the backend has no configuration.
     """
+    yield from _claims(store, display_name, private_jwk, policy, now, on_requeue, [])
+
+
+def _claims(
+    store: Storage,
+    display_name: str,
+    private_jwk: KeyLike | None,
+    policy: LeasePolicy,
+    now: Callable[[], float],
+    on_requeue: Callable[[list[str]], None] | None,
+    swept: list[float],
+) -> Iterator[tuple[NextJob, Doc]]:
+    """`claim_jobs`, whose claims also sweep once *swept* (the time they last swept, or
+    empty before their first beat) is a heartbeat old: a caller that keeps *swept* from
+    one claimer to the next (`work`) sweeps on its own clock even while another program
+    keeps ``last_queue_check`` fresh."""
     check_handle(store)
     layout = store["layout"]
     queue = locate(layout, "queued", display_name)[0]
@@ -2569,21 +2590,24 @@ def claim_jobs(
 
     def beat() -> None:
         nonlocal next_beat
-        if now() >= next_beat:
-            try:
-                wrote = timestamp_queue(
-                    beating, display_name, private_jwk, min_interval=policy.heartbeat, now=now
-                )
-            except InvalidDocumentError as exc:
-                if not exc.partial:
-                    raise
-                return  # being rewritten in place by another program: beat at the next job
-            if wrote or _sweep_due(store, display_name, now(), policy.heartbeat):
-                requeued = requeue_expired(store, display_name, private_jwk, policy=policy, now=now)
-                _SWEPT.setdefault(store["list"], {})[display_name] = now()
-                if requeued and on_requeue is not None:
-                    on_requeue(requeued)
-            next_beat = now() + policy.heartbeat
+        at = now()
+        if at < next_beat:
+            return
+        try:
+            wrote = timestamp_queue(
+                beating, display_name, private_jwk, min_interval=policy.heartbeat, now=now
+            )
+        except InvalidDocumentError as exc:
+            if not exc.partial:
+                raise
+            return  # being rewritten in place by another program: beat at the next job
+        swept[:] = swept or [at]
+        if wrote or at - swept[0] >= policy.heartbeat:
+            requeued = requeue_expired(store, display_name, private_jwk, policy=policy, now=now)
+            swept[:] = [at]
+            if requeued and on_requeue is not None:
+                on_requeue(requeued)
+        next_beat = at + policy.heartbeat
 
     while True:
         beat()
@@ -2612,19 +2636,6 @@ def claim_jobs(
                 yield claimed
         if not found:
             return
-
-
-_SWEPT: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
-"""When each handle (known by its ``list``) last swept a backend's leases, by its claims' clock."""
-
-
-def _sweep_due(store: Storage, display_name: str, at: float, heartbeat: float) -> bool:
-    """Whether this handle's claims have not swept *display_name* for a *heartbeat*: so they
-    sweep on their own clock too, not only when their beat writes ``last_queue_check`` (which
-    another program polling the backend, or a worker whose clock is ahead, keeps fresh).  A
-    handle's first claims start the count, so a single claim does not sweep on its own."""
-    last = _SWEPT.setdefault(store["list"], {}).setdefault(display_name, at)
-    return at - last >= heartbeat
 
 
 def _queue_walk(store: Storage, queue: str) -> Iterator[str]:
@@ -5894,10 +5905,11 @@ def work(
     exception's type and text.  *policy* (`LeasePolicy`) says who holds the
     jobs and for how long: while the executor runs, a thread renews the lease
     every third of ``policy.lease_seconds``.  Jobs whose lease expired (their
-    worker died) are requeued by the claims' heartbeat (see `claim_jobs`): at
-    most every ``policy.heartbeat`` seconds by the clock *now* for all the
-    workers of a backend on a store, so a worker that starts within a heartbeat
-    of another's sweeps at its next one, not at once; each requeue is logged.
+    worker died) are requeued by the claims' heartbeat (see `claim_jobs`): when
+    a beat writes ``last_queue_check`` (at most every ``policy.heartbeat``
+    seconds by the clock *now*, across the workers of a backend on a store),
+    and at least once per heartbeat of *now* for each store whatever other
+    programs write (not at once on start); each requeue is logged.
     Leases and statuses are timed by *now* too.  When no store has a job,
     waits *poll* seconds.  Returns after *max_jobs* jobs,
     or once *stop* is set, which never interrupts a running job (set it from a
@@ -5943,6 +5955,7 @@ def work(
     labels = [name if names.count(name) == 1 else f"{name}{i + 1}" for i, name in enumerate(names)]
     done = 0
     claimers: list[Iterator[tuple[NextJob, Doc]] | None] = [None] * len(stores)
+    swept: list[list[float]] = [[] for _ in stores]  # when each store's claims last swept
     while not stop.is_set() and (max_jobs is None or done < max_jobs):
         idle = True
         for i, (store, label) in enumerate(zip(stores, labels, strict=True)):
@@ -5953,13 +5966,14 @@ def work(
                     claimers,
                     i,
                     functools.partial(
-                        claim_jobs,
+                        _claims,
                         store,
                         display_name,
                         private_jwk,
-                        policy=policy,
-                        now=now,
-                        on_requeue=functools.partial(_say_requeued, say, label),
+                        policy,
+                        now,
+                        functools.partial(_say_requeued, say, label),
+                        swept[i],
                     ),
                 )
             except SqstoreError as exc:

@@ -7538,26 +7538,42 @@ def test_work_requeues_a_dead_workers_job_by_the_clock_it_is_given(store: Storag
 def test_a_dead_workers_job_is_requeued_whoever_writes_the_heartbeat(
     store: Storage, other: str
 ) -> None:
-    """A worker's own claims sweep at least once per heartbeat of their clock, even when
-    another program (sqooler 0.9 writes ``last_queue_check`` at every poll, or a worker
-    whose clock is an hour ahead) keeps the heartbeat fresh so that no claim of this one
-    ever writes it: a dead worker's job is requeued and claimed within a few heartbeats."""
+    """work() sweeps at least once per heartbeat of its own clock, even when another program
+    (sqooler 0.9 writes ``last_queue_check`` at every poll, or a worker whose clock is an
+    hour ahead) keeps the heartbeat so fresh that no beat of this worker writes it: a dead
+    worker's job is requeued, logged, and run within a few heartbeats."""
     job_id = sqstore.upload_job(store, JOB, "sim", "alice")
     dead = sqstore.LeasePolicy(holder="dead:1", lease_seconds=1)
-    assert sqstore.claim_job(store, "sim", policy=dead, now=lambda: T0) is not None
-    policy = sqstore.LeasePolicy(holder="alive:2", heartbeat=3, skew=0)
+    assert sqstore.claim_job(store, "sim", policy=dead, now=functools.partial(float, T0))
     if other == "clock ahead":
-        assert sqstore.timestamp_queue(store, "sim", now=lambda: T0 + 3600)
-    for tick in range(1, 40):  # a polling loop, a claim every half second
-        at = T0 + tick / 2
-        clock = functools.partial(float, at)
-        if other == "polls":
-            assert sqstore.timestamp_queue(store, "sim", min_interval=0, now=clock)
-        if (claimed := sqstore.claim_job(store, "sim", policy=policy, now=clock)) is not None:
-            assert claimed[0].job_id == job_id
-            assert at <= T0 + 1 + 2 * policy.heartbeat, at
-            return
-    raise AssertionError(f"the dead worker's job was never requeued ({other})")
+        assert sqstore.timestamp_queue(store, "sim", now=functools.partial(float, T0 + 3600))
+    clock, stop, lines = [T0], threading.Event(), list[str]()
+
+    def tick() -> float:  # a fake clock that moves a tenth of a second each time it is read
+        clock[0] += 0.1
+        if clock[0] > T0 + 60:
+            stop.set()  # never requeued: give up
+        return clock[0]
+
+    def polled(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def get(path: str, doc_id: str) -> Any:
+            if other == "polls" and path == sqstore.locate(store["layout"], "config", "sim")[0]:
+                at = functools.partial(float, clock[0])  # the other program polls first
+                sqstore.timestamp_queue(store, "sim", min_interval=0, now=at)
+            return fn(path, doc_id)
+
+        return get
+
+    beside = sqstore.wrap_ops(store, polled, only=("get",))
+    policy = sqstore.LeasePolicy(holder="alive:2", heartbeat=3, skew=0)
+    served = sqstore.work(
+        [beside], "sim", sqstore.run_simulator, policy=policy, now=tick, poll=0.001,
+        max_jobs=1, stop=stop, log=lines.append,
+    )  # fmt: skip
+    assert served == 1, (other, lines)
+    assert lines[0].endswith(f": requeued {job_id} (lease expired)"), lines
+    assert clock[0] <= T0 + 1 + 3 * policy.heartbeat, clock[0] - T0
+    done_once(store, job_id)
 
 
 @pytest.mark.usefixtures("configured")
@@ -10087,6 +10103,9 @@ PROGRAMS_PRIVATE_NAMES = {
     # a cancel), dropping the cancel request it honoured, and whether an executor's result can
     # be stored at all (the strict coercion and JSON encoding that the finish applies)
     *("_cancelled", "_forget_cancel", "_coerce", "_json_bytes"),
+    # work()'s claims, which keep the time they last swept from one claimer to the next, so
+    # that work sweeps on its own clock whoever writes the heartbeat
+    "_claims",
     # copy_storage: which folders are per backend or per user (`locate` fills them in)
     "_folder_template",
     # the command line: a URL's directory, a user's JSON file read strictly
