@@ -4052,8 +4052,9 @@ def _in_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def _walker(list_all: Callable[[str], list[str]]) -> tuple[ListFn, Callable[[str], None]]:
-    """``list`` for a backend that lists a whole folder at once: ``list(path, n)``
+def _walker(list_all: Callable[[str], Iterable[str]]) -> tuple[ListFn, Callable[[str], None]]:
+    """``list`` for a backend that lists a whole folder at once (*list_all*, in any
+    order): ``list(path)`` is its ids oldest first (`_in_order`), and ``list(path, n)``
     serves the rest of the last listing of *path*, *n* ids at a time (see `Storage`);
     and a function that makes the next step of a folder list it afresh."""
     rests: dict[str, list[str]] = {}  # folder -> the ids not served yet, newest first
@@ -4061,13 +4062,13 @@ def _walker(list_all: Callable[[str], list[str]]) -> tuple[ListFn, Callable[[str
 
     def list_ids(path: str, limit: int | None = None, /) -> list[str]:
         if limit is None:
-            return list_all(path)
+            return _in_order(list_all(path))
         _check_limit(limit)
         _check_path(path)
         with lock:
             rest = rests.get(path)
             if not rest:
-                rest = rests[path] = list_all(path)[::-1]
+                rest = rests[path] = _in_order(list_all(path))[::-1]
             step = rest[: -limit - 1 : -1]
             del rest[-limit:]
         return step
@@ -4171,7 +4172,7 @@ def memory_storage(name: str = "memory", *, layout: Layout = LOCAL_LAYOUT) -> St
     def list_all(path: str) -> list[str]:
         _check_path(path)
         with lock:
-            return _in_order(folders.get(path, ()))
+            return list(folders.get(path, ()))
 
     def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
         where = _checked(path, doc_id)
@@ -4573,7 +4574,7 @@ def local_storage(
                         sweep(folder, entry)
         except NotFoundError:
             return []
-        return _in_order(ids)
+        return ids
 
     def swap(path: str, doc_id: str, old: Doc, new: Doc | None) -> bool:
         """Under an exclusive ``flock`` of the folder's ``.sqstore.lock`` (released
@@ -5047,7 +5048,7 @@ def mongodb_storage(
         else:
             docs = call(path, lambda: send(lambda: list(source.find({}, {"_id": 1}))))
             names = (str(d["_id"]) for d in docs)
-        return _in_order(n for n in names if isinstance(n, str) and _NAME_RE.fullmatch(n))
+        return [n for n in names if isinstance(n, str) and _NAME_RE.fullmatch(n)]
 
     walk, forget_walk = _walker(list_all)  # keyed folders: names are fields, not _ids
     rests: dict[str, list[Any]] = {}  # folder -> _ids read, not served yet, newest first
@@ -5404,7 +5405,7 @@ def dropbox_storage(
             names = [e.name for e in entries if isinstance(e, dropbox.files.FolderMetadata)]
         else:
             names = [e.name[:-5] for e in entries if e.name.endswith(".json")]
-        return _in_order(n for n in names if _NAME_RE.fullmatch(n))
+        return [n for n in names if _NAME_RE.fullmatch(n)]
 
     list_ids, forget = _walker(list_all)
     return _handle(name, layout, upload, update, get, move, delete, list_ids, swap, forget)
@@ -7037,8 +7038,10 @@ def _cmd_work(store: Storage | None, args: argparse.Namespace) -> int:
     assert store is not None
     holder = f"{socket.gethostname()}:{os.getpid()}"  # LeasePolicy's holder=None, named
     policy = _policy(args, holder)
-    if min(args.heartbeat, args.poll) <= 0 or (args.max_jobs or 1) < 1:
-        raise _UserError("--heartbeat, --poll and --max-jobs must be positive")
+    if not 0 < args.poll <= threading.TIMEOUT_MAX:  # (--heartbeat 0: a beat at every claim)
+        raise _UserError(f"--poll must be positive seconds that a wait can take, not {args.poll}")
+    if args.max_jobs is not None and args.max_jobs < 1:
+        raise _UserError("--max-jobs must be positive")
     executor = _load_executor(args.executor)
     private = _load_jwk(args.key) if args.key else None
     urls = [args.storage, *args.also]

@@ -7835,7 +7835,10 @@ def test_work_refuses_a_bad_executor_or_option(tmp_path: Path) -> None:
         (["nosuch_module:run"], "No module named 'nosuch_module'"),
         (["lab_executor"], "module:function"),
         (["lab_executor:nothing"], "has no attribute 'nothing'"),
-        (["--poll", "0"], "must be positive"),
+        (["--poll", "0"], "--poll must be positive"),
+        (["--poll", "nan"], "--poll must be positive"),
+        (["--poll", "inf"], "--poll must be positive"),
+        (["--max-jobs", "0"], "--max-jobs must be positive"),
         (["--also", str(tmp_path / "empty")], "no storage at"),
         (["--also", str(tmp_path / "signs")], "signs: give its --key"),
     ):
