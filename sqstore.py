@@ -1246,29 +1246,32 @@ signature (of a signed submission) and cancel request; a submit token."""
 def _folder_template(layout: Layout, kind: str) -> str:
     if kind not in LOCATIONS:
         raise ValueError(f"kind must be one of {', '.join(LOCATIONS)}, not {kind!r}")
-    if kind in _LAYOUT_FOLDERS:  # a folder the layout names: most calls, at no cost
-        return str(getattr(layout, kind))
-    derived = {
-        "config": layout.configs,
-        "public_key": layout.public_keys,
-        "user_key": f"{layout.public_keys}/users",
-        "lease": layout.leases,
-        "result": layout.results,
-        "job_signature": f"{layout.status}/signatures",
-        "cancel_request": f"{layout.leases}/cancel",
-        "submit_token": f"{layout.leases}/tokens/{{display_name}}",
-    }
-    return derived.get(kind) or str(getattr(layout, kind))
-
-
-_LAYOUT_FOLDERS = frozenset({"queued", "running", "finished", "deleted", "status"})
-"""The kinds of `LOCATIONS` whose folder is the `Layout` field of the same name."""
+    return _templates(layout)[kind][0]
 
 
 def _id_template(layout: Layout, kind: str) -> str:
-    files = {"config": layout.config_id, "status": layout.status_file, "result": layout.result_file}
-    job_kinds = ("queued", "running", "finished", "deleted")
-    return files.get(kind) or (layout.job_file if kind in job_kinds else "{job_id}")
+    return _templates(layout).get(kind, ("", "{job_id}"))[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _templates(layout: Layout) -> dict[str, tuple[str, str]]:
+    """The folder and file templates of each kind of `LOCATIONS` in *layout*, made once
+    per layout (a `Layout` is frozen): `locate` runs at every storage call of a job."""
+    return {
+        "config": (layout.configs, layout.config_id),
+        "public_key": (layout.public_keys, "{job_id}"),
+        "user_key": (f"{layout.public_keys}/users", "{job_id}"),
+        "queued": (layout.queued, layout.job_file),
+        "running": (layout.running, layout.job_file),
+        "finished": (layout.finished, layout.job_file),
+        "deleted": (layout.deleted, layout.job_file),
+        "lease": (layout.leases, "{job_id}"),
+        "status": (layout.status, layout.status_file),
+        "result": (layout.results, layout.result_file),
+        "job_signature": (f"{layout.status}/signatures", "{job_id}"),
+        "cancel_request": (f"{layout.leases}/cancel", "{job_id}"),
+        "submit_token": (f"{layout.leases}/tokens/{{display_name}}", "{job_id}"),
+    }
 
 
 def locate(
